@@ -1,0 +1,39 @@
+# The README's two commands: `make bench` (the main job) and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+OUT ?= bench_out
+
+.PHONY: install test lint bench gpu-check clean
+
+# --system-site-packages reuses an existing (CUDA) torch; editable install with test + bench extras.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench --out $(OUT)
+
+# For a CUDA machine with torch + triton preinstalled and no network: no venv, no dependencies.
+# Runs the whole suite natively on the GPU (gpu-marked tests included) and the quick benchmark;
+# logs and JSON go to $(OUT) (the device tool sets OUT).
+gpu-check:
+	python3 -m pip install -q -e . --no-deps --no-build-isolation
+	mkdir -p $(OUT)
+	set -o pipefail; python3 -m pytest -q -rs tests 2>&1 | tee $(OUT)/gpu-tests.log
+	set -o pipefail; python3 -m bench --preset quick --out $(OUT) 2>&1 | tee $(OUT)/bench.log
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,37 @@
+"""Test harness: the Triton interpreter on machines without CUDA, and the gpu / slow markers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read when @triton.jit decorates, so it must be set before any kernel module is imported.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "slow_interp: too slow for the Triton interpreter")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_cuda = torch.cuda.is_available()
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "slow_interp" in item.keywords and interp:
+            item.add_marker(pytest.mark.skip(reason="too slow under TRITON_INTERPRET=1"))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where fused kernels run: the GPU if there is one, else the CPU interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,101 @@
+"""Every row of the error table, on every backend that can run here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zeta_fused import PatchEmbeddings, patch_embed
+
+BACKENDS = ["eager", "triton"]  # "triton" runs under the interpreter on CPU
+
+
+@pytest.fixture(params=BACKENDS)
+def module(request, device) -> PatchEmbeddings:
+    if request.param == "eager":
+        device = "cpu"
+    return PatchEmbeddings(3, 8, 16, backend=request.param, device=device)
+
+
+def dev(module: PatchEmbeddings) -> torch.device:
+    return module.embedding[2].weight.device
+
+
+def test_wrong_ndim(module) -> None:
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\).*\(3, 16, 16\)"):
+        module(torch.randn(3, 16, 16, device=dev(module)))
+
+
+def test_wrong_channels(module) -> None:
+    with pytest.raises(ValueError, match="3 input channels.*C=4"):
+        module(torch.randn(1, 4, 16, 16, device=dev(module)))
+
+
+def test_not_multiple_of_patch(module) -> None:
+    with pytest.raises(ValueError, match="H=18, W=16.*4x4"):
+        module(torch.randn(1, 3, 18, 16, device=dev(module)))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool, torch.complex64])
+def test_non_float_dtype(module, dtype) -> None:
+    x = torch.zeros(1, 3, 16, 16, device=dev(module)).to(dtype)
+    with pytest.raises(TypeError, match=str(dtype)):
+        module(x)
+
+
+def test_device_mismatch() -> None:
+    m = PatchEmbeddings(3, 8, 16, device="meta")
+    with pytest.raises(RuntimeError, match="cpu.*meta"):
+        m(torch.randn(1, 3, 16, 16))
+
+
+def test_dtype_mismatch_outside_autocast() -> None:
+    m = PatchEmbeddings(3, 8, 16)
+    with pytest.raises(RuntimeError, match="bfloat16.*float32"):
+        m(torch.randn(1, 3, 16, 16, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "patch_size", "match"),
+    [
+        (15, None, "seq_len=15 is not a perfect square"),
+        (16, 8, r"seq_len=16 is inconsistent with patch_size=\(8, 8\)"),
+        (None, None, "give seq_len"),
+        (0, None, "seq_len=0"),
+        (None, (0, 4), "positive"),
+    ],
+)
+def test_construction_errors(seq_len, patch_size, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        PatchEmbeddings(3, 8, seq_len, patch_size=patch_size)
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        PatchEmbeddings(3, 8, 16, backend="cuda")
+
+
+def test_empty_batch_launches_nothing(module, monkeypatch) -> None:
+    import zeta_fused.launch as launch
+
+    def boom(*args, **kwargs):
+        raise AssertionError("kernel launched for an empty batch")
+
+    monkeypatch.setattr(launch, "_patch_embed_fwd_kernel", boom)
+    y = module(torch.randn(0, 3, 32, 16, device=dev(module)))
+    assert y.shape == (0, 32, 8)
+
+
+def test_functional_weight_shape() -> None:
+    with pytest.raises(ValueError, match=r"\(D, 48\).*\(8, 12\)"):
+        patch_embed(torch.randn(1, 3, 16, 16), 4, torch.randn(8, 12))
+
+
+def test_errors_leave_nothing_half_done() -> None:
+    """A rejected call changes no parameter and leaves no gradient behind."""
+    m = PatchEmbeddings(3, 8, 16)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError):
+        m(torch.randn(1, 3, 18, 16, requires_grad=True))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(p.grad is None for p in m.parameters())
