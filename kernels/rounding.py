@@ -1,0 +1,24 @@
+"""Casts shared by the kernels, correct under the Triton interpreter too.
+
+The interpreter converts fp32 -> bf16 by truncation, while GPUs round to nearest even; with
+EMULATE_RTNE the rounding is done on the fp32 bits first, so the cast that follows is exact.
+"""
+
+import triton
+import triton.language as tl
+
+# fp32 keeps 16 more mantissa bits than bf16; rounding adds half of the dropped range (0x7FFF)
+# plus the lowest kept bit (ties to even), then clears the dropped bits.
+BF16_DROPPED_BITS = 16
+BF16_HALF_ULP = 0x7FFF
+BF16_KEEP_MASK = 0xFFFF0000
+
+
+@triton.jit
+def cast(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """x.to(DTYPE) with round-to-nearest-even for bf16 on every backend."""
+    if EMULATE_RTNE and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits += BF16_HALF_ULP + ((bits >> BF16_DROPPED_BITS) & 1)
+        x = (bits & BF16_KEEP_MASK).to(tl.float32, bitcast=True)
+    return x.to(DTYPE)

@@ -1,0 +1,140 @@
+"""Gradients of the fused op: gradcheck in fp64 and the accuracy rule for all seven gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accuracy import assert_accurate
+
+from zeta_fused import PatchEmbeddings
+
+
+def make(C, D, patch, flags=(True, True, True)) -> PatchEmbeddings:
+    pre, post, bias = flags
+    m = PatchEmbeddings(C, D, patch_size=patch, pre_norm=pre, post_norm=post, bias=bias)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m.double()
+
+
+def grads(m: PatchEmbeddings, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+    """(y, dx, then every parameter gradient) for the upstream gradient dy."""
+    x = x.detach().requires_grad_(x.requires_grad)
+    m.zero_grad(set_to_none=True)
+    y = m(x)
+    y.backward(dy.to(y.dtype))
+    out = [y, *([x.grad] if x.requires_grad else [])]
+    return out + [p.grad for p in m.parameters()]
+
+
+def compare(m, x, dtype, device, needs_x_grad=True) -> None:
+    x = x.requires_grad_(needs_x_grad)
+    dy = torch.randn(x.shape[0], *m(x.double()).shape[1:])
+    ref = grads(m.double(), x.double(), dy.double())
+    eager = grads(m.to(dtype), x.to(dtype), dy)
+    m.to(device).backend = "triton"
+    fused = grads(m, x.to(device, dtype), dy.to(device))
+    names = ["y", *(["dx"] if needs_x_grad else []), *(n for n, _ in m.named_parameters())]
+    assert len(fused) == len(ref)
+    for name, f, e, r in zip(names, fused, eager, ref, strict=True):
+        assert f is not None, f"no gradient for {name}"
+        assert f.dtype == e.dtype, name
+        assert_accurate(f, e, r, dtype, name)
+
+
+FLAGS = {
+    "all": (True, True, True),
+    "none": (False, False, False),
+    "timm": (False, True, True),
+    "pre_no_bias": (True, True, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 28, 28, 14, 24), (3, 2, 12, 20, (3, 5), 17), (1, 3, 16, 16, 4, 300)], ids=str
+)
+def test_all_gradients(shape, dtype, device) -> None:
+    B, C, H, W, patch, D = shape
+    compare(make(C, D, patch), torch.randn(B, C, H, W), dtype, device)
+
+
+@pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
+def test_flag_variants(flags, device) -> None:
+    compare(make(3, 20, 4, flags), torch.randn(2, 3, 8, 12), torch.float32, device)
+
+
+def test_parameter_grads_only(device) -> None:
+    """An image without requires_grad gets no gradient; parameters still do."""
+    compare(make(3, 20, 4), torch.randn(2, 3, 8, 8), torch.float32, device, needs_x_grad=False)
+
+
+def test_unnormalised_pixels(device) -> None:
+    compare(make(3, 20, 4), torch.randint(0, 256, (2, 3, 8, 8)).double(), torch.float32, device)
+
+
+def test_stride0_upstream_gradient(device) -> None:
+    """y.sum().backward() hands backward an expanded, stride-0 gradient."""
+    m = make(3, 16, 4)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    m(x).sum().backward()
+    expected = [x.grad.clone(), *(p.grad.clone() for p in m.parameters())]
+    m.zero_grad(set_to_none=True)
+    xd = x.detach().to(device).requires_grad_()
+    m.to(device).backend = "triton"
+    m(xd).sum().backward()
+    got = [xd.grad, *(p.grad for p in m.parameters())]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_fp64(device) -> None:
+    m = make(2, 6, (2, 3)).to(device)
+    e = m.embedding
+    x = torch.randn(2, 2, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(x, w, b, g1, b1, g2, b2):
+        return torch.ops.zeta_fused.patch_embed_fwd(
+            x, w, b, g1, b1, g2, b2, 2, 3, 1e-5, torch.float64, torch.float64
+        )[0]
+
+    params = [e[2].weight, e[2].bias, e[1].weight, e[1].bias, e[3].weight, e[3].bias]
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_opcheck_backward_op(device) -> None:
+    """The backward op itself (it has no double backward: inputs without grad)."""
+    m = make(3, 12, 4).to(device, torch.float32).requires_grad_(False)
+    e = m.embedding
+    x = torch.randn(2, 3, 8, 8, device=device)
+    y, stats = torch.ops.zeta_fused.patch_embed_fwd(
+        x,
+        e[2].weight,
+        e[2].bias,
+        e[1].weight,
+        e[1].bias,
+        e[3].weight,
+        e[3].bias,
+        4,
+        4,
+        1e-5,
+        torch.float32,
+        torch.float32,
+    )
+    for needs_x_grad in (True, False):
+        args = (
+            torch.randn_like(y),
+            x,
+            e[2].weight,
+            e[2].bias,
+            e[1].weight,
+            e[1].bias,
+            e[3].weight,
+            stats,
+            4,
+            4,
+            torch.float32,
+            needs_x_grad,
+        )
+        torch.library.opcheck(torch.ops.zeta_fused.patch_embed_bwd.default, args)
