@@ -1,0 +1,92 @@
+"""Benchmark presets (DESIGN §8) and the --shape parser."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    patch: tuple[int, int]
+    dim: int
+    dtype: str = "bf16"
+
+    @property
+    def tokens(self) -> int:
+        return (self.height // self.patch[0]) * (self.width // self.patch[1])
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.patch[0] * self.patch[1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def flops(self) -> int:
+        """Forward GEMM flops: 2 * B * N * K * D."""
+        return 2 * self.batch * self.tokens * self.patch_dim * self.dim
+
+    def bytes(self) -> int:
+        """Forward compulsory traffic: image read, tokens written, weight read."""
+        size = self.torch_dtype.itemsize
+        image = self.batch * self.channels * self.height * self.width
+        return size * (image + self.batch * self.tokens * self.dim + self.dim * self.patch_dim)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _square(name, b, c, hw, p, d, dtype="bf16") -> Preset:
+    return Preset(name, b, c, hw, hw, (p, p), d, dtype)
+
+
+PRESETS = {
+    p.name: p
+    for p in [
+        _square("seed_doc_example", 32, 3, 224, 4, 64),
+        _square("seed_doc_example_fp32", 32, 3, 224, 4, 64, "fp32"),
+        _square("vit_b16", 256, 3, 224, 16, 768),
+        _square("vit_l14", 128, 3, 224, 14, 1024),
+        _square("sam_h16_1024", 8, 3, 1024, 16, 1280),
+        _square("b1_latency_b16", 1, 3, 224, 16, 768),
+    ]
+}
+# The small eager-only preset used when there is no GPU.
+CPU_PRESET = _square("cpu_small", 8, 3, 64, 8, 128, "fp32")
+
+ALL_MODES = ("fwd", "train", "train_x")
+# Quick run (make gpu-check): every preset's inference forward, training on two of them.
+QUICK = [
+    (name, ("fwd", "train") if name in ("vit_b16", "seed_doc_example") else ("fwd",))
+    for name in (
+        "seed_doc_example",
+        "seed_doc_example_fp32",
+        "vit_b16",
+        "vit_l14",
+        "sam_h16_1024",
+        "b1_latency_b16",
+    )
+]
+
+
+def parse_shape(text: str) -> Preset:
+    """'B,C,H,W,patch,D[,dtype]' with patch an int or 'phxpw', e.g. 8,3,224,224,16,768,bf16."""
+    parts = text.split(",")
+    if len(parts) not in (6, 7):
+        raise ValueError(f"--shape wants B,C,H,W,patch,D[,dtype], got {text!r}")
+    b, c, h, w = (int(v) for v in parts[:4])
+    ph, _, pw = parts[4].partition("x")
+    dtype = parts[6] if len(parts) == 7 else "bf16"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return Preset(f"shape_{text}", b, c, h, w, (int(ph), int(pw or ph)), int(parts[5]), dtype)

@@ -1,0 +1,135 @@
+"""The implementations compared by the benchmark, each built for one preset and one mode.
+
+A provider builds a zero-argument ``step`` callable for a (preset, mode): ``fwd`` is inference
+under ``no_grad``; ``train`` is forward+backward with parameter gradients; ``train_x`` also needs
+the image gradient. Building may raise: the benchmark then shows the provider as failed with
+the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from einops.layers.torch import Rearrange
+from torch import nn
+
+from zeta_fused import PatchEmbeddings
+from zeta_fused.reference import PATCHIFY
+
+from .presets import Preset
+
+Step = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable[[Preset, str, str], tuple[nn.Module, Step]]
+    needs_cuda: bool = False
+    note: str = ""
+
+
+def _vit_sequential(p: Preset) -> nn.Module:
+    """vit-pytorch's ``to_patch_embedding``, written out."""
+    return nn.Sequential(
+        Rearrange(PATCHIFY, p1=p.patch[0], p2=p.patch[1]),
+        nn.LayerNorm(p.patch_dim),
+        nn.Linear(p.patch_dim, p.dim),
+        nn.LayerNorm(p.dim),
+    )
+
+
+class _ConvStem(nn.Module):
+    """timm's PatchEmbed math (Conv2d kernel = stride = patch, flatten to NLC, LayerNorm)."""
+
+    def __init__(self, p: Preset) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(p.channels, p.dim, kernel_size=p.patch, stride=p.patch)
+        self.norm = nn.LayerNorm(p.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+def _timm_stem(p: Preset) -> nn.Module:
+    try:
+        from timm.layers import PatchEmbed
+    except ImportError:
+        return _ConvStem(p)
+    return PatchEmbed(
+        img_size=(p.height, p.width),
+        patch_size=p.patch,
+        in_chans=p.channels,
+        embed_dim=p.dim,
+        norm_layer=nn.LayerNorm,
+    )
+
+
+def make_input(p: Preset, device: str, mode: str, channels_last: bool = False) -> torch.Tensor:
+    x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_(mode == "train_x")
+
+
+def make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Step:
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return model(x)
+
+        return step
+    dy = None
+
+    def step():
+        nonlocal dy
+        y = model(x)
+        if dy is None:
+            dy = torch.randn_like(y)
+        y.backward(dy)
+
+    return step
+
+
+def _module_provider(factory, channels_last=False, compile_mode=None):
+    def build(p: Preset, device: str, mode: str):
+        model = factory(p).to(device, p.torch_dtype)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if compile_mode is not None:
+            model = torch.compile(model, mode=compile_mode)
+        return model, make_step(model, make_input(p, device, mode, channels_last), mode)
+
+    return build
+
+
+def _zeta(backend: str):
+    def factory(p: Preset) -> nn.Module:
+        return PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend=backend)
+
+    return factory
+
+
+PROVIDERS = {
+    pr.name: pr
+    for pr in [
+        Provider("zeta-fused", _module_provider(_zeta("triton")), needs_cuda=True),
+        Provider("zeta-eager", _module_provider(_zeta("eager"))),
+        Provider("eager", _module_provider(_vit_sequential), note="vit-pytorch Sequential"),
+        Provider("compile", _module_provider(_vit_sequential, compile_mode="default")),
+        Provider(
+            "compile-max-autotune",
+            _module_provider(_vit_sequential, compile_mode="max-autotune-no-cudagraphs"),
+        ),
+        Provider("timm-conv", _module_provider(_timm_stem), note="no pre-norm"),
+        Provider(
+            "timm-conv-cl", _module_provider(_timm_stem, channels_last=True), note="no pre-norm"
+        ),
+    ]
+}
+FUSED = "zeta-fused"
+GPU_DEFAULT = ["zeta-fused", "zeta-eager", "eager", "compile", "timm-conv", "timm-conv-cl"]
+CPU_DEFAULT = ["zeta-eager", "eager", "timm-conv", "timm-conv-cl"]

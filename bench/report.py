@@ -1,0 +1,110 @@
+"""Terminal table, Markdown table, JSON and the PNG chart of a benchmark run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .providers import FUSED
+
+COLUMNS = [  # (header, key, format)
+    ("preset", "preset", "{}"),
+    ("mode", "mode", "{}"),
+    ("provider", "provider", "{}"),
+    ("ms", "ms", "{:.4f}"),
+    ("TB/s", "tbps", "{:.2f}"),
+    ("TFLOP/s", "tflops", "{:.1f}"),
+    ("% roofline", "pct_roofline", "{:.0f}%"),
+    ("peak MiB", "peak_extra_mib", "{:.0f}"),
+    ("x fused", "x_vs_fused", "{:.2f}x"),
+]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if key == "ms" and row["status"] != "ok":
+        return f"{row['status']}: {row.get('error', '')}"
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def table(rows: list[dict]) -> list[list[str]]:
+    return [[h for h, _, _ in COLUMNS]] + [[_cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
+
+
+def terminal(rows: list[dict], meta: dict) -> str:
+    cells = table(rows)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    lines = [_title(meta)]
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("x fused: the provider's time over zeta-fused's (above 1: zeta-fused is faster).")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], meta: dict, peaks: dict) -> str:
+    cells = table(rows)
+    out = [f"**{_title(meta)}**", ""]
+    if peaks:
+        out += ["Roofline inputs measured in the same run: " + _peaks(peaks), ""]
+    out.append("| " + " | ".join(cells[0]) + " |")
+    out.append("|" + "---|" * len(cells[0]))
+    out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    return "\n".join(out) + "\n"
+
+
+def _title(meta: dict) -> str:
+    where = meta.get("gpu") or f"CPU ({meta.get('cpu')}, {meta.get('threads')} threads)"
+    return (
+        f"zeta-fused {meta['zeta_fused']} on {where}, torch {meta['torch']}, "
+        f"triton {meta['triton']}, {meta['date']}"
+    )
+
+
+def _peaks(peaks: dict) -> str:
+    return ", ".join(
+        f"{k.replace('_', ' ')} {v:.1f}" if "gemm" in k else f"copy {v:.2f} TB/s"
+        for k, v in peaks.items()
+    )
+
+
+def chart(rows: list[dict], path: Path) -> str | None:
+    """Bar chart of zeta-fused's speedup over each peer, per preset and mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart"
+    groups = sorted({(r["preset"], r["mode"]) for r in rows if r.get("x_vs_fused")})
+    peers = sorted({r["provider"] for r in rows if r.get("x_vs_fused") and r["provider"] != FUSED})
+    if not groups or not peers:
+        return "no fused timings: no chart"
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
+    width = 0.8 / len(peers)
+    lookup = {(r["preset"], r["mode"], r["provider"]): r.get("x_vs_fused") for r in rows}
+    for i, peer in enumerate(peers):
+        values = [lookup.get((*g, peer)) or 0 for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=peer)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{p}\n{m}" for p, m in groups], fontsize=7)
+    ax.set_ylabel("zeta-fused speedup (x)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write(rows: list[dict], meta: dict, peaks: dict, out: Path) -> list[str]:
+    """Write bench.json, bench.md and (with fused timings) bench.png under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "roofline": peaks, "results": rows}
+    (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(rows, meta, peaks))
+    written = [str(out / "bench.json"), str(out / "bench.md")]
+    note = chart(rows, out / "bench.png")
+    return written + [f"(chart: {note})" if note else str(out / "bench.png")]

@@ -1,0 +1,93 @@
+"""Runs every (preset, mode, provider) cell and derives the reported figures."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import torch
+
+from . import measure
+from .presets import Preset
+from .providers import FUSED, PROVIDERS
+
+# Providers whose first call compiles (and maybe autotunes) for a long time.
+SLOW_START = ("compile",)
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_cell(preset: Preset, mode: str, name: str, device: str) -> dict:
+    provider = PROVIDERS[name]
+    row = {"preset": preset.name, "mode": mode, "provider": name, "status": "ok"}
+    if provider.note:
+        row["note"] = provider.note
+    if provider.needs_cuda and device != "cuda":
+        return row | {"status": "skipped", "error": "needs CUDA"}
+    try:
+        model, step = provider.build(preset, device, mode)
+        step()  # first call: compilation / autotuning happen here, outside the timing
+        row["ms"], row["ms_p20"], row["ms_p80"] = measure.time_ms(step, device)
+        if mode != "fwd":
+            row["peak_extra_mib"] = measure.peak_extra_mib(step, device)
+        del model, step
+    except Exception as exc:  # noqa: BLE001 - a failing provider is reported, never dropped
+        row |= {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+    _free()
+    return row
+
+
+def roofline(presets: list[Preset], device: str) -> dict:
+    """Peak copy bandwidth and GEMM throughput of this GPU, measured now (CUDA only)."""
+    if device != "cuda":
+        return {}
+    progress("measuring the roofline: copy bandwidth and GEMM throughput ...")
+    peaks = {"copy_tbps": measure.peak_copy_tbps()}
+    for dtype in sorted({p.dtype for p in presets}):
+        peaks[f"gemm_tflops_{dtype}"] = measure.peak_gemm_tflops(dtype)
+    _free()
+    return peaks
+
+
+def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
+    """Add TB/s, TFLOP/s and % of roofline (forward) and the ratio to the fused provider."""
+    fused = {
+        (r["preset"], r["mode"]): r["ms"] for r in rows if r["provider"] == FUSED and "ms" in r
+    }
+    for r in rows:
+        if "ms" not in r:
+            continue
+        p = presets[r["preset"]]
+        if r["mode"] == "fwd":
+            r["tbps"] = p.bytes() / (r["ms"] * 1e-3) / 1e12
+            r["tflops"] = p.flops() / (r["ms"] * 1e-3) / 1e12
+            if peaks:
+                floor_ms = 1e3 * max(
+                    p.bytes() / (peaks["copy_tbps"] * 1e12),
+                    p.flops() / (peaks[f"gemm_tflops_{p.dtype}"] * 1e12),
+                )
+                r["roofline_ms"] = floor_ms
+                r["pct_roofline"] = 100 * floor_ms / r["ms"]
+        if (r["preset"], r["mode"]) in fused:
+            r["x_vs_fused"] = r["ms"] / fused[(r["preset"], r["mode"])]
+
+
+def run(plan: list[tuple[Preset, tuple[str, ...]]], providers: list[str], device: str) -> tuple:
+    presets = {p.name: p for p, _ in plan}
+    peaks = roofline(list(presets.values()), device)
+    cells = [(p, m, name) for p, modes in plan for m in modes for name in providers]
+    rows = []
+    for i, (p, mode, name) in enumerate(cells, 1):
+        slow = " (compiling, can take minutes)" if name.startswith(SLOW_START) else ""
+        progress(f"[{i}/{len(cells)}] {p.name} {mode} {name}{slow}")
+        rows.append(run_cell(p, mode, name, device))
+    derive(rows, presets, peaks)
+    return rows, peaks
