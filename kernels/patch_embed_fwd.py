@@ -7,34 +7,8 @@ rows without a second launch. Device code only: the launch module allocates and 
 import triton
 import triton.language as tl
 
+from .patch_tiles import patch_stats, project_chunk, token_rows
 from .rounding import cast
-
-
-@triton.jit
-def _load_patch_tile(
-    X,  # image base pointer, (B, C, H, W) with any strides
-    row_off,  # [BLOCK_M] int64 offset of each token's top-left pixel
-    row_mask,  # [BLOCK_M] valid tokens
-    k0,  # first patch element of this tile
-    K,  # C * ph * pw
-    C,
-    PW,  # patch width
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    ACC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Tile [BLOCK_M, BLOCK_K] of flattened patches, k = (i * pw + j) * C + c; 0 outside."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
-    c = offs_k % C
-    j = (offs_k // C) % PW
-    i = offs_k // (C * PW)
-    col_off = c.to(tl.int64) * stride_xc + i.to(tl.int64) * stride_xh + j.to(tl.int64) * stride_xw
-    mask = row_mask[:, None] & k_mask[None, :]
-    tile = tl.load(X + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
-    return tile.to(ACC), offs_k, k_mask, mask
 
 
 @triton.jit
@@ -47,7 +21,7 @@ def _patch_embed_fwd_kernel(
     G2,  # post-norm weight (D,) or dummy
     B2,  # post-norm bias (D,) or dummy
     Y,  # output (M, D) contiguous, M = B * N tokens
-    Stats,  # (4, M) fp32: mean1, rstd1, mean2, rstd2 (0 / 1 where a norm is off)
+    Stats,  # (4, M) in ACC: mean1, rstd1, mean2, rstd2 (0 / 1 where a norm is off)
     M,
     K,
     D,
@@ -66,7 +40,7 @@ def _patch_embed_fwd_kernel(
     PRE_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     POST_NORM: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,  # GEMM operand dtype (fp32 accumulation always)
+    COMPUTE_DTYPE: tl.constexpr,  # GEMM operand dtype
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     ACC: tl.constexpr,  # accumulation / statistics dtype: fp32 (fp64 for fp64 inputs)
     INTERPRETED: tl.constexpr,  # interpreter: emulate bf16 rounding, multiply in ACC
@@ -75,35 +49,17 @@ def _patch_embed_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    b = offs_m // NP
-    t = offs_m % NP
-    hp = t // WP
-    wp = t % WP
-    row_off = b * stride_xb + hp * (PH * stride_xh) + wp * (PW * stride_xw)
-
-    # Pre-norm statistics, exact two-pass (mean, then centred variance) in fp32: raw 0..255
-    # pixels have |mean| >> std, where E[x^2] - E[x]^2 would cancel.
+    m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    offs_m, m_mask, row_off = token_rows(
+        m_start, M, NP, WP, PH, PW, stride_xb, stride_xh, stride_xw, BLOCK_M
+    )
     mean1 = tl.zeros([BLOCK_M], dtype=ACC)
     rstd1 = tl.full([BLOCK_M], 1.0, dtype=ACC)
     if PRE_NORM:
-        acc_sum = tl.zeros([BLOCK_M], dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            p, offs_k, k_mask, mask = _load_patch_tile(
-                X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
-            )
-            acc_sum += tl.sum(p, axis=1)
-        mean1 = acc_sum / K
-        acc_var = tl.zeros([BLOCK_M], dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            p, offs_k, k_mask, mask = _load_patch_tile(
-                X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
-            )
-            centred = tl.where(mask, p - mean1[:, None], 0.0)
-            acc_var += tl.sum(centred * centred, axis=1)
-        rstd1 = 1.0 / tl.sqrt(acc_var / K + eps)
+        mean1, rstd1 = patch_stats(
+            X, row_off, m_mask, K, C, PW, stride_xc, stride_xh, stride_xw, eps, ACC, BLOCK_M,
+            BLOCK_K,
+        )  # fmt: skip
 
     # Post-norm statistics merged across column chunks (Chan et al.): chunk-centred sums keep
     # the variance accurate when |mean| >> std.
@@ -111,27 +67,12 @@ def _patch_embed_fwd_kernel(
     m2 = tl.zeros([BLOCK_M], dtype=ACC)
     y_rows = Y + offs_m[:, None] * D
     for n0 in range(0, D, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < D
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            a, offs_k, k_mask, mask = _load_patch_tile(
-                X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
-            )
-            if PRE_NORM:
-                g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
-                b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
-                a = (a - mean1[:, None]) * rstd1[:, None] * g1[None, :] + b1[None, :]
-            w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wd + offs_k[:, None] * stride_wk
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            a = cast(a, COMPUTE_DTYPE, INTERPRETED)
-            w = cast(w, COMPUTE_DTYPE, INTERPRETED)
-            if INTERPRETED:  # bf16 tl.dot is wrong in the interpreter
-                acc += tl.dot(a.to(ACC), w.to(ACC))
-            else:
-                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
+        acc, offs_n, n_mask = project_chunk(
+            X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
+            stride_xc, stride_xh, stride_xw, stride_wd, stride_wk,
+            PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         if POST_NORM:
             n_valid = tl.minimum(D - n0, BLOCK_N) * 1.0
             chunk_mean = tl.sum(tl.where(n_mask[None, :], acc, 0.0), axis=1) / n_valid
@@ -148,10 +89,8 @@ def _patch_embed_fwd_kernel(
                 g2 = tl.load(G2 + offs_n, mask=n_mask, other=0.0).to(ACC)
                 b2 = tl.load(B2 + offs_n, mask=n_mask, other=0.0).to(ACC)
                 acc = (acc - mean2[:, None]) * rstd2[:, None] * g2[None, :] + b2[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        tl.store(
-            y_rows + offs_n[None, :], cast(acc, Y.dtype.element_ty, INTERPRETED), mask=out_mask
-        )
+        out = cast(acc, Y.dtype.element_ty, INTERPRETED)
+        tl.store(y_rows + offs_n[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
 
     rstd2 = tl.full([BLOCK_M], 1.0, dtype=ACC)
     if POST_NORM:
@@ -163,16 +102,13 @@ def _patch_embed_fwd_kernel(
             for n0 in range(0, D, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 n_mask = offs_n < D
-                out_mask = m_mask[:, None] & n_mask[None, :]
-                z = tl.load(y_rows + offs_n[None, :], mask=out_mask, other=0.0).to(ACC)
+                mask = m_mask[:, None] & n_mask[None, :]
+                z = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0).to(ACC)
                 g2 = tl.load(G2 + offs_n, mask=n_mask, other=0.0).to(ACC)
                 b2 = tl.load(B2 + offs_n, mask=n_mask, other=0.0).to(ACC)
                 z = (z - mean2[:, None]) * rstd2[:, None] * g2[None, :] + b2[None, :]
-                tl.store(
-                    y_rows + offs_n[None, :],
-                    cast(z, Y.dtype.element_ty, INTERPRETED),
-                    mask=out_mask,
-                )
+                tl.store(y_rows + offs_n[None, :], cast(z, Y.dtype.element_ty, INTERPRETED),
+                         mask=mask)  # fmt: skip
 
     tl.store(Stats + offs_m, mean1, mask=m_mask)
     tl.store(Stats + M + offs_m, rstd1, mask=m_mask)

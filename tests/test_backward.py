@@ -65,6 +65,11 @@ def test_flag_variants(flags, device) -> None:
     compare(make(3, 20, 4, flags), torch.randn(2, 3, 8, 12), torch.float32, device)
 
 
+def test_many_token_tiles(device) -> None:
+    """216 tokens: several programs, split token reductions and a ragged last tile."""
+    compare(make(2, 24, 4), torch.randn(3, 2, 32, 36), torch.float32, device)
+
+
 def test_parameter_grads_only(device) -> None:
     """An image without requires_grad gets no gradient; parameters still do."""
     compare(make(3, 20, 4), torch.randn(2, 3, 8, 8), torch.float32, device, needs_x_grad=False)
@@ -138,3 +143,67 @@ def test_opcheck_backward_op(device) -> None:
             needs_x_grad,
         )
         torch.library.opcheck(torch.ops.zeta_fused.patch_embed_bwd.default, args)
+
+
+def test_backward_never_leaves_fused_path(device, monkeypatch) -> None:
+    import zeta_fused.reference as reference
+
+    monkeypatch.setattr(reference, "backward_from_stats", lambda *a: pytest.fail("eager ran"))
+    m = make(3, 20, 4).to(device, torch.float32)
+    m.backend = "triton"
+    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    m(x).square().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
+def test_eager_op_implementation_matches_kernels(flags, monkeypatch) -> None:
+    """The op's CPU implementation without the interpreter (eager math) gives the same
+    forward and gradients as the Triton kernels."""
+    import zeta_fused.ops as ops
+
+    m = make(3, 20, (4, 2), flags)
+    x = torch.randn(2, 3, 8, 6, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 6, 20, dtype=torch.float64)
+    m.backend = "triton"
+    kernels = grads(m, x, dy)
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    eager = grads(m, x, dy)
+    for k, e in zip(kernels, eager, strict=True):
+        torch.testing.assert_close(k, e, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4, 3, 224, 224, 16, 768),
+        (2, 3, 224, 224, 14, 1024),
+        (4, 3, 96, 64, (8, 4), 2048),
+        (8, 3, 64, 64, 4, 64),
+    ],
+    ids=str,
+)
+def test_gpu_all_gradients(shape, dtype) -> None:
+    B, C, H, W, patch, D = shape
+    compare(make(C, D, patch), torch.randn(B, C, H, W), dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("needs_x_grad", [False, True])
+def test_gpu_backward_is_deterministic(needs_x_grad) -> None:
+    """20 backward passes give bitwise-equal gradients (no floating-point atomics)."""
+    m = make(3, 768, 16).to("cuda", torch.bfloat16)
+    m.backend = "triton"
+    x = torch.randn(16, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(16, 196, 768, device="cuda", dtype=torch.bfloat16)
+    first = None
+    for _ in range(20):
+        got = grads(m, x.requires_grad_(needs_x_grad), dy)[1:]
+        if first is None:
+            first = [g.clone() for g in got]
+        assert all(torch.equal(a, b) for a, b in zip(first, got, strict=True))

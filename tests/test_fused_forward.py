@@ -48,6 +48,7 @@ SHAPES = [  # (B, C, H, W, patch, D): odd sizes on purpose
     (3, 1, 12, 20, (3, 5), 17),  # non-square patch, C = 1, odd D
     (1, 8, 8, 12, (4, 2), 33),  # C = 8
     (2, 3, 16, 32, 4, 300),  # D wider than one register tile: second post-norm pass
+    (3, 2, 32, 36, 4, 24),  # 216 tokens: several programs, a ragged last token tile
 ]
 
 

@@ -11,6 +11,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import interpreting
+from .kernels.patch_embed_bwd import (
+    _bwd_dw_kernel,
+    _bwd_dx_kernel,
+    _bwd_dz_kernel,
+    _bwd_param_kernel,
+)
 from .kernels.patch_embed_fwd import _patch_embed_fwd_kernel
 from .reference import stats_dtype
 
@@ -21,10 +27,16 @@ BLOCK_M = 64
 BLOCK_K = 32
 # Widest output tile kept in registers; wider rows are normalised by an in-program second pass.
 MAX_BLOCK_N = 256
+# Backward tiles over D and K (dZ^T x̂ and dZ W GEMMs): square 64 tiles keep both operands small.
+BWD_BLOCK = 64
 # tl.dot needs every block dimension >= 16.
 MIN_BLOCK = 16
 # Output tiles at or above this width get 8 warps (register pressure of the fp32 accumulator).
 WIDE_TILE = 256
+# Programs wanted for the dW GEMM (reduction over all tokens): several waves on 132 SMs.
+DW_TARGET_PROGRAMS = 1024
+# Cap of the dW partial buffer (token splits x D x K in fp32).
+DW_PARTIAL_BYTES = 64 << 20
 
 TL_DTYPES = {
     torch.float64: tl.float64,
@@ -37,6 +49,21 @@ TL_DTYPES = {
 def _fp32_dot_precision() -> str:
     """fp32 GEMMs follow torch's matmul precision: TF32 only when torch allows it."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _numerics(compute_dtype: torch.dtype) -> dict:
+    """Constexprs shared by every kernel: GEMM dtype and precision, accumulation dtype."""
+    fp32 = compute_dtype == torch.float32
+    return {
+        "COMPUTE_DTYPE": TL_DTYPES[compute_dtype],
+        "DOT_PRECISION": _fp32_dot_precision() if fp32 else "ieee",
+        "ACC": TL_DTYPES[stats_dtype(compute_dtype)],
+        "INTERPRETED": interpreting(),
+    }
+
+
+def _block_n(dim: int) -> int:
+    return min(max(triton.next_power_of_2(dim), MIN_BLOCK), MAX_BLOCK_N)
 
 
 def patch_embed_fwd(
@@ -62,41 +89,97 @@ def patch_embed_fwd(
     stats = x.new_empty((4, tokens), dtype=stats_dtype(compute_dtype))
     if tokens == 0:
         return y, stats
-    block_n = min(max(triton.next_power_of_2(dim), MIN_BLOCK), MAX_BLOCK_N)
-    pre_norm, post_norm = g1 is not None, g2 is not None
-    grid = (triton.cdiv(tokens, BLOCK_M),)
-    _patch_embed_fwd_kernel[grid](
-        x,
-        weight,
-        bias if bias is not None else weight,
-        g1 if pre_norm else weight,
-        b1 if pre_norm else weight,
-        g2 if post_norm else weight,
-        b2 if post_norm else weight,
-        y,
-        stats,
-        tokens,
-        patch_dim,
-        dim,
-        chans,
-        ph,
-        pw,
-        hp * wp,
-        wp,
-        *x.stride(),
-        *weight.stride(),
-        eps,
-        PRE_NORM=pre_norm,
-        HAS_BIAS=bias is not None,
-        POST_NORM=post_norm,
-        COMPUTE_DTYPE=TL_DTYPES[compute_dtype],
-        DOT_PRECISION=_fp32_dot_precision() if compute_dtype == torch.float32 else "ieee",
-        ACC=TL_DTYPES[stats.dtype],
-        INTERPRETED=interpreting(),
-        ROW_IN_ONE_TILE=block_n >= dim,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n,
-        BLOCK_K=BLOCK_K,
-        num_warps=8 if block_n >= WIDE_TILE else 4,
-    )
+    block_n = _block_n(dim)
+    _patch_embed_fwd_kernel[(triton.cdiv(tokens, BLOCK_M),)](
+        x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
+        _or(b2, weight), y, stats,
+        tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(), *weight.stride(), eps,
+        PRE_NORM=g1 is not None, HAS_BIAS=bias is not None, POST_NORM=g2 is not None,
+        ROW_IN_ONE_TILE=block_n >= dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+        num_warps=8 if block_n >= WIDE_TILE else 4, **_numerics(compute_dtype),
+    )  # fmt: skip
     return y, stats
+
+
+def patch_embed_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    g1: Tensor | None,
+    b1: Tensor | None,
+    g2: Tensor | None,
+    stats: Tensor,
+    ph: int,
+    pw: int,
+    compute_dtype: torch.dtype,
+    needs_x_grad: bool,
+) -> tuple[Tensor, ...]:
+    """Run the fused backward; returns (dx, dW, dbias, dg1, db1, dg2, db2), absent ones empty."""
+    batch, chans, height, width = x.shape
+    dim, patch_dim = weight.shape
+    hp, wp = height // ph, width // pw
+    tokens = batch * hp * wp
+    pre, post = g1 is not None, g2 is not None
+    acc = stats.dtype
+    numerics = _numerics(compute_dtype)
+    shape = (tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp)
+    m_tiles = triton.cdiv(tokens, BLOCK_M)
+
+    # 1. dZ and the column partials of dZ, dY * ẑ, dY.
+    partials = x.new_zeros((3, max(m_tiles, 1), dim), dtype=acc)
+    dz = x.new_empty((batch, hp * wp, dim), dtype=compute_dtype) if post else grad_y
+    if tokens:
+        _bwd_dz_kernel[(m_tiles,)](
+            x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
+            stats, grad_y, dz, partials, *shape, *x.stride(), *weight.stride(), *grad_y.stride(),
+            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, BLOCK_M=BLOCK_M,
+            BLOCK_N=_block_n(dim), BLOCK_K=BLOCK_K, **numerics,
+        )  # fmt: skip
+    # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
+    dzsum = partials[0].sum(0)
+
+    # 2. All parameter gradients from G = dZ^T x̂.
+    d_tiles, k_tiles = triton.cdiv(dim, BWD_BLOCK), triton.cdiv(patch_dim, BWD_BLOCK)
+    max_splits = max(1, DW_PARTIAL_BYTES // (dim * patch_dim * acc.itemsize))
+    splits = max(1, min(DW_TARGET_PROGRAMS // (d_tiles * k_tiles), m_tiles, max_splits))
+    gpart = x.new_zeros((splits, dim, patch_dim), dtype=acc)
+    if tokens:
+        _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
+            x, stats, dz, gpart, *shape, *x.stride(), *dz.stride(), PRE_NORM=pre,
+            BLOCK_M=BLOCK_M, BLOCK_D=BWD_BLOCK, BLOCK_K=BWD_BLOCK, **numerics,
+        )  # fmt: skip
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    dg1 = torch.empty_like(g1) if pre else _absent(weight)
+    db1 = torch.empty_like(b1) if pre else _absent(weight)
+    _bwd_param_kernel[(k_tiles,)](
+        gpart, dzsum, weight, _or(g1, weight), _or(b1, weight), dw, _or(dg1, dw), _or(db1, dw),
+        splits, patch_dim, dim, *weight.stride(), PRE_NORM=pre, ACC=numerics["ACC"],
+        INTERPRETED=numerics["INTERPRETED"], BLOCK_D=BWD_BLOCK, BLOCK_K=BWD_BLOCK,
+    )  # fmt: skip
+
+    # 3. The image gradient, only when asked for.
+    dx = _absent(weight)
+    if needs_x_grad:
+        dx = x.new_empty(x.shape)
+        if tokens:
+            _bwd_dx_kernel[(m_tiles,)](
+                x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
+                *weight.stride(), *dz.stride(), PRE_NORM=pre, BLOCK_M=BLOCK_M,
+                BLOCK_D=BWD_BLOCK, BLOCK_K=BWD_BLOCK, **numerics,
+            )  # fmt: skip
+
+    dbias = dzsum.to(bias.dtype) if bias is not None else _absent(weight)
+    dg2 = partials[1].sum(0).to(g2.dtype) if post else _absent(weight)
+    db2 = partials[2].sum(0).to(g2.dtype) if post else _absent(weight)
+    return dx, dw, dbias, dg1, db1, dg2, db2
+
+
+def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
+    """A pointer for an absent optional tensor (never read: a constexpr switches it off)."""
+    return dummy if t is None else t
+
+
+def _absent(like: Tensor) -> Tensor:
+    """Placeholder for a gradient nobody needs (a new one each time: outputs may not alias)."""
+    return like.new_empty(0)

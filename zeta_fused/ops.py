@@ -57,7 +57,7 @@ def _fwd_fake(x, weight, bias, g1, b1, g2, b2, ph, pw, eps, compute_dtype, out_d
     return y, x.new_empty((4, batch * tokens), dtype=ref.stats_dtype(compute_dtype))
 
 
-@torch.library.custom_op(f"{LIB}::patch_embed_bwd", mutates_args=())
+@torch.library.custom_op(f"{LIB}::patch_embed_bwd", mutates_args=(), device_types="cuda")
 def patch_embed_bwd(
     grad_y: Tensor,
     x: Tensor,
@@ -72,10 +72,20 @@ def patch_embed_bwd(
     compute_dtype: torch.dtype,
     needs_x_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # grad_y may be a stride-0 expanded tensor (y.sum().backward()).
-    grad_y = grad_y.contiguous()
+    # grad_y may have any strides, stride 0 included (y.sum().backward()): the kernels take them.
+    from .launch import patch_embed_bwd as launch
+
     args = (x, weight, bias, g1, b1, g2, stats, ph, pw, compute_dtype, needs_x_grad)
-    return ref.backward_from_stats(grad_y, *args)
+    return launch(grad_y, *args)
+
+
+@patch_embed_bwd.register_kernel("cpu")
+def _bwd_cpu(*args):
+    if interpreting():
+        from .launch import patch_embed_bwd as launch
+
+        return launch(*args)
+    return ref.backward_from_stats(*args)
 
 
 @patch_embed_bwd.register_fake

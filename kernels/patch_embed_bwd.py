@@ -1,0 +1,264 @@
+"""Fused patch-embedding backward (notation of DESIGN §5: x̂ normalised patch, ẑ normalised Z).
+
+Three passes, each a kernel below, all deterministic (per-program partial sums, no atomics):
+
+1. ``_bwd_dz_kernel`` (per token tile): recompute Z with the forward's projection chunk, then the
+   post-norm backward dZ = rstd2 * (g - mean(g) - ẑ * mean(g * ẑ)), g = dY * g2, and per-program
+   column partials of dZ, dY * ẑ and dY (-> dbias, dg2, db2).
+2. ``_bwd_dw_kernel`` (per weight tile and token split): G = dZ^T x̂ partials. Together with
+   ``_bwd_param_kernel`` (per K tile): dW = G diag(g1) + dbias b1^T, dg1 = sum_d W * G,
+   db1 = W^T dbias. One GEMM for all parameter gradients.
+3. ``_bwd_dx_kernel`` (per token tile, only when the image needs a gradient): dA = dZ W, the
+   pre-norm backward, scattered straight into the image layout (patches do not overlap).
+
+Device code only: the launch module allocates buffers and builds grids.
+"""
+
+import triton
+import triton.language as tl
+
+from .patch_tiles import load_patches, project_chunk, store_patches, token_rows
+from .rounding import cast
+
+
+@triton.jit
+def _dy_rows(offs_m, NP, stride_b, stride_n):
+    """Offsets of token rows in a (B, N, D) tensor with any strides (stride 0 included)."""
+    return (offs_m // NP) * stride_b + (offs_m % NP) * stride_n
+
+
+@triton.jit
+def _bwd_dz_kernel(
+    X, W, Bias, G1, B1, G2,  # forward inputs (dummies where absent)
+    Stats,  # (4, M): mean1, rstd1, mean2, rstd2 from the forward
+    DY,  # upstream gradient (B, N, D), any strides
+    DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE (only written with POST_NORM)
+    Partials,  # out: (3, P, D) ACC: column sums of dZ, dY * ẑ, dY per program
+    M, K, D, C, PH, PW, NP, WP,
+    stride_xb, stride_xc, stride_xh, stride_xw, stride_wd, stride_wk,
+    stride_dyb, stride_dyn, stride_dyd,
+    PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POST_NORM: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs_m, m_mask, row_off = token_rows(
+        pid.to(tl.int64) * BLOCK_M, M, NP, WP, PH, PW, stride_xb, stride_xh, stride_xw, BLOCK_M
+    )
+    mean1 = tl.load(Stats + offs_m, mask=m_mask, other=0.0)
+    rstd1 = tl.load(Stats + M + offs_m, mask=m_mask, other=0.0)
+    mean2 = tl.load(Stats + 2 * M + offs_m, mask=m_mask, other=0.0)
+    rstd2 = tl.load(Stats + 3 * M + offs_m, mask=m_mask, other=0.0)
+    dy_rows = DY + _dy_rows(offs_m, NP, stride_dyb, stride_dyn)
+    dz_rows = DZ + offs_m[:, None] * D
+    part_dz = Partials + pid * D
+    part_dg2 = Partials + (programs + pid) * D
+    part_db2 = Partials + (2 * programs + pid) * D
+
+    if POST_NORM:
+        # Pass 1: recompute Z chunk by chunk, keep ẑ in DZ, reduce the rows of g and g * ẑ.
+        sum_g = tl.zeros([BLOCK_M], dtype=ACC)
+        sum_gz = tl.zeros([BLOCK_M], dtype=ACC)
+        for n0 in range(0, D, BLOCK_N):
+            z, offs_n, n_mask = project_chunk(
+                X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
+                stride_xc, stride_xh, stride_xw, stride_wd, stride_wk,
+                PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED,
+                BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            mask = m_mask[:, None] & n_mask[None, :]
+            zhat = tl.where(mask, (z - mean2[:, None]) * rstd2[:, None], 0.0)
+            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyd, mask=mask, other=0.0)
+            dy = dy.to(ACC)
+            g = dy * tl.load(G2 + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
+            sum_g += tl.sum(g, axis=1)
+            sum_gz += tl.sum(g * zhat, axis=1)
+            tl.store(part_dg2 + offs_n, tl.sum(dy * zhat, axis=0), mask=n_mask)
+            tl.store(part_db2 + offs_n, tl.sum(dy, axis=0), mask=n_mask)
+            tl.store(dz_rows + offs_n[None, :], cast(zhat, COMPUTE_DTYPE, INTERPRETED), mask=mask)
+        mean_g = sum_g / D
+        mean_gz = sum_gz / D
+        # Pass 2: dZ from ẑ (read back by the program that wrote it) and dY.
+        tl.debug_barrier()
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < D
+            mask = m_mask[:, None] & n_mask[None, :]
+            zhat = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyd, mask=mask, other=0.0)
+            g = dy.to(ACC) * tl.load(G2 + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
+            dz = rstd2[:, None] * (g - mean_g[:, None] - zhat * mean_gz[:, None])
+            dz = tl.where(mask, dz, 0.0)
+            tl.store(part_dz + offs_n, tl.sum(dz, axis=0), mask=n_mask)
+            tl.store(dz_rows + offs_n[None, :], cast(dz, COMPUTE_DTYPE, INTERPRETED), mask=mask)
+    else:
+        # dZ is dY itself: only its column sums are needed here.
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < D
+            mask = m_mask[:, None] & n_mask[None, :]
+            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyd, mask=mask, other=0.0)
+            tl.store(part_dz + offs_n, tl.sum(dy.to(ACC), axis=0), mask=n_mask)
+
+
+@triton.jit
+def _bwd_dw_kernel(
+    X, Stats,
+    DZ,  # dZ (B, N, D) with strides (the DZ buffer, or dY without post-norm)
+    GPart,  # out: (S, D, K) ACC partials of G = dZ^T x̂ over token splits
+    M, K, D, C, PH, PW, NP, WP,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_dzb, stride_dzn, stride_dzd,
+    PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_d = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    splits = tl.num_programs(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    k0 = pid_k * BLOCK_K
+    acc = tl.zeros([BLOCK_D, BLOCK_K], dtype=ACC)
+    for m_start in range(pid_s * BLOCK_M, M, splits * BLOCK_M):
+        offs_m, m_mask, row_off = token_rows(
+            m_start, M, NP, WP, PH, PW, stride_xb, stride_xh, stride_xw, BLOCK_M
+        )
+        xhat, offs_k, k_mask, mask = load_patches(
+            X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
+        )
+        if PRE_NORM:
+            mean1 = tl.load(Stats + offs_m, mask=m_mask, other=0.0)
+            rstd1 = tl.load(Stats + M + offs_m, mask=m_mask, other=0.0)
+            xhat = tl.where(mask, (xhat - mean1[:, None]) * rstd1[:, None], 0.0)
+        dz_ptrs = (
+            DZ
+            + _dy_rows(offs_m, NP, stride_dzb, stride_dzn)[:, None]
+            + (offs_d[None, :] * stride_dzd)
+        )
+        dz = tl.load(dz_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        dz = tl.trans(cast(dz.to(ACC), COMPUTE_DTYPE, INTERPRETED))
+        xhat = cast(xhat, COMPUTE_DTYPE, INTERPRETED)
+        if INTERPRETED:
+            acc += tl.dot(dz.to(ACC), xhat.to(ACC))
+        else:
+            acc = tl.dot(dz, xhat, acc, input_precision=DOT_PRECISION)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    out = GPart + pid_s.to(tl.int64) * D * K + offs_d[:, None] * K + offs_k[None, :]
+    tl.store(out, acc, mask=d_mask[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _bwd_param_kernel(
+    GPart,  # (S, D, K) ACC partials of G
+    DZSum,  # (D,) ACC: sum over tokens of dZ (= dbias)
+    W, G1, B1,
+    DW,  # out: (D, K) in the weight's dtype, contiguous
+    DG1, DB1,  # out: (K,) in the pre-norm parameters' dtype (with PRE_NORM)
+    S, K, D,
+    stride_wd, stride_wk,
+    PRE_NORM: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+    b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+    dg1 = tl.zeros([BLOCK_K], dtype=ACC)
+    db1 = tl.zeros([BLOCK_K], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        mask = d_mask[:, None] & k_mask[None, :]
+        tile = offs_d[:, None] * K + offs_k[None, :]
+        g = tl.zeros([BLOCK_D, BLOCK_K], dtype=ACC)
+        part = GPart + tile
+        for _ in range(0, S):
+            g += tl.load(part, mask=mask, other=0.0)
+            part += D * K  # pointer arithmetic is 64-bit: S * D * K may pass 2**31
+        if PRE_NORM:
+            w = tl.load(W + offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk, mask=mask,
+                        other=0.0).to(ACC)  # fmt: skip
+            dbias = tl.load(DZSum + offs_d, mask=d_mask, other=0.0)
+            dg1 += tl.sum(w * g, axis=0)
+            db1 += tl.sum(w * dbias[:, None], axis=0)
+            g = g * g1[None, :] + dbias[:, None] * b1[None, :]
+        tl.store(DW + tile, cast(g, DW.dtype.element_ty, INTERPRETED), mask=mask)
+    if PRE_NORM:
+        tl.store(DG1 + offs_k, cast(dg1, DG1.dtype.element_ty, INTERPRETED), mask=k_mask)
+        tl.store(DB1 + offs_k, cast(db1, DB1.dtype.element_ty, INTERPRETED), mask=k_mask)
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    X, W, G1, Stats,
+    DZ,  # dZ (B, N, D) with strides
+    DX,  # out: image gradient (B, C, H, W) with its own strides
+    M, K, D, C, PH, PW, NP, WP,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_gb, stride_gc, stride_gh, stride_gw,
+    stride_wd, stride_wk,
+    stride_dzb, stride_dzn, stride_dzd,
+    PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    offs_m, m_mask, row_off = token_rows(
+        m_start, M, NP, WP, PH, PW, stride_xb, stride_xh, stride_xw, BLOCK_M
+    )
+    _, _, grad_off = token_rows(m_start, M, NP, WP, PH, PW, stride_gb, stride_gh, stride_gw,
+                                BLOCK_M)  # fmt: skip
+    dz_rows = DZ + _dy_rows(offs_m, NP, stride_dzb, stride_dzn)
+    mean1 = tl.load(Stats + offs_m, mask=m_mask, other=0.0)
+    rstd1 = tl.load(Stats + M + offs_m, mask=m_mask, other=0.0)
+    sum_g = tl.zeros([BLOCK_M], dtype=ACC)
+    sum_gx = tl.zeros([BLOCK_M], dtype=ACC)
+    # Pass 1: dA = dZ W chunk by chunk over K; with a pre-norm keep g = dA * g1 in DX (each
+    # program owns its tokens' pixels) and reduce the rows of g and g * x̂.
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            dz = tl.load(dz_rows[:, None] + offs_d[None, :] * stride_dzd,
+                         mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+            w = tl.load(W + offs_d[:, None].to(tl.int64) * stride_wd + offs_k[None, :] * stride_wk,
+                        mask=d_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+            dz = cast(dz.to(ACC), COMPUTE_DTYPE, INTERPRETED)
+            w = cast(w, COMPUTE_DTYPE, INTERPRETED)
+            if INTERPRETED:
+                acc += tl.dot(dz.to(ACC), w.to(ACC))
+            else:
+                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+        if PRE_NORM:
+            x, _, _, mask = load_patches(
+                X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
+            )
+            xhat = (x - mean1[:, None]) * rstd1[:, None]
+            acc = tl.where(mask, acc * tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC), 0.0)
+            sum_g += tl.sum(acc, axis=1)
+            sum_gx += tl.sum(acc * xhat, axis=1)
+        store_patches(DX, grad_off, m_mask, acc, k0, K, C, PW, stride_gc, stride_gh, stride_gw,
+                       INTERPRETED, BLOCK_K)  # fmt: skip
+    if PRE_NORM:
+        # Pass 2: dP = rstd1 * (g - mean(g) - x̂ * mean(g * x̂)), read back from DX.
+        mean_g = sum_g / K
+        mean_gx = sum_gx / K
+        tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_K):
+            x, _, _, _ = load_patches(
+                X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
+            )
+            g, _, _, _ = load_patches(
+                DX, grad_off, m_mask, k0, K, C, PW, stride_gc, stride_gh, stride_gw, ACC, BLOCK_K
+            )
+            xhat = (x - mean1[:, None]) * rstd1[:, None]
+            dp = rstd1[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+            store_patches(DX, grad_off, m_mask, dp, k0, K, C, PW, stride_gc, stride_gh,
+                           stride_gw, INTERPRETED, BLOCK_K)  # fmt: skip

@@ -1,0 +1,103 @@
+"""Device helpers shared by the forward and backward kernels: patch gather, pre-norm statistics
+and one column chunk of the projection. Pure @triton.jit functions, no launches."""
+
+import triton
+import triton.language as tl
+
+from .rounding import cast
+
+
+@triton.jit
+def token_rows(m_start, M, NP, WP, PH, PW, stride_b, stride_h, stride_w, BLOCK_M: tl.constexpr):
+    """Tokens m_start .. m_start + BLOCK_M: int64 index, mask, and the offset of each token's
+    top-left pixel in an image with strides (stride_b, ., stride_h, stride_w)."""
+    offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_mask = offs_m < M
+    b = offs_m // NP
+    t = offs_m % NP
+    row_off = b * stride_b + (t // WP) * (PH * stride_h) + (t % WP) * (PW * stride_w)
+    return offs_m, m_mask, row_off
+
+
+@triton.jit
+def patch_cols(k0, K, C, PW, stride_c, stride_h, stride_w, BLOCK_K: tl.constexpr):
+    """Patch elements k0 .. k0 + BLOCK_K, k = (i * pw + j) * C + c: index, mask, pixel offset."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    c = offs_k % C
+    j = (offs_k // C) % PW
+    i = offs_k // (C * PW)
+    col_off = c.to(tl.int64) * stride_c + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
+    return offs_k, k_mask, col_off
+
+
+@triton.jit
+def load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
+    """[BLOCK_M, BLOCK_K] tile of flattened patches in ACC, 0 outside the valid range."""
+    offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, sxc, sxh, sxw, BLOCK_K)
+    mask = m_mask[:, None] & k_mask[None, :]
+    tile = tl.load(X + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
+    return tile.to(ACC), offs_k, k_mask, mask
+
+
+@triton.jit
+def patch_stats(X, row_off, m_mask, K, C, PW, sxc, sxh, sxw, eps, ACC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Per-token mean and 1/std over the patch, exact two-pass (mean, then centred variance):
+    raw 0..255 pixels have |mean| >> std, where E[x^2] - E[x]^2 would cancel."""
+    acc_sum = tl.zeros([BLOCK_M], dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        p, _, _, _ = load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K)
+        acc_sum += tl.sum(p, axis=1)
+    mean = acc_sum / K
+    acc_var = tl.zeros([BLOCK_M], dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        p, _, _, mask = load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K)
+        centred = tl.where(mask, p - mean[:, None], 0.0)
+        acc_var += tl.sum(centred * centred, axis=1)
+    return mean, 1.0 / tl.sqrt(acc_var / K + eps)
+
+
+@triton.jit
+def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
+                  sxc, sxh, sxw, swd, swk,
+                  PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Z[:, n0 : n0 + BLOCK_N] = LayerNorm_K(patches) @ W.T + bias for BLOCK_M tokens, in ACC.
+
+    The GEMM operands are rounded to COMPUTE_DTYPE and accumulated in ACC on tensor cores.
+    Under the interpreter the products run in ACC (its bf16 tl.dot is wrong)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        a, offs_k, k_mask, _ = load_patches(
+            X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+        )
+        if PRE_NORM:
+            g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+            b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+            a = (a - mean1[:, None]) * rstd1[:, None] * g1[None, :] + b1[None, :]
+        w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + offs_k[:, None] * swk
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = cast(a, COMPUTE_DTYPE, INTERPRETED)
+        w = cast(w, COMPUTE_DTYPE, INTERPRETED)
+        if INTERPRETED:
+            acc += tl.dot(a.to(ACC), w.to(ACC))
+        else:
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
+    return acc, offs_n, n_mask
+
+
+@triton.jit
+def store_patches(DX, row_off, m_mask, tile, k0, K, C, PW, stride_c, stride_h, stride_w,
+                  INTERPRETED: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Scatter a [BLOCK_M, BLOCK_K] tile of flattened patches back into image layout."""
+    offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, stride_c, stride_h, stride_w, BLOCK_K)
+    mask = m_mask[:, None] & k_mask[None, :]
+    out = cast(tile, DX.dtype.element_ty, INTERPRETED)
+    tl.store(DX + row_off[:, None] + col_off[None, :], out, mask=mask)
