@@ -17,7 +17,7 @@ Device code only: the launch module allocates buffers and builds grids.
 import triton
 import triton.language as tl
 
-from .patch_tiles import load_patches, project_chunk, store_patches, token_rows
+from .patch_tiles import load_patches, patch_cols, project_chunk, store_patches, token_rows
 from .rounding import cast
 
 
@@ -35,7 +35,7 @@ def _bwd_dz_kernel(
     DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE (only written with POST_NORM)
     Partials,  # out: (3, P, D) ACC: column sums of dZ, dY * ẑ, dY per program
     M, K, D, C, PH, PW, NP, WP,
-    stride_xb, stride_xc, stride_xh, stride_xw, stride_wd, stride_wk,
+    stride_xb, stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
     stride_dyb, stride_dyn, stride_dyd,
     PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POST_NORM: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -64,7 +64,7 @@ def _bwd_dz_kernel(
         for n0 in range(0, D, BLOCK_N):
             z, offs_n, n_mask = project_chunk(
                 X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
-                stride_xc, stride_xh, stride_xw, stride_wd, stride_wk,
+                stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
                 PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED,
                 BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
@@ -156,15 +156,17 @@ def _bwd_param_kernel(
     GPart,  # (S, D, K) ACC partials of G
     DZSum,  # (D,) ACC: sum over tokens of dZ (= dbias)
     W, G1, B1,
-    DW,  # out: (D, K) in the weight's dtype, contiguous
+    DW,  # out: in the weight's shape and dtype, strides (d, c, i, j)
     DG1, DB1,  # out: (K,) in the pre-norm parameters' dtype (with PRE_NORM)
-    S, K, D,
-    stride_wd, stride_wk,
+    S, K, D, C, PW,
+    stride_wd, stride_wc, stride_wi, stride_wj,
+    stride_gd, stride_gc, stride_gi, stride_gj,
     PRE_NORM: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k, k_mask, w_col = patch_cols(k0, K, C, PW, stride_wc, stride_wi, stride_wj, BLOCK_K)
+    _, _, dw_col = patch_cols(k0, K, C, PW, stride_gc, stride_gi, stride_gj, BLOCK_K)
     g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
     b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
     dg1 = tl.zeros([BLOCK_K], dtype=ACC)
@@ -180,13 +182,14 @@ def _bwd_param_kernel(
             g += tl.load(part, mask=mask, other=0.0)
             part += D * K  # pointer arithmetic is 64-bit: S * D * K may pass 2**31
         if PRE_NORM:
-            w = tl.load(W + offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk, mask=mask,
+            w = tl.load(W + offs_d[:, None].to(tl.int64) * stride_wd + w_col[None, :], mask=mask,
                         other=0.0).to(ACC)  # fmt: skip
             dbias = tl.load(DZSum + offs_d, mask=d_mask, other=0.0)
             dg1 += tl.sum(w * g, axis=0)
             db1 += tl.sum(w * dbias[:, None], axis=0)
             g = g * g1[None, :] + dbias[:, None] * b1[None, :]
-        tl.store(DW + tile, cast(g, DW.dtype.element_ty, INTERPRETED), mask=mask)
+        dw = DW + offs_d[:, None].to(tl.int64) * stride_gd + dw_col[None, :]
+        tl.store(dw, cast(g, DW.dtype.element_ty, INTERPRETED), mask=mask)
     if PRE_NORM:
         tl.store(DG1 + offs_k, cast(dg1, DG1.dtype.element_ty, INTERPRETED), mask=k_mask)
         tl.store(DB1 + offs_k, cast(db1, DB1.dtype.element_ty, INTERPRETED), mask=k_mask)
@@ -200,7 +203,7 @@ def _bwd_dx_kernel(
     M, K, D, C, PH, PW, NP, WP,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
-    stride_wd, stride_wk,
+    stride_wd, stride_wc, stride_wi, stride_wj,
     stride_dzb, stride_dzn, stride_dzd,
     PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -220,15 +223,14 @@ def _bwd_dx_kernel(
     # Pass 1: dA = dZ W chunk by chunk over K; with a pre-norm keep g = dA * g1 in DX (each
     # program owns its tokens' pixels) and reduce the rows of g and g * x̂.
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        offs_k, k_mask, w_col = patch_cols(k0, K, C, PW, stride_wc, stride_wi, stride_wj, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
             dz = tl.load(dz_rows[:, None] + offs_d[None, :] * stride_dzd,
                          mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-            w = tl.load(W + offs_d[:, None].to(tl.int64) * stride_wd + offs_k[None, :] * stride_wk,
+            w = tl.load(W + offs_d[:, None].to(tl.int64) * stride_wd + w_col[None, :],
                         mask=d_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
             dz = cast(dz.to(ACC), COMPUTE_DTYPE, INTERPRETED)
             w = cast(w, COMPUTE_DTYPE, INTERPRETED)

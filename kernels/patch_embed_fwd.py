@@ -14,7 +14,7 @@ from .rounding import cast
 @triton.jit
 def _patch_embed_fwd_kernel(
     X,  # image (B, C, H, W), any strides
-    W,  # projection weight (D, K), k in (p1 p2 c) order
+    W,  # projection weight, read through strides (d, c, i, j): Linear (D, K) or Conv2d
     Bias,  # (D,) or dummy when not HAS_BIAS
     G1,  # pre-norm weight (K,) or dummy
     B1,  # pre-norm bias (K,) or dummy
@@ -35,7 +35,9 @@ def _patch_embed_fwd_kernel(
     stride_xh,
     stride_xw,
     stride_wd,
-    stride_wk,
+    stride_wc,
+    stride_wi,
+    stride_wj,
     eps,
     PRE_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -69,7 +71,7 @@ def _patch_embed_fwd_kernel(
     for n0 in range(0, D, BLOCK_N):
         acc, offs_n, n_mask = project_chunk(
             X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
-            stride_xc, stride_xh, stride_xw, stride_wd, stride_wk,
+            stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
             PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED,
             BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip

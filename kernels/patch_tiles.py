@@ -61,14 +61,16 @@ def patch_stats(X, row_off, m_mask, K, C, PW, sxc, sxh, sxw, eps, ACC: tl.conste
 
 @triton.jit
 def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
-                  sxc, sxh, sxw, swd, swk,
+                  sxc, sxh, sxw, swd, swc, swi, swj,
                   PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Z[:, n0 : n0 + BLOCK_N] = LayerNorm_K(patches) @ W.T + bias for BLOCK_M tokens, in ACC.
 
-    The GEMM operands are rounded to COMPUTE_DTYPE and accumulated in ACC on tensor cores.
-    Under the interpreter the products run in ACC (its bf16 tl.dot is wrong)."""
+    W is read through strides (d, c, i, j), so a Linear weight (D, K) and a Conv2d weight
+    (D, C, ph, pw) are both used in place. The GEMM operands are rounded to COMPUTE_DTYPE and
+    accumulated in ACC on tensor cores; under the interpreter the products run in ACC (its bf16
+    tl.dot is wrong)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -80,7 +82,8 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
             g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
             b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
             a = (a - mean1[:, None]) * rstd1[:, None] * g1[None, :] + b1[None, :]
-        w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + offs_k[:, None] * swk
+        _, _, w_col = patch_cols(k0, K, C, PW, swc, swi, swj, BLOCK_K)
+        w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + w_col[:, None]
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         a = cast(a, COMPUTE_DTYPE, INTERPRETED)
         w = cast(w, COMPUTE_DTYPE, INTERPRETED)

@@ -207,3 +207,33 @@ def test_gpu_backward_is_deterministic(needs_x_grad) -> None:
         if first is None:
             first = [g.clone() for g in got]
         assert all(torch.equal(a, b) for a, b in zip(first, got, strict=True))
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_conv2d_weight_in_place(pre_norm, device) -> None:
+    """A Conv2d weight (D, C, ph, pw) is used as it is; its gradient keeps that layout."""
+    from zeta_fused import patch_embed
+
+    conv = torch.nn.Conv2d(3, 20, kernel_size=(4, 2), stride=(4, 2)).double()
+    g1, b1 = torch.randn(24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 6, dtype=torch.float64)
+    norm = (g1, b1) if pre_norm else None
+    w2d = conv.weight.detach().permute(0, 2, 3, 1).reshape(20, 24).requires_grad_()
+    ref = patch_embed(x, (4, 2), w2d, conv.bias, norm, backend="eager")
+    dy = torch.randn_like(ref)
+    ref.backward(dy)
+    w = conv.weight.detach().to(device).requires_grad_()
+    y = patch_embed(
+        x.to(device),
+        (4, 2),
+        w,
+        conv.bias.to(device),
+        None if norm is None else tuple(t.to(device) for t in norm),
+        backend="triton",
+    )
+    y.backward(dy.to(device))
+    torch.testing.assert_close(y.detach().cpu(), ref.detach())
+    expected = w2d.grad.reshape(20, 4, 2, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(w.grad.cpu(), expected)
+    if not pre_norm:
+        torch.testing.assert_close(y.detach().cpu(), conv(x).flatten(2).transpose(1, 2).detach())

@@ -64,6 +64,19 @@ def check_input(
         )
 
 
+def check_weight(weight: Tensor, chans: int, patch: tuple[int, int]) -> None:
+    """A Linear weight (D, C*ph*pw) in (ph pw C) order, or a Conv2d weight (D, C, ph, pw)."""
+    ph, pw = patch
+    if weight.ndim == 2 and weight.shape[1] == chans * ph * pw:
+        return
+    if weight.ndim == 4 and tuple(weight.shape[1:]) == (chans, ph, pw):
+        return
+    raise ValueError(
+        f"weight must be (D, C*ph*pw) = (D, {chans * ph * pw}) or a Conv2d weight "
+        f"(D, {chans}, {ph}, {pw}), got {tuple(weight.shape)}"
+    )
+
+
 def check_params(x: Tensor, params: list[Tensor | None]) -> None:
     """Same device for image and parameters; same dtype unless autocast decides it."""
     for p in params:
@@ -135,8 +148,8 @@ def patch_embed(
     Args:
         x: image batch (B, C, H, W), floating point, any strides.
         patch_size: int or (ph, pw).
-        weight: projection (D, K) with K = C * ph * pw in (ph, pw, C) order
-            (a Conv2d weight maps to ``w.permute(0, 2, 3, 1).reshape(D, K)``).
+        weight: projection (D, K) with K = C * ph * pw in (ph, pw, C) order, or a Conv2d
+            weight (D, C, ph, pw) used as it is (no copy; its gradient keeps that shape).
         bias: projection bias (D,) or None.
         pre_norm, post_norm: (weight, bias) of the LayerNorm over K / over D, or None.
         eps: LayerNorm epsilon (both norms).
@@ -148,11 +161,7 @@ def patch_embed(
     """
     patch = pair(patch_size)
     check_input(x, None, patch, dynamic_img_pad)
-    if weight.ndim != 2 or weight.shape[1] != x.shape[1] * patch[0] * patch[1]:
-        raise ValueError(
-            f"weight must be (D, C*ph*pw) = (D, {x.shape[1] * patch[0] * patch[1]}), "
-            f"got {tuple(weight.shape)}"
-        )
+    check_weight(weight, x.shape[1], patch)
     norms = [t for n in (pre_norm, post_norm) if n is not None for t in n]
     check_params(x, [weight, bias, *norms])
     if dynamic_img_pad:

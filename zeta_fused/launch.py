@@ -62,6 +62,15 @@ def _numerics(compute_dtype: torch.dtype) -> dict:
     }
 
 
+def _weight_strides(weight: Tensor, chans: int, pw: int) -> tuple[int, int, int, int]:
+    """Strides (d, c, i, j) of a Linear weight (D, K), k = (i * pw + j) * C + c, or of a
+    Conv2d weight (D, C, ph, pw): the kernels read either in place."""
+    if weight.ndim == 4:
+        return weight.stride()
+    sd, sk = weight.stride()
+    return sd, sk, pw * chans * sk, chans * sk
+
+
 def _block_n(dim: int) -> int:
     return min(max(triton.next_power_of_2(dim), MIN_BLOCK), MAX_BLOCK_N)
 
@@ -82,7 +91,7 @@ def patch_embed_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Run the fused forward; returns y (B, N, D) and the row statistics (4, B*N)."""
     batch, chans, height, width = x.shape
-    dim, patch_dim = weight.shape
+    dim, patch_dim = weight.shape[0], chans * ph * pw
     hp, wp = height // ph, width // pw
     tokens = batch * hp * wp
     y = x.new_empty((batch, hp * wp, dim), dtype=out_dtype)
@@ -93,7 +102,8 @@ def patch_embed_fwd(
     _patch_embed_fwd_kernel[(triton.cdiv(tokens, BLOCK_M),)](
         x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
         _or(b2, weight), y, stats,
-        tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(), *weight.stride(), eps,
+        tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(),
+        *_weight_strides(weight, chans, pw), eps,
         PRE_NORM=g1 is not None, HAS_BIAS=bias is not None, POST_NORM=g2 is not None,
         ROW_IN_ONE_TILE=block_n >= dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
         num_warps=8 if block_n >= WIDE_TILE else 4, **_numerics(compute_dtype),
@@ -117,9 +127,10 @@ def patch_embed_bwd(
 ) -> tuple[Tensor, ...]:
     """Run the fused backward; returns (dx, dW, dbias, dg1, db1, dg2, db2), absent ones empty."""
     batch, chans, height, width = x.shape
-    dim, patch_dim = weight.shape
+    dim, patch_dim = weight.shape[0], chans * ph * pw
     hp, wp = height // ph, width // pw
     tokens = batch * hp * wp
+    w_strides = _weight_strides(weight, chans, pw)
     pre, post = g1 is not None, g2 is not None
     acc = stats.dtype
     numerics = _numerics(compute_dtype)
@@ -132,7 +143,7 @@ def patch_embed_bwd(
     if tokens:
         _bwd_dz_kernel[(m_tiles,)](
             x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
-            stats, grad_y, dz, partials, *shape, *x.stride(), *weight.stride(), *grad_y.stride(),
+            stats, grad_y, dz, partials, *shape, *x.stride(), *w_strides, *grad_y.stride(),
             PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, BLOCK_M=BLOCK_M,
             BLOCK_N=_block_n(dim), BLOCK_K=BLOCK_K, **numerics,
         )  # fmt: skip
@@ -154,7 +165,8 @@ def patch_embed_bwd(
     db1 = torch.empty_like(b1) if pre else _absent(weight)
     _bwd_param_kernel[(k_tiles,)](
         gpart, dzsum, weight, _or(g1, weight), _or(b1, weight), dw, _or(dg1, dw), _or(db1, dw),
-        splits, patch_dim, dim, *weight.stride(), PRE_NORM=pre, ACC=numerics["ACC"],
+        splits, patch_dim, dim, chans, pw, *w_strides, *_weight_strides(dw, chans, pw),
+        PRE_NORM=pre, ACC=numerics["ACC"],
         INTERPRETED=numerics["INTERPRETED"], BLOCK_D=BWD_BLOCK, BLOCK_K=BWD_BLOCK,
     )  # fmt: skip
 
@@ -165,7 +177,7 @@ def patch_embed_bwd(
         if tokens:
             _bwd_dx_kernel[(m_tiles,)](
                 x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
-                *weight.stride(), *dz.stride(), PRE_NORM=pre, BLOCK_M=BLOCK_M,
+                *w_strides, *dz.stride(), PRE_NORM=pre, BLOCK_M=BLOCK_M,
                 BLOCK_D=BWD_BLOCK, BLOCK_K=BWD_BLOCK, **numerics,
             )  # fmt: skip
 

@@ -39,10 +39,15 @@ def patch_embed_reference(
     a = patchify(x, *patch_size)
     if pre_norm is not None:
         a = F.layer_norm(a, a.shape[-1:], pre_norm[0], pre_norm[1], eps)
-    z = F.linear(a, weight, bias)
+    z = F.linear(a, weight_matrix(weight), bias)
     if post_norm is not None:
         z = F.layer_norm(z, z.shape[-1:], post_norm[0], post_norm[1], eps)
     return z
+
+
+def weight_matrix(weight: Tensor) -> Tensor:
+    """The projection as (D, K) in (p1 p2 c) order; a Conv2d weight (D, C, ph, pw) is permuted."""
+    return weight.permute(0, 2, 3, 1).flatten(1) if weight.ndim == 4 else weight
 
 
 def unpatchify(p: Tensor, ph: int, pw: int, hp: int, wp: int) -> Tensor:
@@ -92,7 +97,7 @@ def forward_with_stats(x, weight, bias, g1, b1, g2, b2, ph, pw, eps, compute_dty
     ones = p.new_ones(p.shape[:-1] + (1,))
     mean1, rstd1 = (ones - 1, ones) if g1 is None else row_stats(p, eps, acc)
     a = p if g1 is None else _normalise(p, mean1, rstd1) * g1 + b1
-    z = a.to(compute_dtype).to(acc) @ weight.to(compute_dtype).to(acc).T
+    z = a.to(compute_dtype).to(acc) @ weight_matrix(weight).to(compute_dtype).to(acc).T
     if bias is not None:
         z = z + bias
     mean2, rstd2 = (ones - 1, ones) if g2 is None else row_stats(z, eps, acc)
@@ -114,7 +119,7 @@ def backward_from_stats(
     xhat = _normalise(p, mean1, rstd1)
     a = p if g1 is None else xhat * g1 + b1
     a = a.to(compute_dtype).to(acc)
-    w = weight.to(compute_dtype).to(acc)
+    w = weight_matrix(weight).to(compute_dtype).to(acc)
     z = a @ w.T
     if bias is not None:
         z = z + bias
@@ -127,6 +132,8 @@ def backward_from_stats(
         db2 = dy.sum((0, 1)).to(g2.dtype)
         dz = layer_norm_backward(dy, zhat, rstd2, g2)
     dw = (dz.flatten(0, 1).T @ a.flatten(0, 1)).to(weight.dtype)
+    if weight.ndim == 4:  # back to the Conv2d layout (D, C, ph, pw)
+        dw = dw.reshape(weight.shape[0], ph, pw, -1).permute(0, 3, 1, 2).contiguous()
     dbias = _absent(weight) if bias is None else dz.sum((0, 1)).to(bias.dtype)
     dg1, db1, dx = _absent(weight), _absent(weight), _absent(weight)
     if g1 is not None or needs_x_grad:
