@@ -3,8 +3,16 @@
 Importing this package never initialises CUDA and works without Triton installed.
 """
 
+from .convert import FuseSummary, fuse_patch_embeddings
 from .functional import patch_embed
-from .module import PatchEmbeddings
+from .module import FusedPatchSequential, PatchEmbeddings
 
 __version__ = "0.1.0.dev0"
-__all__ = ["PatchEmbeddings", "patch_embed", "__version__"]
+__all__ = [
+    "FuseSummary",
+    "FusedPatchSequential",
+    "PatchEmbeddings",
+    "fuse_patch_embeddings",
+    "patch_embed",
+    "__version__",
+]

@@ -1,4 +1,9 @@
-"""``PatchEmbeddings``: zeta's documented module, fused on CUDA, eager everywhere else."""
+"""``PatchEmbeddings``: zeta's documented module, fused on CUDA, eager everywhere else.
+
+Its ``embedding`` is a :class:`FusedPatchSequential`: vit-pytorch's ``to_patch_embedding``
+Sequential (Rearrange, LayerNorm?, Linear, LayerNorm?) whose forward runs the fused op when the
+backend allows and is literally the Sequential otherwise.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,106 @@ from .functional import (
     resolve_patch_size,
 )
 from .reference import PATCHIFY
+
+# vit-pytorch's patch layouts fused here: tokens as (B, N, K), or on the grid as (B, h, w, K).
+FUSABLE_PATTERNS = {PATCHIFY: False, "b c (h p1) (w p2) -> b h w (p1 p2 c)": True}
+
+
+def parse_patch_sequential(layers: nn.Sequential) -> tuple[dict, str | None]:
+    """Read (patch, LayerNorm/Linear positions, eps) from a vit-pytorch patch-embedding
+    Sequential; returns (config, None), or (partial config, why it cannot be fused)."""
+    mods = list(layers._modules.items())
+    first = mods[0][1] if mods else None
+    pattern = " ".join(first.pattern.split()) if isinstance(first, Rearrange) else None
+    if pattern not in FUSABLE_PATTERNS:
+        return {}, f"first layer is not a Rearrange with one of {list(FUSABLE_PATTERNS)}"
+    ph, pw = first.axes_lengths.get("p1"), first.axes_lengths.get("p2")
+    if not (ph and pw):
+        return {}, "Rearrange without p1 / p2 lengths"
+    kinds = [type(m) for _, m in mods[1:]]
+    layouts = {
+        (nn.Linear,): (None, 1, None),
+        (nn.LayerNorm, nn.Linear): (1, 2, None),
+        (nn.Linear, nn.LayerNorm): (None, 1, 2),
+        (nn.LayerNorm, nn.Linear, nn.LayerNorm): (1, 2, 3),
+    }
+    # nn.Identity in a norm's place is the same as no norm.
+    idx = [i for i, k in enumerate(kinds, 1) if k is not nn.Identity]
+    layout = layouts.get(tuple(kinds[i - 1] for i in idx))
+    if layout is None:
+        return {}, f"layers after Rearrange are {[k.__name__ for k in kinds]}"
+    names = [mods[idx[p - 1]][0] if p else None for p in layout]
+    ln1, proj, ln2 = (layers._modules[n] if n else None for n in names)
+    for ln, size in ((ln1, proj.in_features), (ln2, proj.out_features)):
+        if ln is None:
+            continue
+        if ln.weight is None or ln.bias is None or tuple(ln.normalized_shape) != (size,):
+            shape = tuple(ln.normalized_shape)
+            return {}, f"LayerNorm{shape} has no weight/bias or does not match ({size},)"
+    eps = {ln.eps for ln in (ln1, ln2) if ln is not None}
+    if len(eps) > 1:
+        return {}, f"the two LayerNorms have different eps {sorted(eps)}"
+    if proj.in_features % (ph * pw):
+        return {}, f"Linear in_features {proj.in_features} is not a multiple of {ph}x{pw}"
+    config = {
+        "names": tuple(names),
+        "patch_size": (ph, pw),
+        "dim_in": proj.in_features // (ph * pw),
+        "eps": eps.pop() if eps else 1e-5,
+        "grid_output": FUSABLE_PATTERNS[pattern],
+    }
+    return config, None
+
+
+class FusedPatchSequential(nn.Sequential):
+    """A vit-pytorch patch-embedding Sequential with a fused forward (same children, same
+    state-dict keys). Build it from layers, or convert an existing Sequential in place with
+    :meth:`fuse_in_place`."""
+
+    def __init__(self, *layers: nn.Module, dynamic_img_pad: bool = False, backend: str = "auto"):
+        super().__init__(*layers)
+        self._configure(dynamic_img_pad, backend)
+
+    @classmethod
+    def fuse_in_place(cls, seq: nn.Sequential, backend: str = "auto") -> str | None:
+        """Turn ``seq`` into this class (same object); returns why not, or None when done."""
+        why = parse_patch_sequential(seq)[1]
+        if why is None:
+            seq.__class__ = cls
+            seq._configure(False, backend)
+        return why
+
+    def _configure(self, dynamic_img_pad: bool, backend: str) -> None:
+        config, why = parse_patch_sequential(self)
+        if why:
+            raise ValueError(f"cannot fuse this Sequential: {why}")
+        self._ln1, self._proj, self._ln2 = config["names"]
+        self.patch_size = config["patch_size"]
+        self.dim_in = config["dim_in"]
+        self.eps = config["eps"]
+        self.grid_output = config["grid_output"]
+        self.dynamic_img_pad = dynamic_img_pad
+        self.backend = dispatch.check_backend(backend)
+
+    def _norm(self, name: str | None) -> tuple[Tensor, Tensor] | None:
+        if name is None:
+            return None
+        ln = self._modules[name]
+        return ln.weight, ln.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.dim_in, self.patch_size, self.dynamic_img_pad)
+        proj = self._modules[self._proj]
+        check_params(x, [proj.weight, proj.bias])
+        if self.dynamic_img_pad:
+            x = pad_to_patch(x, self.patch_size)
+        if dispatch.use_fused(self.backend, x):
+            pre, post = self._norm(self._ln1), self._norm(self._ln2)
+            y = fused_patch_embed(x, self.patch_size, proj.weight, proj.bias, pre, post, self.eps)
+            if self.grid_output:
+                y = y.view(x.shape[0], x.shape[2] // self.patch_size[0], -1, y.shape[-1])
+            return y
+        return super().forward(x)
 
 
 class PatchEmbeddings(nn.Module):
@@ -59,30 +164,35 @@ class PatchEmbeddings(nn.Module):
         ph, pw = resolve_patch_size(seq_len, patch_size)
         patch_dim = dim_in * ph * pw
         factory = {"device": device, "dtype": dtype}
-        self.dim_in, self.dim_out = dim_in, dim_out
-        self.patch_size = (ph, pw)
-        self.eps = eps
-        self.dynamic_img_pad = dynamic_img_pad
-        self.backend = dispatch.check_backend(backend)
-        self.embedding = nn.Sequential(
+        self.embedding = FusedPatchSequential(
             Rearrange(PATCHIFY, p1=ph, p2=pw),
             nn.LayerNorm(patch_dim, eps=eps, **factory) if pre_norm else nn.Identity(),
             nn.Linear(patch_dim, dim_out, bias=bias, **factory),
             nn.LayerNorm(dim_out, eps=eps, **factory) if post_norm else nn.Identity(),
+            dynamic_img_pad=dynamic_img_pad,
+            backend=backend,
         )
+        self.dim_in, self.dim_out = dim_in, dim_out
+        self.patch_size = (ph, pw)
+        self.eps = eps
+
+    @property
+    def backend(self) -> str:
+        return self.embedding.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.embedding.backend = dispatch.check_backend(value)
+
+    @property
+    def dynamic_img_pad(self) -> bool:
+        return self.embedding.dynamic_img_pad
+
+    @dynamic_img_pad.setter
+    def dynamic_img_pad(self, value: bool) -> None:
+        self.embedding.dynamic_img_pad = value
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.dim_in, self.patch_size, self.dynamic_img_pad)
-        _, ln1, proj, ln2 = self.embedding
-        pre = (ln1.weight, ln1.bias) if isinstance(ln1, nn.LayerNorm) else None
-        post = (ln2.weight, ln2.bias) if isinstance(ln2, nn.LayerNorm) else None
-        check_params(x, [proj.weight, proj.bias])
-        if self.dynamic_img_pad:
-            x = pad_to_patch(x, self.patch_size)
-        if dispatch.use_fused(self.backend, x):
-            return fused_patch_embed(
-                x, self.patch_size, proj.weight, proj.bias, pre, post, self.eps
-            )
         return self.embedding(x)
 
     def extra_repr(self) -> str:
