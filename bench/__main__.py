@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             "No CUDA device: eager providers only, on the CPU. The Triton providers "
             "(zeta-fused) need CUDA."
         )
-    rows, peaks = runner.run(plan_for(args, device), providers, device)
+    rows, peaks, host = runner.run(plan_for(args, device), providers, device)
     meta = measure.device_info(device)
-    print(report.terminal(rows, meta))
-    written = report.write(rows, meta, peaks, args.out)
+    print(report.terminal(rows, meta, host))
+    written = report.write(rows, meta, peaks, host, args.out)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -105,3 +105,20 @@ def device_info(device: str) -> dict:
         info["cpu"] = platform.processor() or platform.machine()
         info["threads"] = torch.get_num_threads()
     return info
+
+
+# Host-overhead probe: enough back-to-back calls to average out timer resolution.
+HOST_CALLS = 500
+
+
+def host_us(fn: Callable[[], object]) -> float:
+    """Host (Python + launch) microseconds per call, calls issued back to back."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / HOST_CALLS

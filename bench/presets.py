@@ -19,6 +19,7 @@ class Preset:
     patch: tuple[int, int]
     dim: int
     dtype: str = "bf16"
+    e2e: bool = False  # a whole model (timm ViT) rather than the stem alone
 
     @property
     def tokens(self) -> int:
@@ -59,13 +60,16 @@ PRESETS = {
         _square("vit_l14", 128, 3, 224, 14, 1024),
         _square("sam_h16_1024", 8, 3, 1024, 16, 1280),
         _square("b1_latency_b16", 1, 3, 224, 16, 768),
+        # End to end: timm ViT-B/16 with and without fuse_patch_embeddings.
+        Preset("timm_vit_b16_e2e", 64, 3, 224, 224, (16, 16), 768, "bf16", e2e=True),
     ]
 }
 # The small eager-only preset used when there is no GPU.
 CPU_PRESET = _square("cpu_small", 8, 3, 64, 8, 128, "fp32")
 
 ALL_MODES = ("fwd", "train", "train_x")
-# Quick run (make gpu-check): every preset's inference forward, training on two of them.
+# Quick run (make gpu-check): every stem preset's inference forward, training on two of them,
+# and the end-to-end timm ViT-B/16 training step.
 QUICK = [
     (name, ("fwd", "train") if name in ("vit_b16", "seed_doc_example") else ("fwd",))
     for name in (
@@ -76,7 +80,7 @@ QUICK = [
         "sam_h16_1024",
         "b1_latency_b16",
     )
-]
+] + [("timm_vit_b16_e2e", ("train",))]
 
 
 def parse_shape(text: str) -> Preset:

@@ -29,6 +29,7 @@ class Provider:
     build: Callable[[Preset, str, str], tuple[nn.Module, Step]]
     needs_cuda: bool = False
     note: str = ""
+    fused: bool = False  # the zeta-fused row that the others are compared with
 
 
 def _vit_sequential(p: Preset) -> nn.Module:
@@ -106,6 +107,31 @@ def _module_provider(factory, channels_last=False, compile_mode=None):
     return build
 
 
+def _timm_vit(fused: bool):
+    """timm ViT-B/16 (random weights) at the preset's size, optionally with the fused stem."""
+
+    def factory(p: Preset) -> nn.Module:
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(
+            img_size=(p.height, p.width),
+            patch_size=p.patch,
+            in_chans=p.channels,
+            embed_dim=p.dim,
+            depth=12,
+            num_heads=12,
+        )
+        if fused:
+            from zeta_fused import fuse_patch_embeddings
+
+            summary = fuse_patch_embeddings(model, backend="triton")
+            if not summary.converted:
+                raise RuntimeError(f"nothing converted: {summary}")
+        return model
+
+    return factory
+
+
 def _zeta(backend: str):
     def factory(p: Preset) -> nn.Module:
         return PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend=backend)
@@ -116,7 +142,7 @@ def _zeta(backend: str):
 PROVIDERS = {
     pr.name: pr
     for pr in [
-        Provider("zeta-fused", _module_provider(_zeta("triton")), needs_cuda=True),
+        Provider("zeta-fused", _module_provider(_zeta("triton")), needs_cuda=True, fused=True),
         Provider("zeta-eager", _module_provider(_zeta("eager"))),
         Provider("eager", _module_provider(_vit_sequential), note="vit-pytorch Sequential"),
         Provider("compile", _module_provider(_vit_sequential, compile_mode="default")),
@@ -128,8 +154,17 @@ PROVIDERS = {
         Provider(
             "timm-conv-cl", _module_provider(_timm_stem, channels_last=True), note="no pre-norm"
         ),
+        Provider(
+            "timm-vit-fused",
+            _module_provider(_timm_vit(True)),
+            needs_cuda=True,
+            fused=True,
+            note="fuse_patch_embeddings",
+        ),
+        Provider("timm-vit", _module_provider(_timm_vit(False))),
     ]
 }
 FUSED = "zeta-fused"
+E2E = ["timm-vit-fused", "timm-vit"]
 GPU_DEFAULT = ["zeta-fused", "zeta-eager", "eager", "compile", "timm-conv", "timm-conv-cl"]
 CPU_DEFAULT = ["zeta-eager", "eager", "timm-conv", "timm-conv-cl"]

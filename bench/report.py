@@ -31,7 +31,15 @@ def table(rows: list[dict]) -> list[list[str]]:
     return [[h for h, _, _ in COLUMNS]] + [[_cell(r, k, f) for _, k, f in COLUMNS] for r in rows]
 
 
-def terminal(rows: list[dict], meta: dict) -> str:
+def host_lines(host: dict) -> list[str]:
+    return [
+        f"host overhead {name}: module {h['module_us']:.1f} us/call, bare kernel launch "
+        f"{h['launch_us']:.1f} us/call ({h['ratio']:.2f}x)"
+        for name, h in host.items()
+    ]
+
+
+def terminal(rows: list[dict], meta: dict, host: dict) -> str:
     cells = table(rows)
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
     lines = [_title(meta)]
@@ -40,10 +48,10 @@ def terminal(rows: list[dict], meta: dict) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("x fused: the provider's time over zeta-fused's (above 1: zeta-fused is faster).")
-    return "\n".join(lines)
+    return "\n".join(lines + host_lines(host))
 
 
-def markdown(rows: list[dict], meta: dict, peaks: dict) -> str:
+def markdown(rows: list[dict], meta: dict, peaks: dict, host: dict) -> str:
     cells = table(rows)
     out = [f"**{_title(meta)}**", ""]
     if peaks:
@@ -51,6 +59,7 @@ def markdown(rows: list[dict], meta: dict, peaks: dict) -> str:
     out.append("| " + " | ".join(cells[0]) + " |")
     out.append("|" + "---|" * len(cells[0]))
     out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    out += [""] + host_lines(host) if host else []
     return "\n".join(out) + "\n"
 
 
@@ -99,12 +108,12 @@ def chart(rows: list[dict], path: Path) -> str | None:
     return None
 
 
-def write(rows: list[dict], meta: dict, peaks: dict, out: Path) -> list[str]:
+def write(rows: list[dict], meta: dict, peaks: dict, host: dict, out: Path) -> list[str]:
     """Write bench.json, bench.md and (with fused timings) bench.png under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "roofline": peaks, "results": rows}
+    doc = {"meta": meta, "roofline": peaks, "host_overhead": host, "results": rows}
     (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(rows, meta, peaks))
+    (out / "bench.md").write_text(markdown(rows, meta, peaks, host))
     written = [str(out / "bench.json"), str(out / "bench.md")]
     note = chart(rows, out / "bench.png")
     return written + [f"(chart: {note})" if note else str(out / "bench.png")]

@@ -9,7 +9,7 @@ import torch
 
 from . import measure
 from .presets import Preset
-from .providers import FUSED, PROVIDERS
+from .providers import E2E, FUSED, PROVIDERS
 
 # Providers whose first call compiles (and maybe autotunes) for a long time.
 SLOW_START = ("compile",)
@@ -80,14 +80,65 @@ def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
             r["x_vs_fused"] = r["ms"] / fused[(r["preset"], r["mode"])]
 
 
+# Presets whose per-call host overhead is measured (small batches, where it matters).
+HOST_PRESETS = ("b1_latency_b16",)
+
+
+def host_overhead(presets: list[Preset], device: str) -> dict:
+    """Per-call host time of the module's inference path vs a bare launch of the same kernel."""
+    if device != "cuda":
+        return {}
+    from zeta_fused import PatchEmbeddings
+    from zeta_fused.launch import patch_embed_fwd
+
+    out = {}
+    for p in presets:
+        if p.name not in HOST_PRESETS:
+            continue
+        progress(f"host overhead: {p.name}")
+        m = PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend="triton")
+        m = m.to(device, p.torch_dtype)
+        x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
+        ln1, proj, ln2 = m.embedding[1], m.embedding[2], m.embedding[3]
+        args = (
+            x,
+            proj.weight,
+            proj.bias,
+            ln1.weight,
+            ln1.bias,
+            ln2.weight,
+            ln2.bias,
+            *p.patch,
+            m.eps,
+            p.torch_dtype,
+            p.torch_dtype,
+        )
+        with torch.no_grad():
+            module_us = measure.host_us(lambda m=m, x=x: m(x))
+            launch_us = measure.host_us(lambda args=args: patch_embed_fwd(*args))
+        out[p.name] = {
+            "module_us": module_us,
+            "launch_us": launch_us,
+            "ratio": module_us / launch_us,
+        }
+        _free()
+    return out
+
+
 def run(plan: list[tuple[Preset, tuple[str, ...]]], providers: list[str], device: str) -> tuple:
     presets = {p.name: p for p, _ in plan}
     peaks = roofline(list(presets.values()), device)
-    cells = [(p, m, name) for p, modes in plan for m in modes for name in providers]
+    cells = [
+        (p, m, name)
+        for p, modes in plan
+        for m in modes
+        for name in (E2E if p.e2e else [n for n in providers if n not in E2E])
+    ]
     rows = []
     for i, (p, mode, name) in enumerate(cells, 1):
         slow = " (compiling, can take minutes)" if name.startswith(SLOW_START) else ""
         progress(f"[{i}/{len(cells)}] {p.name} {mode} {name}{slow}")
         rows.append(run_cell(p, mode, name, device))
     derive(rows, presets, peaks)
-    return rows, peaks
+    host = host_overhead(list(presets.values()), device) if FUSED in providers else {}
+    return rows, peaks, host

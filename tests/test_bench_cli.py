@@ -66,3 +66,57 @@ def test_failing_provider_is_shown_not_dropped() -> None:
 def test_cli_rejects_bad_arguments(bad) -> None:
     r = run_bench(*bad)
     assert r.returncode != 0
+
+
+def test_gpu_shaped_report(tmp_path) -> None:
+    """Derived figures and every output format for rows shaped like a GPU run (synthetic
+    timings: this checks the arithmetic and the writers, not any speed)."""
+    from bench import report, runner
+    from bench.presets import PRESETS
+
+    p = PRESETS["vit_b16"]
+    rows = [
+        {"preset": p.name, "mode": "fwd", "provider": "zeta-fused", "status": "ok", "ms": 0.1},
+        {"preset": p.name, "mode": "fwd", "provider": "eager", "status": "ok", "ms": 0.4},
+        {
+            "preset": p.name,
+            "mode": "fwd",
+            "provider": "compile",
+            "status": "failed",
+            "error": "RuntimeError: boom",
+        },
+        {
+            "preset": p.name,
+            "mode": "train",
+            "provider": "zeta-fused",
+            "status": "ok",
+            "ms": 0.5,
+            "peak_extra_mib": 100.0,
+        },
+        {
+            "preset": p.name,
+            "mode": "train",
+            "provider": "eager",
+            "status": "ok",
+            "ms": 1.5,
+            "peak_extra_mib": 400.0,
+        },
+    ]
+    peaks = {"copy_tbps": 4.0, "gemm_tflops_bf16": 600.0}
+    runner.derive(rows, {p.name: p}, peaks)
+    fwd = rows[0]
+    floor_ms = 1e3 * max(p.bytes() / 4e12, p.flops() / 600e12)
+    assert fwd["roofline_ms"] == pytest.approx(floor_ms)
+    assert fwd["pct_roofline"] == pytest.approx(100 * floor_ms / 0.1)
+    assert rows[1]["x_vs_fused"] == pytest.approx(4.0) and rows[4]["x_vs_fused"] == pytest.approx(
+        3.0
+    )
+    assert "x_vs_fused" not in rows[2]
+    host = {"b1_latency_b16": {"module_us": 30.0, "launch_us": 20.0, "ratio": 1.5}}
+    meta = {"zeta_fused": "0", "torch": "t", "triton": "tr", "date": "d", "gpu": "GPU X"}
+    text = report.terminal(rows, meta, host)
+    assert "GPU X" in text and "failed: RuntimeError: boom" in text and "4.00x" in text
+    assert "1.50x" in text
+    written = report.write(rows, meta, peaks, host, tmp_path)
+    assert (tmp_path / "bench.png").stat().st_size > 0 and str(tmp_path / "bench.png") in written
+    assert json.loads((tmp_path / "bench.json").read_text())["host_overhead"] == host

@@ -9,8 +9,8 @@ import time.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from functools import cache
 
 import torch
 
@@ -24,14 +24,21 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-@cache
-def triton_available() -> bool:
-    """True when Triton imports (checked on first need, then cached for the process)."""
+def _find_triton() -> bool:
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("triton") is not None
+    except ValueError:  # sys.modules["triton"] = None: deliberately hidden
         return False
-    return True
+
+
+# Found once at import without importing Triton; a plain constant keeps torch.compile traces
+# free of cache wrappers.
+_HAS_TRITON = _find_triton()
+
+
+def triton_available() -> bool:
+    """True when Triton is installed."""
+    return _HAS_TRITON
 
 
 def interpreting() -> bool:
