@@ -166,7 +166,7 @@ def _bwd_param_kernel(
 ):  # fmt: skip
     k0 = tl.program_id(0) * BLOCK_K
     offs_k, k_mask, w_col = patch_cols(k0, K, C, PW, stride_wc, stride_wi, stride_wj, BLOCK_K)
-    _, _, dw_col = patch_cols(k0, K, C, PW, stride_gc, stride_gi, stride_gj, BLOCK_K)
+    dw_k, dw_kmask, dw_col = patch_cols(k0, K, C, PW, stride_gc, stride_gi, stride_gj, BLOCK_K)
     g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
     b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
     dg1 = tl.zeros([BLOCK_K], dtype=ACC)
@@ -178,7 +178,7 @@ def _bwd_param_kernel(
         tile = offs_d[:, None] * K + offs_k[None, :]
         g = tl.zeros([BLOCK_D, BLOCK_K], dtype=ACC)
         part = GPart + tile
-        for _ in range(0, S):
+        for _s in range(0, S):
             g += tl.load(part, mask=mask, other=0.0)
             part += D * K  # pointer arithmetic is 64-bit: S * D * K may pass 2**31
         if PRE_NORM:
@@ -213,8 +213,9 @@ def _bwd_dx_kernel(
     offs_m, m_mask, row_off = token_rows(
         m_start, M, NP, WP, PH, PW, stride_xb, stride_xh, stride_xw, BLOCK_M
     )
-    _, _, grad_off = token_rows(m_start, M, NP, WP, PH, PW, stride_gb, stride_gh, stride_gw,
-                                BLOCK_M)  # fmt: skip
+    grad_m, grad_mask, grad_off = token_rows(
+        m_start, M, NP, WP, PH, PW, stride_gb, stride_gh, stride_gw, BLOCK_M
+    )
     dz_rows = DZ + _dy_rows(offs_m, NP, stride_dzb, stride_dzn)
     mean1 = tl.load(Stats + offs_m, mask=m_mask, other=0.0)
     rstd1 = tl.load(Stats + M + offs_m, mask=m_mask, other=0.0)
@@ -239,7 +240,7 @@ def _bwd_dx_kernel(
             else:
                 acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
         if PRE_NORM:
-            x, _, _, mask = load_patches(
+            x, x_k, x_kmask, mask = load_patches(
                 X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
             )
             xhat = (x - mean1[:, None]) * rstd1[:, None]
@@ -254,10 +255,10 @@ def _bwd_dx_kernel(
         mean_gx = sum_gx / K
         tl.debug_barrier()
         for k0 in range(0, K, BLOCK_K):
-            x, _, _, _ = load_patches(
+            x, x_k, x_kmask, x_mask = load_patches(
                 X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
             )
-            g, _, _, _ = load_patches(
+            g, g_k, g_kmask, g_mask = load_patches(
                 DX, grad_off, m_mask, k0, K, C, PW, stride_gc, stride_gh, stride_gw, ACC, BLOCK_K
             )
             xhat = (x - mean1[:, None]) * rstd1[:, None]

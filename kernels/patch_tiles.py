@@ -48,12 +48,16 @@ def patch_stats(X, row_off, m_mask, K, C, PW, sxc, sxh, sxw, eps, ACC: tl.conste
     raw 0..255 pixels have |mean| >> std, where E[x^2] - E[x]^2 would cancel."""
     acc_sum = tl.zeros([BLOCK_M], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        p, _, _, _ = load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K)
+        p, offs_k, k_mask, mask = load_patches(
+            X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+        )
         acc_sum += tl.sum(p, axis=1)
     mean = acc_sum / K
     acc_var = tl.zeros([BLOCK_M], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        p, _, _, mask = load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K)
+        p, offs_k, k_mask, mask = load_patches(
+            X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+        )
         centred = tl.where(mask, p - mean[:, None], 0.0)
         acc_var += tl.sum(centred * centred, axis=1)
     return mean, 1.0 / tl.sqrt(acc_var / K + eps)
@@ -75,14 +79,14 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
     n_mask = offs_n < D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        a, offs_k, k_mask, _ = load_patches(
+        a, offs_k, k_mask, a_mask = load_patches(
             X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
         )
         if PRE_NORM:
             g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
             b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
             a = (a - mean1[:, None]) * rstd1[:, None] * g1[None, :] + b1[None, :]
-        _, _, w_col = patch_cols(k0, K, C, PW, swc, swi, swj, BLOCK_K)
+        w_k, w_kmask, w_col = patch_cols(k0, K, C, PW, swc, swi, swj, BLOCK_K)
         w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + w_col[:, None]
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         a = cast(a, COMPUTE_DTYPE, INTERPRETED)

@@ -8,10 +8,11 @@ import triton
 import triton.language as tl
 
 # fp32 keeps 16 more mantissa bits than bf16; rounding adds half of the dropped range (0x7FFF)
-# plus the lowest kept bit (ties to even), then clears the dropped bits.
-BF16_DROPPED_BITS = 16
-BF16_HALF_ULP = 0x7FFF
-BF16_KEEP_MASK = 0xFFFF0000
+# plus the lowest kept bit (ties to even), then clears the dropped bits. (constexpr: compiled
+# kernels may only read globals that are.)
+BF16_DROPPED_BITS = tl.constexpr(16)
+BF16_HALF_ULP = tl.constexpr(0x7FFF)
+BF16_KEEP_MASK = tl.constexpr(0xFFFF0000)
 
 
 @triton.jit

@@ -11,6 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import interpreting
+from .kernels.configs import blocks_for
 from .kernels.patch_embed_bwd import (
     _bwd_dw_kernel,
     _bwd_dx_kernel,
@@ -20,19 +21,8 @@ from .kernels.patch_embed_bwd import (
 from .kernels.patch_embed_fwd import _patch_embed_fwd_kernel
 from .reference import stats_dtype
 
-# Tokens per program: one tensor-core M tile; the fp32 accumulator of BLOCK_M x BLOCK_N must fit
-# in registers next to the operand tiles.
-BLOCK_M = 64
-# Patch elements per K step: K = 588 (14x14x3) becomes 19 masked steps, no padding to 1024.
-BLOCK_K = 32
-# Widest output tile kept in registers; wider rows are normalised by an in-program second pass.
-MAX_BLOCK_N = 256
-# Backward tiles over D and K (dZ^T x̂ and dZ W GEMMs): square 64 tiles keep both operands small.
-BWD_BLOCK = 64
 # tl.dot needs every block dimension >= 16.
 MIN_BLOCK = 16
-# Output tiles at or above this width get 8 warps (register pressure of the fp32 accumulator).
-WIDE_TILE = 256
 # Programs wanted for the dW GEMM (reduction over all tokens): several waves on 132 SMs.
 DW_TARGET_PROGRAMS = 1024
 # Cap of the dW partial buffer (token splits x D x K in fp32).
@@ -71,8 +61,8 @@ def _weight_strides(weight: Tensor, chans: int, pw: int) -> tuple[int, int, int,
     return sd, sk, pw * chans * sk, chans * sk
 
 
-def _block_n(dim: int) -> int:
-    return min(max(triton.next_power_of_2(dim), MIN_BLOCK), MAX_BLOCK_N)
+def _block_n(dim: int, cap: int) -> int:
+    return min(max(triton.next_power_of_2(dim), MIN_BLOCK), cap)
 
 
 def patch_embed_fwd(
@@ -98,15 +88,16 @@ def patch_embed_fwd(
     stats = x.new_empty((4, tokens), dtype=stats_dtype(compute_dtype))
     if tokens == 0:
         return y, stats
-    block_n = _block_n(dim)
-    _patch_embed_fwd_kernel[(triton.cdiv(tokens, BLOCK_M),)](
+    blocks = blocks_for(compute_dtype.itemsize)
+    block_n = _block_n(dim, blocks.n)
+    _patch_embed_fwd_kernel[(triton.cdiv(tokens, blocks.m),)](
         x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
         _or(b2, weight), y, stats,
         tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(),
         *_weight_strides(weight, chans, pw), eps,
         PRE_NORM=g1 is not None, HAS_BIAS=bias is not None, POST_NORM=g2 is not None,
-        ROW_IN_ONE_TILE=block_n >= dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-        num_warps=8 if block_n >= WIDE_TILE else 4, **_numerics(compute_dtype),
+        ROW_IN_ONE_TILE=block_n >= dim, BLOCK_M=blocks.m, BLOCK_N=block_n, BLOCK_K=blocks.k,
+        num_warps=blocks.warps, **_numerics(compute_dtype),
     )  # fmt: skip
     return y, stats
 
@@ -135,7 +126,8 @@ def patch_embed_bwd(
     acc = stats.dtype
     numerics = _numerics(compute_dtype)
     shape = (tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp)
-    m_tiles = triton.cdiv(tokens, BLOCK_M)
+    blocks = blocks_for(compute_dtype.itemsize)
+    m_tiles = triton.cdiv(tokens, blocks.m)
 
     # 1. dZ and the column partials of dZ, dY * ẑ, dY.
     partials = x.new_zeros((3, max(m_tiles, 1), dim), dtype=acc)
@@ -144,21 +136,24 @@ def patch_embed_bwd(
         _bwd_dz_kernel[(m_tiles,)](
             x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
             stats, grad_y, dz, partials, *shape, *x.stride(), *w_strides, *grad_y.stride(),
-            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, BLOCK_M=BLOCK_M,
-            BLOCK_N=_block_n(dim), BLOCK_K=BLOCK_K, **numerics,
+            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, BLOCK_M=blocks.m,
+            BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k, num_warps=blocks.warps,
+            **numerics,
         )  # fmt: skip
     # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
     dzsum = partials[0].sum(0)
 
     # 2. All parameter gradients from G = dZ^T x̂.
-    d_tiles, k_tiles = triton.cdiv(dim, BWD_BLOCK), triton.cdiv(patch_dim, BWD_BLOCK)
+    d_tiles, k_tiles = triton.cdiv(dim, blocks.tile), triton.cdiv(patch_dim, blocks.tile)
     max_splits = max(1, DW_PARTIAL_BYTES // (dim * patch_dim * acc.itemsize))
-    splits = max(1, min(DW_TARGET_PROGRAMS // (d_tiles * k_tiles), m_tiles, max_splits))
+    dw_steps = triton.cdiv(tokens, blocks.dw_m)
+    splits = max(1, min(DW_TARGET_PROGRAMS // (d_tiles * k_tiles), dw_steps, max_splits))
     gpart = x.new_zeros((splits, dim, patch_dim), dtype=acc)
     if tokens:
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
             x, stats, dz, gpart, *shape, *x.stride(), *dz.stride(), PRE_NORM=pre,
-            BLOCK_M=BLOCK_M, BLOCK_D=BWD_BLOCK, BLOCK_K=BWD_BLOCK, **numerics,
+            BLOCK_M=blocks.dw_m, BLOCK_D=blocks.tile, BLOCK_K=blocks.tile,
+            num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     dg1 = torch.empty_like(g1) if pre else _absent(weight)
@@ -167,7 +162,8 @@ def patch_embed_bwd(
         gpart, dzsum, weight, _or(g1, weight), _or(b1, weight), dw, _or(dg1, dw), _or(db1, dw),
         splits, patch_dim, dim, chans, pw, *w_strides, *_weight_strides(dw, chans, pw),
         PRE_NORM=pre, ACC=numerics["ACC"],
-        INTERPRETED=numerics["INTERPRETED"], BLOCK_D=BWD_BLOCK, BLOCK_K=BWD_BLOCK,
+        INTERPRETED=numerics["INTERPRETED"], BLOCK_D=blocks.tile, BLOCK_K=blocks.tile,
+        num_warps=blocks.epilogue_warps,
     )  # fmt: skip
 
     # 3. The image gradient, only when asked for.
@@ -177,8 +173,8 @@ def patch_embed_bwd(
         if tokens:
             _bwd_dx_kernel[(m_tiles,)](
                 x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
-                *w_strides, *dz.stride(), PRE_NORM=pre, BLOCK_M=BLOCK_M,
-                BLOCK_D=BWD_BLOCK, BLOCK_K=BWD_BLOCK, **numerics,
+                *w_strides, *dz.stride(), PRE_NORM=pre, BLOCK_M=blocks.m,
+                BLOCK_D=blocks.tile, BLOCK_K=blocks.k, num_warps=blocks.warps, **numerics,
             )  # fmt: skip
 
     dbias = dzsum.to(bias.dtype) if bias is not None else _absent(weight)

@@ -1,0 +1,31 @@
+"""Block sizes of the kernels, per GEMM operand width (2 bytes: bf16/fp16; 4: fp32).
+
+Chosen with ptxas's resource report for sm_90 (H100/H200): the largest tiles for which no
+kernel variant spills registers (``python tests/aot_compile.py`` prints registers and spills
+for every variant the launchers produce). Not yet tuned for speed on a GPU.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Blocks:
+    m: int  # tokens per program (a tensor-core M tile), every kernel but the dW GEMM
+    k: int  # patch elements per K step: forward, dZ's Z recompute, image gradient
+    n: int  # widest forward output chunk; wider rows get an in-program second pass
+    dz_n: int  # D chunk of the post-norm backward (it also recomputes Z)
+    dw_m: int  # token step of the dW GEMM (its reduction dimension)
+    tile: int  # D x K tiles of the dW GEMM, and the D step of the image-gradient GEMM
+    warps: int = 8  # GEMM kernels: 8 warps keep accumulators and gather pointers in registers
+    epilogue_warps: int = 4  # the small parameter-gradient epilogue
+
+
+BLOCKS = {
+    2: Blocks(m=64, k=32, n=128, dz_n=64, dw_m=64, tile=64),
+    4: Blocks(m=64, k=16, n=64, dz_n=32, dw_m=32, tile=64),
+}
+
+
+def blocks_for(itemsize: int) -> Blocks:
+    """Blocks for GEMM operands of ``itemsize`` bytes (fp64 runs with the fp32 table)."""
+    return BLOCKS[min(itemsize, 4)]

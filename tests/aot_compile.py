@@ -1,0 +1,119 @@
+"""Compile every kernel variant the launchers produce for a Hopper GPU, without a GPU.
+
+Run as a script (``python tests/aot_compile.py``) in a process where TRITON_INTERPRET is unset:
+the launchers run on CPU tensors with the kernels swapped for recorders, then each recorded
+launch is compiled with ``triton.compile`` for sm_90 (ptxas included), so code-generation
+errors that the interpreter cannot see fail here. Prints one line per kernel variant with the
+registers, spill bytes and shared memory reported by cuobjdump.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET first"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import zeta_fused.launch as launch  # noqa: E402
+
+KERNELS = ["_patch_embed_fwd_kernel", "_bwd_dz_kernel", "_bwd_dw_kernel", "_bwd_param_kernel",
+           "_bwd_dx_kernel"]
+TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
+SIG_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+              torch.float64: "fp64"}
+launches: list[tuple] = []
+
+
+class Recorder:
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+
+def signature(kernel, args, kwargs) -> tuple[dict, dict]:
+    names = list(kernel.arg_names)
+    sig, const = {}, {}
+    for name, value in zip(names, args, strict=False):
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + SIG_DTYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if abs(value) < 2**31 else "i64"
+        else:
+            sig[name] = "fp32"
+    for name in names[len(args) :]:
+        sig[name] = "constexpr"
+        const[name] = kwargs[name]
+    return sig, const
+
+
+def resource_usage(cubin: bytes) -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return "REG:{} STACK:{} SHARED:{} LOCAL:{}".format(*m.groups()) if m else "usage: n/a"
+
+
+def record_all() -> None:
+    for name in KERNELS:
+        setattr(launch, name, Recorder(getattr(launch, name)))
+    cases = [  # (dtype, D, pre, post, bias): D 64 fits one tile, 768 needs the second pass
+        (torch.bfloat16, 768, True, True, True),
+        (torch.bfloat16, 64, True, True, True),
+        (torch.float16, 1024, False, True, True),
+        (torch.float32, 768, True, True, True),
+        (torch.bfloat16, 768, False, False, False),
+    ]
+    for dtype, dim, pre, post, bias in cases:
+        x = torch.randn(2, 3, 32, 32, dtype=dtype)
+        w = torch.randn(dim, 3 * 16 * 16, dtype=dtype)
+        b = torch.randn(dim, dtype=dtype) if bias else None
+        g1 = (torch.ones(768, dtype=dtype), torch.zeros(768, dtype=dtype)) if pre else (None,) * 2
+        g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else (None,) * 2
+        y, stats = launch.patch_embed_fwd(x, w, b, *g1, *g2, 16, 16, 1e-5, dtype, dtype)
+        launch.patch_embed_bwd(y, x, w, b, *g1, g2[0], stats, 16, 16, dtype, True)
+
+
+def main() -> int:
+    record_all()
+    seen, failures = set(), 0
+    for kernel, args, kwargs in launches:
+        kwargs = dict(kwargs)
+        warps = kwargs.pop("num_warps", 4)
+        sig, const = signature(kernel, args, kwargs)
+        key = (kernel.fn.__name__, tuple(sorted(sig.items())), tuple(map(str, const.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        label = f"{kernel.fn.__name__} {sig.get('X', sig.get('GPart'))} " + " ".join(
+            f"{k}={v}" for k, v in const.items() if k not in ("INTERPRETED", "DOT_PRECISION")
+        )
+        try:
+            compiled = triton.compile(ASTSource(kernel, sig, const), target=TARGET,
+                                      options={"num_warps": warps})
+            print(f"ok   {label} warps={warps} {resource_usage(compiled.asm['cubin'])}")
+        except Exception as exc:  # noqa: BLE001 - report every failing variant
+            failures += 1
+            print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:1500]}")
+    print(f"{len(seen)} kernel variants, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
