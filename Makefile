@@ -27,13 +27,16 @@ bench: $(STAMP)
 	$(PY) -m bench --out $(OUT)
 
 # For a CUDA machine with torch + triton preinstalled and no network: no venv, no dependencies.
-# Runs the whole suite natively on the GPU (gpu-marked tests included) and the quick benchmark;
-# logs and JSON go to $(OUT) (the device tool sets OUT).
+# Runs the whole suite natively on the GPU (gpu-marked tests included), then the quick benchmark
+# even when a test failed; logs, JSON, Markdown and the chart go to $(OUT) (the device tool sets
+# OUT). Exits non-zero if either step failed.
 gpu-check:
 	python3 -m pip install -q -e . --no-deps --no-build-isolation
 	mkdir -p $(OUT)
-	set -o pipefail; python3 -m pytest -q -rs tests 2>&1 | tee $(OUT)/gpu-tests.log
-	set -o pipefail; python3 -m bench --preset quick --out $(OUT) 2>&1 | tee $(OUT)/bench.log
+	set -o pipefail; status=0; \
+	python3 -m pytest -q -rs tests 2>&1 | tee $(OUT)/gpu-tests.log || status=1; \
+	python3 -m bench --preset quick --out $(OUT) 2>&1 | tee $(OUT)/bench.log || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache *.egg-info
