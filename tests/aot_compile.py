@@ -25,11 +25,20 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import zeta_fused.launch as launch  # noqa: E402
 
-KERNELS = ["_patch_embed_fwd_kernel", "_bwd_dz_kernel", "_bwd_dw_kernel", "_bwd_param_kernel",
-           "_bwd_dx_kernel"]
+KERNELS = [
+    "_patch_embed_fwd_kernel",
+    "_bwd_dz_kernel",
+    "_bwd_dw_kernel",
+    "_bwd_param_kernel",
+    "_bwd_dx_kernel",
+]
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
-SIG_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-              torch.float64: "fp64"}
+SIG_DTYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+}
 launches: list[tuple] = []
 
 
@@ -64,8 +73,9 @@ def resource_usage(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     return "REG:{} STACK:{} SHARED:{} LOCAL:{}".format(*m.groups()) if m else "usage: n/a"
 
@@ -105,8 +115,9 @@ def main() -> int:
             f"{k}={v}" for k, v in const.items() if k not in ("INTERPRETED", "DOT_PRECISION")
         )
         try:
-            compiled = triton.compile(ASTSource(kernel, sig, const), target=TARGET,
-                                      options={"num_warps": warps})
+            compiled = triton.compile(
+                ASTSource(kernel, sig, const), target=TARGET, options={"num_warps": warps}
+            )
             print(f"ok   {label} warps={warps} {resource_usage(compiled.asm['cubin'])}")
         except Exception as exc:  # noqa: BLE001 - report every failing variant
             failures += 1

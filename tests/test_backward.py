@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accuracy import assert_accurate
+from support import assert_accurate, make
 
 from zeta_fused import PatchEmbeddings
-
-
-def make(C, D, patch, flags=(True, True, True)) -> PatchEmbeddings:
-    pre, post, bias = flags
-    m = PatchEmbeddings(C, D, patch_size=patch, pre_norm=pre, post_norm=post, bias=bias)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.double()
 
 
 def grads(m: PatchEmbeddings, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from support import randomise
 from torch import nn
 
 from zeta_fused import FusedPatchSequential, fuse_patch_embeddings
@@ -29,16 +30,9 @@ def fused_calls(monkeypatch) -> list[int]:
     return calls
 
 
-def randomise(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
 def check_drop_in(model: nn.Module, x: torch.Tensor, device: str, calls: list, expect=1, **kw):
     """Same outputs, same gradients, same parameters and state-dict keys after conversion."""
-    model = randomise(model)
+    model = randomise(model).eval()
     before = copy.deepcopy(model).to(device)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accuracy import assert_accurate
+from support import assert_accurate, make
 
 import zeta_fused.reference as reference
 from zeta_fused import PatchEmbeddings, patch_embed
@@ -16,15 +16,6 @@ FLAGS = {
     "timm": (False, True, True),
     "pre_only": (True, False, False),
 }
-
-
-def make(C, D, patch, flags=(True, True, True)) -> PatchEmbeddings:
-    pre, post, bias = flags
-    m = PatchEmbeddings(C, D, patch_size=patch, pre_norm=pre, post_norm=post, bias=bias)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return m.double()
 
 
 def check(m: PatchEmbeddings, x: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support import randomise
 from torch import nn
 
 import zeta_fused.launch as launch
@@ -28,11 +29,7 @@ def launches(monkeypatch) -> list[str]:
 
 
 def make(device: str, **kw) -> PatchEmbeddings:
-    m = PatchEmbeddings(3, 24, 16, backend="triton", **kw).to(device)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m
+    return randomise(PatchEmbeddings(3, 24, 16, backend="triton", **kw).to(device))
 
 
 def step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from support import randomise
 from torch import nn
 
 from zeta_fused import PatchEmbeddings, patch_embed
 from zeta_fused.reference import patch_embed_reference
-
-
-def randomise(module: nn.Module) -> nn.Module:
-    """Non-trivial LayerNorm weights/biases so a wrong parameter mapping cannot pass."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return module
 
 
 def test_seed_example() -> None:

@@ -40,13 +40,21 @@ def patch_embed_fwd(
     return launch(x, weight, bias, g1, b1, g2, b2, ph, pw, eps, compute_dtype, out_dtype)
 
 
-@patch_embed_fwd.register_kernel("cpu")
-def _fwd_cpu(*args):
-    if interpreting():
-        from .launch import patch_embed_fwd as launch
+def _cpu_kernel(launcher: str, eager: str):
+    """CPU implementation: the Triton launcher under the interpreter, else the eager math.
+    Both are looked up per call (tests swap them to prove which one ran)."""
 
-        return launch(*args)
-    return ref.forward_with_stats(*args)
+    def impl(*args):
+        if interpreting():
+            from . import launch
+
+            return getattr(launch, launcher)(*args)
+        return getattr(ref, eager)(*args)
+
+    return impl
+
+
+patch_embed_fwd.register_kernel("cpu")(_cpu_kernel("patch_embed_fwd", "forward_with_stats"))
 
 
 @patch_embed_fwd.register_fake
@@ -79,13 +87,7 @@ def patch_embed_bwd(
     return launch(grad_y, *args)
 
 
-@patch_embed_bwd.register_kernel("cpu")
-def _bwd_cpu(*args):
-    if interpreting():
-        from .launch import patch_embed_bwd as launch
-
-        return launch(*args)
-    return ref.backward_from_stats(*args)
+patch_embed_bwd.register_kernel("cpu")(_cpu_kernel("patch_embed_bwd", "backward_from_stats"))
 
 
 @patch_embed_bwd.register_fake

@@ -1,9 +1,14 @@
-"""The accuracy rule (DESIGN §7): fused error vs an fp64 reference <= 2x the eager error + atol."""
+"""Shared test support: the accuracy rule (DESIGN §7) and module factories.
+
+Accuracy rule: fused error vs an fp64 reference <= 2x the eager error in the same dtype + atol.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from zeta_fused import PatchEmbeddings
 
 ATOL = {
     torch.float64: 1e-10,
@@ -33,3 +38,18 @@ def assert_accurate(fused: Tensor, eager: Tensor, ref: Tensor, dtype: torch.dtyp
     assert fused_err <= bound, (
         f"{what}: fused error {fused_err:.3g} > {bound:.3g} (eager {eager_err:.3g})"
     )
+
+
+def randomise(module: nn.Module, scale: float = 0.1) -> nn.Module:
+    """Perturb every parameter (LayerNorms start at 1 / 0, which would hide a wrong mapping)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+def make(C: int, D: int, patch, flags=(True, True, True)) -> PatchEmbeddings:
+    """An fp64 PatchEmbeddings with perturbed parameters; flags = (pre_norm, post_norm, bias)."""
+    pre, post, bias = flags
+    m = PatchEmbeddings(C, D, patch_size=patch, pre_norm=pre, post_norm=post, bias=bias)
+    return randomise(m, 0.2).double()
