@@ -20,6 +20,10 @@ import triton.language as tl
 from .patch_tiles import load_patches, patch_cols, project_chunk, store_patches, token_rows
 from .rounding import cast
 
+# Second passes read what the same program stored in the first: through L2 (".cg"), never a
+# possibly stale L1 line; the tl.debug_barrier() before them orders the threads.
+READ_BACK = tl.constexpr(".cg")
+
 
 @triton.jit
 def _dy_rows(offs_m, NP, stride_b, stride_n):
@@ -86,7 +90,10 @@ def _bwd_dz_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < D
             mask = m_mask[:, None] & n_mask[None, :]
-            zhat = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0).to(ACC)
+            zhat = tl.load(
+                dz_rows + offs_n[None, :], mask=mask, other=0.0, cache_modifier=READ_BACK
+            )
+            zhat = zhat.to(ACC)
             dy = tl.load(dy_rows[:, None] + offs_n[None, :] * stride_dyd, mask=mask, other=0.0)
             g = dy.to(ACC) * tl.load(G2 + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
             dz = rstd2[:, None] * (g - mean_g[:, None] - zhat * mean_gz[:, None])
@@ -259,7 +266,19 @@ def _bwd_dx_kernel(
                 X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
             )
             g, g_k, g_kmask, g_mask = load_patches(
-                DX, grad_off, m_mask, k0, K, C, PW, stride_gc, stride_gh, stride_gw, ACC, BLOCK_K
+                DX,
+                grad_off,
+                m_mask,
+                k0,
+                K,
+                C,
+                PW,
+                stride_gc,
+                stride_gh,
+                stride_gw,
+                ACC,
+                BLOCK_K,
+                READ_BACK,
             )
             xhat = (x - mean1[:, None]) * rstd1[:, None]
             dp = rstd1[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])

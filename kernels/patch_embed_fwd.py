@@ -99,13 +99,15 @@ def _patch_embed_fwd_kernel(
         rstd2 = 1.0 / tl.sqrt(m2 / D + eps)
         if not ROW_IN_ONE_TILE:
             # Rows wider than one tile: normalise the un-normalised rows just written (still
-            # in L2). The barrier orders this program's stores before its loads.
+            # in L2). The barrier orders this program's stores before its loads, which read
+            # through L2 (".cg") rather than a possibly stale L1 line.
             tl.debug_barrier()
             for n0 in range(0, D, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 n_mask = offs_n < D
                 mask = m_mask[:, None] & n_mask[None, :]
-                z = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0).to(ACC)
+                z = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+                z = z.to(ACC)
                 g2 = tl.load(G2 + offs_n, mask=n_mask, other=0.0).to(ACC)
                 b2 = tl.load(B2 + offs_n, mask=n_mask, other=0.0).to(ACC)
                 z = (z - mean2[:, None]) * rstd2[:, None] * g2[None, :] + b2[None, :]

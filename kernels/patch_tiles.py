@@ -33,11 +33,13 @@ def patch_cols(k0, K, C, PW, stride_c, stride_h, stride_w, BLOCK_K: tl.constexpr
 
 @triton.jit
 def load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC: tl.constexpr,
-                 BLOCK_K: tl.constexpr):  # fmt: skip
-    """[BLOCK_M, BLOCK_K] tile of flattened patches in ACC, 0 outside the valid range."""
+                 BLOCK_K: tl.constexpr, CACHE: tl.constexpr = ""):  # fmt: skip
+    """[BLOCK_M, BLOCK_K] tile of flattened patches in ACC, 0 outside the valid range.
+    CACHE=".cg" reads through L2, for data this program wrote earlier (second passes)."""
     offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, sxc, sxh, sxw, BLOCK_K)
     mask = m_mask[:, None] & k_mask[None, :]
-    tile = tl.load(X + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
+    tile = tl.load(X + row_off[:, None] + col_off[None, :], mask=mask, other=0.0,
+                   cache_modifier=CACHE)  # fmt: skip
     return tile.to(ACC), offs_k, k_mask, mask
 
 
