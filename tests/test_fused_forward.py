@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import assert_accurate, make
 
 import zeta_fused.reference as reference
@@ -278,3 +280,24 @@ def test_inference_fast_path_skips_the_dispatcher(device, monkeypatch) -> None:
     slow = m(x)
     assert ops_calls == [1]
     torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(0, 3),
+    chans=st.integers(1, 4),
+    patch=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    grid=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    dim=st.integers(1, 40),
+    flags=st.sampled_from(list(FLAGS.values())),
+)
+def test_random_configurations(batch, chans, patch, grid, dim, flags) -> None:
+    """Any patch, grid and width, down to 1x1 patches and D = 1, in fp32."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(batch, chans, grid[0] * patch[0], grid[1] * patch[1])
+    if batch == 0:
+        m = make(chans, dim, patch, flags).to(device, torch.float32)
+        m.backend = "triton"
+        assert m(x.to(device)).shape == (0, grid[0] * grid[1], dim)
+        return
+    check(make(chans, dim, patch, flags), x, torch.float32, device)
