@@ -89,6 +89,7 @@ def record_all() -> None:
         (torch.float16, 1024, False, True, True),
         (torch.float32, 768, True, True, True),
         (torch.bfloat16, 768, False, False, False),
+        (torch.float64, 64, True, True, True),  # gradcheck and fp64 tests run on the GPU too
     ]
     for dtype, dim, pre, post, bias in cases:
         x = torch.randn(2, 3, 32, 32, dtype=dtype)

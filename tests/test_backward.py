@@ -228,3 +228,14 @@ def test_conv2d_weight_in_place(pre_norm, device) -> None:
     torch.testing.assert_close(w.grad.cpu(), expected)
     if not pre_norm:
         torch.testing.assert_close(y.detach().cpu(), conv(x).flatten(2).transpose(1, 2).detach())
+
+
+def test_empty_batch_gradients(device) -> None:
+    """B = 0: zero parameter gradients and an empty image gradient, as eager gives."""
+    m = make(3, 20, 4).to(device, torch.float32)
+    m.backend = "triton"
+    x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad.shape == x.shape
+    for name, p in m.named_parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p)), name

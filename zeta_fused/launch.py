@@ -27,6 +27,8 @@ MIN_BLOCK = 16
 DW_TARGET_PROGRAMS = 1024
 # Cap of the dW partial buffer (token splits x D x K in fp32).
 DW_PARTIAL_BYTES = 64 << 20
+# Cap of the token splits: the epilogue sums them one after another in each program.
+DW_MAX_SPLITS = 128
 
 TL_DTYPES = {
     torch.float64: tl.float64,
@@ -130,7 +132,7 @@ def patch_embed_bwd(
     m_tiles = triton.cdiv(tokens, blocks.m)
 
     # 1. dZ and the column partials of dZ, dY * ẑ, dY.
-    partials = x.new_zeros((3, max(m_tiles, 1), dim), dtype=acc)
+    partials = _scratch(x, (3, max(m_tiles, 1), dim), acc, zero=tokens == 0)
     dz = x.new_empty((batch, hp * wp, dim), dtype=compute_dtype) if post else grad_y
     if tokens:
         _bwd_dz_kernel[(m_tiles,)](
@@ -145,10 +147,10 @@ def patch_embed_bwd(
 
     # 2. All parameter gradients from G = dZ^T x̂.
     d_tiles, k_tiles = triton.cdiv(dim, blocks.tile), triton.cdiv(patch_dim, blocks.tile)
-    max_splits = max(1, DW_PARTIAL_BYTES // (dim * patch_dim * acc.itemsize))
+    max_splits = min(DW_MAX_SPLITS, DW_PARTIAL_BYTES // (dim * patch_dim * acc.itemsize))
     dw_steps = triton.cdiv(tokens, blocks.dw_m)
     splits = max(1, min(DW_TARGET_PROGRAMS // (d_tiles * k_tiles), dw_steps, max_splits))
-    gpart = x.new_zeros((splits, dim, patch_dim), dtype=acc)
+    gpart = _scratch(x, (splits, dim, patch_dim), acc, zero=tokens == 0)
     if tokens:
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
             x, stats, dz, gpart, *shape, *x.stride(), *dz.stride(), PRE_NORM=pre,
@@ -186,6 +188,12 @@ def patch_embed_bwd(
 def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
     """A pointer for an absent optional tensor (never read: a constexpr switches it off)."""
     return dummy if t is None else t
+
+
+def _scratch(like: Tensor, shape: tuple, dtype: torch.dtype, zero: bool) -> Tensor:
+    """Partial-sum buffer; the kernels write every element, so it needs zeros only when no
+    kernel runs (an empty batch)."""
+    return like.new_zeros(shape, dtype=dtype) if zero else like.new_empty(shape, dtype=dtype)
 
 
 def _absent(like: Tensor) -> Tensor:
