@@ -60,6 +60,32 @@ def test_compile_fullgraph(backend, device, launches) -> None:
     assert counter.frame_count <= 2, "a new batch size recompiled more than once"
 
 
+def test_compile_fullgraph_eager_backend(device, launches) -> None:
+    """The eager path (the plain Sequential) compiles without graph breaks too."""
+    torch._dynamo.reset()
+    m = make(device)
+    m.backend = "eager"
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 3, 16, 12, device=device)
+    y, grads = step(compiled, x)
+    y_ref, grads_ref = step(m, x)
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref)
+    assert launches == []
+
+
+def test_autocast_gemm_runs_in_the_autocast_dtype(device, launches, monkeypatch) -> None:
+    seen: list[tuple] = []
+    real = launch.patch_embed_fwd  # the spy installed by the launches fixture
+    monkeypatch.setattr(launch, "patch_embed_fwd", lambda *a: seen.append(a[-2:]) or real(*a))
+    m = make(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = m(torch.randn(2, 3, 16, 16, device=device))
+    out = torch.float32 if device == "cuda" else torch.bfloat16
+    assert seen == [(torch.bfloat16, out)] and y.dtype == out
+
+
 def test_compile_inference_mode(device, launches) -> None:
     torch._dynamo.reset()
     m = make(device)
