@@ -1,8 +1,9 @@
 """Block sizes of the kernels, per GEMM operand width (2 bytes: bf16/fp16; 4: fp32).
 
-Chosen with ptxas's resource report for sm_90 (H100/H200): the largest tiles for which no
-kernel variant spills registers (``python tests/aot_compile.py`` prints registers and spills
-for every variant the launchers produce). Not yet tuned for speed on a GPU.
+Chosen with ptxas's resource report for sm_90 (H100/H200): the largest tiles tried for which
+the bf16/fp16/fp32 variants spill no registers (one variant: 8 bytes); fp64, a correctness
+path, spills a little. ``python tests/aot_compile.py`` prints registers and spills for every
+variant the launchers produce. Not yet tuned for speed on a GPU.
 """
 
 from dataclasses import dataclass
