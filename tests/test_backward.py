@@ -61,8 +61,11 @@ def test_many_token_tiles(device) -> None:
     compare(make(2, 24, 4), torch.randn(3, 2, 32, 36), torch.float32, device)
 
 
-def test_parameter_grads_only(device) -> None:
-    """An image without requires_grad gets no gradient; parameters still do."""
+def test_parameter_grads_only(device, monkeypatch) -> None:
+    """An image without requires_grad gets no gradient and no image-gradient kernel runs."""
+    import zeta_fused.launch as launch
+
+    monkeypatch.setattr(launch, "_bwd_dx_kernel", None)  # any launch would raise
     compare(make(3, 20, 4), torch.randn(2, 3, 8, 8), torch.float32, device, needs_x_grad=False)
 
 
