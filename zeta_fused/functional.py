@@ -79,14 +79,15 @@ def check_weight(weight: Tensor, chans: int, patch: tuple[int, int]) -> None:
 
 def check_params(x: Tensor, params: list[Tensor | None]) -> None:
     """Same device for image and parameters; same dtype unless autocast decides it."""
+    device, dtype = x.device, x.dtype  # hoisted: each .device builds a new object
     for p in params:
         if p is None:
             continue
-        if p.device != x.device:
+        if p.device != device:
             raise RuntimeError(
-                f"input is on {x.device} but the parameters are on {p.device}: move one of them"
+                f"input is on {device} but the parameters are on {p.device}: move one of them"
             )
-        if p.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if p.dtype != dtype and not torch.is_autocast_enabled(device.type):
             raise RuntimeError(
                 f"input dtype {x.dtype} differs from parameter dtype {p.dtype}: cast one of them "
                 f"or run under torch.autocast"

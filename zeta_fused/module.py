@@ -111,12 +111,13 @@ class FusedPatchSequential(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.dim_in, self.patch_size, self.dynamic_img_pad)
         proj = self._modules[self._proj]
+        weight, bias = proj.weight, proj.bias
         pre, post = self._norm(self._ln1), self._norm(self._ln2)
-        check_params(x, [proj.weight, proj.bias, *(pre or ()), *(post or ())])
+        check_params(x, [weight, bias, *(pre or ()), *(post or ())])
         if self.dynamic_img_pad:
             x = pad_to_patch(x, self.patch_size)
         if dispatch.use_fused(self.backend, x):
-            y = fused_patch_embed(x, self.patch_size, proj.weight, proj.bias, pre, post, self.eps)
+            y = fused_patch_embed(x, self.patch_size, weight, bias, pre, post, self.eps)
             if self.grid_output:
                 y = y.view(x.shape[0], x.shape[2] // self.patch_size[0], -1, y.shape[-1])
             return y
