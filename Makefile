@@ -28,13 +28,14 @@ bench: $(STAMP)
 
 # For a CUDA machine with torch + triton preinstalled and no network: no venv, no dependencies.
 # Runs the whole suite natively on the GPU (gpu-marked tests included), then the quick benchmark
-# even when a test failed; logs, JSON, Markdown and the chart go to $(OUT) (the device tool sets
-# OUT). Exits non-zero if either step failed.
+# even when a test failed; logs (tests, per-kernel registers/spills for sm_90, benchmark), JSON,
+# Markdown and the chart go to $(OUT) (the device tool sets OUT). Exits non-zero if a step failed.
 gpu-check:
 	python3 -m pip install -q -e . --no-deps --no-build-isolation
 	mkdir -p $(OUT)
 	set -o pipefail; status=0; \
 	python3 -m pytest -q -rs tests 2>&1 | tee $(OUT)/gpu-tests.log || status=1; \
+	env -u TRITON_INTERPRET python3 tests/aot_compile.py > $(OUT)/aot-sm90.log 2>&1 || status=1; \
 	python3 -m bench --preset quick --out $(OUT) 2>&1 | tee $(OUT)/bench.log || status=1; \
 	exit $$status
 
