@@ -209,3 +209,14 @@ def test_summary_text() -> None:
     summary = fuse_patch_embeddings(_timm_vit())
     assert "converted 1, skipped 0" in str(summary) and "patch_embed" in str(summary)
     assert fuse_patch_embeddings(nn.Linear(2, 2)).converted == []
+
+
+def test_conv_semantics_kept_for_unbatched_and_tiny_inputs(device) -> None:
+    model = _hf("ViT").to(device).eval()
+    fuse_patch_embeddings(model, backend="triton")
+    conv = model.embeddings.patch_embeddings.projection
+    x = torch.randn(3, 32, 32, device=device)  # unbatched: Conv2d accepts (C, H, W)
+    reference = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=8)
+    torch.testing.assert_close(conv(x), reference)
+    with pytest.raises(RuntimeError):  # smaller than the kernel: the conv's own error
+        conv(torch.randn(1, 3, 4, 4, device=device))

@@ -55,6 +55,12 @@ def _patch_conv_problem(conv: nn.Module) -> str | None:
     return None
 
 
+def _conv_semantics(x: Tensor, patch: tuple[int, int]) -> bool:
+    """Inputs the original module must handle itself: unbatched (C, H, W) images, and images
+    smaller than one patch (the conv raises its own error for those)."""
+    return x.ndim != 4 or x.shape[-2] < patch[0] or x.shape[-1] < patch[1]
+
+
 def _crop_to_grid(x: Tensor, patch: tuple[int, int]) -> Tensor:
     """What a stride-patch conv sees: the bottom/right remainder is dropped (a view)."""
     ph, pw = patch
@@ -68,7 +74,7 @@ class FusedPatchConv2d(nn.Conv2d):
     zeta_backend: str = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or not dispatch.use_fused(self.zeta_backend, x):
+        if _conv_semantics(x, self.kernel_size) or not dispatch.use_fused(self.zeta_backend, x):
             return super().forward(x)
         x = _crop_to_grid(x, self.kernel_size)
         check_input(x, self.in_channels, self.kernel_size, False)
@@ -94,7 +100,7 @@ class _FusedTimmPatchEmbed:
     zeta_backend: str = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or not dispatch.use_fused(self.zeta_backend, x):
+        if _conv_semantics(x, self.patch_size) or not dispatch.use_fused(self.zeta_backend, x):
             return super().forward(x)
         height, width = x.shape[-2:]
         ph, pw = self.patch_size
