@@ -220,3 +220,17 @@ def test_conv_semantics_kept_for_unbatched_and_tiny_inputs(device) -> None:
     torch.testing.assert_close(conv(x), reference)
     with pytest.raises(RuntimeError):  # smaller than the kernel: the conv's own error
         conv(torch.randn(1, 3, 4, 4, device=device))
+
+
+def test_converted_models_compile_fullgraph(device, fused_calls) -> None:
+    """Class-swapped timm and transformers stems trace without graph breaks."""
+    torch._dynamo.reset()
+    timm_model = randomise(_timm_vit()).eval().to(device)
+    hf_embeddings = randomise(_hf("ViT")).eval().to(device).embeddings
+    x = torch.randn(2, 3, 32, 32, device=device)
+    for model in (timm_model, hf_embeddings):
+        fuse_patch_embeddings(model, backend="triton")
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        fused_calls.clear()
+        torch.testing.assert_close(compiled(x), model(x))
+        assert len(fused_calls) == 2  # traced into the compiled graph once, run eagerly once
