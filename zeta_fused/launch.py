@@ -19,7 +19,7 @@ from .kernels.patch_embed_bwd import (
     _bwd_param_kernel,
 )
 from .kernels.patch_embed_fwd import _patch_embed_fwd_kernel
-from .reference import stats_dtype
+from .reference import absent_grad, stats_dtype
 
 # tl.dot needs every block dimension >= 16.
 MIN_BLOCK = 16
@@ -158,8 +158,8 @@ def patch_embed_bwd(
             num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    dg1 = torch.empty_like(g1) if pre else _absent(weight)
-    db1 = torch.empty_like(b1) if pre else _absent(weight)
+    dg1 = torch.empty_like(g1) if pre else absent_grad(weight)
+    db1 = torch.empty_like(b1) if pre else absent_grad(weight)
     _bwd_param_kernel[(k_tiles,)](
         gpart, dzsum, weight, _or(g1, weight), _or(b1, weight), dw, _or(dg1, dw), _or(db1, dw),
         splits, patch_dim, dim, chans, pw, *w_strides, *_weight_strides(dw, chans, pw),
@@ -169,7 +169,7 @@ def patch_embed_bwd(
     )  # fmt: skip
 
     # 3. The image gradient, only when asked for.
-    dx = _absent(weight)
+    dx = absent_grad(weight)
     if needs_x_grad:
         dx = x.new_empty(x.shape)
         if tokens:
@@ -179,9 +179,9 @@ def patch_embed_bwd(
                 BLOCK_D=blocks.tile, BLOCK_K=blocks.k, num_warps=blocks.warps, **numerics,
             )  # fmt: skip
 
-    dbias = dzsum.to(bias.dtype) if bias is not None else _absent(weight)
-    dg2 = partials[1].sum(0).to(g2.dtype) if post else _absent(weight)
-    db2 = partials[2].sum(0).to(g2.dtype) if post else _absent(weight)
+    dbias = dzsum.to(bias.dtype) if bias is not None else absent_grad(weight)
+    dg2 = partials[1].sum(0).to(g2.dtype) if post else absent_grad(weight)
+    db2 = partials[2].sum(0).to(g2.dtype) if post else absent_grad(weight)
     return dx, dw, dbias, dg1, db1, dg2, db2
 
 
@@ -194,8 +194,3 @@ def _scratch(like: Tensor, shape: tuple, dtype: torch.dtype, zero: bool) -> Tens
     """Partial-sum buffer; the kernels write every element, so it needs zeros only when no
     kernel runs (an empty batch)."""
     return like.new_zeros(shape, dtype=dtype) if zero else like.new_empty(shape, dtype=dtype)
-
-
-def _absent(like: Tensor) -> Tensor:
-    """Placeholder for a gradient nobody needs (a new one each time: outputs may not alias)."""
-    return like.new_empty(0)

@@ -93,7 +93,7 @@ patch_embed_bwd.register_kernel("cpu")(_cpu_kernel("patch_embed_bwd", "backward_
 @patch_embed_bwd.register_fake
 def _bwd_fake(grad_y, x, weight, bias, g1, b1, g2, stats, ph, pw, compute_dtype, needs_x_grad):
     def like(t: Tensor | None, wanted: bool = True) -> Tensor:
-        return t.new_empty(t.shape) if t is not None and wanted else weight.new_empty(0)
+        return t.new_empty(t.shape) if t is not None and wanted else ref.absent_grad(weight)
 
     return like(x, needs_x_grad), like(weight), like(bias), like(g1), like(b1), like(g2), like(g2)
 

@@ -79,7 +79,7 @@ def stats_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
-def _absent(like: Tensor) -> Tensor:
+def absent_grad(like: Tensor) -> Tensor:
     """Placeholder for a gradient nobody needs (a new one each time: outputs may not alias)."""
     return like.new_empty(0)
 
@@ -124,7 +124,7 @@ def backward_from_stats(
     if bias is not None:
         z = z + bias
     dy = grad_y.to(acc)
-    dg2, db2 = _absent(weight), _absent(weight)
+    dg2, db2 = absent_grad(weight), absent_grad(weight)
     dz = dy
     if g2 is not None:
         zhat = _normalise(z, mean2, rstd2)
@@ -134,8 +134,8 @@ def backward_from_stats(
     dw = (dz.flatten(0, 1).T @ a.flatten(0, 1)).to(weight.dtype)
     if weight.ndim == 4:  # back to the Conv2d layout (D, C, ph, pw)
         dw = dw.reshape(weight.shape[0], ph, pw, -1).permute(0, 3, 1, 2).contiguous()
-    dbias = _absent(weight) if bias is None else dz.sum((0, 1)).to(bias.dtype)
-    dg1, db1, dx = _absent(weight), _absent(weight), _absent(weight)
+    dbias = absent_grad(weight) if bias is None else dz.sum((0, 1)).to(bias.dtype)
+    dg1, db1, dx = absent_grad(weight), absent_grad(weight), absent_grad(weight)
     if g1 is not None or needs_x_grad:
         da = dz @ w
         if g1 is not None:
