@@ -174,8 +174,9 @@ def _bwd_param_kernel(
     k0 = tl.program_id(0) * BLOCK_K
     offs_k, k_mask, w_col = patch_cols(k0, K, C, PW, stride_wc, stride_wi, stride_wj, BLOCK_K)
     dw_k, dw_kmask, dw_col = patch_cols(k0, K, C, PW, stride_gc, stride_gi, stride_gj, BLOCK_K)
-    g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
-    b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+    if PRE_NORM:
+        g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+        b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
     dg1 = tl.zeros([BLOCK_K], dtype=ACC)
     db1 = tl.zeros([BLOCK_K], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
