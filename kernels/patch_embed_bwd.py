@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .patch_tiles import load_patches, patch_cols, project_chunk, store_patches, token_rows
-from .rounding import cast
+from .rounding import cast, mma
 
 # Second passes read what the same program stored in the first: through L2 (".cg"), never a
 # possibly stale L1 line; the tl.debug_barrier() before them orders the threads.
@@ -147,12 +147,7 @@ def _bwd_dw_kernel(
             + (offs_d[None, :] * stride_dzd)
         )
         dz = tl.load(dz_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        dz = tl.trans(cast(dz.to(ACC), COMPUTE_DTYPE, INTERPRETED))
-        xhat = cast(xhat, COMPUTE_DTYPE, INTERPRETED)
-        if INTERPRETED:
-            acc += tl.dot(dz.to(ACC), xhat.to(ACC))
-        else:
-            acc = tl.dot(dz, xhat, acc, input_precision=DOT_PRECISION)
+        acc = mma(acc, tl.trans(dz), xhat, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     out = GPart + pid_s.to(tl.int64) * D * K + offs_d[:, None] * K + offs_k[None, :]
     tl.store(out, acc, mask=d_mask[:, None] & (offs_k < K)[None, :])
@@ -241,12 +236,7 @@ def _bwd_dx_kernel(
                          mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
             w = tl.load(W + offs_d[:, None].to(tl.int64) * stride_wd + w_col[None, :],
                         mask=d_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
-            dz = cast(dz.to(ACC), COMPUTE_DTYPE, INTERPRETED)
-            w = cast(w, COMPUTE_DTYPE, INTERPRETED)
-            if INTERPRETED:
-                acc += tl.dot(dz.to(ACC), w.to(ACC))
-            else:
-                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+            acc = mma(acc, dz, w, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
         if PRE_NORM:
             x, x_k, x_kmask, mask = load_patches(
                 X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K

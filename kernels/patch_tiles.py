@@ -4,7 +4,11 @@ and one column chunk of the projection. Pure @triton.jit functions, no launches.
 import triton
 import triton.language as tl
 
-from .rounding import cast
+from .rounding import cast, mma
+
+# The default cache policy of tl.load, as a constexpr object: Triton 3.6 cannot compile a call
+# that leaves a plain-string constexpr default unbound.
+DEFAULT_CACHE = tl.constexpr("")
 
 
 @triton.jit
@@ -33,7 +37,7 @@ def patch_cols(k0, K, C, PW, stride_c, stride_h, stride_w, BLOCK_K: tl.constexpr
 
 @triton.jit
 def load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC: tl.constexpr,
-                 BLOCK_K: tl.constexpr, CACHE: tl.constexpr = ""):  # fmt: skip
+                 BLOCK_K: tl.constexpr, CACHE: tl.constexpr = DEFAULT_CACHE):  # fmt: skip
     """[BLOCK_M, BLOCK_K] tile of flattened patches in ACC, 0 outside the valid range.
     CACHE=".cg" reads through L2, for data this program wrote earlier (second passes)."""
     offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, sxc, sxh, sxw, BLOCK_K)
@@ -91,12 +95,7 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
         w_k, w_kmask, w_col = patch_cols(k0, K, C, PW, swc, swi, swj, BLOCK_K)
         w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + w_col[:, None]
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        a = cast(a, COMPUTE_DTYPE, INTERPRETED)
-        w = cast(w, COMPUTE_DTYPE, INTERPRETED)
-        if INTERPRETED:
-            acc += tl.dot(a.to(ACC), w.to(ACC))
-        else:
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        acc = mma(acc, a, w, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
     return acc, offs_n, n_mask

@@ -1,4 +1,5 @@
-"""Casts shared by the kernels, correct under the Triton interpreter too.
+"""Casts and the tensor-core product shared by the kernels, correct under the Triton
+interpreter too.
 
 The interpreter converts fp32 -> bf16 by truncation, while GPUs round to nearest even; with
 EMULATE_RTNE the rounding is done on the fp32 bits first, so the cast that follows is exact.
@@ -23,3 +24,18 @@ def cast(x, DTYPE: tl.constexpr, EMULATE_RTNE: tl.constexpr):
         bits += BF16_HALF_ULP + ((bits >> BF16_DROPPED_BITS) & 1)
         x = (bits & BF16_KEEP_MASK).to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+@triton.jit
+def mma(acc, a, b, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        INTERPRETED: tl.constexpr):  # fmt: skip
+    """acc + a @ b with both operands rounded to COMPUTE_DTYPE and accumulated in ACC (tensor
+    cores on a GPU). Under the interpreter the products of the rounded operands run in ACC: its
+    bf16 tl.dot is wrong. out_dtype is explicit: Triton 3.6 defaults it to fp32 for fp64 too."""
+    a = cast(a, COMPUTE_DTYPE, INTERPRETED)
+    b = cast(b, COMPUTE_DTYPE, INTERPRETED)
+    if INTERPRETED:
+        acc += tl.dot(a.to(ACC), b.to(ACC), out_dtype=ACC)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    return acc
