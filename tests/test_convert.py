@@ -109,6 +109,10 @@ def test_vit_pytorch_grid_layout_and_unknown_layout(device, fused_calls) -> None
 # ---------------------------------------------------------------- timm
 
 
+def _timm_patch_embed():
+    return pytest.importorskip("timm.layers", reason="timm is a test extra").PatchEmbed
+
+
 def _timm_vit(**kw):
     timm = pytest.importorskip("timm", reason="timm is a test extra")
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
@@ -139,8 +143,7 @@ def test_timm_dynamic_img_size(device, fused_calls) -> None:
 
 
 def test_timm_patch_embed_with_layernorm_and_padding(device, fused_calls) -> None:
-    from timm.layers import PatchEmbed
-
+    PatchEmbed = _timm_patch_embed()
     pe = PatchEmbed(
         img_size=None,
         patch_size=4,
@@ -154,8 +157,7 @@ def test_timm_patch_embed_with_layernorm_and_padding(device, fused_calls) -> Non
 
 
 def test_timm_unconvertible_left_alone(device) -> None:
-    from timm.layers import PatchEmbed
-
+    PatchEmbed = _timm_patch_embed()
     overlapping = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16)
     overlapping.proj = nn.Conv2d(3, 16, kernel_size=8, stride=4, padding=2)
     batchnorm = PatchEmbed(
