@@ -19,11 +19,14 @@ class Blocks:
     tile: int  # D x K tiles of the dW GEMM, and the D step of the image-gradient GEMM
     warps: int = 8  # GEMM kernels: 8 warps keep accumulators and gather pointers in registers
     epilogue_warps: int = 4  # the small parameter-gradient epilogue
+    # K columns per epilogue program: narrow, so that even K = 768 spreads over 48 programs
+    # (each loops over all D rows of G and W for the column sums dg1, db1).
+    epilogue_k: int = 16
 
 
 BLOCKS = {
     2: Blocks(m=64, k=32, n=128, dz_n=64, dw_m=64, tile=64),
-    4: Blocks(m=64, k=16, n=64, dz_n=32, dw_m=32, tile=64),
+    4: Blocks(m=64, k=16, n=64, dz_n=32, dw_m=16, tile=64),
 }
 
 

@@ -5,9 +5,9 @@ Three passes, each a kernel below, all deterministic (per-program partial sums, 
 1. ``_bwd_dz_kernel`` (per token tile): recompute Z with the forward's projection chunk, then the
    post-norm backward dZ = rstd2 * (g - mean(g) - ẑ * mean(g * ẑ)), g = dY * g2, and per-program
    column partials of dZ, dY * ẑ and dY (-> dbias, dg2, db2).
-2. ``_bwd_dw_kernel`` (per weight tile and token split): G = dZ^T x̂ partials. Together with
-   ``_bwd_param_kernel`` (per K tile): dW = G diag(g1) + dbias b1^T, dg1 = sum_d W * G,
-   db1 = W^T dbias. One GEMM for all parameter gradients.
+2. ``_bwd_dw_kernel`` (per weight tile and token split): G = dZ^T x̂ partials, one per split,
+   summed by the launcher. Then ``_bwd_param_kernel`` (per K tile): dW = G diag(g1) + dbias b1^T,
+   dg1 = sum_d W * G, db1 = W^T dbias. One GEMM for all parameter gradients.
 3. ``_bwd_dx_kernel`` (per token tile, only when the image needs a gradient): dA = dZ W, the
    pre-norm backward, scattered straight into the image layout (patches do not overlap).
 
@@ -155,12 +155,12 @@ def _bwd_dw_kernel(
 
 @triton.jit
 def _bwd_param_kernel(
-    GPart,  # (S, D, K) ACC partials of G
+    G,  # (D, K) ACC: G = dZ^T x̂, its token splits already summed
     DZSum,  # (D,) ACC: sum over tokens of dZ (= dbias)
     W, G1, B1,
     DW,  # out: in the weight's shape and dtype, strides (d, c, i, j)
     DG1, DB1,  # out: (K,) in the pre-norm parameters' dtype (with PRE_NORM)
-    S, K, D, C, PW,
+    K, D, C, PW,
     stride_wd, stride_wc, stride_wi, stride_wj,
     stride_gd, stride_gc, stride_gi, stride_gj,
     PRE_NORM: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -178,12 +178,7 @@ def _bwd_param_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         mask = d_mask[:, None] & k_mask[None, :]
-        tile = offs_d[:, None] * K + offs_k[None, :]
-        g = tl.zeros([BLOCK_D, BLOCK_K], dtype=ACC)
-        part = GPart + tile
-        for _s in range(0, S):
-            g += tl.load(part, mask=mask, other=0.0)
-            part += D * K  # pointer arithmetic is 64-bit: S * D * K may pass 2**31
+        g = tl.load(G + offs_d[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask, other=0.0)
         if PRE_NORM:
             w = tl.load(W + offs_d[:, None].to(tl.int64) * stride_wd + w_col[None, :], mask=mask,
                         other=0.0).to(ACC)  # fmt: skip
