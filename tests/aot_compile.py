@@ -99,6 +99,7 @@ def record_all() -> None:
 
 
 def main() -> int:
+    print(f"Triton {triton.__version__} from {Path(triton.__file__).resolve().parent.parent}")
     record_all()
     seen, failures = set(), 0
     for kernel, args, kwargs in launches:
