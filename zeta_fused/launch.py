@@ -5,8 +5,9 @@ Imported lazily (it imports Triton), only when a fused call actually runs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -40,20 +41,36 @@ TL_DTYPES = {
 }
 
 
-def _fp32_dot_precision() -> str:
-    """fp32 GEMMs follow torch's matmul precision: TF32 only when torch allows it."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+# Triton decides at decoration time (the imports above) whether the kernels run interpreted,
+# so the flag is read once with them, not on every launch.
+INTERPRETED = interpreting()
 
 
 def _numerics(compute_dtype: torch.dtype) -> dict:
-    """Constexprs shared by every kernel: GEMM dtype and precision, accumulation dtype."""
-    fp32 = compute_dtype == torch.float32
+    """Constexprs shared by every kernel: GEMM dtype and precision, accumulation dtype.
+    fp32 GEMMs follow torch's matmul precision: TF32 only when torch allows it."""
+    tf32 = compute_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return _numerics_for(compute_dtype, tf32)
+
+
+@functools.cache
+def _numerics_for(compute_dtype: torch.dtype, tf32: bool) -> dict:
     return {
         "COMPUTE_DTYPE": TL_DTYPES[compute_dtype],
-        "DOT_PRECISION": _fp32_dot_precision() if fp32 else "ieee",
+        "DOT_PRECISION": "tf32" if tf32 else "ieee",
         "ACC": TL_DTYPES[stats_dtype(compute_dtype)],
-        "INTERPRETED": interpreting(),
+        "INTERPRETED": INTERPRETED,
     }
+
+
+# Plain-int versions of triton.cdiv / next_power_of_2, which Triton 3.8 wraps in a ~2 us
+# constexpr-function call: the launchers run on every module call.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _weight_strides(weight: Tensor, chans: int, pw: int) -> tuple[int, int, int, int]:
@@ -66,7 +83,7 @@ def _weight_strides(weight: Tensor, chans: int, pw: int) -> tuple[int, int, int,
 
 
 def _block_n(dim: int, cap: int) -> int:
-    return min(max(triton.next_power_of_2(dim), MIN_BLOCK), cap)
+    return min(max(_next_power_of_2(dim), MIN_BLOCK), cap)
 
 
 def patch_embed_fwd(
@@ -94,7 +111,7 @@ def patch_embed_fwd(
         return y, stats
     blocks = blocks_for(compute_dtype.itemsize)
     block_n = _block_n(dim, blocks.n)
-    _patch_embed_fwd_kernel[(triton.cdiv(tokens, blocks.m),)](
+    _patch_embed_fwd_kernel[(_cdiv(tokens, blocks.m),)](
         x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
         _or(b2, weight), y, stats,
         tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(),
@@ -131,7 +148,7 @@ def patch_embed_bwd(
     numerics = _numerics(compute_dtype)
     shape = (tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp)
     blocks = blocks_for(compute_dtype.itemsize)
-    m_tiles = triton.cdiv(tokens, blocks.m)
+    m_tiles = _cdiv(tokens, blocks.m)
 
     # 1. dZ and the column partials of dZ, dY * ẑ, dY.
     partials = _scratch(x, (3, max(m_tiles, 1), dim), acc, zero=tokens == 0)
@@ -148,9 +165,9 @@ def patch_embed_bwd(
     dzsum = partials[0].sum(0)
 
     # 2. All parameter gradients from G = dZ^T x̂.
-    d_tiles, k_tiles = triton.cdiv(dim, blocks.tile), triton.cdiv(patch_dim, blocks.tile)
+    d_tiles, k_tiles = _cdiv(dim, blocks.tile), _cdiv(patch_dim, blocks.tile)
     max_splits = min(DW_MAX_SPLITS, DW_PARTIAL_BYTES // (dim * patch_dim * acc.itemsize))
-    dw_steps = triton.cdiv(tokens, blocks.dw_m)
+    dw_steps = _cdiv(tokens, blocks.dw_m)
     splits = max(1, min(DW_TARGET_PROGRAMS // (d_tiles * k_tiles), dw_steps, max_splits))
     gpart = _scratch(x, (splits, dim, patch_dim), acc, zero=tokens == 0)
     if tokens:
@@ -164,11 +181,11 @@ def patch_embed_bwd(
     db1 = torch.empty_like(b1) if pre else absent_grad(weight)
     # Second stage of the token splits: a fixed-order reduction at full bandwidth.
     gsum = gpart[0] if splits == 1 else gpart.sum(0)
-    _bwd_param_kernel[(triton.cdiv(patch_dim, blocks.epilogue_k),)](
+    _bwd_param_kernel[(_cdiv(patch_dim, blocks.epilogue_k),)](
         gsum, dzsum, weight, _or(g1, weight), _or(b1, weight), dw, _or(dg1, dw), _or(db1, dw),
         patch_dim, dim, chans, pw, *w_strides, *_weight_strides(dw, chans, pw),
         PRE_NORM=pre, ACC=numerics["ACC"],
-        INTERPRETED=numerics["INTERPRETED"], BLOCK_D=blocks.tile, BLOCK_K=blocks.epilogue_k,
+        INTERPRETED=INTERPRETED, BLOCK_D=blocks.tile, BLOCK_K=blocks.epilogue_k,
         num_warps=blocks.epilogue_warps,
     )  # fmt: skip
 
