@@ -38,12 +38,12 @@ def _bwd_dz_kernel(
     DY,  # upstream gradient (B, N, D), any strides
     DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE (only written with POST_NORM)
     Partials,  # out: (3, P, D) ACC: column sums of dZ, dY * ẑ, dY per program
-    M, K, D, C, PH, PW, NP, WP,
+    M, K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
     stride_dyb, stride_dyn, stride_dyd,
     PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POST_NORM: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -69,7 +69,7 @@ def _bwd_dz_kernel(
             z, offs_n, n_mask = project_chunk(
                 X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
                 stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
-                PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED,
+                PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT,
                 BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             mask = m_mask[:, None] & n_mask[None, :]
@@ -115,7 +115,7 @@ def _bwd_dw_kernel(
     X, Stats,
     DZ,  # dZ (B, N, D) with strides (the DZ buffer, or dY without post-norm)
     GPart,  # out: (S, D, K) ACC partials of G = dZ^T x̂ over token splits
-    M, K, D, C, PH, PW, NP, WP,
+    M, K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_dzb, stride_dzn, stride_dzd,
     PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -160,15 +160,19 @@ def _bwd_param_kernel(
     W, G1, B1,
     DW,  # out: in the weight's shape and dtype, strides (d, c, i, j)
     DG1, DB1,  # out: (K,) in the pre-norm parameters' dtype (with PRE_NORM)
-    K, D, C, PW,
+    K, D, C: tl.constexpr, PW: tl.constexpr,
     stride_wd, stride_wc, stride_wi, stride_wj,
     stride_gd, stride_gc, stride_gi, stride_gj,
-    PRE_NORM: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+    PRE_NORM: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     k0 = tl.program_id(0) * BLOCK_K
-    offs_k, k_mask, w_col = patch_cols(k0, K, C, PW, stride_wc, stride_wi, stride_wj, BLOCK_K)
-    dw_k, dw_kmask, dw_col = patch_cols(k0, K, C, PW, stride_gc, stride_gi, stride_gj, BLOCK_K)
+    offs_k, k_mask, w_col = patch_cols(
+        k0, K, C, PW, stride_wc, stride_wi, stride_wj, W_FLAT, BLOCK_K
+    )
+    dw_k, dw_kmask, dw_col = patch_cols(
+        k0, K, C, PW, stride_gc, stride_gi, stride_gj, W_FLAT, BLOCK_K
+    )
     if PRE_NORM:
         g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
         b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
@@ -198,13 +202,13 @@ def _bwd_dx_kernel(
     X, W, G1, Stats,
     DZ,  # dZ (B, N, D) with strides
     DX,  # out: image gradient (B, C, H, W) with its own strides
-    M, K, D, C, PH, PW, NP, WP,
+    M, K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
     stride_wd, stride_wc, stride_wi, stride_wj,
     stride_dzb, stride_dzn, stride_dzd,
     PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+    ACC: tl.constexpr, INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
@@ -222,7 +226,9 @@ def _bwd_dx_kernel(
     # Pass 1: dA = dZ W chunk by chunk over K; with a pre-norm keep g = dA * g1 in DX (each
     # program owns its tokens' pixels) and reduce the rows of g and g * x̂.
     for k0 in range(0, K, BLOCK_K):
-        offs_k, k_mask, w_col = patch_cols(k0, K, C, PW, stride_wc, stride_wi, stride_wj, BLOCK_K)
+        offs_k, k_mask, w_col = patch_cols(
+            k0, K, C, PW, stride_wc, stride_wi, stride_wj, W_FLAT, BLOCK_K
+        )
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)

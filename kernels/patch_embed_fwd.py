@@ -25,9 +25,9 @@ def _patch_embed_fwd_kernel(
     M,
     K,
     D,
-    C,
-    PH,  # patch height
-    PW,  # patch width
+    C: tl.constexpr,  # channels and patch size are compile-time: the patch-column index math
+    PH: tl.constexpr,  # divides by them on every K step, and the gather vectorises only when
+    PW: tl.constexpr,  # the compiler can see its contiguous runs
     NP,  # tokens per image
     WP,  # patches per image row
     stride_xb,
@@ -46,6 +46,7 @@ def _patch_embed_fwd_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     ACC: tl.constexpr,  # accumulation / statistics dtype: fp32 (fp64 for fp64 inputs)
     INTERPRETED: tl.constexpr,  # interpreter: emulate bf16 rounding, multiply in ACC
+    W_FLAT: tl.constexpr,  # W holds the patch axis contiguously (a contiguous Linear weight)
     ROW_IN_ONE_TILE: tl.constexpr,  # BLOCK_N >= D: the post-norm needs no second pass
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -72,7 +73,7 @@ def _patch_embed_fwd_kernel(
         acc, offs_n, n_mask = project_chunk(
             X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
             stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
-            PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED,
+            PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT,
             BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         if POST_NORM:

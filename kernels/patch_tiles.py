@@ -24,14 +24,20 @@ def token_rows(m_start, M, NP, WP, PH, PW, stride_b, stride_h, stride_w, BLOCK_M
 
 
 @triton.jit
-def patch_cols(k0, K, C, PW, stride_c, stride_h, stride_w, BLOCK_K: tl.constexpr):
-    """Patch elements k0 .. k0 + BLOCK_K, k = (i * pw + j) * C + c: index, mask, pixel offset."""
+def patch_cols(k0, K, C: tl.constexpr, PW: tl.constexpr, stride_c, stride_h, stride_w,
+               FLAT: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Patch elements k0 .. k0 + BLOCK_K, k = (i * pw + j) * C + c: index, mask, pixel offset.
+    FLAT: the operand holds k contiguously (a contiguous Linear weight), so its offset is k
+    itself, which the compiler can see is contiguous: the loads vectorise."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
-    c = offs_k % C
-    j = (offs_k // C) % PW
-    i = offs_k // (C * PW)
-    col_off = c.to(tl.int64) * stride_c + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
+    if FLAT:
+        col_off = offs_k.to(tl.int64)
+    else:
+        c = offs_k % C
+        j = (offs_k // C) % PW
+        i = offs_k // (C * PW)
+        col_off = c.to(tl.int64) * stride_c + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
     return offs_k, k_mask, col_off
 
 
@@ -40,7 +46,7 @@ def load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC: tl.conste
                  BLOCK_K: tl.constexpr, CACHE: tl.constexpr = DEFAULT_CACHE):  # fmt: skip
     """[BLOCK_M, BLOCK_K] tile of flattened patches in ACC, 0 outside the valid range.
     CACHE=".cg" reads through L2, for data this program wrote earlier (second passes)."""
-    offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, sxc, sxh, sxw, BLOCK_K)
+    offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, sxc, sxh, sxw, False, BLOCK_K)
     mask = m_mask[:, None] & k_mask[None, :]
     tile = tl.load(X + row_off[:, None] + col_off[None, :], mask=mask, other=0.0,
                    cache_modifier=CACHE)  # fmt: skip
@@ -51,22 +57,32 @@ def load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC: tl.conste
 def patch_stats(X, row_off, m_mask, K, C, PW, sxc, sxh, sxw, eps, ACC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Per-token mean and 1/std over the patch, exact two-pass (mean, then centred variance):
-    raw 0..255 pixels have |mean| >> std, where E[x^2] - E[x]^2 would cancel."""
-    acc_sum = tl.zeros([BLOCK_M], dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        p, offs_k, k_mask, mask = load_patches(
-            X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+    raw 0..255 pixels have |mean| >> std, where E[x^2] - E[x]^2 would cancel. Each pass adds
+    whole tiles and reduces across the K lanes once at its end, not on every K step."""
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
+    p_next, offs_k, k_mask, mask = load_patches(
+        X, row_off, m_mask, 0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+    )
+    for k0 in range(0, K, BLOCK_K):  # prefetching as project_chunk does
+        p = p_next
+        p_next, offs_k, k_mask, mask = load_patches(
+            X, row_off, m_mask, k0 + BLOCK_K, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
         )
-        acc_sum += tl.sum(p, axis=1)
-    mean = acc_sum / K
-    acc_var = tl.zeros([BLOCK_M], dtype=ACC)
+        acc += p
+    mean = tl.sum(acc, axis=1) / K
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
+    p_next, offs_k, k_mask, mask = load_patches(
+        X, row_off, m_mask, 0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+    )
     for k0 in range(0, K, BLOCK_K):
-        p, offs_k, k_mask, mask = load_patches(
-            X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+        p = p_next
+        valid = (k0 + tl.arange(0, BLOCK_K) < K)[None, :] & m_mask[:, None]
+        p_next, offs_k, k_mask, mask = load_patches(
+            X, row_off, m_mask, k0 + BLOCK_K, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
         )
-        centred = tl.where(mask, p - mean[:, None], 0.0)
-        acc_var += tl.sum(centred * centred, axis=1)
-    return mean, 1.0 / tl.sqrt(acc_var / K + eps)
+        centred = tl.where(valid, p - mean[:, None], 0.0)
+        acc += centred * centred
+    return mean, 1.0 / tl.sqrt(tl.sum(acc, axis=1) / K + eps)
 
 
 @triton.jit
@@ -74,6 +90,7 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
                   sxc, sxh, sxw, swd, swc, swi, swj,
                   PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+                  W_FLAT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Z[:, n0 : n0 + BLOCK_N] = LayerNorm_K(patches) @ W.T + bias for BLOCK_M tokens, in ACC.
 
@@ -84,15 +101,24 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    # Software prefetch: the next K tile is gathered before this one is used, so the gather's
+    # latency overlaps the normalisation and tensor-core product (Triton pipelines only loads
+    # that feed tl.dot unchanged; these are normalised in registers first).
+    a_next, offs_k, k_mask, a_mask = load_patches(
+        X, row_off, m_mask, 0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+    )
     for k0 in range(0, K, BLOCK_K):
-        a, offs_k, k_mask, a_mask = load_patches(
-            X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+        a = a_next
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a_next, offs_next, k_mask_next, a_mask_next = load_patches(
+            X, row_off, m_mask, k0 + BLOCK_K, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
         )
         if PRE_NORM:
             g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
             b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
             a = (a - mean1[:, None]) * rstd1[:, None] * g1[None, :] + b1[None, :]
-        w_k, w_kmask, w_col = patch_cols(k0, K, C, PW, swc, swi, swj, BLOCK_K)
+        w_k, w_kmask, w_col = patch_cols(k0, K, C, PW, swc, swi, swj, W_FLAT, BLOCK_K)
         w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + w_col[:, None]
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(acc, a, w, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
@@ -105,7 +131,7 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
 def store_patches(DX, row_off, m_mask, tile, k0, K, C, PW, stride_c, stride_h, stride_w,
                   INTERPRETED: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Scatter a [BLOCK_M, BLOCK_K] tile of flattened patches back into image layout."""
-    offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, stride_c, stride_h, stride_w, BLOCK_K)
+    offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, stride_c, stride_h, stride_w, False, BLOCK_K)
     mask = m_mask[:, None] & k_mask[None, :]
     out = cast(tile, DX.dtype.element_ty, INTERPRETED)
     tl.store(DX + row_off[:, None] + col_off[None, :], out, mask=mask)

@@ -52,6 +52,9 @@ def specialise(kernel, args, kwargs) -> tuple[dict, dict, dict]:
     names = list(kernel.arg_names)
     sig, const, attrs = {}, {}, {}
     for i, (name, value) in enumerate(zip(names, args, strict=False)):
+        if kernel.params[i].is_constexpr:
+            sig[name], const[name] = "constexpr", value
+            continue
         kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
         sig[name] = kind
         if kind == "constexpr":
@@ -79,23 +82,27 @@ def resource_usage(cubin: bytes) -> str:
 def record_all() -> None:
     for name in KERNELS:
         setattr(launch, name, Recorder(getattr(launch, name)))
-    cases = [  # (dtype, D, pre, post, bias): D 64 fits one tile, 768 needs the second pass
-        (torch.bfloat16, 768, True, True, True),
-        (torch.bfloat16, 64, True, True, True),
-        (torch.float16, 1024, False, True, True),
-        (torch.float32, 768, True, True, True),
-        (torch.bfloat16, 768, False, False, False),
-        (torch.float64, 64, True, True, True),  # gradcheck and fp64 tests run on the GPU too
+    # (dtype, D, patch, pre, post, bias): D 64 fits one tile, wider rows take the second pass;
+    # patch 14 (vit_l14, K = 588) gives the kernels other compile-time index arithmetic.
+    cases = [
+        (torch.bfloat16, 768, 16, True, True, True),
+        (torch.bfloat16, 64, 16, True, True, True),
+        (torch.bfloat16, 1024, 14, True, True, True),
+        (torch.float16, 1024, 16, False, True, True),
+        (torch.float32, 768, 16, True, True, True),
+        (torch.bfloat16, 768, 16, False, False, False),
+        (torch.float64, 64, 16, True, True, True),  # gradcheck and fp64 tests run on the GPU too
     ]
-    for dtype, dim, pre, post, bias in cases:
+    for dtype, dim, patch, pre, post, bias in cases:
         # A vit_b16-sized batch: several token splits in the dW GEMM, as on a real run.
         x = torch.randn(8, 3, 224, 224, dtype=dtype)
-        w = torch.randn(dim, 3 * 16 * 16, dtype=dtype)
+        k = 3 * patch * patch
+        w = torch.randn(dim, k, dtype=dtype)
         b = torch.randn(dim, dtype=dtype) if bias else None
-        g1 = (torch.ones(768, dtype=dtype), torch.zeros(768, dtype=dtype)) if pre else (None,) * 2
+        g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else (None,) * 2
         g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else (None,) * 2
-        y, stats = launch.patch_embed_fwd(x, w, b, *g1, *g2, 16, 16, 1e-5, dtype, dtype)
-        launch.patch_embed_bwd(y, x, w, b, *g1, g2[0], stats, 16, 16, dtype, True)
+        y, stats = launch.patch_embed_fwd(x, w, b, *g1, *g2, patch, patch, 1e-5, dtype, dtype)
+        launch.patch_embed_bwd(y, x, w, b, *g1, g2[0], stats, patch, patch, dtype, True)
 
 
 def main() -> int:

@@ -235,6 +235,27 @@ def test_conv2d_weight_in_place(pre_norm, device) -> None:
         torch.testing.assert_close(y.detach().cpu(), conv(x).flatten(2).transpose(1, 2).detach())
 
 
+def test_transposed_linear_weight(device) -> None:
+    """A Linear weight whose patch axis is not contiguous (a transposed view) is read through
+    its strides: only a contiguous one takes the kernels' flat path."""
+    from zeta_fused import patch_embed
+
+    def run(x, base, bias, backend):
+        x, base = x.detach().requires_grad_(), base.detach().requires_grad_()
+        ones = torch.ones_like(bias)
+        y = patch_embed(x, (4, 2), base.t(), bias, None, (ones, bias), backend=backend)
+        y.backward(dy.to(y.device))
+        return y.detach().cpu(), x.grad.cpu(), base.grad.cpu()
+
+    x, bias = torch.randn(2, 3, 8, 6, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    base = torch.randn(24, 20, dtype=torch.float64)  # (K, D): base.t() has strides (1, 20)
+    dy = torch.randn(2, 6, 20, dtype=torch.float64)
+    ref = run(x, base, bias, "eager")
+    got = run(x.to(device), base.to(device), bias.to(device), "triton")
+    for name, g, r in zip(["y", "dx", "dW"], got, ref, strict=True):
+        torch.testing.assert_close(g, r, msg=name)
+
+
 def test_empty_batch_gradients(device) -> None:
     """B = 0: zero parameter gradients and an empty image gradient, as eager gives."""
     m = make(3, 20, 4).to(device, torch.float32)

@@ -82,6 +82,11 @@ def _weight_strides(weight: Tensor, chans: int, pw: int) -> tuple[int, int, int,
     return sd, sk, pw * chans * sk, chans * sk
 
 
+def _flat_weight(weight: Tensor) -> bool:
+    """A Linear weight whose patch axis is contiguous: the kernels then read it as one run."""
+    return weight.ndim == 2 and weight.stride(1) == 1
+
+
 def _block_n(dim: int, cap: int) -> int:
     return min(max(_next_power_of_2(dim), MIN_BLOCK), cap)
 
@@ -117,8 +122,8 @@ def patch_embed_fwd(
         tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(),
         *_weight_strides(weight, chans, pw), eps,
         PRE_NORM=g1 is not None, HAS_BIAS=bias is not None, POST_NORM=g2 is not None,
-        ROW_IN_ONE_TILE=block_n >= dim, BLOCK_M=blocks.m, BLOCK_N=block_n, BLOCK_K=blocks.k,
-        num_warps=blocks.warps, **_numerics(compute_dtype),
+        ROW_IN_ONE_TILE=block_n >= dim, W_FLAT=_flat_weight(weight), BLOCK_M=blocks.m,
+        BLOCK_N=block_n, BLOCK_K=blocks.k, num_warps=blocks.warps, **_numerics(compute_dtype),
     )  # fmt: skip
     return y, stats
 
@@ -143,6 +148,7 @@ def patch_embed_bwd(
     hp, wp = height // ph, width // pw
     tokens = batch * hp * wp
     w_strides = _weight_strides(weight, chans, pw)
+    w_flat = _flat_weight(weight)  # dW is allocated contiguous: flat exactly when W is
     pre, post = g1 is not None, g2 is not None
     acc = stats.dtype
     numerics = _numerics(compute_dtype)
@@ -157,15 +163,15 @@ def patch_embed_bwd(
         _bwd_dz_kernel[(m_tiles,)](
             x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
             stats, grad_y, dz, partials, *shape, *x.stride(), *w_strides, *grad_y.stride(),
-            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, BLOCK_M=blocks.m,
-            BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k, num_warps=blocks.warps,
-            **numerics,
+            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, W_FLAT=w_flat,
+            BLOCK_M=blocks.m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
+            num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
     dzsum = partials[0].sum(0)
 
     # 2. All parameter gradients from G = dZ^T x̂.
-    d_tiles, k_tiles = _cdiv(dim, blocks.tile), _cdiv(patch_dim, blocks.tile)
+    d_tiles, k_tiles = _cdiv(dim, blocks.dw_d), _cdiv(patch_dim, blocks.tile)
     max_splits = min(DW_MAX_SPLITS, DW_PARTIAL_BYTES // (dim * patch_dim * acc.itemsize))
     dw_steps = _cdiv(tokens, blocks.dw_m)
     splits = max(1, min(DW_TARGET_PROGRAMS // (d_tiles * k_tiles), dw_steps, max_splits))
@@ -173,7 +179,7 @@ def patch_embed_bwd(
     if tokens:
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
             x, stats, dz, gpart, *shape, *x.stride(), *dz.stride(), PRE_NORM=pre,
-            BLOCK_M=blocks.dw_m, BLOCK_D=blocks.tile, BLOCK_K=blocks.tile,
+            BLOCK_M=blocks.dw_m, BLOCK_D=blocks.dw_d, BLOCK_K=blocks.tile,
             num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -184,9 +190,8 @@ def patch_embed_bwd(
     _bwd_param_kernel[(_cdiv(patch_dim, blocks.epilogue_k),)](
         gsum, dzsum, weight, _or(g1, weight), _or(b1, weight), dw, _or(dg1, dw), _or(db1, dw),
         patch_dim, dim, chans, pw, *w_strides, *_weight_strides(dw, chans, pw),
-        PRE_NORM=pre, ACC=numerics["ACC"],
-        INTERPRETED=INTERPRETED, BLOCK_D=blocks.tile, BLOCK_K=blocks.epilogue_k,
-        num_warps=blocks.epilogue_warps,
+        PRE_NORM=pre, ACC=numerics["ACC"], INTERPRETED=INTERPRETED, W_FLAT=w_flat,
+        BLOCK_D=blocks.tile, BLOCK_K=blocks.epilogue_k, num_warps=blocks.epilogue_warps,
     )  # fmt: skip
 
     # 3. The image gradient, only when asked for.
@@ -196,7 +201,7 @@ def patch_embed_bwd(
         if tokens:
             _bwd_dx_kernel[(m_tiles,)](
                 x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
-                *w_strides, *dz.stride(), PRE_NORM=pre, BLOCK_M=blocks.m,
+                *w_strides, *dz.stride(), PRE_NORM=pre, W_FLAT=w_flat, BLOCK_M=blocks.m,
                 BLOCK_D=blocks.tile, BLOCK_K=blocks.k, num_warps=blocks.warps, **numerics,
             )  # fmt: skip
 
