@@ -26,9 +26,13 @@ READ_BACK = tl.constexpr(".cg")
 
 
 @triton.jit
-def _dy_rows(offs_m, NP, stride_b, stride_n):
-    """Offsets of token rows in a (B, N, D) tensor with any strides (stride 0 included)."""
-    return (offs_m // NP) * stride_b + (offs_m % NP) * stride_n
+def _dy_rows(offs_m, NP, stride_b, stride_n, FLAT: tl.constexpr):
+    """Offsets of token rows in a (B, N, D) tensor with any strides (stride 0 included).
+    FLAT: stride_b == N * stride_n (contiguous or fully expanded), so no division is needed."""
+    if FLAT:
+        return offs_m * stride_n
+    tok = offs_m.to(tl.int32)  # 32-bit division, as token_rows
+    return (tok // NP).to(tl.int64) * stride_b + (tok % NP).to(tl.int64) * stride_n
 
 
 @triton.jit
@@ -38,9 +42,10 @@ def _bwd_dz_kernel(
     DY,  # upstream gradient (B, N, D), any strides
     DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE (only written with POST_NORM)
     Partials,  # out: (3, P, D) ACC: column sums of dZ, dY * ẑ, dY per program
+    RowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
     M, K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
-    stride_dyb, stride_dyn, stride_dyd,
+    stride_dyb, stride_dyn, stride_dyd, DY_FLAT: tl.constexpr,
     PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POST_NORM: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr,
@@ -55,7 +60,8 @@ def _bwd_dz_kernel(
     rstd1 = tl.load(Stats + M + offs_m, mask=m_mask, other=0.0)
     mean2 = tl.load(Stats + 2 * M + offs_m, mask=m_mask, other=0.0)
     rstd2 = tl.load(Stats + 3 * M + offs_m, mask=m_mask, other=0.0)
-    dy_rows = DY + _dy_rows(offs_m, NP, stride_dyb, stride_dyn)
+    tl.store(RowOff + offs_m, row_off, mask=m_mask)
+    dy_rows = DY + _dy_rows(offs_m, NP, stride_dyb, stride_dyn, DY_FLAT)
     dz_rows = DZ + offs_m[:, None] * D
     part_dz = Partials + pid * D
     part_dg2 = Partials + (programs + pid) * D
@@ -113,11 +119,12 @@ def _bwd_dz_kernel(
 @triton.jit
 def _bwd_dw_kernel(
     X, Stats,
+    RowOff,  # (M,) int64 image offset of each token's first pixel (from the dZ kernel)
     DZ,  # dZ (B, N, D) with strides (the DZ buffer, or dY without post-norm)
     GPart,  # out: (S, D, K) ACC partials of G = dZ^T x̂ over token splits
     M, K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
     stride_xb, stride_xc, stride_xh, stride_xw,
-    stride_dzb, stride_dzn, stride_dzd,
+    stride_dzb, stride_dzn, stride_dzd, DZ_FLAT: tl.constexpr,
     PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -131,9 +138,11 @@ def _bwd_dw_kernel(
     k0 = pid_k * BLOCK_K
     acc = tl.zeros([BLOCK_D, BLOCK_K], dtype=ACC)
     for m_start in range(pid_s * BLOCK_M, M, splits * BLOCK_M):
-        offs_m, m_mask, row_off = token_rows(
-            m_start, M, NP, WP, PH, PW, stride_xb, stride_xh, stride_xw, BLOCK_M
-        )
+        # Token offsets come precomputed: dividing by NP and WP here, on every step, would
+        # cost more instructions than the tensor-core product.
+        offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_mask = offs_m < M
+        row_off = tl.load(RowOff + offs_m, mask=m_mask, other=0)
         xhat, offs_k, k_mask, mask = load_patches(
             X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
         )
@@ -143,7 +152,7 @@ def _bwd_dw_kernel(
             xhat = tl.where(mask, (xhat - mean1[:, None]) * rstd1[:, None], 0.0)
         dz_ptrs = (
             DZ
-            + _dy_rows(offs_m, NP, stride_dzb, stride_dzn)[:, None]
+            + _dy_rows(offs_m, NP, stride_dzb, stride_dzn, DZ_FLAT)[:, None]
             + (offs_d[None, :] * stride_dzd)
         )
         dz = tl.load(dz_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -206,7 +215,7 @@ def _bwd_dx_kernel(
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
     stride_wd, stride_wc, stride_wi, stride_wj,
-    stride_dzb, stride_dzn, stride_dzd,
+    stride_dzb, stride_dzn, stride_dzd, DZ_FLAT: tl.constexpr,
     PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC: tl.constexpr, INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -218,7 +227,7 @@ def _bwd_dx_kernel(
     grad_m, grad_mask, grad_off = token_rows(
         m_start, M, NP, WP, PH, PW, stride_gb, stride_gh, stride_gw, BLOCK_M
     )
-    dz_rows = DZ + _dy_rows(offs_m, NP, stride_dzb, stride_dzn)
+    dz_rows = DZ + _dy_rows(offs_m, NP, stride_dzb, stride_dzn, DZ_FLAT)
     mean1 = tl.load(Stats + offs_m, mask=m_mask, other=0.0)
     rstd1 = tl.load(Stats + M + offs_m, mask=m_mask, other=0.0)
     sum_g = tl.zeros([BLOCK_M], dtype=ACC)

@@ -14,13 +14,18 @@ DEFAULT_CACHE = tl.constexpr("")
 @triton.jit
 def token_rows(m_start, M, NP, WP, PH, PW, stride_b, stride_h, stride_w, BLOCK_M: tl.constexpr):
     """Tokens m_start .. m_start + BLOCK_M: int64 index, mask, and the offset of each token's
-    top-left pixel in an image with strides (stride_b, ., stride_h, stride_w)."""
-    offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_mask = offs_m < M
-    b = offs_m // NP
-    t = offs_m % NP
-    row_off = b * stride_b + (t // WP) * (PH * stride_h) + (t % WP) * (PW * stride_w)
-    return offs_m, m_mask, row_off
+    top-left pixel in an image with strides (stride_b, ., stride_h, stride_w). The token index
+    is divided in 32 bits (the launcher keeps M < 2**31): a 64-bit division is a slow call."""
+    tok = m_start.to(tl.int32) + tl.arange(0, BLOCK_M)
+    b = tok // NP
+    t = tok % NP
+    row_off = (
+        b.to(tl.int64) * stride_b
+        + (t // WP).to(tl.int64) * (PH * stride_h)
+        + (t % WP).to(tl.int64) * (PW * stride_w)
+    )
+    offs_m = tok.to(tl.int64)
+    return offs_m, offs_m < M, row_off
 
 
 @triton.jit

@@ -88,6 +88,27 @@ def test_stride0_upstream_gradient(device) -> None:
         torch.testing.assert_close(g.cpu(), e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_transposed_upstream_gradient(post_norm, device) -> None:
+    """An upstream gradient whose token rows are not evenly spaced (batch and token axes
+    swapped in memory) is read through its strides; without a post-norm the dW and image
+    gradient kernels read it directly."""
+    m = make(3, 16, 4, (True, post_norm, True))
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(4, 3, 16, dtype=torch.float64).transpose(
+        0, 1
+    )  # (B, N, D), strides (16, 48, 1)
+    m(x).backward(dy)
+    expected = [x.grad.clone(), *(p.grad.clone() for p in m.parameters())]
+    m.zero_grad(set_to_none=True)
+    xd = x.detach().to(device).requires_grad_()
+    m.to(device).backend = "triton"
+    m(xd).backward(dy.to(device))
+    got = [xd.grad, *(p.grad for p in m.parameters())]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.cpu(), e, rtol=1e-10, atol=1e-10)
+
+
 def test_gradcheck_fp64(device) -> None:
     m = make(2, 6, (2, 3)).to(device)
     e = m.embedding

@@ -24,6 +24,9 @@ from .reference import absent_grad, stats_dtype
 
 # tl.dot needs every block dimension >= 16.
 MIN_BLOCK = 16
+# Tokens are indexed in 32 bits (their divisions would otherwise be slow 64-bit calls), and
+# the statistics buffer (4, M) is addressed as k * M + m: 4 * M must fit in an int32.
+MAX_TOKENS = 2**31 // 4
 # Programs wanted for the dW GEMM (reduction over all tokens): several waves on 132 SMs.
 DW_TARGET_PROGRAMS = 1024
 # Cap of the dW partial buffer (token splits x D x K in fp32).
@@ -87,6 +90,13 @@ def _flat_weight(weight: Tensor) -> bool:
     return weight.ndim == 2 and weight.stride(1) == 1
 
 
+def _token_strides(t: Tensor) -> tuple[int, int, int, bool]:
+    """Strides (b, n, d) of a (B, N, D) tensor, and whether its token rows are evenly spaced
+    (then the kernels index them without dividing by N)."""
+    sb, sn, sd = t.stride()
+    return sb, sn, sd, t.shape[0] <= 1 or sb == t.shape[1] * sn
+
+
 def _block_n(dim: int, cap: int) -> int:
     return min(max(_next_power_of_2(dim), MIN_BLOCK), cap)
 
@@ -110,6 +120,11 @@ def patch_embed_fwd(
     dim, patch_dim = weight.shape[0], chans * ph * pw
     hp, wp = height // ph, width // pw
     tokens = batch * hp * wp
+    if tokens >= MAX_TOKENS:
+        raise ValueError(
+            f"{tokens} tokens (batch {batch} x {hp * wp} patches): the fused kernels take at "
+            f"most {MAX_TOKENS - 1} per call; split the batch"
+        )
     y = x.new_empty((batch, hp * wp, dim), dtype=out_dtype)
     stats = x.new_empty((4, tokens), dtype=stats_dtype(compute_dtype))
     if tokens == 0:
@@ -158,11 +173,13 @@ def patch_embed_bwd(
 
     # 1. dZ and the column partials of dZ, dY * ẑ, dY.
     partials = _scratch(x, (3, max(m_tiles, 1), dim), acc, zero=tokens == 0)
+    row_offsets = x.new_empty((tokens,), dtype=torch.int64)
     dz = x.new_empty((batch, hp * wp, dim), dtype=compute_dtype) if post else grad_y
     if tokens:
         _bwd_dz_kernel[(m_tiles,)](
             x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
-            stats, grad_y, dz, partials, *shape, *x.stride(), *w_strides, *grad_y.stride(),
+            stats, grad_y, dz, partials, row_offsets, *shape, *x.stride(), *w_strides,
+            *_token_strides(grad_y),
             PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, W_FLAT=w_flat,
             BLOCK_M=blocks.m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
             num_warps=blocks.warps, **numerics,
@@ -178,8 +195,8 @@ def patch_embed_bwd(
     gpart = _scratch(x, (splits, dim, patch_dim), acc, zero=tokens == 0)
     if tokens:
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
-            x, stats, dz, gpart, *shape, *x.stride(), *dz.stride(), PRE_NORM=pre,
-            BLOCK_M=blocks.dw_m, BLOCK_D=blocks.dw_d, BLOCK_K=blocks.tile,
+            x, stats, row_offsets, dz, gpart, *shape, *x.stride(), *_token_strides(dz),
+            PRE_NORM=pre, BLOCK_M=blocks.dw_m, BLOCK_D=blocks.dw_d, BLOCK_K=blocks.tile,
             num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -201,7 +218,7 @@ def patch_embed_bwd(
         if tokens:
             _bwd_dx_kernel[(m_tiles,)](
                 x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
-                *w_strides, *dz.stride(), PRE_NORM=pre, W_FLAT=w_flat, BLOCK_M=blocks.m,
+                *w_strides, *_token_strides(dz), PRE_NORM=pre, W_FLAT=w_flat, BLOCK_M=blocks.m,
                 BLOCK_D=blocks.tile, BLOCK_K=blocks.k, num_warps=blocks.warps, **numerics,
             )  # fmt: skip
 
