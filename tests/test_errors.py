@@ -99,3 +99,12 @@ def test_errors_leave_nothing_half_done() -> None:
         m(torch.randn(1, 3, 18, 16, requires_grad=True))
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_too_many_tokens_for_the_fused_kernels(device) -> None:
+    """The kernels index tokens in 32 bits: a larger batch raises before anything is allocated
+    (an expanded image costs no memory here)."""
+    m = PatchEmbeddings(3, 8, 16, backend="triton", device=device)
+    x = torch.zeros(1, 3, 16, 16, device=device).expand(2**25, 3, 16, 16)  # 2**29 tokens
+    with torch.no_grad(), pytest.raises(ValueError, match=r"536870912 tokens .*split the batch"):
+        m(x)
