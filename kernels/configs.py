@@ -18,6 +18,7 @@ class Blocks:
     dw_m: int  # token step of the dW GEMM (its reduction dimension)
     dw_d: int  # D rows of a dW tile: each token step's gather is shared by all of them
     tile: int  # K columns of a dW tile, and the D step of the image-gradient GEMM
+    dx_k: int  # patch columns per image-gradient chunk: dZ is re-read once per chunk
     warps: int = 8  # GEMM kernels: 8 warps keep accumulators and gather pointers in registers
     epilogue_warps: int = 4  # the small parameter-gradient epilogue
     # K columns per epilogue program: narrow, so that even K = 768 spreads over 48 programs
@@ -26,8 +27,8 @@ class Blocks:
 
 
 BLOCKS = {
-    2: Blocks(m=64, k=32, n=256, dz_n=128, dw_m=64, dw_d=256, tile=64),
-    4: Blocks(m=64, k=16, n=64, dz_n=32, dw_m=16, dw_d=64, tile=64),
+    2: Blocks(m=64, k=32, n=256, dz_n=128, dw_m=64, dw_d=256, tile=64, dx_k=64),
+    4: Blocks(m=64, k=16, n=64, dz_n=32, dw_m=16, dw_d=64, tile=64, dx_k=16),
 }
 
 

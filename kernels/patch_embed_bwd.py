@@ -137,15 +137,22 @@ def _bwd_dw_kernel(
     d_mask = offs_d < D
     k0 = pid_k * BLOCK_K
     acc = tl.zeros([BLOCK_D, BLOCK_K], dtype=ACC)
-    for m_start in range(pid_s * BLOCK_M, M, splits * BLOCK_M):
-        # Token offsets come precomputed: dividing by NP and WP here, on every step, would
-        # cost more instructions than the tensor-core product.
+    # Token offsets come precomputed: dividing by NP and WP here, on every step, would cost
+    # more instructions than the tensor-core product. The patch tile of the next step is
+    # gathered at the end of this one (software prefetch, as in project_chunk).
+    step = splits * BLOCK_M
+    offs_next = pid_s * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_off = tl.load(RowOff + offs_next, mask=offs_next < M, other=0)
+    x_next, offs_k, k_mask, mask = load_patches(
+        X, row_off, offs_next < M, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
+    )
+    for m_start in range(pid_s * BLOCK_M, M, step):
         offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mask = offs_m < M
-        row_off = tl.load(RowOff + offs_m, mask=m_mask, other=0)
-        xhat, offs_k, k_mask, mask = load_patches(
-            X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
-        )
+        xhat = x_next
+        mask = m_mask[:, None] & k_mask[None, :]
+        offs_next = offs_m + step
+        row_off = tl.load(RowOff + offs_next, mask=offs_next < M, other=0)
         if PRE_NORM:
             mean1 = tl.load(Stats + offs_m, mask=m_mask, other=0.0)
             rstd1 = tl.load(Stats + M + offs_m, mask=m_mask, other=0.0)
@@ -157,6 +164,9 @@ def _bwd_dw_kernel(
         )
         dz = tl.load(dz_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         acc = mma(acc, tl.trans(dz), xhat, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
+        x_next, offs_k, k_mask, mask_next = load_patches(
+            X, row_off, offs_next < M, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
+        )
     offs_k = k0 + tl.arange(0, BLOCK_K)
     out = GPart + pid_s.to(tl.int64) * D * K + offs_d[:, None] * K + offs_k[None, :]
     tl.store(out, acc, mask=d_mask[:, None] & (offs_k < K)[None, :])

@@ -219,7 +219,7 @@ def patch_embed_bwd(
             _bwd_dx_kernel[(m_tiles,)](
                 x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
                 *w_strides, *_token_strides(dz), PRE_NORM=pre, W_FLAT=w_flat, BLOCK_M=blocks.m,
-                BLOCK_D=blocks.tile, BLOCK_K=blocks.k, num_warps=blocks.warps, **numerics,
+                BLOCK_D=blocks.tile, BLOCK_K=blocks.dx_k, num_warps=blocks.warps, **numerics,
             )  # fmt: skip
 
     dbias = dzsum.to(bias.dtype) if bias is not None else absent_grad(weight)
