@@ -94,16 +94,22 @@ def record_all() -> None:
         (torch.bfloat16, 768, 16, False, False, False),
         (torch.float64, 64, 16, True, True, True),  # gradcheck and fp64 tests run on the GPU too
     ]
-    for dtype, dim, patch, pre, post, bias in cases:
-        # A vit_b16-sized batch: several token splits in the dW GEMM, as on a real run.
-        x = torch.randn(8, 3, 224, 224, dtype=dtype)
-        k = 3 * patch * patch
-        w = torch.randn(dim, k, dtype=dtype)
-        b = torch.randn(dim, dtype=dtype) if bias else None
-        g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else (None,) * 2
-        g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else (None,) * 2
-        y, stats = launch.patch_embed_fwd(x, w, b, *g1, *g2, patch, patch, 1e-5, dtype, dtype)
-        launch.patch_embed_bwd(y, x, w, b, *g1, g2[0], stats, patch, patch, dtype, True)
+    for i, (dtype, dim, patch, pre, post, bias) in enumerate(cases):
+        # A vit_b16-sized batch: several token splits in the dW GEMM, as on a real run; the
+        # first case also runs at batch 1, where the forward takes smaller token tiles.
+        for batch in (16, 1) if i == 0 else (16,):
+            run_case(torch.randn(batch, 3, 224, 224, dtype=dtype), dim, patch, pre, post, bias)
+
+
+def run_case(x, dim, patch, pre, post, bias) -> None:
+    dtype = x.dtype
+    k = 3 * patch * patch
+    w = torch.randn(dim, k, dtype=dtype)
+    b = torch.randn(dim, dtype=dtype) if bias else None
+    g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else (None,) * 2
+    g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else (None,) * 2
+    y, stats = launch.patch_embed_fwd(x, w, b, *g1, *g2, patch, patch, 1e-5, dtype, dtype)
+    launch.patch_embed_bwd(y, x, w, b, *g1, g2[0], stats, patch, patch, dtype, True)
 
 
 def main() -> int:

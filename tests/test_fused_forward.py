@@ -45,8 +45,17 @@ SHAPES = [  # (B, C, H, W, patch, D): odd sizes on purpose
 ]
 
 
+@pytest.fixture(params=[64, 16], ids=["64-token tiles", "16-token tiles"])
+def token_tiles(request, monkeypatch) -> None:
+    """Both forward tilings: 64-token programs, and the 16-token ones that small grids take."""
+    import zeta_fused.launch as launch
+
+    monkeypatch.setattr(launch, "SMALL_GRID", 0 if request.param == 64 else 2**31)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.usefixtures("token_tiles")
 def test_shape_grid(shape, dtype, device) -> None:
     B, C, H, W, patch, D = shape
     check(make(C, D, patch), torch.randn(B, C, H, W), dtype, device)
@@ -54,6 +63,7 @@ def test_shape_grid(shape, dtype, device) -> None:
 
 @pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.usefixtures("token_tiles")
 def test_flag_combinations(flags, dtype, device) -> None:
     check(make(3, 40, 4, flags), torch.randn(2, 3, 16, 12), dtype, device)
 
