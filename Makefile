@@ -10,7 +10,7 @@ OUT ?= bench_out
 ALT_TRITON_VERSION := 3.6.0
 ALT_TRITON := .triton-$(ALT_TRITON_VERSION)
 
-.PHONY: install test lint bench gpu-check clean
+.PHONY: install test lint bench gpu-check gpu-tune clean
 
 # --system-site-packages reuses an existing (CUDA) torch; editable install with test + bench extras.
 $(STAMP): pyproject.toml
@@ -46,6 +46,13 @@ gpu-check:
 	env -u TRITON_INTERPRET python3 tests/aot_compile.py > $(OUT)/aot-sm90.log 2>&1 || status=1; \
 	python3 -m bench --preset quick --out $(OUT) 2>&1 | tee $(OUT)/bench.log || status=1; \
 	exit $$status
+
+# Block-size tuning on a CUDA machine (no venv, as gpu-check): the fused op under each variant
+# of bench/tune.py; the table, tune.json and the log go to $(OUT).
+gpu-tune:
+	python3 -m pip install -q -e . --no-deps --no-build-isolation
+	mkdir -p $(OUT)
+	set -o pipefail; python3 -m bench.tune --out $(OUT) 2>&1 | tee $(OUT)/tune.log
 
 clean:
 	rm -rf $(VENV) $(ALT_TRITON) $(OUT) .pytest_cache .ruff_cache *.egg-info

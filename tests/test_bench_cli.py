@@ -120,3 +120,34 @@ def test_gpu_shaped_report(tmp_path) -> None:
     written = report.write(rows, meta, peaks, host, tmp_path)
     assert (tmp_path / "bench.png").stat().st_size > 0 and str(tmp_path / "bench.png") in written
     assert json.loads((tmp_path / "bench.json").read_text())["host_overhead"] == host
+
+
+def test_tune_variants_install_and_restore() -> None:
+    """Every tuning variant names real Blocks fields and launch constants, and is undone."""
+    sys.path.insert(0, str(ROOT))
+    from bench import tune
+    from zeta_fused import launch
+    from zeta_fused.kernels import configs
+
+    before = (configs.BLOCKS[tune.OPERAND_BYTES], launch.SMALL_GRID, launch.DW_TARGET_PROGRAMS)
+    for name, (blocks, consts) in tune.VARIANTS.items():
+        saved = tune.apply(name)
+        current = configs.BLOCKS[tune.OPERAND_BYTES]
+        assert all(getattr(current, k) == v for k, v in blocks.items()), name
+        assert all(getattr(launch, k) == v for k, v in consts.items()), name
+        tune.restore(saved)
+        after = (configs.BLOCKS[tune.OPERAND_BYTES], launch.SMALL_GRID, launch.DW_TARGET_PROGRAMS)
+        assert after == before, name
+    assert all(p in tune.PRESETS and tune.PRESETS[p].dtype == "bf16" for p, _ in tune.PLAN)
+
+
+def test_tune_needs_cuda(tmp_path) -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("has CUDA: the tuning run itself is the GPU check")
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.tune", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2 and "needs a CUDA device" in r.stdout

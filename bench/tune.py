@@ -1,0 +1,123 @@
+"""``python -m bench.tune``: the fused op under alternative block sizes, timed in one GPU run.
+
+The block sizes in ``kernels/configs.py`` were chosen from the sm_90 machine code, without a GPU.
+Each variant here changes one thing from the current 2-byte-operand (bf16/fp16) table; the
+zeta-fused provider is timed on the presets and modes below, so the table can be set from
+measurements. Prints milliseconds per variant (and each one's ratio to the current table) and
+writes tune.json. Needs CUDA: on the interpreter timings would mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from . import measure
+from .presets import PRESETS
+from .providers import FUSED
+from .runner import progress, run_cell
+
+# name -> (changes to the bf16/fp16 Blocks, overrides of zeta_fused.launch constants)
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "current": ({}, {}),
+    "fwd n=128": ({"n": 128}, {}),
+    "fwd k=64": ({"k": 64}, {}),
+    "fwd m=128 n=128": ({"m": 128, "n": 128}, {}),
+    "dz n=64": ({"dz_n": 64}, {}),
+    "dw d=128": ({"dw_d": 128}, {}),
+    "dw m=32": ({"dw_m": 32}, {}),
+    "dx k=32": ({"dx_k": 32}, {}),
+    "warps=4": ({"warps": 4}, {}),
+    "no 16-token tiles": ({}, {"SMALL_GRID": 0}),
+    "dw 2x programs": ({}, {"DW_TARGET_PROGRAMS": 528}),
+}
+PLAN = [
+    ("vit_b16", "fwd"),
+    ("vit_b16", "train"),
+    ("vit_l14", "fwd"),
+    ("seed_doc_example", "fwd"),
+    ("seed_doc_example", "train"),
+    ("b1_latency_b16", "fwd"),
+]
+OPERAND_BYTES = 2  # the bf16/fp16 table: every preset in PLAN is bf16
+
+
+def apply(name: str) -> dict:
+    """Install a variant; returns what to restore."""
+    from zeta_fused import launch
+    from zeta_fused.kernels import configs
+
+    blocks, consts = VARIANTS[name]
+    saved = {"BLOCKS": configs.BLOCKS[OPERAND_BYTES]}
+    saved |= {k: getattr(launch, k) for k in consts}
+    configs.BLOCKS[OPERAND_BYTES] = dataclasses.replace(saved["BLOCKS"], **blocks)
+    for k, v in consts.items():
+        setattr(launch, k, v)
+    return saved
+
+
+def restore(saved: dict) -> None:
+    from zeta_fused import launch
+    from zeta_fused.kernels import configs
+
+    configs.BLOCKS[OPERAND_BYTES] = saved.pop("BLOCKS")
+    for k, v in saved.items():
+        setattr(launch, k, v)
+
+
+def run(variants: list[str]) -> list[dict]:
+    rows = []
+    for name in variants:
+        saved = apply(name)
+        try:
+            for preset, mode in PLAN:
+                progress(f"{name}: {preset} {mode} (compiles first)")
+                rows.append(run_cell(PRESETS[preset], mode, FUSED, "cuda") | {"variant": name})
+        finally:
+            restore(saved)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = {(r["preset"], r["mode"]): r.get("ms") for r in rows if r["variant"] == "current"}
+    cols = [f"{p} {m}" for p, m in PLAN]
+    lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        cells = []
+        for p, m in PLAN:
+            r = next(r for r in rows if r["variant"] == name and (r["preset"], r["mode"]) == (p, m))
+            if r["status"] != "ok":
+                cells.append(f"failed: {r.get('error', '')[:40]}")
+            elif base.get((p, m)):
+                cells.append(f"{r['ms']:.4f} ({r['ms'] / base[(p, m)]:.2f}x)")
+            else:
+                cells.append(f"{r['ms']:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__)
+    ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: all")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.tune needs a CUDA device: it times the Triton kernels.")
+        return 2
+    variants = ["current", *(v for v in args.variant or VARIANTS if v != "current")]
+    rows = run(variants)
+    text = table(rows)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = measure.device_info("cuda")
+    (args.out / "tune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "tune.md").write_text(f"{meta}\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
