@@ -17,7 +17,14 @@ Device code only: the launch module allocates buffers and builds grids.
 import triton
 import triton.language as tl
 
-from .patch_tiles import load_patches, patch_cols, project_chunk, store_patches, token_rows
+from .patch_tiles import (
+    load_patches,
+    param_cols,
+    patch_cols,
+    project_chunk,
+    store_patches,
+    token_rows,
+)
 from .rounding import cast, mma
 
 # Second passes read what the same program stored in the first: through L2 (".cg"), never a
@@ -48,7 +55,7 @@ def _bwd_dz_kernel(
     stride_dyb, stride_dyn, stride_dyd, DY_FLAT: tl.constexpr,
     PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POST_NORM: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
-    INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr,
+    INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr, CIJ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -73,9 +80,9 @@ def _bwd_dz_kernel(
         sum_gz = tl.zeros([BLOCK_M], dtype=ACC)
         for n0 in range(0, D, BLOCK_N):
             z, offs_n, n_mask = project_chunk(
-                X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
+                X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PH, PW,
                 stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
-                PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT,
+                PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT, CIJ,
                 BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             mask = m_mask[:, None] & n_mask[None, :]
@@ -126,7 +133,7 @@ def _bwd_dw_kernel(
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_dzb, stride_dzn, stride_dzd, DZ_FLAT: tl.constexpr,
     PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+    ACC: tl.constexpr, INTERPRETED: tl.constexpr, CIJ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
@@ -144,8 +151,9 @@ def _bwd_dw_kernel(
     offs_next = pid_s * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_off = tl.load(RowOff + offs_next, mask=offs_next < M, other=0)
     x_next, offs_k, k_mask, mask = load_patches(
-        X, row_off, offs_next < M, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
-    )
+        X, row_off, offs_next < M, k0, K, C, PH, PW, stride_xc, stride_xh, stride_xw, CIJ, ACC,
+        BLOCK_K
+    )  # fmt: skip
     for m_start in range(pid_s * BLOCK_M, M, step):
         offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mask = offs_m < M
@@ -165,8 +173,9 @@ def _bwd_dw_kernel(
         dz = tl.load(dz_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         acc = mma(acc, tl.trans(dz), xhat, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
         x_next, offs_k, k_mask, mask_next = load_patches(
-            X, row_off, offs_next < M, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
-        )
+            X, row_off, offs_next < M, k0, K, C, PH, PW, stride_xc, stride_xh, stride_xw, CIJ, ACC,
+            BLOCK_K
+        )  # fmt: skip
     offs_k = k0 + tl.arange(0, BLOCK_K)
     out = GPart + pid_s.to(tl.int64) * D * K + offs_d[:, None] * K + offs_k[None, :]
     tl.store(out, acc, mask=d_mask[:, None] & (offs_k < K)[None, :])
@@ -179,22 +188,24 @@ def _bwd_param_kernel(
     W, G1, B1,
     DW,  # out: in the weight's shape and dtype, strides (d, c, i, j)
     DG1, DB1,  # out: (K,) in the pre-norm parameters' dtype (with PRE_NORM)
-    K, D, C: tl.constexpr, PW: tl.constexpr,
+    K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     stride_wd, stride_wc, stride_wi, stride_wj,
     stride_gd, stride_gc, stride_gi, stride_gj,
     PRE_NORM: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr,
+    CIJ: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     k0 = tl.program_id(0) * BLOCK_K
     offs_k, k_mask, w_col = patch_cols(
-        k0, K, C, PW, stride_wc, stride_wi, stride_wj, W_FLAT, BLOCK_K
+        k0, K, C, PH, PW, stride_wc, stride_wi, stride_wj, W_FLAT, CIJ, BLOCK_K
     )
     dw_k, dw_kmask, dw_col = patch_cols(
-        k0, K, C, PW, stride_gc, stride_gi, stride_gj, W_FLAT, BLOCK_K
+        k0, K, C, PH, PW, stride_gc, stride_gi, stride_gj, W_FLAT, CIJ, BLOCK_K
     )
+    g_col = param_cols(k0, K, C, PH, PW, CIJ, BLOCK_K)
     if PRE_NORM:
-        g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
-        b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+        g1 = tl.load(G1 + g_col, mask=k_mask, other=0.0).to(ACC)
+        b1 = tl.load(B1 + g_col, mask=k_mask, other=0.0).to(ACC)
     dg1 = tl.zeros([BLOCK_K], dtype=ACC)
     db1 = tl.zeros([BLOCK_K], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
@@ -212,8 +223,8 @@ def _bwd_param_kernel(
         dw = DW + offs_d[:, None].to(tl.int64) * stride_gd + dw_col[None, :]
         tl.store(dw, cast(g, DW.dtype.element_ty, INTERPRETED), mask=mask)
     if PRE_NORM:
-        tl.store(DG1 + offs_k, cast(dg1, DG1.dtype.element_ty, INTERPRETED), mask=k_mask)
-        tl.store(DB1 + offs_k, cast(db1, DB1.dtype.element_ty, INTERPRETED), mask=k_mask)
+        tl.store(DG1 + g_col, cast(dg1, DG1.dtype.element_ty, INTERPRETED), mask=k_mask)
+        tl.store(DB1 + g_col, cast(db1, DB1.dtype.element_ty, INTERPRETED), mask=k_mask)
 
 
 @triton.jit
@@ -227,7 +238,7 @@ def _bwd_dx_kernel(
     stride_wd, stride_wc, stride_wi, stride_wj,
     stride_dzb, stride_dzn, stride_dzd, DZ_FLAT: tl.constexpr,
     PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC: tl.constexpr, INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr,
+    ACC: tl.constexpr, INTERPRETED: tl.constexpr, W_FLAT: tl.constexpr, CIJ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
@@ -246,7 +257,7 @@ def _bwd_dx_kernel(
     # program owns its tokens' pixels) and reduce the rows of g and g * x̂.
     for k0 in range(0, K, BLOCK_K):
         offs_k, k_mask, w_col = patch_cols(
-            k0, K, C, PW, stride_wc, stride_wi, stride_wj, W_FLAT, BLOCK_K
+            k0, K, C, PH, PW, stride_wc, stride_wi, stride_wj, W_FLAT, CIJ, BLOCK_K
         )
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
@@ -259,14 +270,16 @@ def _bwd_dx_kernel(
             acc = mma(acc, dz, w, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
         if PRE_NORM:
             x, x_k, x_kmask, mask = load_patches(
-                X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
-            )
+                X, row_off, m_mask, k0, K, C, PH, PW, stride_xc, stride_xh, stride_xw, CIJ, ACC,
+                BLOCK_K
+            )  # fmt: skip
             xhat = (x - mean1[:, None]) * rstd1[:, None]
-            acc = tl.where(mask, acc * tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC), 0.0)
+            g1 = tl.load(G1 + param_cols(k0, K, C, PH, PW, CIJ, BLOCK_K), mask=k_mask, other=0.0)
+            acc = tl.where(mask, acc * g1.to(ACC), 0.0)
             sum_g += tl.sum(acc, axis=1)
             sum_gx += tl.sum(acc * xhat, axis=1)
-        store_patches(DX, grad_off, m_mask, acc, k0, K, C, PW, stride_gc, stride_gh, stride_gw,
-                       INTERPRETED, BLOCK_K)  # fmt: skip
+        store_patches(DX, grad_off, m_mask, acc, k0, K, C, PH, PW, stride_gc, stride_gh,
+                      stride_gw, CIJ, INTERPRETED, BLOCK_K)  # fmt: skip
     if PRE_NORM:
         # Pass 2: dP = rstd1 * (g - mean(g) - x̂ * mean(g * x̂)), read back from DX.
         mean_g = sum_g / K
@@ -274,8 +287,9 @@ def _bwd_dx_kernel(
         tl.debug_barrier()
         for k0 in range(0, K, BLOCK_K):
             x, x_k, x_kmask, x_mask = load_patches(
-                X, row_off, m_mask, k0, K, C, PW, stride_xc, stride_xh, stride_xw, ACC, BLOCK_K
-            )
+                X, row_off, m_mask, k0, K, C, PH, PW, stride_xc, stride_xh, stride_xw, CIJ, ACC,
+                BLOCK_K
+            )  # fmt: skip
             g, g_k, g_kmask, g_mask = load_patches(
                 DX,
                 grad_off,
@@ -283,15 +297,17 @@ def _bwd_dx_kernel(
                 k0,
                 K,
                 C,
+                PH,
                 PW,
                 stride_gc,
                 stride_gh,
                 stride_gw,
+                CIJ,
                 ACC,
                 BLOCK_K,
                 READ_BACK,
             )
             xhat = (x - mean1[:, None]) * rstd1[:, None]
             dp = rstd1[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-            store_patches(DX, grad_off, m_mask, dp, k0, K, C, PW, stride_gc, stride_gh,
-                           stride_gw, INTERPRETED, BLOCK_K)  # fmt: skip
+            store_patches(DX, grad_off, m_mask, dp, k0, K, C, PH, PW, stride_gc, stride_gh,
+                          stride_gw, CIJ, INTERPRETED, BLOCK_K)  # fmt: skip

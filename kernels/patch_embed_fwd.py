@@ -46,7 +46,8 @@ def _patch_embed_fwd_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     ACC: tl.constexpr,  # accumulation / statistics dtype: fp32 (fp64 for fp64 inputs)
     INTERPRETED: tl.constexpr,  # interpreter: emulate bf16 rounding, multiply in ACC
-    W_FLAT: tl.constexpr,  # W holds the patch axis contiguously (a contiguous Linear weight)
+    W_FLAT: tl.constexpr,  # W holds the patch axis contiguously in the K order
+    CIJ: tl.constexpr,  # K order (c, i, j) rather than (i, j, c): see patch_tiles.patch_cols
     ROW_IN_ONE_TILE: tl.constexpr,  # BLOCK_N >= D: the post-norm needs no second pass
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -60,8 +61,8 @@ def _patch_embed_fwd_kernel(
     rstd1 = tl.full([BLOCK_M], 1.0, dtype=ACC)
     if PRE_NORM:
         mean1, rstd1 = patch_stats(
-            X, row_off, m_mask, K, C, PW, stride_xc, stride_xh, stride_xw, eps, ACC, BLOCK_M,
-            BLOCK_K,
+            X, row_off, m_mask, K, C, PH, PW, stride_xc, stride_xh, stride_xw, CIJ, eps, ACC,
+            BLOCK_M, BLOCK_K,
         )  # fmt: skip
 
     # Post-norm statistics merged across column chunks (Chan et al.): chunk-centred sums keep
@@ -71,9 +72,9 @@ def _patch_embed_fwd_kernel(
     y_rows = Y + offs_m[:, None] * D
     for n0 in range(0, D, BLOCK_N):
         acc, offs_n, n_mask = project_chunk(
-            X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
+            X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PH, PW,
             stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
-            PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT,
+            PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT, CIJ,
             BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         if POST_NORM:

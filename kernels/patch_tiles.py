@@ -29,29 +29,52 @@ def token_rows(m_start, M, NP, WP, PH, PW, stride_b, stride_h, stride_w, BLOCK_M
 
 
 @triton.jit
-def patch_cols(k0, K, C: tl.constexpr, PW: tl.constexpr, stride_c, stride_h, stride_w,
-               FLAT: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """Patch elements k0 .. k0 + BLOCK_K, k = (i * pw + j) * C + c: index, mask, pixel offset.
-    FLAT: the operand holds k contiguously (a contiguous Linear weight), so its offset is k
-    itself, which the compiler can see is contiguous: the loads vectorise."""
+def patch_cols(k0, K, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, stride_c, stride_h,
+               stride_w, FLAT: tl.constexpr, CIJ: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Patch elements k0 .. k0 + BLOCK_K in the kernels' K order: index, mask, element offset.
+
+    The order is (i, j, c), k = (i * pw + j) * C + c, the flattened-patch order of the
+    projection weight; with CIJ it is (c, i, j), pixel rows innermost, so that a contiguous
+    NCHW image yields runs of pw contiguous pixels and the gather vectorises. Any order gives
+    the same GEMM as long as every operand of one product is read in it. FLAT: the operand
+    holds the elements contiguously in this order (its offset is k itself), which the compiler
+    can see: the loads vectorise."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     if FLAT:
         col_off = offs_k.to(tl.int64)
     else:
-        c = offs_k % C
-        j = (offs_k // C) % PW
-        i = offs_k // (C * PW)
+        if CIJ:
+            j = offs_k % PW
+            i = (offs_k // PW) % PH
+            c = offs_k // (PW * PH)
+        else:
+            c = offs_k % C
+            j = (offs_k // C) % PW
+            i = offs_k // (C * PW)
         col_off = c.to(tl.int64) * stride_c + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
     return offs_k, k_mask, col_off
 
 
 @triton.jit
-def load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC: tl.constexpr,
-                 BLOCK_K: tl.constexpr, CACHE: tl.constexpr = DEFAULT_CACHE):  # fmt: skip
+def param_cols(k0, K, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, CIJ: tl.constexpr,
+               BLOCK_K: tl.constexpr):  # fmt: skip
+    """Offsets of patch elements k0 .. k0 + BLOCK_K (kernel order) in a (K,) pre-norm
+    parameter, which is stored in (i, j, c) order."""
+    if CIJ:
+        offs_k, k_mask, col = patch_cols(k0, K, C, PH, PW, 1, PW * C, C, False, True, BLOCK_K)
+    else:
+        offs_k, k_mask, col = patch_cols(k0, K, C, PH, PW, 1, PW * C, C, True, False, BLOCK_K)
+    return col
+
+
+@triton.jit
+def load_patches(X, row_off, m_mask, k0, K, C, PH, PW, sxc, sxh, sxw, CIJ: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_K: tl.constexpr,
+                 CACHE: tl.constexpr = DEFAULT_CACHE):  # fmt: skip
     """[BLOCK_M, BLOCK_K] tile of flattened patches in ACC, 0 outside the valid range.
     CACHE=".cg" reads through L2, for data this program wrote earlier (second passes)."""
-    offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, sxc, sxh, sxw, False, BLOCK_K)
+    offs_k, k_mask, col_off = patch_cols(k0, K, C, PH, PW, sxc, sxh, sxw, False, CIJ, BLOCK_K)
     mask = m_mask[:, None] & k_mask[None, :]
     tile = tl.load(X + row_off[:, None] + col_off[None, :], mask=mask, other=0.0,
                    cache_modifier=CACHE)  # fmt: skip
@@ -59,31 +82,32 @@ def load_patches(X, row_off, m_mask, k0, K, C, PW, sxc, sxh, sxw, ACC: tl.conste
 
 
 @triton.jit
-def patch_stats(X, row_off, m_mask, K, C, PW, sxc, sxh, sxw, eps, ACC: tl.constexpr,
+def patch_stats(X, row_off, m_mask, K, C, PH, PW, sxc, sxh, sxw, CIJ: tl.constexpr, eps,
+                ACC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Per-token mean and 1/std over the patch, exact two-pass (mean, then centred variance):
     raw 0..255 pixels have |mean| >> std, where E[x^2] - E[x]^2 would cancel. Each pass adds
     whole tiles and reduces across the K lanes once at its end, not on every K step."""
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     p_next, offs_k, k_mask, mask = load_patches(
-        X, row_off, m_mask, 0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+        X, row_off, m_mask, 0, K, C, PH, PW, sxc, sxh, sxw, CIJ, ACC, BLOCK_K
     )
     for k0 in range(0, K, BLOCK_K):  # prefetching as project_chunk does
         p = p_next
         p_next, offs_k, k_mask, mask = load_patches(
-            X, row_off, m_mask, k0 + BLOCK_K, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+            X, row_off, m_mask, k0 + BLOCK_K, K, C, PH, PW, sxc, sxh, sxw, CIJ, ACC, BLOCK_K
         )
         acc += p
     mean = tl.sum(acc, axis=1) / K
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     p_next, offs_k, k_mask, mask = load_patches(
-        X, row_off, m_mask, 0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+        X, row_off, m_mask, 0, K, C, PH, PW, sxc, sxh, sxw, CIJ, ACC, BLOCK_K
     )
     for k0 in range(0, K, BLOCK_K):
         p = p_next
         valid = (k0 + tl.arange(0, BLOCK_K) < K)[None, :] & m_mask[:, None]
         p_next, offs_k, k_mask, mask = load_patches(
-            X, row_off, m_mask, k0 + BLOCK_K, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+            X, row_off, m_mask, k0 + BLOCK_K, K, C, PH, PW, sxc, sxh, sxw, CIJ, ACC, BLOCK_K
         )
         centred = tl.where(valid, p - mean[:, None], 0.0)
         acc += centred * centred
@@ -91,11 +115,11 @@ def patch_stats(X, row_off, m_mask, K, C, PW, sxc, sxh, sxw, eps, ACC: tl.conste
 
 
 @triton.jit
-def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PW,
+def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PH, PW,
                   sxc, sxh, sxw, swd, swc, swi, swj,
                   PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
-                  W_FLAT: tl.constexpr,
+                  W_FLAT: tl.constexpr, CIJ: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Z[:, n0 : n0 + BLOCK_N] = LayerNorm_K(patches) @ W.T + bias for BLOCK_M tokens, in ACC.
 
@@ -110,20 +134,21 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
     # latency overlaps the normalisation and tensor-core product (Triton pipelines only loads
     # that feed tl.dot unchanged; these are normalised in registers first).
     a_next, offs_k, k_mask, a_mask = load_patches(
-        X, row_off, m_mask, 0, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+        X, row_off, m_mask, 0, K, C, PH, PW, sxc, sxh, sxw, CIJ, ACC, BLOCK_K
     )
     for k0 in range(0, K, BLOCK_K):
         a = a_next
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a_next, offs_next, k_mask_next, a_mask_next = load_patches(
-            X, row_off, m_mask, k0 + BLOCK_K, K, C, PW, sxc, sxh, sxw, ACC, BLOCK_K
+            X, row_off, m_mask, k0 + BLOCK_K, K, C, PH, PW, sxc, sxh, sxw, CIJ, ACC, BLOCK_K
         )
         if PRE_NORM:
-            g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
-            b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+            g_col = param_cols(k0, K, C, PH, PW, CIJ, BLOCK_K)
+            g1 = tl.load(G1 + g_col, mask=k_mask, other=0.0).to(ACC)
+            b1 = tl.load(B1 + g_col, mask=k_mask, other=0.0).to(ACC)
             a = (a - mean1[:, None]) * rstd1[:, None] * g1[None, :] + b1[None, :]
-        w_k, w_kmask, w_col = patch_cols(k0, K, C, PW, swc, swi, swj, W_FLAT, BLOCK_K)
+        w_k, w_kmask, w_col = patch_cols(k0, K, C, PH, PW, swc, swi, swj, W_FLAT, CIJ, BLOCK_K)
         w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + w_col[:, None]
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(acc, a, w, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
@@ -133,10 +158,12 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
 
 
 @triton.jit
-def store_patches(DX, row_off, m_mask, tile, k0, K, C, PW, stride_c, stride_h, stride_w,
-                  INTERPRETED: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def store_patches(DX, row_off, m_mask, tile, k0, K, C, PH, PW, stride_c, stride_h, stride_w,
+                  CIJ: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Scatter a [BLOCK_M, BLOCK_K] tile of flattened patches back into image layout."""
-    offs_k, k_mask, col_off = patch_cols(k0, K, C, PW, stride_c, stride_h, stride_w, False, BLOCK_K)
+    offs_k, k_mask, col_off = patch_cols(
+        k0, K, C, PH, PW, stride_c, stride_h, stride_w, False, CIJ, BLOCK_K
+    )
     mask = m_mask[:, None] & k_mask[None, :]
     out = cast(tile, DX.dtype.element_ty, INTERPRETED)
     tl.store(DX + row_off[:, None] + col_off[None, :], out, mask=mask)

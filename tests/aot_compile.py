@@ -82,29 +82,33 @@ def resource_usage(cubin: bytes) -> str:
 def record_all() -> None:
     for name in KERNELS:
         setattr(launch, name, Recorder(getattr(launch, name)))
-    # (dtype, D, patch, pre, post, bias): D 64 fits one tile, wider rows take the second pass;
-    # patch 14 (vit_l14, K = 588) gives the kernels other compile-time index arithmetic.
+    # (dtype, D, patch, pre, post, bias, conv): D 64 fits one tile, wider rows take the second
+    # pass; patch 14 (vit_l14, K = 588) gives other compile-time index arithmetic; a Conv2d
+    # weight (timm, transformers) puts the kernels that read it in the (c, i, j) K order.
     cases = [
-        (torch.bfloat16, 768, 16, True, True, True),
-        (torch.bfloat16, 64, 16, True, True, True),
-        (torch.bfloat16, 64, 4, True, True, True),  # seed_doc_example: K = 48
-        (torch.bfloat16, 1024, 14, True, True, True),
-        (torch.float16, 1024, 16, False, True, True),
-        (torch.float32, 768, 16, True, True, True),
-        (torch.bfloat16, 768, 16, False, False, False),
-        (torch.float64, 64, 16, True, True, True),  # gradcheck and fp64 tests run on the GPU too
+        (torch.bfloat16, 768, 16, True, True, True, False),
+        (torch.bfloat16, 64, 16, True, True, True, False),
+        (torch.bfloat16, 64, 4, True, True, True, False),  # seed_doc_example: K = 48
+        (torch.bfloat16, 1024, 14, True, True, True, False),
+        (torch.bfloat16, 768, 16, False, True, True, True),
+        (torch.bfloat16, 768, 16, True, True, True, True),
+        (torch.float16, 1024, 16, False, True, True, False),
+        (torch.float32, 768, 16, True, True, True, False),
+        (torch.bfloat16, 768, 16, False, False, False, False),
+        (torch.float64, 64, 16, True, True, True, False),  # gradcheck, fp64 tests run on GPUs too
     ]
-    for i, (dtype, dim, patch, pre, post, bias) in enumerate(cases):
+    for i, (dtype, dim, patch, pre, post, bias, conv) in enumerate(cases):
         # A vit_b16-sized batch: several token splits in the dW GEMM, as on a real run; the
         # first case also runs at batch 1, where the forward takes smaller token tiles.
         for batch in (16, 1) if i == 0 else (16,):
-            run_case(torch.randn(batch, 3, 224, 224, dtype=dtype), dim, patch, pre, post, bias)
+            x = torch.randn(batch, 3, 224, 224, dtype=dtype)
+            run_case(x, dim, patch, pre, post, bias, conv)
 
 
-def run_case(x, dim, patch, pre, post, bias) -> None:
+def run_case(x, dim, patch, pre, post, bias, conv) -> None:
     dtype = x.dtype
     k = 3 * patch * patch
-    w = torch.randn(dim, k, dtype=dtype)
+    w = torch.randn(dim, 3, patch, patch, dtype=dtype) if conv else torch.randn(dim, k, dtype=dtype)
     b = torch.randn(dim, dtype=dtype) if bias else None
     g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else (None,) * 2
     g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else (None,) * 2

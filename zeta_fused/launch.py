@@ -90,9 +90,36 @@ def _weight_strides(weight: Tensor, chans: int, pw: int) -> tuple[int, int, int,
     return sd, sk, pw * chans * sk, chans * sk
 
 
-def _flat_weight(weight: Tensor) -> bool:
-    """A Linear weight whose patch axis is contiguous: the kernels then read it as one run."""
-    return weight.ndim == 2 and weight.stride(1) == 1
+def _flat_in(strides: tuple[int, ...], chans: int, ph: int, pw: int, cij: bool) -> bool:
+    """Whether an operand with (d, c, i, j) strides holds the patch axis contiguously in the
+    kernels' K order, (c, i, j) with ``cij`` else (i, j, c): then it is read as one run."""
+    _, sc, si, sj = strides
+    if cij:
+        want = ((chans, sc, ph * pw), (ph, si, pw), (pw, sj, 1))
+    else:
+        want = ((chans, sc, 1), (ph, si, pw * chans), (pw, sj, chans))
+    return all(size == 1 or stride == expected for size, stride, expected in want)
+
+
+def _k_order(
+    x: Tensor, w_strides: tuple[int, ...], ph: int, pw: int, pre_norm: bool
+) -> tuple[bool, bool]:
+    """(CIJ, W_FLAT) for the kernels that read the weight. An image with contiguous pixel rows
+    (NCHW) gathers runs of pw pixels in the (c, i, j) order, unless the weight is contiguous in
+    the (i, j, c) order (a Linear weight: its tile is the larger operand), or a pre-norm's
+    parameters, stored in (i, j, c) order, would be gathered on every K step. From the sm_90
+    machine code: without a pre-norm, with a Conv2d weight, the forward's K step takes 113
+    instructions in (c, i, j) order against 166 in (i, j, c); with one, 274 against 208."""
+    chans = x.shape[1]
+    ijc_flat = _flat_in(w_strides, chans, ph, pw, cij=False)
+    if ijc_flat or pre_norm or not _rows_inner(x):
+        return False, ijc_flat
+    return True, _flat_in(w_strides, chans, ph, pw, cij=True)
+
+
+def _rows_inner(x: Tensor) -> bool:
+    """Pixel rows contiguous and more than one channel: the (c, i, j) order pays."""
+    return x.shape[1] > 1 and x.stride(3) == 1
 
 
 def _token_strides(t: Tensor) -> tuple[int, int, int, bool]:
@@ -139,13 +166,14 @@ def patch_embed_fwd(
     # Small batches: each program walks all of K and D in sequence, so with few programs the
     # call takes one program's latency; the smallest tensor-core tile spreads them wider.
     block_m = blocks.m if _cdiv(tokens, blocks.m) >= SMALL_GRID else MIN_BLOCK
+    w_strides = _weight_strides(weight, chans, pw)
+    cij, w_flat = _k_order(x, w_strides, ph, pw, g1 is not None)
     _patch_embed_fwd_kernel[(_cdiv(tokens, block_m),)](
         x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
         _or(b2, weight), y, stats,
-        tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(),
-        *_weight_strides(weight, chans, pw), eps,
+        tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(), *w_strides, eps,
         PRE_NORM=g1 is not None, HAS_BIAS=bias is not None, POST_NORM=g2 is not None,
-        ROW_IN_ONE_TILE=block_n >= dim, W_FLAT=_flat_weight(weight), BLOCK_M=block_m,
+        ROW_IN_ONE_TILE=block_n >= dim, W_FLAT=w_flat, CIJ=cij, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=blocks.k, num_warps=blocks.warps, **_numerics(compute_dtype),
     )  # fmt: skip
     return y, stats
@@ -171,7 +199,7 @@ def patch_embed_bwd(
     hp, wp = height // ph, width // pw
     tokens = batch * hp * wp
     w_strides = _weight_strides(weight, chans, pw)
-    w_flat = _flat_weight(weight)  # dW is allocated contiguous: flat exactly when W is
+    cij, w_flat = _k_order(x, w_strides, ph, pw, g1 is not None)
     pre, post = g1 is not None, g2 is not None
     acc = stats.dtype
     numerics = _numerics(compute_dtype)
@@ -188,7 +216,7 @@ def patch_embed_bwd(
             x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
             stats, grad_y, dz, partials, row_offsets, *shape, *x.stride(), *w_strides,
             *_token_strides(grad_y),
-            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, W_FLAT=w_flat,
+            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, W_FLAT=w_flat, CIJ=cij,
             BLOCK_M=blocks.m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
             num_warps=blocks.warps, **numerics,
         )  # fmt: skip
@@ -202,10 +230,12 @@ def patch_embed_bwd(
     dw_steps = _cdiv(tokens, blocks.dw_m)
     splits = max(1, min(DW_TARGET_PROGRAMS // (d_tiles * k_tiles), dw_steps, max_splits))
     gpart = _scratch(x, (splits, dim, patch_dim), acc, zero=tokens == 0)
+    # The dW GEMM never reads the weight: the image alone picks its K order (G is kept in it).
+    g_cij = _rows_inner(x)
     if tokens:
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
             x, stats, row_offsets, dz, gpart, *shape, *x.stride(), *_token_strides(dz),
-            PRE_NORM=pre, BLOCK_M=blocks.dw_m, BLOCK_D=dw_d, BLOCK_K=blocks.tile,
+            PRE_NORM=pre, CIJ=g_cij, BLOCK_M=blocks.dw_m, BLOCK_D=dw_d, BLOCK_K=blocks.tile,
             num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -213,10 +243,12 @@ def patch_embed_bwd(
     db1 = torch.empty_like(b1) if pre else absent_grad(weight)
     # Second stage of the token splits: a fixed-order reduction at full bandwidth.
     gsum = gpart[0] if splits == 1 else gpart.sum(0)
+    dw_strides = _weight_strides(dw, chans, pw)
+    flat = all(_flat_in(t, chans, ph, pw, g_cij) for t in (w_strides, dw_strides))
     _bwd_param_kernel[(_cdiv(patch_dim, blocks.epilogue_k),)](
         gsum, dzsum, weight, _or(g1, weight), _or(b1, weight), dw, _or(dg1, dw), _or(db1, dw),
-        patch_dim, dim, chans, pw, *w_strides, *_weight_strides(dw, chans, pw),
-        PRE_NORM=pre, ACC=numerics["ACC"], INTERPRETED=INTERPRETED, W_FLAT=w_flat,
+        patch_dim, dim, chans, ph, pw, *w_strides, *dw_strides,
+        PRE_NORM=pre, ACC=numerics["ACC"], INTERPRETED=INTERPRETED, W_FLAT=flat, CIJ=g_cij,
         BLOCK_D=blocks.tile, BLOCK_K=blocks.epilogue_k, num_warps=blocks.epilogue_warps,
     )  # fmt: skip
 
@@ -227,7 +259,8 @@ def patch_embed_bwd(
         if tokens:
             _bwd_dx_kernel[(m_tiles,)](
                 x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
-                *w_strides, *_token_strides(dz), PRE_NORM=pre, W_FLAT=w_flat, BLOCK_M=blocks.m,
+                *w_strides, *_token_strides(dz), PRE_NORM=pre, W_FLAT=w_flat, CIJ=cij,
+                BLOCK_M=blocks.m,
                 BLOCK_D=blocks.tile, BLOCK_K=blocks.dx_k, num_warps=blocks.warps, **numerics,
             )  # fmt: skip
 
