@@ -134,6 +134,7 @@ def _bwd_dw_kernel(
     stride_dzb, stride_dzn, stride_dzd, DZ_FLAT: tl.constexpr,
     PRE_NORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC: tl.constexpr, INTERPRETED: tl.constexpr, CIJ: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # a power of two dividing every token's offset in the image
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
@@ -145,11 +146,13 @@ def _bwd_dw_kernel(
     k0 = pid_k * BLOCK_K
     acc = tl.zeros([BLOCK_D, BLOCK_K], dtype=ACC)
     # Token offsets come precomputed: dividing by NP and WP here, on every step, would cost
-    # more instructions than the tensor-core product. The patch tile of the next step is
-    # gathered at the end of this one (software prefetch, as in project_chunk).
+    # more instructions than the tensor-core product; their alignment, which the division
+    # would have shown the compiler, is given instead (vector loads). The patch tile of the
+    # next step is gathered at the end of this one (software prefetch, as in project_chunk).
     step = splits * BLOCK_M
     offs_next = pid_s * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_off = tl.load(RowOff + offs_next, mask=offs_next < M, other=0)
+    row_off = tl.multiple_of(row_off, ROW_ALIGN)
     x_next, offs_k, k_mask, mask = load_patches(
         X, row_off, offs_next < M, k0, K, C, PH, PW, stride_xc, stride_xh, stride_xw, CIJ, ACC,
         BLOCK_K
@@ -161,6 +164,7 @@ def _bwd_dw_kernel(
         mask = m_mask[:, None] & k_mask[None, :]
         offs_next = offs_m + step
         row_off = tl.load(RowOff + offs_next, mask=offs_next < M, other=0)
+        row_off = tl.multiple_of(row_off, ROW_ALIGN)
         if PRE_NORM:
             mean1 = tl.load(Stats + offs_m, mask=m_mask, other=0.0)
             rstd1 = tl.load(Stats + M + offs_m, mask=m_mask, other=0.0)

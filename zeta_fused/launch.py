@@ -6,6 +6,7 @@ Imported lazily (it imports Triton), only when a fused call actually runs.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton.language as tl
@@ -27,6 +28,8 @@ MIN_BLOCK = 16
 # Forward grids of fewer 64-token programs than this (a quarter of an H100/H200's 132 SMs) use
 # 16-token programs: the b1 preset (196 tokens) runs on 13 SMs instead of 4.
 SMALL_GRID = 33
+# Alignment hint (elements) of token offsets: 16 covers a 16-byte vector of any dtype.
+MAX_ROW_ALIGN = 16
 # Tokens are indexed in 32 bits (their divisions would otherwise be slow 64-bit calls), and
 # the statistics buffer (4, M) is addressed as k * M + m: 4 * M must fit in an int32.
 MAX_TOKENS = 2**31 // 4
@@ -115,6 +118,13 @@ def _k_order(
     if ijc_flat or pre_norm or not _rows_inner(x):
         return False, ijc_flat
     return True, _flat_in(w_strides, chans, ph, pw, cij=True)
+
+
+def _row_align(x: Tensor, ph: int, pw: int) -> int:
+    """The largest power of two (at most MAX_ROW_ALIGN) dividing every token's first-pixel
+    offset b * sb + ti * ph * sh + tj * pw * sw."""
+    g = math.gcd(x.stride(0), ph * x.stride(2), pw * x.stride(3)) or MAX_ROW_ALIGN
+    return min(g & -g, MAX_ROW_ALIGN)
 
 
 def _rows_inner(x: Tensor) -> bool:
@@ -235,7 +245,8 @@ def patch_embed_bwd(
     if tokens:
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
             x, stats, row_offsets, dz, gpart, *shape, *x.stride(), *_token_strides(dz),
-            PRE_NORM=pre, CIJ=g_cij, BLOCK_M=blocks.dw_m, BLOCK_D=dw_d, BLOCK_K=blocks.tile,
+            PRE_NORM=pre, CIJ=g_cij, ROW_ALIGN=_row_align(x, ph, pw), BLOCK_M=blocks.dw_m,
+            BLOCK_D=dw_d, BLOCK_K=blocks.tile,
             num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)

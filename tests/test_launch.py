@@ -1,0 +1,98 @@
+"""The launch decisions that the compiled code trusts: contiguity flags and alignment hints.
+
+A wrong "flat" flag reads the wrong elements, and a wrong alignment hint makes the GPU issue
+misaligned vector loads; the interpreter ignores hints, so these are checked here directly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+launch = pytest.importorskip("zeta_fused.launch", reason="needs Triton")
+
+
+def offsets(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """Every token's first-pixel offset, from the strides."""
+    b, _, h, w = x.shape
+    sb, _, sh, sw = x.stride()
+    bi, ti, tj = torch.meshgrid(
+        torch.arange(b), torch.arange(h // ph), torch.arange(w // pw), indexing="ij"
+    )
+    return (bi * sb + ti * ph * sh + tj * pw * sw).flatten()
+
+
+@pytest.mark.parametrize(
+    "make, ph, pw",
+    [
+        (lambda: torch.empty(2, 3, 224, 224), 16, 16),
+        (lambda: torch.empty(2, 3, 224, 224), 14, 14),
+        (lambda: torch.empty(2, 3, 32, 48).to(memory_format=torch.channels_last), 4, 4),
+        (lambda: torch.empty(2, 3, 30, 45)[..., 3:], 3, 7),
+        (lambda: torch.empty(1, 3, 16, 16).expand(4, 3, 16, 16), 8, 8),
+    ],
+    ids=["nchw-p16", "nchw-p14", "channels-last", "sliced", "expanded"],
+)
+def test_row_align_divides_every_token_offset(make, ph, pw) -> None:
+    x = make()
+    align = launch._row_align(x, ph, pw)
+    assert align & (align - 1) == 0 and 1 <= align <= launch.MAX_ROW_ALIGN
+    assert bool((offsets(x, ph, pw) % align == 0).all())
+
+
+def test_row_align_is_not_needlessly_small() -> None:
+    assert launch._row_align(torch.empty(2, 3, 224, 224), 16, 16) == 16
+
+
+@pytest.mark.parametrize("cij", [False, True], ids=["ijc", "cij"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.empty(20, 24),  # Linear, (i, j, c) order
+        lambda: torch.empty(24, 20).t(),  # transposed Linear
+        lambda: torch.empty(20, 3, 4, 2),  # Conv2d, (c, i, j) order
+        lambda: torch.empty(20, 3, 4, 2).to(memory_format=torch.channels_last),
+    ],
+    ids=["linear", "linear-t", "conv", "conv-channels-last"],
+)
+def test_flat_means_offset_equals_index(make, cij) -> None:
+    """_flat_in is True exactly when the element offsets of the patch axis, walked in the
+    kernel's K order, are 0, 1, 2, ..."""
+    w, chans, ph, pw = make(), 3, 4, 2
+    strides = launch._weight_strides(w, chans, pw)
+    _, sc, si, sj = strides
+    c, i, j = torch.meshgrid(
+        torch.arange(chans), torch.arange(ph), torch.arange(pw), indexing="ij"
+    )  # (c, i, j) order
+    walk = (
+        (c * sc + i * si + j * sj).flatten()
+        if cij
+        else (c * sc + i * si + j * sj).permute(1, 2, 0).flatten()
+    )
+    expected = bool(torch.equal(walk, torch.arange(chans * ph * pw)))
+    assert launch._flat_in(strides, chans, ph, pw, cij) == expected
+
+
+def test_k_order_policy() -> None:
+    """(c, i, j) only where the image has contiguous rows, the weight is not a contiguous
+    Linear one, and there is no pre-norm; then a contiguous Conv2d weight is flat."""
+    nchw, nhwc = (
+        torch.empty(2, 3, 8, 8),
+        torch.empty(2, 3, 8, 8).to(memory_format=torch.channels_last),
+    )
+    linear, conv = torch.empty(16, 48), torch.empty(16, 3, 4, 4)
+
+    def order(x, w, pre):
+        return launch._k_order(x, launch._weight_strides(w, 3, 4), 4, 4, pre)
+
+    assert order(nchw, conv, False) == (True, True)
+    assert order(nchw, conv, True) == (False, False)
+    assert order(nchw, linear, False) == (False, True)
+    assert order(nhwc, conv, False) == (False, False)
+
+
+def test_token_strides_flat_only_when_rows_are_evenly_spaced() -> None:
+    assert launch._token_strides(torch.empty(2, 6, 16))[3]
+    assert launch._token_strides(torch.empty(()).expand(2, 6, 16))[3]  # y.sum().backward()
+    assert launch._token_strides(torch.empty(1, 6, 16).expand(2, 6, 16))[3] is False
+    assert launch._token_strides(torch.empty(6, 2, 16).transpose(0, 1))[3] is False
