@@ -246,8 +246,7 @@ def patch_embed_bwd(
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
             x, stats, row_offsets, dz, gpart, *shape, *x.stride(), *_token_strides(dz),
             PRE_NORM=pre, CIJ=g_cij, ROW_ALIGN=_row_align(x, ph, pw), BLOCK_M=blocks.dw_m,
-            BLOCK_D=dw_d, BLOCK_K=blocks.tile,
-            num_warps=blocks.warps, **numerics,
+            BLOCK_D=dw_d, BLOCK_K=blocks.tile, num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     dg1 = torch.empty_like(g1) if pre else absent_grad(weight)
@@ -271,8 +270,8 @@ def patch_embed_bwd(
             _bwd_dx_kernel[(m_tiles,)](
                 x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
                 *w_strides, *_token_strides(dz), PRE_NORM=pre, W_FLAT=w_flat, CIJ=cij,
-                BLOCK_M=blocks.m,
-                BLOCK_D=blocks.tile, BLOCK_K=blocks.dx_k, num_warps=blocks.warps, **numerics,
+                BLOCK_M=blocks.m, BLOCK_D=blocks.tile, BLOCK_K=blocks.dx_k,
+                num_warps=blocks.warps, **numerics,
             )  # fmt: skip
 
     dbias = dzsum.to(bias.dtype) if bias is not None else absent_grad(weight)
