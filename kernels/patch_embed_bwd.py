@@ -278,8 +278,8 @@ def _bwd_dx_kernel(
                 BLOCK_K
             )  # fmt: skip
             xhat = (x - mean1[:, None]) * rstd1[:, None]
-            g1 = tl.load(G1 + param_cols(k0, K, C, PH, PW, CIJ, BLOCK_K), mask=k_mask, other=0.0)
-            acc = tl.where(mask, acc * g1.to(ACC), 0.0)
+            g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)  # in the K order
+            acc = tl.where(mask, acc * g1, 0.0)
             sum_g += tl.sum(acc, axis=1)
             sum_gx += tl.sum(acc * xhat, axis=1)
         store_patches(DX, grad_off, m_mask, acc, k0, K, C, PH, PW, stride_gc, stride_gh,

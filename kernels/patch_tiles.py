@@ -124,7 +124,8 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
     """Z[:, n0 : n0 + BLOCK_N] = LayerNorm_K(patches) @ W.T + bias for BLOCK_M tokens, in ACC.
 
     W is read through strides (d, c, i, j), so a Linear weight (D, K) and a Conv2d weight
-    (D, C, ph, pw) are both used in place. The GEMM operands are rounded to COMPUTE_DTYPE and
+    (D, C, ph, pw) are both used in place; the pre-norm parameters G1, B1 come in the K order
+    (the launcher re-lays them for CIJ). The GEMM operands are rounded to COMPUTE_DTYPE and
     accumulated in ACC on tensor cores; under the interpreter the products run in ACC (its bf16
     tl.dot is wrong)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -144,9 +145,8 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
             X, row_off, m_mask, k0 + BLOCK_K, K, C, PH, PW, sxc, sxh, sxw, CIJ, ACC, BLOCK_K
         )
         if PRE_NORM:
-            g_col = param_cols(k0, K, C, PH, PW, CIJ, BLOCK_K)
-            g1 = tl.load(G1 + g_col, mask=k_mask, other=0.0).to(ACC)
-            b1 = tl.load(B1 + g_col, mask=k_mask, other=0.0).to(ACC)
+            g1 = tl.load(G1 + offs_k, mask=k_mask, other=0.0).to(ACC)
+            b1 = tl.load(B1 + offs_k, mask=k_mask, other=0.0).to(ACC)
             a = (a - mean1[:, None]) * rstd1[:, None] * g1[None, :] + b1[None, :]
         w_k, w_kmask, w_col = patch_cols(k0, K, C, PH, PW, swc, swi, swj, W_FLAT, CIJ, BLOCK_K)
         w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + w_col[:, None]

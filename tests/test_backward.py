@@ -34,6 +34,15 @@ def compare(m, x, dtype, device, needs_x_grad=True) -> None:
         assert_accurate(f, e, r, dtype, name)
 
 
+@pytest.fixture(params=[False, True], ids=["(i, j, c) order", "re-laid (c, i, j) order"])
+def k_order(request, monkeypatch) -> None:
+    """Both orders of the kernels that read the weight: small calls keep a Linear weight's
+    (i, j, c) order, large ones re-lay the weight and pre-norm parameters in (c, i, j)."""
+    import zeta_fused.launch as launch
+
+    monkeypatch.setattr(launch, "RELAYOUT_MIN_TOKENS", 0 if request.param else 2**31)
+
+
 FLAGS = {
     "all": (True, True, True),
     "none": (False, False, False),
@@ -46,12 +55,14 @@ FLAGS = {
 @pytest.mark.parametrize(
     "shape", [(2, 3, 28, 28, 14, 24), (3, 2, 12, 20, (3, 5), 17), (1, 3, 16, 16, 4, 300)], ids=str
 )
+@pytest.mark.usefixtures("k_order")
 def test_all_gradients(shape, dtype, device) -> None:
     B, C, H, W, patch, D = shape
     compare(make(C, D, patch), torch.randn(B, C, H, W), dtype, device)
 
 
 @pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
+@pytest.mark.usefixtures("k_order")
 def test_flag_variants(flags, device) -> None:
     compare(make(3, 20, 4, flags), torch.randn(2, 3, 8, 12), torch.float32, device)
 

@@ -45,12 +45,19 @@ SHAPES = [  # (B, C, H, W, patch, D): odd sizes on purpose
 ]
 
 
-@pytest.fixture(params=[64, 16], ids=["64-token tiles", "16-token tiles"])
+@pytest.fixture(
+    params=[(64, False), (16, False), (64, True)],
+    ids=["64-token tiles", "16-token tiles", "re-laid (c, i, j) order"],
+)
 def token_tiles(request, monkeypatch) -> None:
-    """Both forward tilings: 64-token programs, and the 16-token ones that small grids take."""
+    """Every forward launch policy: 64-token programs, the 16-token ones that small grids take,
+    and the (c, i, j) order with the weight and pre-norm parameters re-laid, which large calls
+    take."""
     import zeta_fused.launch as launch
 
-    monkeypatch.setattr(launch, "SMALL_GRID", 0 if request.param == 64 else 2**31)
+    rows, relayout = request.param
+    monkeypatch.setattr(launch, "SMALL_GRID", 0 if rows == 64 else 2**31)
+    monkeypatch.setattr(launch, "RELAYOUT_MIN_TOKENS", 0 if relayout else 2**31)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -74,21 +74,29 @@ def test_flat_means_offset_equals_index(make, cij) -> None:
 
 
 def test_k_order_policy() -> None:
-    """(c, i, j) only where the image has contiguous rows, the weight is not a contiguous
-    Linear one, and there is no pre-norm; then a contiguous Conv2d weight is flat."""
-    nchw, nhwc = (
-        torch.empty(2, 3, 8, 8),
-        torch.empty(2, 3, 8, 8).to(memory_format=torch.channels_last),
-    )
-    linear, conv = torch.empty(16, 48), torch.empty(16, 3, 4, 4)
+    """(c, i, j) where the image has contiguous rows and either nothing needs re-laying (a
+    Conv2d weight, no pre-norm) or the call is large; re-laid operands are exact copies."""
+    small, large = torch.randn(2, 3, 8, 8), torch.randn(40, 3, 32, 32)  # 8 and 2560 tokens
+    nhwc = large.to(memory_format=torch.channels_last)
+    linear, conv = torch.randn(16, 48), torch.randn(16, 3, 4, 4)
+    g1, b1 = torch.randn(48), torch.randn(48)
+    assert large.shape[0] * 64 >= launch.RELAYOUT_MIN_TOKENS > 8
 
-    def order(x, w, pre):
-        return launch._k_order(x, launch._weight_strides(w, 3, 4), 4, 4, pre)
-
-    assert order(nchw, conv, False) == (True, True)
-    assert order(nchw, conv, True) == (False, False)
-    assert order(nchw, linear, False) == (False, True)
-    assert order(nhwc, conv, False) == (False, False)
+    k = launch._k_order(small, conv, None, None, 4, 4)
+    assert (k.cij, k.w_flat) == (True, True) and k.weight is conv
+    k = launch._k_order(small, conv, g1, b1, 4, 4)
+    assert (k.cij, k.w_flat) == (False, False) and k.g1 is g1
+    k = launch._k_order(small, linear, g1, b1, 4, 4)
+    assert (k.cij, k.w_flat) == (False, True) and k.weight is linear
+    k = launch._k_order(nhwc, linear, g1, b1, 4, 4)
+    assert (k.cij, k.w_flat) == (False, True)
+    k = launch._k_order(large, linear, g1, b1, 4, 4)
+    assert (k.cij, k.w_flat) == (True, True)
+    # (c, i, j) element e of the re-laid operands is element (i, j, c) of the originals.
+    c, i, j = 2, 1, 3
+    e, orig = (c * 4 + i) * 4 + j, (i * 4 + j) * 3 + c
+    assert torch.equal(k.weight.reshape(16, 48)[:, e], linear[:, orig])
+    assert k.g1[e] == g1[orig] and k.b1[e] == b1[orig]
 
 
 def test_token_strides_flat_only_when_rows_are_evenly_spaced() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton.language as tl
@@ -28,6 +29,10 @@ MIN_BLOCK = 16
 # Forward grids of fewer 64-token programs than this (a quarter of an H100/H200's 132 SMs) use
 # 16-token programs: the b1 preset (196 tokens) runs on 13 SMs instead of 4.
 SMALL_GRID = 33
+# Calls with at least this many tokens (the 64-token programs of SMALL_GRID) re-lay a Linear
+# weight and the pre-norm parameters in the (c, i, j) order: three small copies, which the
+# b1 preset would feel in host time but a training batch does not.
+RELAYOUT_MIN_TOKENS = SMALL_GRID * 64
 # Alignment hint (elements) of token offsets: 16 covers a 16-byte vector of any dtype.
 MAX_ROW_ALIGN = 16
 # Tokens are indexed in 32 bits (their divisions would otherwise be slow 64-bit calls), and
@@ -104,20 +109,45 @@ def _flat_in(strides: tuple[int, ...], chans: int, ph: int, pw: int, cij: bool) 
     return all(size == 1 or stride == expected for size, stride, expected in want)
 
 
-def _k_order(
-    x: Tensor, w_strides: tuple[int, ...], ph: int, pw: int, pre_norm: bool
-) -> tuple[bool, bool]:
-    """(CIJ, W_FLAT) for the kernels that read the weight. An image with contiguous pixel rows
-    (NCHW) gathers runs of pw pixels in the (c, i, j) order, unless the weight is contiguous in
-    the (i, j, c) order (a Linear weight: its tile is the larger operand), or a pre-norm's
-    parameters, stored in (i, j, c) order, would be gathered on every K step. From the sm_90
-    machine code: without a pre-norm, with a Conv2d weight, the forward's K step takes 113
-    instructions in (c, i, j) order against 166 in (i, j, c); with one, 274 against 208."""
-    chans = x.shape[1]
-    ijc_flat = _flat_in(w_strides, chans, ph, pw, cij=False)
-    if ijc_flat or pre_norm or not _rows_inner(x):
-        return False, ijc_flat
-    return True, _flat_in(w_strides, chans, ph, pw, cij=True)
+class KOrder(NamedTuple):
+    """How the kernels that read the weight walk the patch, and the operands to give them."""
+
+    cij: bool  # (c, i, j) order, pixel rows innermost, else (i, j, c)
+    weight: Tensor  # the weight, or a copy re-laid in the (c, i, j) order
+    w_strides: tuple[int, int, int, int]
+    w_flat: bool
+    g1: Tensor | None  # pre-norm parameters in the K order (copies for CIJ)
+    b1: Tensor | None
+
+
+def _k_order(x: Tensor, weight: Tensor, g1: Tensor | None, b1: Tensor | None, ph: int,
+             pw: int) -> KOrder:  # fmt: skip
+    """The (c, i, j) order gathers an NCHW image in runs of pw pixels (16-byte loads) instead of
+    single elements (each of which can touch its own cache line); it needs the weight and the
+    pre-norm parameters in that order too. A Conv2d weight already is, and with no pre-norm
+    nothing is copied; otherwise the weight and parameters are re-laid (one small copy each)
+    when the call is large enough for that to pay, and small calls keep the (i, j, c) order of
+    a Linear weight. From the sm_90 machine code (vit_b16 sizes, bf16): a forward K step takes
+    113 instructions in (c, i, j) order against 166 in (i, j, c) without a pre-norm, 199
+    against 208 with one, and its statistics passes 130 against 186 per K step."""
+    chans, tokens = x.shape[1], x.shape[0] * (x.shape[2] // ph) * (x.shape[3] // pw)
+    w_strides = _weight_strides(weight, chans, pw)
+    cij_flat = _flat_in(w_strides, chans, ph, pw, cij=True)
+    if _rows_inner(x) and ((cij_flat and g1 is None) or tokens >= RELAYOUT_MIN_TOKENS):
+        if not cij_flat:
+            weight = _in_cij_order(weight, chans, ph, pw)
+            w_strides = _weight_strides(weight, chans, pw)
+        if g1 is not None:
+            g1, b1 = (p.reshape(ph, pw, chans).permute(2, 0, 1).reshape(-1) for p in (g1, b1))
+        return KOrder(True, weight, w_strides, True, g1, b1)
+    return KOrder(False, weight, w_strides, _flat_in(w_strides, chans, ph, pw, False), g1, b1)
+
+
+def _in_cij_order(weight: Tensor, chans: int, ph: int, pw: int) -> Tensor:
+    """A contiguous (D, C, ph, pw) copy of a Linear (D, K) or Conv2d weight."""
+    if weight.ndim == 2:
+        weight = weight.reshape(weight.shape[0], ph, pw, chans).permute(0, 3, 1, 2)
+    return weight.contiguous()
 
 
 def _row_align(x: Tensor, ph: int, pw: int) -> int:
@@ -176,14 +206,13 @@ def patch_embed_fwd(
     # Small batches: each program walks all of K and D in sequence, so with few programs the
     # call takes one program's latency; the smallest tensor-core tile spreads them wider.
     block_m = blocks.m if _cdiv(tokens, blocks.m) >= SMALL_GRID else MIN_BLOCK
-    w_strides = _weight_strides(weight, chans, pw)
-    cij, w_flat = _k_order(x, w_strides, ph, pw, g1 is not None)
+    k = _k_order(x, weight, g1, b1, ph, pw)
     _patch_embed_fwd_kernel[(_cdiv(tokens, block_m),)](
-        x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
+        x, k.weight, _or(bias, weight), _or(k.g1, weight), _or(k.b1, weight), _or(g2, weight),
         _or(b2, weight), y, stats,
-        tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(), *w_strides, eps,
+        tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(), *k.w_strides, eps,
         PRE_NORM=g1 is not None, HAS_BIAS=bias is not None, POST_NORM=g2 is not None,
-        ROW_IN_ONE_TILE=block_n >= dim, W_FLAT=w_flat, CIJ=cij, BLOCK_M=block_m,
+        ROW_IN_ONE_TILE=block_n >= dim, W_FLAT=k.w_flat, CIJ=k.cij, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=blocks.k, num_warps=blocks.warps, **_numerics(compute_dtype),
     )  # fmt: skip
     return y, stats
@@ -209,7 +238,7 @@ def patch_embed_bwd(
     hp, wp = height // ph, width // pw
     tokens = batch * hp * wp
     w_strides = _weight_strides(weight, chans, pw)
-    cij, w_flat = _k_order(x, w_strides, ph, pw, g1 is not None)
+    k = _k_order(x, weight, g1, b1, ph, pw)  # for the dZ and image-gradient kernels
     pre, post = g1 is not None, g2 is not None
     acc = stats.dtype
     numerics = _numerics(compute_dtype)
@@ -223,10 +252,10 @@ def patch_embed_bwd(
     dz = x.new_empty((batch, hp * wp, dim), dtype=compute_dtype) if post else grad_y
     if tokens:
         _bwd_dz_kernel[(m_tiles,)](
-            x, weight, _or(bias, weight), _or(g1, weight), _or(b1, weight), _or(g2, weight),
-            stats, grad_y, dz, partials, row_offsets, *shape, *x.stride(), *w_strides,
-            *_token_strides(grad_y),
-            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, W_FLAT=w_flat, CIJ=cij,
+            x, k.weight, _or(bias, weight), _or(k.g1, weight), _or(k.b1, weight),
+            _or(g2, weight), stats, grad_y, dz, partials, row_offsets, *shape, *x.stride(),
+            *k.w_strides, *_token_strides(grad_y),
+            PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, W_FLAT=k.w_flat, CIJ=k.cij,
             BLOCK_M=blocks.m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
             num_warps=blocks.warps, **numerics,
         )  # fmt: skip
@@ -268,8 +297,8 @@ def patch_embed_bwd(
         dx = x.new_empty(x.shape)
         if tokens:
             _bwd_dx_kernel[(m_tiles,)](
-                x, weight, _or(g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
-                *w_strides, *_token_strides(dz), PRE_NORM=pre, W_FLAT=w_flat, CIJ=cij,
+                x, k.weight, _or(k.g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
+                *k.w_strides, *_token_strides(dz), PRE_NORM=pre, W_FLAT=k.w_flat, CIJ=k.cij,
                 BLOCK_M=blocks.m, BLOCK_D=blocks.tile, BLOCK_K=blocks.dx_k,
                 num_warps=blocks.warps, **numerics,
             )  # fmt: skip
