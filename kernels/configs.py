@@ -1,7 +1,7 @@
 """Block sizes of the kernels, per GEMM operand width (2 bytes: bf16/fp16; 4: fp32).
 
 Chosen from the sm_90 (H100/H200) machine code, without a GPU: no register spills with Triton
-3.6 or 3.8 (one fp32 variant: 8 bytes under 3.8), and few instructions per tensor-core step
+3.6 or 3.8 in bf16/fp16 (a few fp32/fp64 variants: 8 bytes), few instructions per tensor-core step
 (wide forward chunks and dW tiles share each patch gather among more output columns).
 ``python tests/aot_compile.py`` prints registers and spills for every variant the launchers
 produce; ``python -m bench.tune`` times alternatives on a GPU. Not yet tuned by GPU timings.

@@ -50,7 +50,7 @@ def _bwd_dz_kernel(
     DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE (only written with POST_NORM)
     Partials,  # out: (3, P, D) ACC: column sums of dZ, dY * ẑ, dY per program
     RowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
-    M, K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
+    M, K, KW, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
     stride_dyb, stride_dyn, stride_dyd, DY_FLAT: tl.constexpr,
     PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, POST_NORM: tl.constexpr,
@@ -80,7 +80,7 @@ def _bwd_dz_kernel(
         sum_gz = tl.zeros([BLOCK_M], dtype=ACC)
         for n0 in range(0, D, BLOCK_N):
             z, offs_n, n_mask = project_chunk(
-                X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PH, PW,
+                X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, KW, D, C, PH, PW,
                 stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
                 PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT, CIJ,
                 BLOCK_M, BLOCK_N, BLOCK_K,
@@ -236,7 +236,7 @@ def _bwd_dx_kernel(
     X, W, G1, Stats,
     DZ,  # dZ (B, N, D) with strides
     DX,  # out: image gradient (B, C, H, W) with its own strides
-    M, K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
+    M, K, KW, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NP, WP,
     stride_xb, stride_xc, stride_xh, stride_xw,
     stride_gb, stride_gc, stride_gh, stride_gw,
     stride_wd, stride_wc, stride_wi, stride_wj,
@@ -270,7 +270,7 @@ def _bwd_dx_kernel(
             dz = tl.load(dz_rows[:, None] + offs_d[None, :] * stride_dzd,
                          mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
             w = tl.load(W + offs_d[:, None].to(tl.int64) * stride_wd + w_col[None, :],
-                        mask=d_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+                        mask=d_mask[:, None] & (offs_k < KW)[None, :], other=0.0)  # fmt: skip
             acc = mma(acc, dz, w, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
         if PRE_NORM:
             x, x_k, x_kmask, mask = load_patches(

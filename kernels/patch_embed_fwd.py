@@ -24,6 +24,7 @@ def _patch_embed_fwd_kernel(
     Stats,  # (4, M) in ACC: mean1, rstd1, mean2, rstd2 (0 / 1 where a norm is off)
     M,
     K,
+    KW,  # readable length of W's rows (>= K, zero-padded beyond it)
     D,
     C: tl.constexpr,  # channels and patch size are compile-time: the patch-column index math
     PH: tl.constexpr,  # divides by them on every K step, and the gather vectorises only when
@@ -72,7 +73,7 @@ def _patch_embed_fwd_kernel(
     y_rows = Y + offs_m[:, None] * D
     for n0 in range(0, D, BLOCK_N):
         acc, offs_n, n_mask = project_chunk(
-            X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PH, PW,
+            X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, KW, D, C, PH, PW,
             stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
             PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT, CIJ,
             BLOCK_M, BLOCK_N, BLOCK_K,

@@ -115,7 +115,7 @@ def patch_stats(X, row_off, m_mask, K, C, PH, PW, sxc, sxh, sxw, CIJ: tl.constex
 
 
 @triton.jit
-def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C, PH, PW,
+def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, KW, D, C, PH, PW,
                   sxc, sxh, sxw, swd, swc, swi, swj,
                   PRE_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -125,9 +125,11 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
 
     W is read through strides (d, c, i, j), so a Linear weight (D, K) and a Conv2d weight
     (D, C, ph, pw) are both used in place; the pre-norm parameters G1, B1 come in the K order
-    (the launcher re-lays them for CIJ). The GEMM operands are rounded to COMPUTE_DTYPE and
-    accumulated in ACC on tensor cores; under the interpreter the products run in ACC (its bf16
-    tl.dot is wrong)."""
+    (the launcher re-lays them for CIJ). W rows are readable up to KW >= K, zero beyond K: a
+    re-laid weight pads them to a multiple of 16, so that the masks, like the rows, are
+    16-element aligned and its tiles load as vectors; the patch tile is 0 beyond K anyway. The
+    GEMM operands are rounded to COMPUTE_DTYPE and accumulated in ACC on tensor cores; under
+    the interpreter the products run in ACC (its bf16 tl.dot is wrong)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -150,7 +152,7 @@ def project_chunk(X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, D, C
             a = (a - mean1[:, None]) * rstd1[:, None] * g1[None, :] + b1[None, :]
         w_k, w_kmask, w_col = patch_cols(k0, K, C, PH, PW, swc, swi, swj, W_FLAT, CIJ, BLOCK_K)
         w_ptrs = W + offs_n[None, :].to(tl.int64) * swd + w_col[:, None]
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=(offs_k < KW)[:, None] & n_mask[None, :], other=0.0)
         acc = mma(acc, a, w, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]

@@ -99,6 +99,19 @@ def test_k_order_policy() -> None:
     assert k.g1[e] == g1[orig] and k.b1[e] == b1[orig]
 
 
+def test_large_calls_realign_weight_rows() -> None:
+    """A weight whose rows are not 16-element aligned (here K = 18; vit_l14 has 588) is copied
+    into padded rows for large calls; patch width 3 keeps the (i, j, c) order."""
+    x, w = torch.randn(400, 3, 8, 9), torch.randn(10, 18)  # 400 * 12 tokens, patch (2, 3)
+    k = launch._k_order(x, w, None, None, 2, 3)
+    assert not k.cij and k.w_flat and k.weight.stride() == (32, 1) and k.kw == 32
+    assert torch.equal(k.weight, w)
+    padded = k.weight.as_strided((10, 32), (32, 1))  # the kernels read W rows up to kw
+    assert torch.equal(padded[:, 18:], torch.zeros(10, 14))
+    small = launch._k_order(x[:2], w, None, None, 2, 3)
+    assert small.weight is w and not small.cij
+
+
 def test_token_strides_flat_only_when_rows_are_evenly_spaced() -> None:
     assert launch._token_strides(torch.empty(2, 6, 16))[3]
     assert launch._token_strides(torch.empty(()).expand(2, 6, 16))[3]  # y.sum().backward()

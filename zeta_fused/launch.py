@@ -29,10 +29,13 @@ MIN_BLOCK = 16
 # Forward grids of fewer 64-token programs than this (a quarter of an H100/H200's 132 SMs) use
 # 16-token programs: the b1 preset (196 tokens) runs on 13 SMs instead of 4.
 SMALL_GRID = 33
-# Calls with at least this many tokens (the 64-token programs of SMALL_GRID) re-lay a Linear
-# weight and the pre-norm parameters in the (c, i, j) order: three small copies, which the
-# b1 preset would feel in host time but a training batch does not.
+# Calls with at least this many tokens (the 64-token programs of SMALL_GRID) re-lay the weight
+# and the pre-norm parameters for the kernels (see _k_order): up to three small copies, which
+# the b1 preset would feel in host time but a training batch does not.
 RELAYOUT_MIN_TOKENS = SMALL_GRID * 64
+# Row alignment (elements) of a re-laid weight: 16 elements hold a 16-byte vector in any
+# dtype, and Triton hints divisibility by 16.
+W_ROW_ALIGN = 16
 # Alignment hint (elements) of token offsets: 16 covers a 16-byte vector of any dtype.
 MAX_ROW_ALIGN = 16
 # Tokens are indexed in 32 bits (their divisions would otherwise be slow 64-bit calls), and
@@ -116,38 +119,50 @@ class KOrder(NamedTuple):
     weight: Tensor  # the weight, or a copy re-laid in the (c, i, j) order
     w_strides: tuple[int, int, int, int]
     w_flat: bool
+    kw: int  # readable length of the weight's rows: K, or the zero-padded rows of a copy
     g1: Tensor | None  # pre-norm parameters in the K order (copies for CIJ)
     b1: Tensor | None
 
 
 def _k_order(x: Tensor, weight: Tensor, g1: Tensor | None, b1: Tensor | None, ph: int,
              pw: int) -> KOrder:  # fmt: skip
-    """The (c, i, j) order gathers an NCHW image in runs of pw pixels (16-byte loads) instead of
-    single elements (each of which can touch its own cache line); it needs the weight and the
-    pre-norm parameters in that order too. A Conv2d weight already is, and with no pre-norm
-    nothing is copied; otherwise the weight and parameters are re-laid (one small copy each)
-    when the call is large enough for that to pay, and small calls keep the (i, j, c) order of
-    a Linear weight. From the sm_90 machine code (vit_b16 sizes, bf16): a forward K step takes
-    113 instructions in (c, i, j) order against 166 in (i, j, c) without a pre-norm, 199
-    against 208 with one, and its statistics passes 130 against 186 per K step."""
+    """The (c, i, j) order gathers an NCHW image in runs of pw pixels (vector loads) instead of
+    single elements (each of which can touch its own cache line); the runs vectorise when pw
+    is a power of two. The order needs the weight and the pre-norm parameters in it too: a
+    Conv2d weight already is, and with no pre-norm nothing is copied; otherwise the weight and
+    parameters are re-laid (one small copy each) when the call is large enough for that to
+    pay. Large calls also re-lay a weight whose rows are not 16-element aligned (K = 588 for
+    patch 14), so that its tiles load as 16-byte asynchronous copies. From the sm_90 machine
+    code (bf16): a vit_b16 forward K step takes 113 instructions in (c, i, j) order against 166
+    in (i, j, c) without a pre-norm, 199 against 208 with one, and its statistics passes 130
+    against 186 per K step; vit_l14's K step takes 209 with aligned rows against 291."""
     chans, tokens = x.shape[1], x.shape[0] * (x.shape[2] // ph) * (x.shape[3] // pw)
+    large = tokens >= RELAYOUT_MIN_TOKENS
     w_strides = _weight_strides(weight, chans, pw)
-    cij_flat = _flat_in(w_strides, chans, ph, pw, cij=True)
-    if _rows_inner(x) and ((cij_flat and g1 is None) or tokens >= RELAYOUT_MIN_TOKENS):
-        if not cij_flat:
-            weight = _in_cij_order(weight, chans, ph, pw)
-            w_strides = _weight_strides(weight, chans, pw)
-        if g1 is not None:
-            g1, b1 = (p.reshape(ph, pw, chans).permute(2, 0, 1).reshape(-1) for p in (g1, b1))
-        return KOrder(True, weight, w_strides, True, g1, b1)
-    return KOrder(False, weight, w_strides, _flat_in(w_strides, chans, ph, pw, False), g1, b1)
+    cij = _rows_inner(x) and pw & (pw - 1) == 0
+    cij = cij and (large or (g1 is None and _flat_in(w_strides, chans, ph, pw, cij=True)))
+    flat, kw = _flat_in(w_strides, chans, ph, pw, cij), chans * ph * pw
+    if large and not (flat and w_strides[0] % W_ROW_ALIGN == 0 and kw % W_ROW_ALIGN == 0):
+        weight = _relaid(weight, chans, ph, pw, cij)
+        w_strides, flat, kw = _weight_strides(weight, chans, pw), True, weight.stride(0)
+    if cij and g1 is not None:
+        g1, b1 = (p.reshape(ph, pw, chans).permute(2, 0, 1).reshape(-1) for p in (g1, b1))
+    return KOrder(cij, weight, w_strides, flat, kw, g1, b1)
 
 
-def _in_cij_order(weight: Tensor, chans: int, ph: int, pw: int) -> Tensor:
-    """A contiguous (D, C, ph, pw) copy of a Linear (D, K) or Conv2d weight."""
-    if weight.ndim == 2:
-        weight = weight.reshape(weight.shape[0], ph, pw, chans).permute(0, 3, 1, 2)
-    return weight.contiguous()
+def _relaid(weight: Tensor, chans: int, ph: int, pw: int, cij: bool) -> Tensor:
+    """A copy of a Linear (D, K) or Conv2d weight holding each row contiguously in the K order
+    ((c, i, j) with ``cij``, else (i, j, c)), rows W_ROW_ALIGN-element aligned and zero-padded:
+    a (D, C, ph, pw) or a (D, K) view of the row-padded buffer."""
+    d, k = weight.shape[0], chans * ph * pw
+    dijc = weight.reshape(d, ph, pw, chans) if weight.ndim == 2 else weight.permute(0, 2, 3, 1)
+    rows = weight.new_zeros((d, _cdiv(k, W_ROW_ALIGN) * W_ROW_ALIGN))[:, :k]
+    if cij:
+        out = rows.view(d, chans, ph, pw)
+        out.copy_(dijc.permute(0, 3, 1, 2))
+        return out
+    rows.view(d, ph, pw, chans).copy_(dijc)
+    return rows
 
 
 def _row_align(x: Tensor, ph: int, pw: int) -> int:
@@ -210,7 +225,8 @@ def patch_embed_fwd(
     _patch_embed_fwd_kernel[(_cdiv(tokens, block_m),)](
         x, k.weight, _or(bias, weight), _or(k.g1, weight), _or(k.b1, weight), _or(g2, weight),
         _or(b2, weight), y, stats,
-        tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp, *x.stride(), *k.w_strides, eps,
+        tokens, patch_dim, k.kw, dim, chans, ph, pw, hp * wp, wp, *x.stride(), *k.w_strides,
+        eps,
         PRE_NORM=g1 is not None, HAS_BIAS=bias is not None, POST_NORM=g2 is not None,
         ROW_IN_ONE_TILE=block_n >= dim, W_FLAT=k.w_flat, CIJ=k.cij, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=blocks.k, num_warps=blocks.warps, **_numerics(compute_dtype),
@@ -243,6 +259,7 @@ def patch_embed_bwd(
     acc = stats.dtype
     numerics = _numerics(compute_dtype)
     shape = (tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp)
+    k_shape = (tokens, patch_dim, k.kw, *shape[2:])  # the kernels that read the weight
     blocks = blocks_for(compute_dtype.itemsize)
     m_tiles = _cdiv(tokens, blocks.m)
 
@@ -253,7 +270,7 @@ def patch_embed_bwd(
     if tokens:
         _bwd_dz_kernel[(m_tiles,)](
             x, k.weight, _or(bias, weight), _or(k.g1, weight), _or(k.b1, weight),
-            _or(g2, weight), stats, grad_y, dz, partials, row_offsets, *shape, *x.stride(),
+            _or(g2, weight), stats, grad_y, dz, partials, row_offsets, *k_shape, *x.stride(),
             *k.w_strides, *_token_strides(grad_y),
             PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, W_FLAT=k.w_flat, CIJ=k.cij,
             BLOCK_M=blocks.m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
@@ -297,7 +314,7 @@ def patch_embed_bwd(
         dx = x.new_empty(x.shape)
         if tokens:
             _bwd_dx_kernel[(m_tiles,)](
-                x, k.weight, _or(k.g1, weight), stats, dz, dx, *shape, *x.stride(), *dx.stride(),
+                x, k.weight, _or(k.g1, weight), stats, dz, dx, *k_shape, *x.stride(), *dx.stride(),
                 *k.w_strides, *_token_strides(dz), PRE_NORM=pre, W_FLAT=k.w_flat, CIJ=k.cij,
                 BLOCK_M=blocks.m, BLOCK_D=blocks.tile, BLOCK_K=blocks.dx_k,
                 num_warps=blocks.warps, **numerics,
