@@ -11,6 +11,11 @@ Three passes, each a kernel below, all deterministic (per-program partial sums, 
 3. ``_bwd_dx_kernel`` (per token tile, only when the image needs a gradient): dA = dZ W, the
    pre-norm backward, scattered straight into the image layout (patches do not overlap).
 
+The dZ kernel also stores each token's image offset (RowOff) so that the dW GEMM, which visits
+token tiles in a strided order, does not divide by the image geometry on every step. Each
+kernel walks K in the order its launch picks (CIJ, see patch_tiles.patch_cols); G is kept in
+the dW GEMM's order, and the parameter kernel writes dW, dg1, db1 through their own offsets.
+
 Device code only: the launch module allocates buffers and builds grids.
 """
 
@@ -187,11 +192,11 @@ def _bwd_dw_kernel(
 
 @triton.jit
 def _bwd_param_kernel(
-    G,  # (D, K) ACC: G = dZ^T x̂, its token splits already summed
+    G,  # (D, K) ACC: G = dZ^T x̂ in the dW GEMM's K order, its token splits already summed
     DZSum,  # (D,) ACC: sum over tokens of dZ (= dbias)
-    W, G1, B1,
+    W, G1, B1,  # the original weight and pre-norm parameters, (i, j, c) for G1, B1
     DW,  # out: in the weight's shape and dtype, strides (d, c, i, j)
-    DG1, DB1,  # out: (K,) in the pre-norm parameters' dtype (with PRE_NORM)
+    DG1, DB1,  # out: (K,) in the pre-norm parameters' dtype and (i, j, c) order (PRE_NORM)
     K, D, C: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     stride_wd, stride_wc, stride_wi, stride_wj,
     stride_gd, stride_gc, stride_gi, stride_gj,
