@@ -34,6 +34,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "warps=4": ({"warps": 4}, {}),
     "no 16-token tiles": ({}, {"SMALL_GRID": 0}),
     "dw 2x programs": ({}, {"DW_TARGET_PROGRAMS": 528}),
+    "never re-lay the weight": ({}, {"RELAYOUT_MIN_TOKENS": 2**62}),
+    "always re-lay the weight": ({}, {"RELAYOUT_MIN_TOKENS": 0}),
 }
 PLAN = [
     ("vit_b16", "fwd"),

@@ -129,14 +129,15 @@ def test_tune_variants_install_and_restore() -> None:
     from zeta_fused import launch
     from zeta_fused.kernels import configs
 
-    before = (configs.BLOCKS[tune.OPERAND_BYTES], launch.SMALL_GRID, launch.DW_TARGET_PROGRAMS)
+    names = ("SMALL_GRID", "DW_TARGET_PROGRAMS", "RELAYOUT_MIN_TOKENS")
+    before = (configs.BLOCKS[tune.OPERAND_BYTES], *(getattr(launch, c) for c in names))
     for name, (blocks, consts) in tune.VARIANTS.items():
         saved = tune.apply(name)
         current = configs.BLOCKS[tune.OPERAND_BYTES]
         assert all(getattr(current, k) == v for k, v in blocks.items()), name
         assert all(getattr(launch, k) == v for k, v in consts.items()), name
         tune.restore(saved)
-        after = (configs.BLOCKS[tune.OPERAND_BYTES], launch.SMALL_GRID, launch.DW_TARGET_PROGRAMS)
+        after = (configs.BLOCKS[tune.OPERAND_BYTES], *(getattr(launch, c) for c in names))
         assert after == before, name
     assert all(p in tune.PRESETS and tune.PRESETS[p].dtype == "bf16" for p, _ in tune.PLAN)
 
