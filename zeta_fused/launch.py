@@ -104,12 +104,10 @@ def _weight_strides(weight: Tensor, chans: int, pw: int) -> tuple[int, int, int,
 def _flat_in(strides: tuple[int, ...], chans: int, ph: int, pw: int, cij: bool) -> bool:
     """Whether an operand with (d, c, i, j) strides holds the patch axis contiguously in the
     kernels' K order, (c, i, j) with ``cij`` else (i, j, c): then it is read as one run."""
-    _, sc, si, sj = strides
+    _, sc, si, sj = strides  # a stride along a dimension of size 1 never matters
     if cij:
-        want = ((chans, sc, ph * pw), (ph, si, pw), (pw, sj, 1))
-    else:
-        want = ((chans, sc, 1), (ph, si, pw * chans), (pw, sj, chans))
-    return all(size == 1 or stride == expected for size, stride, expected in want)
+        return (chans == 1 or sc == ph * pw) and (ph == 1 or si == pw) and (pw == 1 or sj == 1)
+    return (chans == 1 or sc == 1) and (ph == 1 or si == pw * chans) and (pw == 1 or sj == chans)
 
 
 class KOrder(NamedTuple):
