@@ -66,8 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             "No CUDA device: eager providers only, on the CPU. The Triton providers "
             "(zeta-fused) need CUDA."
         )
-    rows, peaks, host = runner.run(plan_for(args, device), providers, device)
     meta = measure.device_info(device)
+    plan = plan_for(args, device)
+    rows, peaks, host = runner.run(
+        plan,
+        providers,
+        device,
+        checkpoint=lambda rows, peaks: report.write_json(rows, meta, peaks, {}, args.out, False),
+    )
     print(report.terminal(rows, meta, host))
     written = report.write(rows, meta, peaks, host, args.out)
     print("wrote " + ", ".join(str(p) for p in written))

@@ -25,7 +25,9 @@ def time_ms(step: Callable[[], object], device: str) -> tuple[float, float, floa
     if device == "cuda":
         from triton.testing import do_bench
 
-        return tuple(do_bench(step, quantiles=QUANTILES))  # L2 flushed before each call
+        # L2 flushed before each call. Several quantiles come back as a list (one alone would
+        # come back as a bare float).
+        return tuple(do_bench(step, quantiles=QUANTILES))
     for _ in range(CPU_WARMUP):
         step()
     samples = []
@@ -50,24 +52,20 @@ def peak_extra_mib(step: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def peak_copy_tbps() -> float:
+def peak_copy_tbps(device: str = "cuda", nbytes: int = COPY_BYTES) -> float:
     """Device-to-device copy bandwidth in TB/s (read + write bytes per second)."""
-    from triton.testing import do_bench
-
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), quantiles=[0.5])[0]
-    return 2 * COPY_BYTES / (ms * 1e-3) / 1e12
+    ms = time_ms(lambda: dst.copy_(src), device)[0]
+    return 2 * nbytes / (ms * 1e-3) / 1e12
 
 
-def peak_gemm_tflops(dtype: str) -> float:
+def peak_gemm_tflops(dtype: str, device: str = "cuda", size: int = GEMM_SIZE) -> float:
     """Dense GEMM throughput of this GPU in ``dtype`` (under torch's current fp32 precision)."""
-    from triton.testing import do_bench
-
-    a = torch.randn(GEMM_SIZE, GEMM_SIZE, device="cuda", dtype=DTYPES[dtype])
+    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     b = torch.randn_like(a)
-    ms = do_bench(lambda: torch.mm(a, b), quantiles=[0.5])[0]
-    return 2 * GEMM_SIZE**3 / (ms * 1e-3) / 1e12
+    ms = time_ms(lambda: torch.mm(a, b), device)[0]
+    return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
 def device_info(device: str) -> dict:
@@ -111,14 +109,19 @@ def device_info(device: str) -> dict:
 HOST_CALLS = 500
 
 
-def host_us(fn: Callable[[], object]) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_us(fn: Callable[[], object], device: str = "cuda", calls: int = HOST_CALLS) -> float:
     """Host (Python + launch) microseconds per call, calls issued back to back."""
     for _ in range(10):
         fn()
-    torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
-    for _ in range(HOST_CALLS):
+    for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e6 * elapsed / HOST_CALLS
+    _sync(device)
+    return 1e6 * elapsed / calls

@@ -33,7 +33,9 @@ def table(rows: list[dict]) -> list[list[str]]:
 
 def host_lines(host: dict) -> list[str]:
     return [
-        f"host overhead {name}: module {h['module_us']:.1f} us/call, bare kernel launch "
+        f"host overhead {name}: failed: {h['failed']}"
+        if "failed" in h
+        else f"host overhead {name}: module {h['module_us']:.1f} us/call, bare kernel launch "
         f"{h['launch_us']:.1f} us/call ({h['ratio']:.2f}x)"
         for name, h in host.items()
     ]
@@ -72,6 +74,8 @@ def _title(meta: dict) -> str:
 
 
 def _peaks(peaks: dict) -> str:
+    if "failed" in peaks:
+        return f"failed: {peaks['failed']}"
     return ", ".join(
         f"{k.replace('_', ' ')} {v:.1f}" if "gemm" in k else f"copy {v:.2f} TB/s"
         for k, v in peaks.items()
@@ -108,11 +112,20 @@ def chart(rows: list[dict], path: Path) -> str | None:
     return None
 
 
+def write_json(
+    rows: list[dict], meta: dict, peaks: dict, host: dict, out: Path, complete: bool = True
+) -> Path:
+    """bench.json; ``complete=False`` while the run is still going (raw timings only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "complete": complete, "roofline": peaks, "host_overhead": host}
+    path = out / "bench.json"
+    path.write_text(json.dumps(doc | {"results": rows}, indent=2) + "\n")
+    return path
+
+
 def write(rows: list[dict], meta: dict, peaks: dict, host: dict, out: Path) -> list[str]:
     """Write bench.json, bench.md and (with fused timings) bench.png under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "roofline": peaks, "host_overhead": host, "results": rows}
-    (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(rows, meta, peaks, host, out)
     (out / "bench.md").write_text(markdown(rows, meta, peaks, host))
     written = [str(out / "bench.json"), str(out / "bench.md")]
     note = chart(rows, out / "bench.png")

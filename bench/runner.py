@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -40,19 +41,27 @@ def run_cell(preset: Preset, mode: str, name: str, device: str) -> dict:
             row["peak_extra_mib"] = measure.peak_extra_mib(step, device)
         del model, step
     except Exception as exc:  # noqa: BLE001 - a failing provider is reported, never dropped
-        row |= {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+        row |= {"status": "failed", "error": _reason(exc)}
     _free()
     return row
 
 
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
 def roofline(presets: list[Preset], device: str) -> dict:
-    """Peak copy bandwidth and GEMM throughput of this GPU, measured now (CUDA only)."""
+    """Peak copy bandwidth and GEMM throughput of this GPU, measured now (CUDA only). A probe
+    that fails is reported under ``failed``; the run goes on without % of roofline."""
     if device != "cuda":
         return {}
     progress("measuring the roofline: copy bandwidth and GEMM throughput ...")
-    peaks = {"copy_tbps": measure.peak_copy_tbps()}
-    for dtype in sorted({p.dtype for p in presets}):
-        peaks[f"gemm_tflops_{dtype}"] = measure.peak_gemm_tflops(dtype)
+    try:
+        peaks = {"copy_tbps": measure.peak_copy_tbps()}
+        for dtype in sorted({p.dtype for p in presets}):
+            peaks[f"gemm_tflops_{dtype}"] = measure.peak_gemm_tflops(dtype)
+    except Exception as exc:  # noqa: BLE001 - reported in the output, never fatal
+        peaks = {"failed": _reason(exc)}
     _free()
     return peaks
 
@@ -69,7 +78,7 @@ def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
         if r["mode"] == "fwd":
             r["tbps"] = p.bytes() / (r["ms"] * 1e-3) / 1e12
             r["tflops"] = p.flops() / (r["ms"] * 1e-3) / 1e12
-            if peaks:
+            if "copy_tbps" in peaks:
                 floor_ms = 1e3 * max(
                     p.bytes() / (peaks["copy_tbps"] * 1e12),
                     p.flops() / (peaks[f"gemm_tflops_{p.dtype}"] * 1e12),
@@ -84,48 +93,38 @@ def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
 HOST_PRESETS = ("b1_latency_b16",)
 
 
-def host_overhead(presets: list[Preset], device: str) -> dict:
-    """Per-call host time of the module's inference path vs a bare launch of the same kernel."""
-    if device != "cuda":
-        return {}
+def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> dict:
+    """Per-call host time of the module's inference path vs a bare launch of the same kernel.
+    A failure is reported under ``failed``."""
     from zeta_fused import PatchEmbeddings
     from zeta_fused.launch import patch_embed_fwd
 
-    out = {}
-    for p in presets:
-        if p.name not in HOST_PRESETS:
-            continue
-        progress(f"host overhead: {p.name}")
+    progress(f"host overhead: {p.name}")
+    try:
         m = PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend="triton")
         m = m.to(device, p.torch_dtype)
         x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
         ln1, proj, ln2 = m.embedding[1], m.embedding[2], m.embedding[3]
-        args = (
-            x,
-            proj.weight,
-            proj.bias,
-            ln1.weight,
-            ln1.bias,
-            ln2.weight,
-            ln2.bias,
-            *p.patch,
-            m.eps,
-            p.torch_dtype,
-            p.torch_dtype,
-        )
+        params = (proj.weight, proj.bias, ln1.weight, ln1.bias, ln2.weight, ln2.bias)
+        args = (x, *params, *p.patch, m.eps, p.torch_dtype, p.torch_dtype)
         with torch.no_grad():
-            module_us = measure.host_us(lambda m=m, x=x: m(x))
-            launch_us = measure.host_us(lambda args=args: patch_embed_fwd(*args))
-        out[p.name] = {
-            "module_us": module_us,
-            "launch_us": launch_us,
-            "ratio": module_us / launch_us,
-        }
-        _free()
+            module_us = measure.host_us(lambda: m(x), device, calls)
+            launch_us = measure.host_us(lambda: patch_embed_fwd(*args), device, calls)
+        out = {"module_us": module_us, "launch_us": launch_us, "ratio": module_us / launch_us}
+    except Exception as exc:  # noqa: BLE001 - reported in the output, never fatal
+        out = {"failed": _reason(exc)}
+    _free()
     return out
 
 
-def run(plan: list[tuple[Preset, tuple[str, ...]]], providers: list[str], device: str) -> tuple:
+def run(
+    plan: list[tuple[Preset, tuple[str, ...]]],
+    providers: list[str],
+    device: str,
+    checkpoint: Callable[[list[dict], dict], None] | None = None,
+) -> tuple:
+    """Every cell of the plan, then the derived figures and (CUDA, fused) the host overhead.
+    ``checkpoint(rows, peaks)`` runs after each cell, so a run cut short keeps what it measured."""
     presets = {p.name: p for p, _ in plan}
     peaks = roofline(list(presets.values()), device)
     cells = [
@@ -139,6 +138,10 @@ def run(plan: list[tuple[Preset, tuple[str, ...]]], providers: list[str], device
         slow = " (compiling, can take minutes)" if name.startswith(SLOW_START) else ""
         progress(f"[{i}/{len(cells)}] {p.name} {mode} {name}{slow}")
         rows.append(run_cell(p, mode, name, device))
+        if checkpoint is not None:
+            checkpoint(rows, peaks)
     derive(rows, presets, peaks)
-    host = host_overhead(list(presets.values()), device) if FUSED in providers else {}
+    host = {}
+    if device == "cuda" and FUSED in providers:
+        host = {n: host_overhead(p, device) for n, p in presets.items() if n in HOST_PRESETS}
     return rows, peaks, host

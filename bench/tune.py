@@ -71,7 +71,9 @@ def restore(saved: dict) -> None:
         setattr(launch, k, v)
 
 
-def run(variants: list[str]) -> list[dict]:
+def run(variants: list[str], checkpoint=None) -> list[dict]:
+    """Every (variant, PLAN cell); ``checkpoint(rows)`` after each, so a run cut short keeps
+    what it measured."""
     rows = []
     for name in variants:
         saved = apply(name)
@@ -79,9 +81,17 @@ def run(variants: list[str]) -> list[dict]:
             for preset, mode in PLAN:
                 progress(f"{name}: {preset} {mode} (compiles first)")
                 rows.append(run_cell(PRESETS[preset], mode, FUSED, "cuda") | {"variant": name})
+                if checkpoint is not None:
+                    checkpoint(rows)
         finally:
             restore(saved)
     return rows
+
+
+def _write(out: Path, meta: dict, rows: list[dict], complete: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "complete": complete, "rows": rows}
+    (out / "tune.json").write_text(json.dumps(doc, indent=1))
 
 
 def table(rows: list[dict]) -> str:
@@ -111,12 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.tune needs a CUDA device: it times the Triton kernels.")
         return 2
     variants = ["current", *(v for v in args.variant or VARIANTS if v != "current")]
-    rows = run(variants)
+    meta = measure.device_info("cuda")
+    rows = run(variants, checkpoint=lambda rows: _write(args.out, meta, rows, complete=False))
     text = table(rows)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = measure.device_info("cuda")
-    (args.out / "tune.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    _write(args.out, meta, rows, complete=True)
     (args.out / "tune.md").write_text(f"{meta}\n\n{text}\n")
     return 0
 
