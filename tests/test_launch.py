@@ -117,3 +117,54 @@ def test_token_strides_flat_only_when_rows_are_evenly_spaced() -> None:
     assert launch._token_strides(torch.empty(()).expand(2, 6, 16))[3]  # y.sum().backward()
     assert launch._token_strides(torch.empty(1, 6, 16).expand(2, 6, 16))[3] is False
     assert launch._token_strides(torch.empty(6, 2, 16).transpose(0, 1))[3] is False
+
+
+TF32_SETTINGS = """
+import os, torch
+from zeta_fused import PatchEmbeddings, launch
+
+matmul = torch.backends.cuda.matmul
+new_api = hasattr(torch.backends, "fp32_precision")
+steps = [
+    ("default", None, "ieee"),
+    ("set_float32_matmul_precision high",
+     lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+    ("set_float32_matmul_precision highest",
+     lambda: torch.set_float32_matmul_precision("highest"), "ieee"),
+    ("allow_tf32 = True", lambda: setattr(matmul, "allow_tf32", True), "tf32"),
+]
+if new_api:  # after these, reading the legacy allow_tf32 raises
+    steps += [
+        ("fp32_precision = ieee", lambda: setattr(matmul, "fp32_precision", "ieee"), "ieee"),
+        ("fp32_precision = tf32", lambda: setattr(matmul, "fp32_precision", "tf32"), "tf32"),
+    ]
+for name, apply, want in steps:
+    if apply:
+        apply()
+    got = launch._numerics(torch.float32)["DOT_PRECISION"]
+    assert got == want, (name, got, want)
+    assert launch._numerics(torch.bfloat16)["DOT_PRECISION"] == "ieee", name
+m = PatchEmbeddings(3, 8, patch_size=4, backend="triton")
+y = m(torch.randn(1, 3, 8, 8))
+y.sum().backward()
+assert torch.isfinite(y).all()
+print("ok", len(steps))
+"""
+
+
+def test_fp32_precision_follows_every_torch_setter() -> None:
+    """TF32 for fp32 GEMMs exactly when torch's matmul precision allows it, through the legacy
+    and the new (torch >= 2.9) setters; a program that used the new one still runs (torch
+    raises on reading the legacy flag then). A fresh process: these settings are global."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    r = subprocess.run(
+        [sys.executable, "-c", TF32_SETTINGS], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("ok")

@@ -65,10 +65,22 @@ TL_DTYPES = {
 INTERPRETED = interpreting()
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls run in TF32. torch >= 2.9's ``fp32_precision`` reflects
+    both its own setter and the legacy ones (``allow_tf32``, ``set_float32_matmul_precision``);
+    reading ``allow_tf32`` raises once a program has used the new API, so it is only the
+    fallback for older torch."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:
+        return matmul.allow_tf32
+
+
 def _numerics(compute_dtype: torch.dtype) -> dict:
     """Constexprs shared by every kernel: GEMM dtype and precision, accumulation dtype.
     fp32 GEMMs follow torch's matmul precision: TF32 only when torch allows it."""
-    tf32 = compute_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tf32 = compute_dtype == torch.float32 and tf32_allowed()
     return _numerics_for(compute_dtype, tf32)
 
 
