@@ -265,6 +265,24 @@ def test_gpu_fp32_follows_matmul_precision(monkeypatch) -> None:
 
 
 @pytest.mark.gpu
+def test_gpu_tensors_on_another_device() -> None:
+    """Tensors on cuda:1 while cuda:0 is current (no torch.cuda.set_device): forward and
+    backward run on the tensors' GPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    m = make(3, 64, 8)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = m(x)
+    m.to("cuda:1", torch.float32).backend = "triton"
+    with torch.cuda.device(0):
+        xg = x.to("cuda:1", torch.float32).requires_grad_()
+        y = m(xg)
+        y.sum().backward()
+    assert y.device == torch.device("cuda", 1) and xg.grad.device == y.device
+    assert (y.double().cpu() - ref).abs().max() < 1e-3
+
+
+@pytest.mark.gpu
 def test_gpu_int64_offsets() -> None:
     """B*N*D beyond 2**31 elements: the last tokens must still be right."""
     B, D = 14_300, 768

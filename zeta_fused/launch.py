@@ -194,10 +194,26 @@ def _token_strides(t: Tensor) -> tuple[int, int, int, bool]:
     return sb, sn, sd, t.shape[0] <= 1 or sb == t.shape[1] * sn
 
 
+def on_tensor_device(launcher):
+    """Triton launches on the current CUDA device and its stream. A call whose tensors live on
+    another GPU (``model.to("cuda:1")`` without ``torch.cuda.set_device``, as eager torch ops
+    allow) switches to their device for its duration instead of faulting."""
+
+    @functools.wraps(launcher)
+    def on_device(first: Tensor, *args):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(first, *args)
+        return launcher(first, *args)
+
+    return on_device
+
+
 def _block_n(dim: int, cap: int) -> int:
     return min(max(_next_power_of_2(dim), MIN_BLOCK), cap)
 
 
+@on_tensor_device
 def patch_embed_fwd(
     x: Tensor,
     weight: Tensor,
@@ -244,6 +260,7 @@ def patch_embed_fwd(
     return y, stats
 
 
+@on_tensor_device
 def patch_embed_bwd(
     grad_y: Tensor,
     x: Tensor,
