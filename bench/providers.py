@@ -95,8 +95,11 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Step:
     return step
 
 
-def _module_provider(factory, channels_last=False, compile_mode=None):
+def _module_provider(factory, channels_last=False, compile_mode=None, cudnn_benchmark=False):
     def build(p: Preset, device: str, mode: str):
+        if cudnn_benchmark:  # as a timm user trains: cuDNN picks its fastest convolution
+            # (global and left on: it concerns convolutions only, which only these peers run)
+            torch.backends.cudnn.benchmark = True
         model = factory(p).to(device, p.torch_dtype)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -150,18 +153,24 @@ PROVIDERS = {
             "compile-max-autotune",
             _module_provider(_vit_sequential, compile_mode="max-autotune-no-cudagraphs"),
         ),
-        Provider("timm-conv", _module_provider(_timm_stem), note="no pre-norm"),
         Provider(
-            "timm-conv-cl", _module_provider(_timm_stem, channels_last=True), note="no pre-norm"
+            "timm-conv",
+            _module_provider(_timm_stem, cudnn_benchmark=True),
+            note="no pre-norm, cudnn.benchmark",
+        ),
+        Provider(
+            "timm-conv-cl",
+            _module_provider(_timm_stem, channels_last=True, cudnn_benchmark=True),
+            note="no pre-norm, cudnn.benchmark",
         ),
         Provider(
             "timm-vit-fused",
-            _module_provider(_timm_vit(True)),
+            _module_provider(_timm_vit(True), cudnn_benchmark=True),
             needs_cuda=True,
             fused=True,
             note="fuse_patch_embeddings",
         ),
-        Provider("timm-vit", _module_provider(_timm_vit(False))),
+        Provider("timm-vit", _module_provider(_timm_vit(False), cudnn_benchmark=True)),
     ]
 }
 FUSED = "zeta-fused"

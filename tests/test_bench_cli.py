@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,3 +243,16 @@ def test_run_checkpoints_after_every_cell(tmp_path) -> None:
     assert seen == [1, 2, 3, 4] and len(rows) == 4
     doc = json.loads((tmp_path / "bench.json").read_text())
     assert doc["complete"] is False and len(doc["results"]) == 4
+
+
+def test_conv_peers_run_with_cudnn_benchmark(monkeypatch) -> None:
+    """The timm Conv2d peers are timed as a timm user trains: cudnn.benchmark on."""
+    from bench.presets import parse_shape
+    from bench.providers import PROVIDERS
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    p = parse_shape("1,3,8,8,4,8,fp32")
+    PROVIDERS["eager"].build(p, "cpu", "fwd")
+    assert torch.backends.cudnn.benchmark is False
+    PROVIDERS["timm-conv-cl"].build(p, "cpu", "fwd")
+    assert torch.backends.cudnn.benchmark is True
