@@ -104,7 +104,11 @@ def _module_provider(factory, channels_last=False, compile_mode=None, cudnn_benc
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile_mode is not None:
-            model = torch.compile(model, mode=compile_mode)
+            # Fresh and static, as a user compiling for one input size: without the reset,
+            # dynamo would see the Sequential's forward again at a new size and compile a
+            # dynamic-shape graph (or, past its recompile limit, fall back to eager).
+            torch._dynamo.reset()
+            model = torch.compile(model, mode=compile_mode, dynamic=False)
         return model, make_step(model, make_input(p, device, mode, channels_last), mode)
 
     return build

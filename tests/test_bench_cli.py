@@ -256,3 +256,27 @@ def test_conv_peers_run_with_cudnn_benchmark(monkeypatch) -> None:
     assert torch.backends.cudnn.benchmark is False
     PROVIDERS["timm-conv-cl"].build(p, "cpu", "fwd")
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_slow_starting_providers_run_last(monkeypatch) -> None:
+    """torch.compile cells run after every other cell (a time limit then cuts only them);
+    the rows still come back in plan order."""
+    from bench import runner
+    from bench.presets import parse_shape
+
+    ran = []
+
+    def fake_cell(p, mode, name, device):
+        ran.append((mode, name))
+        return {"preset": p.name, "mode": mode, "provider": name, "status": "ok", "ms": 1.0}
+
+    monkeypatch.setattr(runner, "run_cell", fake_cell)
+    plan = [(parse_shape("1,3,8,8,4,8,fp32"), ("fwd", "train"))]
+    rows, _, _ = runner.run(plan, ["compile", "eager"], "cpu")
+    assert ran == [("fwd", "eager"), ("train", "eager"), ("fwd", "compile"), ("train", "compile")]
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        ("fwd", "compile"),
+        ("fwd", "eager"),
+        ("train", "compile"),
+        ("train", "eager"),
+    ]
