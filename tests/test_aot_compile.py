@@ -31,6 +31,8 @@ def compile_all(env: dict) -> str:
 
 def test_all_kernel_variants_compile_for_hopper() -> None:
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    if __import__("torch").cuda.is_available():  # minutes of compiles: GPU time is scarce
+        pytest.skip("on a GPU the JIT compiles the variants the tests launch")
     compile_all(dict(os.environ))
 
 
