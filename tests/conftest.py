@@ -12,6 +12,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # Read when @triton.jit decorates, so it must be set before any kernel module is imported.
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Poison: with deterministic algorithms on, torch fills every uninitialised allocation
+    # (torch.empty, new_empty, empty_like) with NaN, so an output element a kernel fails to
+    # write fails the test instead of passing with whatever an earlier tensor left in that
+    # memory (the caching allocator hands the same blocks back, often holding the eager
+    # result just compared against). warn_only: ops without a deterministic version only warn.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow_interp: too slow for the Triton interpreter")
 
