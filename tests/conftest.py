@@ -1,4 +1,5 @@
-"""Test harness: the Triton interpreter on machines without CUDA, and the gpu / slow markers."""
+"""Test harness: the Triton interpreter on machines without CUDA, poisoned allocations, and the
+gpu marker."""
 
 from __future__ import annotations
 
@@ -20,17 +21,13 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-    config.addinivalue_line("markers", "slow_interp: too slow for the Triton interpreter")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_cuda = torch.cuda.is_available()
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-        if "slow_interp" in item.keywords and interp:
-            item.add_marker(pytest.mark.skip(reason="too slow under TRITON_INTERPRET=1"))
 
 
 @pytest.fixture(autouse=True)
