@@ -43,6 +43,25 @@ def k_order(request, monkeypatch) -> None:
     monkeypatch.setattr(launch, "RELAYOUT_MIN_TOKENS", 0 if request.param else 2**31)
 
 
+@pytest.fixture
+def compiled_branches(monkeypatch):
+    """The kernels' compiled-code branches (tl.dot with its accumulator operand and
+    out_dtype, plain casts), which a GPU runs, here under the interpreter too: its tl.dot is
+    exact in fp32 and fp64, only bf16 needs the interpreted branch."""
+    import zeta_fused.launch as launch
+
+    monkeypatch.setattr(launch, "INTERPRETED", False)
+    launch._numerics_for.cache_clear()
+    yield
+    launch._numerics_for.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.usefixtures("compiled_branches")
+def test_compiled_code_branches(dtype, device) -> None:
+    compare(make(3, 40, (4, 2)), torch.randn(3, 3, 16, 12), dtype, device)
+
+
 FLAGS = {
     "all": (True, True, True),
     "none": (False, False, False),
