@@ -186,3 +186,28 @@ def test_gradients_flow_on_eager_path() -> None:
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     m(x).square().sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in m.parameters())
+
+
+def test_parametrized_and_weight_normed_layers_fuse(device) -> None:
+    """The fused path reads parameters the way nn.Module does: a parametrization (a property)
+    and weight_norm (an attribute recomputed by a pre-hook) are seen, not the raw tensors."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Doubled(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    m = randomise(PatchEmbeddings(3, 16, patch_size=4)).to(device)
+    parametrize.register_parametrization(m.embedding[1], "weight", Doubled())
+    weight_norm(m.embedding[2])
+    x = torch.randn(2, 3, 8, 12, device=device)
+    m.backend = "eager"
+    ref = m(x)
+    m.backend = "triton"
+    torch.testing.assert_close(m(x), ref)
+    m.embedding[2].parametrizations.weight.original0.data.mul_(3)  # the magnitude g
+    m.backend = "eager"
+    ref = m(x)
+    m.backend = "triton"
+    torch.testing.assert_close(m(x), ref)

@@ -26,6 +26,14 @@ from .reference import PATCHIFY
 FUSABLE_PATTERNS = {PATCHIFY: False, "b c (h p1) (w p2) -> b h w (p1 p2 c)": True}
 
 
+def _param(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` without ``nn.Module.__getattr__`` (about 0.5 us each on the per-call
+    host path, which reads six); anything not registered as a parameter (a parametrization's
+    property, weight_norm's recomputed attribute) still goes through ``getattr``."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def parse_patch_sequential(layers: nn.Sequential) -> tuple[dict, str | None]:
     """Read (patch, LayerNorm/Linear positions, eps) from a vit-pytorch patch-embedding
     Sequential; returns (config, None), or (partial config, why it cannot be fused)."""
@@ -106,12 +114,12 @@ class FusedPatchSequential(nn.Sequential):
         if name is None:
             return None
         ln = self._modules[name]
-        return ln.weight, ln.bias
+        return _param(ln, "weight"), _param(ln, "bias")
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.dim_in, self.patch_size, self.dynamic_img_pad)
         proj = self._modules[self._proj]
-        weight, bias = proj.weight, proj.bias
+        weight, bias = _param(proj, "weight"), _param(proj, "bias")
         pre, post = self._norm(self._ln1), self._norm(self._ln2)
         check_params(x, [weight, bias, *(pre or ()), *(post or ())])
         if self.dynamic_img_pad:
