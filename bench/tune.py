@@ -28,6 +28,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "fwd k=64": ({"k": 64}, {}),
     "fwd m=128 n=128": ({"m": 128, "n": 128}, {}),
     "dz n=64": ({"dz_n": 64}, {}),
+    "dz m=32 n=256": ({"dz_m": 32, "dz_n": 256}, {}),
     "dw d=128": ({"dw_d": 128}, {}),
     "dw m=32": ({"dw_m": 32}, {}),
     "dx k=32": ({"dx_k": 32}, {}),
@@ -36,6 +37,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "dw 2x programs": ({}, {"DW_TARGET_PROGRAMS": 528}),
     "never re-lay the weight": ({}, {"RELAYOUT_MIN_TOKENS": 2**62}),
     "always re-lay the weight": ({}, {"RELAYOUT_MIN_TOKENS": 0}),
+    "(c, i, j) for any patch width": ({}, {"CIJ_ANY_WIDTH": True}),
 }
 PLAN = [
     ("vit_b16", "fwd"),

@@ -16,6 +16,7 @@ class Blocks:
     k: int  # patch elements per K step: forward, dZ's Z recompute, image gradient
     n: int  # widest forward output chunk; wider rows get an in-program second pass
     dz_n: int  # D chunk of the post-norm backward (it also recomputes Z)
+    dz_m: int  # tokens per post-norm-backward program (rows of its column partials)
     dw_m: int  # token step of the dW GEMM (its reduction dimension)
     dw_d: int  # D rows of a dW tile: each token step's gather is shared by all of them
     tile: int  # K columns of a dW tile, and the D step of the image-gradient GEMM
@@ -28,8 +29,8 @@ class Blocks:
 
 
 BLOCKS = {
-    2: Blocks(m=64, k=32, n=256, dz_n=128, dw_m=64, dw_d=256, tile=64, dx_k=64),
-    4: Blocks(m=64, k=16, n=64, dz_n=32, dw_m=16, dw_d=64, tile=64, dx_k=16),
+    2: Blocks(m=64, k=32, n=256, dz_n=128, dz_m=64, dw_m=64, dw_d=256, tile=64, dx_k=64),
+    4: Blocks(m=64, k=16, n=64, dz_n=32, dz_m=64, dw_m=16, dw_d=64, tile=64, dx_k=16),
 }
 
 

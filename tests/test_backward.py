@@ -62,6 +62,27 @@ def test_compiled_code_branches(dtype, device) -> None:
     compare(make(3, 40, (4, 2)), torch.randn(3, 3, 16, 12), dtype, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tuning_alternatives(dtype, device, monkeypatch) -> None:
+    """The launch alternatives bench.tune times stay correct: (c, i, j) order for a patch width
+    that is not a power of two (weight re-laid), and post-norm-backward programs narrower than
+    the other kernels' (more rows of column partials)."""
+    import dataclasses
+
+    import zeta_fused.launch as launch
+    from zeta_fused.kernels import configs
+
+    monkeypatch.setattr(launch, "CIJ_ANY_WIDTH", True)
+    monkeypatch.setattr(launch, "RELAYOUT_MIN_TOKENS", 0)
+    narrow = {n: dataclasses.replace(b, dz_m=16) for n, b in configs.BLOCKS.items()}
+    monkeypatch.setattr(configs, "BLOCKS", narrow)
+    spy = []
+    real = launch._k_order
+    monkeypatch.setattr(launch, "_k_order", lambda *a: spy.append(real(*a)) or spy[-1])
+    compare(make(3, 40, (3, 5)), torch.randn(2, 3, 12, 20), dtype, device)
+    assert spy and all(k.cij for k in spy)
+
+
 FLAGS = {
     "all": (True, True, True),
     "none": (False, False, False),

@@ -130,7 +130,7 @@ def test_tune_variants_install_and_restore() -> None:
     from zeta_fused import launch
     from zeta_fused.kernels import configs
 
-    names = ("SMALL_GRID", "DW_TARGET_PROGRAMS", "RELAYOUT_MIN_TOKENS")
+    names = ("SMALL_GRID", "DW_TARGET_PROGRAMS", "RELAYOUT_MIN_TOKENS", "CIJ_ANY_WIDTH")
     before = (configs.BLOCKS[tune.OPERAND_BYTES], *(getattr(launch, c) for c in names))
     for name, (blocks, consts) in tune.VARIANTS.items():
         saved = tune.apply(name)

@@ -33,6 +33,9 @@ SMALL_GRID = 33
 # and the pre-norm parameters for the kernels (see _k_order): up to three small copies, which
 # the b1 preset would feel in host time but a training batch does not.
 RELAYOUT_MIN_TOKENS = SMALL_GRID * 64
+# The kernels that read the weight walk K in (c, i, j) order only for power-of-two patch
+# widths, whose pixel runs vectorise (bench.tune times the alternative for patch 14).
+CIJ_ANY_WIDTH = False
 # Row alignment (elements) of a re-laid weight: 16 elements hold a 16-byte vector in any
 # dtype, and Triton hints divisibility by 16.
 W_ROW_ALIGN = 16
@@ -149,7 +152,7 @@ def _k_order(x: Tensor, weight: Tensor, g1: Tensor | None, b1: Tensor | None, ph
     chans, tokens = x.shape[1], x.shape[0] * (x.shape[2] // ph) * (x.shape[3] // pw)
     large = tokens >= RELAYOUT_MIN_TOKENS
     w_strides = _weight_strides(weight, chans, pw)
-    cij = _rows_inner(x) and pw & (pw - 1) == 0
+    cij = _rows_inner(x) and (CIJ_ANY_WIDTH or pw & (pw - 1) == 0)
     cij = cij and (large or (g1 is None and _flat_in(w_strides, chans, ph, pw, cij=True)))
     flat, kw = _flat_in(w_strides, chans, ph, pw, cij), chans * ph * pw
     if large and not (flat and w_strides[0] % W_ROW_ALIGN == 0 and kw % W_ROW_ALIGN == 0):
@@ -288,19 +291,19 @@ def patch_embed_bwd(
     shape = (tokens, patch_dim, dim, chans, ph, pw, hp * wp, wp)
     k_shape = (tokens, patch_dim, k.kw, *shape[2:])  # the kernels that read the weight
     blocks = blocks_for(compute_dtype.itemsize)
-    m_tiles = _cdiv(tokens, blocks.m)
+    m_tiles, dz_tiles = _cdiv(tokens, blocks.m), _cdiv(tokens, blocks.dz_m)
 
     # 1. dZ and the column partials of dZ, dY * ẑ, dY.
-    partials = _scratch(x, (3, max(m_tiles, 1), dim), acc, zero=tokens == 0)
+    partials = _scratch(x, (3, max(dz_tiles, 1), dim), acc, zero=tokens == 0)
     row_offsets = x.new_empty((tokens,), dtype=torch.int64)
     dz = x.new_empty((batch, hp * wp, dim), dtype=compute_dtype) if post else grad_y
     if tokens:
-        _bwd_dz_kernel[(m_tiles,)](
+        _bwd_dz_kernel[(dz_tiles,)](
             x, k.weight, _or(bias, weight), _or(k.g1, weight), _or(k.b1, weight),
             _or(g2, weight), stats, grad_y, dz, partials, row_offsets, *k_shape, *x.stride(),
             *k.w_strides, *_token_strides(grad_y),
             PRE_NORM=pre, HAS_BIAS=bias is not None, POST_NORM=post, W_FLAT=k.w_flat, CIJ=k.cij,
-            BLOCK_M=blocks.m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
+            BLOCK_M=blocks.dz_m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
             num_warps=blocks.warps, **numerics,
         )  # fmt: skip
     # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
