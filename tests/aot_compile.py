@@ -4,7 +4,9 @@ Run as a script (``python tests/aot_compile.py``) in a process where TRITON_INTE
 the launchers run on CPU tensors with the kernels swapped for recorders, then each recorded
 launch is compiled with ``triton.compile`` for sm_90 (ptxas included), so code-generation
 errors that the interpreter cannot see fail here. Prints one line per kernel variant with the
-registers, spill bytes and shared memory reported by cuobjdump.
+registers, spill bytes and shared memory reported by cuobjdump. With ``--tune``, compiles the
+variants that ``python -m bench.tune`` times instead (its presets, under each alternative), so a
+GPU run spends no time on one that cannot compile.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ KERNELS = [
 ]
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 launches: list[tuple] = []
+tag = ""  # the bench.tune variant being recorded (--tune)
 
 
 class Recorder:
@@ -42,7 +45,7 @@ class Recorder:
         self.kernel = kernel
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+        return lambda *args, **kwargs: launches.append((tag, self.kernel, args, kwargs))
 
 
 def specialise(kernel, args, kwargs) -> tuple[dict, dict, dict]:
@@ -79,9 +82,29 @@ def resource_usage(cubin: bytes) -> str:
     return "REG:{} STACK:{} SHARED:{} LOCAL:{}".format(*m.groups()) if m else "usage: n/a"
 
 
-def record_all() -> None:
+def install_recorders() -> None:
     for name in KERNELS:
         setattr(launch, name, Recorder(getattr(launch, name)))
+
+
+def record_tune_variants() -> None:
+    """Every bench.tune variant on the presets of its plan (fused forward and backward)."""
+    global tag
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import tune
+
+    presets = [tune.PRESETS[name] for name in dict.fromkeys(p for p, _ in tune.PLAN)]
+    for name in tune.VARIANTS:
+        tag, saved = name, tune.apply(name)
+        try:
+            for p in presets:
+                x = torch.randn(p.batch, p.channels, p.height, p.width, dtype=p.torch_dtype)
+                run_case(x, p.dim, p.patch[0], True, True, True, False)
+        finally:
+            tune.restore(saved)
+
+
+def record_all() -> None:
     # (dtype, D, patch, pre, post, bias, conv): D 64 fits one tile, wider rows take the second
     # pass; patch 14 (vit_l14, K = 588) gives other compile-time index arithmetic; a Conv2d
     # weight (timm, transformers) puts the kernels that read it in the (c, i, j) K order.
@@ -118,9 +141,13 @@ def run_case(x, dim, patch, pre, post, bias, conv) -> None:
 
 def main() -> int:
     print(f"Triton {triton.__version__} from {Path(triton.__file__).resolve().parent.parent}")
-    record_all()
+    install_recorders()
+    if "--tune" in sys.argv[1:]:
+        record_tune_variants()
+    else:
+        record_all()
     seen, failures = set(), 0
-    for kernel, args, kwargs in launches:
+    for variant, kernel, args, kwargs in launches:
         kwargs = dict(kwargs)
         warps = kwargs.pop("num_warps", 4)
         sig, const, attrs = specialise(kernel, args, kwargs)
@@ -128,7 +155,8 @@ def main() -> int:
         if key in seen:
             continue
         seen.add(key)
-        label = f"{kernel.fn.__name__} {sig.get('X', sig.get('G'))} " + " ".join(
+        label = f"[{variant}] " if variant else ""
+        label += f"{kernel.fn.__name__} {sig.get('X', sig.get('G'))} " + " ".join(
             f"{k}={v}"
             for k, v in const.items()
             if k.isupper() and k not in ("INTERPRETED", "DOT_PRECISION")
