@@ -99,6 +99,12 @@ def _bwd_fake(grad_y, x, weight, bias, g1, b1, g2, stats, ph, pw, compute_dtype,
 
 
 def _setup_context(ctx, inputs, output):
+    # Saved: the inputs and 4 fp32 statistics per token; Z (B, N, D) is recomputed by the
+    # backward's dZ kernel rather than kept. The memory goal decides it: a vit_b16 bf16 step
+    # holds y and dZ (73.5 MiB each) plus 16 MiB of dW partials, about 165 MiB or 33 % of the
+    # eager module's 501 MiB (DESIGN §8 anchor); keeping Z would add 73.5 MiB, 48 %, over the
+    # 40 % goal. Recomputing costs one more pass of the projection GEMM, whose time on a GPU is
+    # not measured yet (arithmetic here, not a measurement).
     x, weight, bias, g1, b1, g2, b2, ph, pw, _eps, compute_dtype, _out_dtype = inputs
     ctx.save_for_backward(x, weight, bias, g1, b1, g2, b2, output[1])
     ctx.patch = (ph, pw)
