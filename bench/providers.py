@@ -178,6 +178,7 @@ PROVIDERS = {
     ]
 }
 FUSED = "zeta-fused"
+EAGER = "eager"  # the peak-memory reference: the vit-pytorch Sequential
 E2E = ["timm-vit-fused", "timm-vit"]
 GPU_DEFAULT = ["zeta-fused", "zeta-eager", "eager", "compile", "timm-conv", "timm-conv-cl"]
 CPU_DEFAULT = ["zeta-eager", "eager", "timm-conv", "timm-conv-cl"]

@@ -16,6 +16,7 @@ COLUMNS = [  # (header, key, format)
     ("TFLOP/s", "tflops", "{:.1f}"),
     ("% roofline", "pct_roofline", "{:.0f}%"),
     ("peak MiB", "peak_extra_mib", "{:.0f}"),
+    ("% eager MiB", "pct_eager_mib", "{:.0f}%"),
     ("x fused", "x_vs_fused", "{:.2f}x"),
 ]
 

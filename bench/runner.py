@@ -10,7 +10,7 @@ import torch
 
 from . import measure
 from .presets import Preset
-from .providers import E2E, FUSED, PROVIDERS
+from .providers import E2E, EAGER, FUSED, PROVIDERS
 
 # Providers whose first call compiles (and maybe autotunes) for a long time.
 SLOW_START = ("compile",)
@@ -67,9 +67,15 @@ def roofline(presets: list[Preset], device: str) -> dict:
 
 
 def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
-    """Add TB/s, TFLOP/s and % of roofline (forward) and the ratio to the fused provider."""
+    """Add TB/s, TFLOP/s and % of roofline (forward), the ratio to the fused provider, and
+    (training) peak extra memory as % of the eager Sequential's."""
     fused = {
         (r["preset"], r["mode"]): r["ms"] for r in rows if r["provider"] == FUSED and "ms" in r
+    }
+    eager_mib = {
+        (r["preset"], r["mode"]): r["peak_extra_mib"]
+        for r in rows
+        if r["provider"] == EAGER and r.get("peak_extra_mib")
     }
     for r in rows:
         if "ms" not in r:
@@ -87,6 +93,8 @@ def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
                 r["pct_roofline"] = 100 * floor_ms / r["ms"]
         if (r["preset"], r["mode"]) in fused:
             r["x_vs_fused"] = r["ms"] / fused[(r["preset"], r["mode"])]
+        if r.get("peak_extra_mib") is not None and (r["preset"], r["mode"]) in eager_mib:
+            r["pct_eager_mib"] = 100 * r["peak_extra_mib"] / eager_mib[(r["preset"], r["mode"])]
 
 
 # Presets whose per-call host overhead is measured (small batches, where it matters).

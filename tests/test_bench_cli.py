@@ -113,6 +113,7 @@ def test_gpu_shaped_report(tmp_path) -> None:
         3.0
     )
     assert "x_vs_fused" not in rows[2]
+    assert rows[3]["pct_eager_mib"] == pytest.approx(25.0) and "pct_eager_mib" not in rows[0]
     host = {"b1_latency_b16": {"module_us": 30.0, "launch_us": 20.0, "ratio": 1.5}}
     meta = {"zeta_fused": "0", "torch": "t", "triton": "tr", "date": "d", "gpu": "GPU X"}
     text = report.terminal(rows, meta, host)
