@@ -144,8 +144,9 @@ for name, apply, want in steps:
     got = launch._numerics(torch.float32)["DOT_PRECISION"]
     assert got == want, (name, got, want)
     assert launch._numerics(torch.bfloat16)["DOT_PRECISION"] == "ieee", name
-m = PatchEmbeddings(3, 8, patch_size=4, backend="triton")
-y = m(torch.randn(1, 3, 8, 8))
+device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter
+m = PatchEmbeddings(3, 8, patch_size=4, backend="triton", device=device)
+y = m(torch.randn(1, 3, 8, 8, device=device))
 y.sum().backward()
 assert torch.isfinite(y).all()
 print("ok", len(steps))
