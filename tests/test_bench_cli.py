@@ -281,3 +281,19 @@ def test_slow_starting_providers_run_last(monkeypatch) -> None:
         ("train", "compile"),
         ("train", "eager"),
     ]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "train"])
+def test_whole_model_providers_build_and_step(mode, device) -> None:
+    """The end-to-end timm ViT providers (GPU-only in the benchmark) convert and run a step:
+    here on a tiny model, under the interpreter on a CPU."""
+    pytest.importorskip("timm.models.vision_transformer", reason="timm is a test extra")
+    from bench.presets import Preset
+    from bench.providers import PROVIDERS
+
+    p = Preset("tiny_e2e", 2, 3, 16, 16, (8, 8), 24, "fp32", e2e=True)
+    for name in ("timm-vit-fused", "timm-vit"):
+        model, step = PROVIDERS[name].build(p, device, mode)
+        step()
+        if mode == "train":
+            assert all(q.grad is not None for q in model.parameters() if q.requires_grad)
