@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         plan,
         providers,
         device,
-        checkpoint=lambda rows, peaks: report.write_json(rows, meta, peaks, {}, args.out, False),
+        checkpoint=lambda rows, peaks, host: report.write_json(
+            rows, meta, peaks, host, args.out, complete=False
+        ),
     )
     print(report.terminal(rows, meta, host))
     written = report.write(rows, meta, peaks, host, args.out)

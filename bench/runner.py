@@ -129,12 +129,16 @@ def run(
     plan: list[tuple[Preset, tuple[str, ...]]],
     providers: list[str],
     device: str,
-    checkpoint: Callable[[list[dict], dict], None] | None = None,
+    checkpoint: Callable[[list[dict], dict, dict], None] | None = None,
 ) -> tuple:
-    """Every cell of the plan, then the derived figures and (CUDA, fused) the host overhead.
-    ``checkpoint(rows, peaks)`` runs after each cell, so a run cut short keeps what it measured."""
+    """The roofline, (CUDA, fused) the host overhead, every cell of the plan, then the derived
+    figures. ``checkpoint(rows, peaks, host)`` runs after each cell, so a run cut short keeps
+    what it measured (the quick host probe runs before the cells for the same reason)."""
     presets = {p.name: p for p, _ in plan}
     peaks = roofline(list(presets.values()), device)
+    host = {}
+    if device == "cuda" and FUSED in providers:
+        host = {n: host_overhead(p, device) for n, p in presets.items() if n in HOST_PRESETS}
     cells = [
         (p, m, name)
         for p, modes in plan
@@ -151,10 +155,7 @@ def run(
         progress(f"[{i}/{len(cells)}] {p.name} {mode} {name}{slow}")
         rows.append(run_cell(p, mode, name, device))
         if checkpoint is not None:
-            checkpoint(rows, peaks)
+            checkpoint(rows, peaks, host)
     rows.sort(key=lambda r: order[(r["preset"], r["mode"], r["provider"])])
     derive(rows, presets, peaks)
-    host = {}
-    if device == "cuda" and FUSED in providers:
-        host = {n: host_overhead(p, device) for n, p in presets.items() if n in HOST_PRESETS}
     return rows, peaks, host

@@ -235,9 +235,9 @@ def test_run_checkpoints_after_every_cell(tmp_path) -> None:
 
     seen = []
 
-    def checkpoint(rows, peaks):
+    def checkpoint(rows, peaks, host):
         seen.append(len(rows))
-        report.write_json(rows, {"device": "cpu"}, peaks, {}, tmp_path, complete=False)
+        report.write_json(rows, {"device": "cpu"}, peaks, host, tmp_path, complete=False)
 
     plan = [(parse_shape("1,3,8,8,4,8,fp32"), ("fwd", "train"))]
     rows, _, _ = runner.run(plan, ["eager", "zeta-eager"], "cpu", checkpoint=checkpoint)
