@@ -44,6 +44,10 @@ bench: $(STAMP)
 # the GPU image, eight workers compile them in parallel; with pytest-timeout, a hung test fails
 # alone.
 GPU_CHECK_S ?= 560
+# Test peers the GPU image lacks (vit-pytorch), carried as wheels: the device tool's `carry`
+# brings this git-excluded folder (pip download --no-deps --only-binary=:all: vit-pytorch -d .whl).
+WHEELS ?= .whl
+WHEEL_SITE ?= /tmp/zeta-fused-site
 GPU_TESTS_S ?= 300
 gpu-check: XDIST := $(shell python3 -c 'import xdist' 2>/dev/null && printf -- '-n 8')
 gpu-check: PER_TEST := $(shell python3 -c 'import pytest_timeout' 2>/dev/null && printf -- '--timeout=200')
@@ -51,6 +55,9 @@ gpu-check:
 	python3 -m pip install -q -e . --no-deps --no-build-isolation
 	mkdir -p $(OUT)
 	set -o pipefail; status=0; start=$$(date +%s); export PYTHONUNBUFFERED=1; \
+	if ls $(WHEELS)/*.whl >/dev/null 2>&1; then \
+		python3 -m pip install -q --no-index --no-deps --target $(WHEEL_SITE) $(WHEELS)/*.whl \
+		&& export PYTHONPATH=$(WHEEL_SITE)$${PYTHONPATH:+:$$PYTHONPATH}; fi; \
 	timeout $(GPU_TESTS_S) python3 -m pytest -q -rs $(XDIST) $(PER_TEST) tests 2>&1 \
 		| tee $(OUT)/gpu-tests.log \
 		|| { echo "tests: exit $$? (124: the $(GPU_TESTS_S) s cap)" | tee -a $(OUT)/gpu-tests.log; status=1; }; \
