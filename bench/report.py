@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+from . import goals
 from .providers import FUSED
 
 COLUMNS = [  # (header, key, format)
@@ -42,6 +44,14 @@ def host_lines(host: dict) -> list[str]:
     ]
 
 
+def goal_lines(rows: list[dict], host: dict) -> list[str]:
+    """The performance goals judged on this run's figures (none when nothing fused was timed)."""
+    verdicts = goals.judge(rows, host)
+    if all(v.met is None for v in verdicts):
+        return []
+    return ["Goals, judged on this run:"] + [v.line() for v in verdicts]
+
+
 def terminal(rows: list[dict], meta: dict, host: dict) -> str:
     cells = table(rows)
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
@@ -51,7 +61,7 @@ def terminal(rows: list[dict], meta: dict, host: dict) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("x fused: the provider's time over zeta-fused's (above 1: zeta-fused is faster).")
-    return "\n".join(lines + host_lines(host))
+    return "\n".join(lines + host_lines(host) + goal_lines(rows, host))
 
 
 def markdown(rows: list[dict], meta: dict, peaks: dict, host: dict) -> str:
@@ -63,6 +73,8 @@ def markdown(rows: list[dict], meta: dict, peaks: dict, host: dict) -> str:
     out.append("|" + "---|" * len(cells[0]))
     out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
     out += [""] + host_lines(host) if host else []
+    verdicts = goal_lines(rows, host)
+    out += ["", verdicts[0], "", *(f"- {v.strip()}" for v in verdicts[1:])] if verdicts else []
     return "\n".join(out) + "\n"
 
 
@@ -118,7 +130,9 @@ def write_json(
 ) -> Path:
     """bench.json; ``complete=False`` while the run is still going (raw timings only)."""
     out.mkdir(parents=True, exist_ok=True)
+    verdicts = [asdict(v) for v in goals.judge(rows, host)] if complete else []
     doc = {"meta": meta, "complete": complete, "roofline": peaks, "host_overhead": host}
+    doc["goals"] = verdicts
     path = out / "bench.json"
     path.write_text(json.dumps(doc | {"results": rows}, indent=2) + "\n")
     return path

@@ -121,7 +121,12 @@ def test_gpu_shaped_report(tmp_path) -> None:
     assert "1.50x" in text
     written = report.write(rows, meta, peaks, host, tmp_path)
     assert (tmp_path / "bench.png").stat().st_size > 0 and str(tmp_path / "bench.png") in written
-    assert json.loads((tmp_path / "bench.json").read_text())["host_overhead"] == host
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["host_overhead"] == host and doc["complete"] is True
+    met = {g["goal"]: g["met"] for g in doc["goals"]}
+    assert met["vit_b16 train >= 3x the fastest peer"] is True  # eager 1.5 ms / fused 0.5 ms
+    assert "Goals, judged on this run:" in text
+    assert "- met  vit_b16 training step" in (tmp_path / "bench.md").read_text()
 
 
 def test_tune_variants_install_and_restore() -> None:
@@ -297,3 +302,38 @@ def test_whole_model_providers_build_and_step(mode, device) -> None:
         step()
         if mode == "train":
             assert all(q.grad is not None for q in model.parameters() if q.requires_grad)
+
+
+def test_goals_are_judged_on_the_runs_own_figures() -> None:
+    from bench import goals
+
+    def row(preset, mode, provider, ms, **extra):
+        return {"preset": preset, "mode": mode, "provider": provider, "ms": ms} | extra
+
+    rows = [
+        row("vit_b16", "fwd", "zeta-fused", 0.1, pct_roofline=70.0),
+        row("vit_b16", "fwd", "compile", 0.25),
+        row("vit_l14", "fwd", "zeta-fused", 0.3, pct_roofline=50.0),
+        row("vit_l14", "fwd", "eager", 0.29),
+        row("vit_b16", "train", "zeta-fused", 0.4, peak_extra_mib=150.0, pct_eager_mib=30.0),
+        row("vit_b16", "train", "eager", 1.0),
+        row("vit_b16", "train", "compile", 1.3),
+        row("b1_latency_b16", "fwd", "zeta-fused", 0.012),
+        {"preset": "vit_b16", "mode": "train_x", "provider": "zeta-fused", "status": "failed"},
+    ]
+    host = {"b1_latency_b16": {"module_us": 30.0, "launch_us": 24.0, "ratio": 1.25}}
+    got = {v.goal: v for v in goals.judge(rows, host)}
+    assert got["vit_b16 forward >= 60% of the roofline"].met is True
+    assert got["vit_l14 forward >= 60% of the roofline"].met is False
+    assert got["sam_h16_1024 forward >= 60% of the roofline"].met is None
+    assert got["vit_l14 forward faster than every peer"].met is False
+    assert (
+        "2.50x the fastest peer (compile)" in got["vit_b16 forward faster than every peer"].detail
+    )
+    assert got["vit_b16 train >= 3x the fastest peer"].met is False  # 1.0 / 0.4 = 2.5
+    assert got["vit_b16 train_x >= 2x the fastest peer"].met is None  # fused failed
+    b1 = got["b1_latency_b16 forward <= 25 us per call, host included"]
+    assert b1.met is False and b1.detail.startswith("30.0 us")  # host-bound: 30 us > 25
+    assert got["vit_b16 training step <= 40% of eager's extra memory"].met is True
+    assert got["host time per call <= 1.5x a bare launch"].met is True
+    assert all(v.line().strip() for v in got.values())

@@ -1,0 +1,110 @@
+"""The project's performance goals, judged against the figures of one benchmark run.
+
+Each goal reads the rows the run produced (never a number from elsewhere) and comes out as
+met, missed or not measured in this run (a preset or mode left out, a provider that failed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .providers import FUSED
+
+# Forward presets that must reach this share of the roofline measured in the same run.
+ROOFLINE_PRESETS = ("seed_doc_example", "vit_b16", "vit_l14", "sam_h16_1024")
+MIN_PCT_ROOFLINE = 60.0
+# Batch-1 latency of one forward call, host overhead included, in milliseconds.
+LATENCY_PRESET, MAX_LATENCY_MS = "b1_latency_b16", 0.025
+# Training speed-ups over the fastest peer: (preset, mode, at least).
+TRAIN_SPEEDUPS = (
+    ("vit_b16", "train", 3.0),
+    ("seed_doc_example", "train", 8.0),
+    ("vit_b16", "train_x", 2.0),
+)
+# Peak extra memory of a vit_b16 training step, as a share of the eager Sequential's.
+MEMORY_PRESET, MAX_PCT_EAGER_MIB = "vit_b16", 40.0
+# The module's host time per call over a bare launch of the same kernel.
+MAX_HOST_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Verdict:
+    goal: str
+    met: bool | None  # None: not measured in this run
+    detail: str
+
+    def line(self) -> str:
+        mark = {True: "met", False: "MISSED", None: "not measured"}[self.met]
+        return f"{mark:>12}  {self.goal}: {self.detail}"
+
+
+def _row(rows: list[dict], preset: str, mode: str, provider: str) -> dict | None:
+    for r in rows:
+        if (r["preset"], r["mode"], r["provider"]) == (preset, mode, provider) and "ms" in r:
+            return r
+    return None
+
+
+def _peers(rows: list[dict], preset: str, mode: str) -> list[dict]:
+    return [
+        r
+        for r in rows
+        if (r["preset"], r["mode"]) == (preset, mode) and r["provider"] != FUSED and "ms" in r
+    ]
+
+
+def judge(rows: list[dict], host: dict) -> list[Verdict]:
+    out = []
+    for preset in ROOFLINE_PRESETS:
+        goal = f"{preset} forward >= {MIN_PCT_ROOFLINE:.0f}% of the roofline"
+        r = _row(rows, preset, "fwd", FUSED)
+        pct = r.get("pct_roofline") if r else None
+        out.append(
+            Verdict(goal, None, "no fused timing or roofline")
+            if pct is None
+            else Verdict(goal, pct >= MIN_PCT_ROOFLINE, f"{pct:.0f}%")
+        )
+    # Back to back, a call takes the longer of its GPU time and its host time.
+    goal = f"{LATENCY_PRESET} forward <= {1e3 * MAX_LATENCY_MS:.0f} us per call, host included"
+    r, h = _row(rows, LATENCY_PRESET, "fwd", FUSED), host.get(LATENCY_PRESET, {})
+    if r is None or "module_us" not in h:
+        out.append(Verdict(goal, None, "no fused timing or no host time"))
+    else:
+        per_call_us = max(1e3 * r["ms"], h["module_us"])
+        detail = f"{per_call_us:.1f} us (GPU {1e3 * r['ms']:.1f} us, host {h['module_us']:.1f} us)"
+        out.append(Verdict(goal, per_call_us <= 1e3 * MAX_LATENCY_MS, detail))
+    presets = sorted({r["preset"] for r in rows if r["mode"] == "fwd"})
+    for preset in presets:
+        goal = f"{preset} forward faster than every peer"
+        r, peers = _row(rows, preset, "fwd", FUSED), _peers(rows, preset, "fwd")
+        if r is None or not peers:
+            out.append(Verdict(goal, None, "no fused timing or no peer"))
+            continue
+        best = min(peers, key=lambda p: p["ms"])
+        detail = f"{best['ms'] / r['ms']:.2f}x the fastest peer ({best['provider']})"
+        out.append(Verdict(goal, r["ms"] < best["ms"], detail))
+    for preset, mode, at_least in TRAIN_SPEEDUPS:
+        goal = f"{preset} {mode} >= {at_least:.0f}x the fastest peer"
+        r, peers = _row(rows, preset, mode, FUSED), _peers(rows, preset, mode)
+        if r is None or not peers:
+            out.append(Verdict(goal, None, "no fused timing or no peer"))
+            continue
+        best = min(peers, key=lambda p: p["ms"])
+        speedup = best["ms"] / r["ms"]
+        out.append(Verdict(goal, speedup >= at_least, f"{speedup:.2f}x ({best['provider']})"))
+    goal = f"{MEMORY_PRESET} training step <= {MAX_PCT_EAGER_MIB:.0f}% of eager's extra memory"
+    r = _row(rows, MEMORY_PRESET, "train", FUSED)
+    pct = r.get("pct_eager_mib") if r else None
+    out.append(
+        Verdict(goal, None, "no fused or eager memory figure")
+        if pct is None
+        else Verdict(goal, pct <= MAX_PCT_EAGER_MIB, f"{pct:.0f}% ({r['peak_extra_mib']:.0f} MiB)")
+    )
+    goal = f"host time per call <= {MAX_HOST_RATIO}x a bare launch"
+    h = host.get(LATENCY_PRESET, {})
+    out.append(
+        Verdict(goal, None, h.get("failed", "not measured"))
+        if "ratio" not in h
+        else Verdict(goal, h["ratio"] <= MAX_HOST_RATIO, f"{h['ratio']:.2f}x")
+    )
+    return out
