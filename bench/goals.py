@@ -53,45 +53,44 @@ def _peers(rows: list[dict], preset: str, mode: str) -> list[dict]:
     ]
 
 
+def _speedup(rows: list[dict], preset: str, mode: str, goal: str, at_least: float) -> Verdict:
+    """The fastest peer's time over zeta-fused's, against a minimum (1: simply faster)."""
+    r, peers = _row(rows, preset, mode, FUSED), _peers(rows, preset, mode)
+    if r is None or not peers:
+        return Verdict(goal, None, "no fused timing or no peer")
+    best = min(peers, key=lambda p: p["ms"])
+    speedup = best["ms"] / r["ms"]
+    met = speedup > 1 if at_least == 1 else speedup >= at_least
+    return Verdict(goal, met, f"{speedup:.2f}x the fastest peer ({best['provider']})")
+
+
+def _latency(rows: list[dict], host: dict) -> Verdict:
+    # Back to back, a call takes the longer of its GPU time and its host time.
+    goal = f"{LATENCY_PRESET} forward <= {1e3 * MAX_LATENCY_MS:.0f} us per call, host included"
+    r, h = _row(rows, LATENCY_PRESET, "fwd", FUSED), host.get(LATENCY_PRESET, {})
+    if r is None or "module_us" not in h:
+        return Verdict(goal, None, "no fused timing or no host time")
+    per_call_us = max(1e3 * r["ms"], h["module_us"])
+    detail = f"{per_call_us:.1f} us (GPU {1e3 * r['ms']:.1f} us, host {h['module_us']:.1f} us)"
+    return Verdict(goal, per_call_us <= 1e3 * MAX_LATENCY_MS, detail)
+
+
 def judge(rows: list[dict], host: dict) -> list[Verdict]:
     out = []
     for preset in ROOFLINE_PRESETS:
         goal = f"{preset} forward >= {MIN_PCT_ROOFLINE:.0f}% of the roofline"
         r = _row(rows, preset, "fwd", FUSED)
         pct = r.get("pct_roofline") if r else None
+        met = None if pct is None else pct >= MIN_PCT_ROOFLINE
         out.append(
-            Verdict(goal, None, "no fused timing or roofline")
-            if pct is None
-            else Verdict(goal, pct >= MIN_PCT_ROOFLINE, f"{pct:.0f}%")
+            Verdict(goal, met, "no fused timing or roofline" if met is None else f"{pct:.0f}%")
         )
-    # Back to back, a call takes the longer of its GPU time and its host time.
-    goal = f"{LATENCY_PRESET} forward <= {1e3 * MAX_LATENCY_MS:.0f} us per call, host included"
-    r, h = _row(rows, LATENCY_PRESET, "fwd", FUSED), host.get(LATENCY_PRESET, {})
-    if r is None or "module_us" not in h:
-        out.append(Verdict(goal, None, "no fused timing or no host time"))
-    else:
-        per_call_us = max(1e3 * r["ms"], h["module_us"])
-        detail = f"{per_call_us:.1f} us (GPU {1e3 * r['ms']:.1f} us, host {h['module_us']:.1f} us)"
-        out.append(Verdict(goal, per_call_us <= 1e3 * MAX_LATENCY_MS, detail))
-    presets = sorted({r["preset"] for r in rows if r["mode"] == "fwd"})
-    for preset in presets:
-        goal = f"{preset} forward faster than every peer"
-        r, peers = _row(rows, preset, "fwd", FUSED), _peers(rows, preset, "fwd")
-        if r is None or not peers:
-            out.append(Verdict(goal, None, "no fused timing or no peer"))
-            continue
-        best = min(peers, key=lambda p: p["ms"])
-        detail = f"{best['ms'] / r['ms']:.2f}x the fastest peer ({best['provider']})"
-        out.append(Verdict(goal, r["ms"] < best["ms"], detail))
+    out.append(_latency(rows, host))
+    for preset in sorted({r["preset"] for r in rows if r["mode"] == "fwd"}):
+        out.append(_speedup(rows, preset, "fwd", f"{preset} forward faster than every peer", 1))
     for preset, mode, at_least in TRAIN_SPEEDUPS:
         goal = f"{preset} {mode} >= {at_least:.0f}x the fastest peer"
-        r, peers = _row(rows, preset, mode, FUSED), _peers(rows, preset, mode)
-        if r is None or not peers:
-            out.append(Verdict(goal, None, "no fused timing or no peer"))
-            continue
-        best = min(peers, key=lambda p: p["ms"])
-        speedup = best["ms"] / r["ms"]
-        out.append(Verdict(goal, speedup >= at_least, f"{speedup:.2f}x ({best['provider']})"))
+        out.append(_speedup(rows, preset, mode, goal, at_least))
     goal = f"{MEMORY_PRESET} training step <= {MAX_PCT_EAGER_MIB:.0f}% of eager's extra memory"
     r = _row(rows, MEMORY_PRESET, "train", FUSED)
     pct = r.get("pct_eager_mib") if r else None
