@@ -107,6 +107,37 @@ def test_flag_variants(flags, device) -> None:
     compare(make(3, 20, 4, flags), torch.randn(2, 3, 8, 12), torch.float32, device)
 
 
+def guarded(t: torch.Tensor) -> torch.Tensor:
+    """t's values in the middle of a NaN-filled buffer three times its size: a kernel that reads
+    past either end of an operand (a ragged edge left unmasked) turns its results NaN."""
+    n = max(t.numel(), 256)
+    buf = torch.full((t.numel() + 2 * n,), float("nan"), dtype=t.dtype, device=t.device)
+    return buf[n : n + t.numel()].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("tile_rows", [16, 64])
+@pytest.mark.usefixtures("k_order")
+def test_no_kernel_reads_past_an_operand(tile_rows, device, monkeypatch) -> None:
+    """Ragged K (45), D (40) and token tiles (48 tokens) with every operand, the upstream
+    gradient included, fenced by NaN: forward and all gradients stay finite and unchanged. (A
+    stray read whose value a later mask discards goes unseen: that needs a GPU sanitizer.)"""
+    import zeta_fused.launch as launch
+
+    monkeypatch.setattr(launch, "SMALL_GRID", 2**31 if tile_rows == 16 else 0)
+    m = make(3, 40, (3, 5)).to(device, torch.float32)
+    m.backend = "triton"
+    x = torch.randn(3, 3, 12, 20, device=device)
+    dy = torch.randn(3, 16, 40, device=device)
+    plain = grads(m, x.requires_grad_(), dy)
+    for p in m.parameters():
+        p.data = guarded(p.data)
+    fenced = grads(m, guarded(x).requires_grad_(), guarded(dy))
+    names = ["y", "dx", *(n for n, _ in m.named_parameters())]
+    for name, a, b in zip(names, plain, fenced, strict=True):
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_many_token_tiles(device) -> None:
     """216 tokens: several programs, split token reductions and a ragged last tile."""
     compare(make(2, 24, 4), torch.randn(3, 2, 32, 36), torch.float32, device)
