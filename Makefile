@@ -10,7 +10,7 @@ OUT ?= bench_out
 ALT_TRITON_VERSION := 3.6.0
 ALT_TRITON := .triton-$(ALT_TRITON_VERSION)
 
-.PHONY: install test lint bench gpu-check gpu-tune clean
+.PHONY: install test lint bench gpu-check gpu-tune gpu-sanitize clean
 
 # --system-site-packages reuses an existing (CUDA) torch; editable install with test + bench extras.
 $(STAMP): pyproject.toml
@@ -76,6 +76,21 @@ gpu-tune:
 	mkdir -p $(OUT)
 	set -o pipefail; export PYTHONUNBUFFERED=1; \
 	timeout $(GPU_TUNE_S) python3 -m bench.tune --out $(OUT) $(TUNE) 2>&1 | tee $(OUT)/tune.log
+
+# Out-of-bounds and race checks of the fused kernels on a GPU, with compute-sanitizer (it works
+# on Firecracker machines, not on gVisor ones): torch's caching allocator is off so that every
+# tensor is its own allocation, and the tests are small ones with ragged tiles.
+GPU_SANITIZE_S ?= 270  # per tool: both fit one 10-minute call
+SANITIZE_TESTS ?= tests/test_backward.py -k "reads_past or flag_variants or many_token_tiles"
+gpu-sanitize:
+	python3 -m pip install -q -e . --no-deps --no-build-isolation
+	mkdir -p $(OUT)
+	set -o pipefail; export PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1; \
+	for tool in memcheck racecheck; do \
+		timeout $(GPU_SANITIZE_S) compute-sanitizer --tool $$tool --error-exitcode 1 \
+			python3 -m pytest -q -x -p no:cacheprovider $(SANITIZE_TESTS) 2>&1 \
+			| tee $(OUT)/sanitize-$$tool.log || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) $(ALT_TRITON) $(OUT) .pytest_cache .ruff_cache *.egg-info
