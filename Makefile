@@ -80,7 +80,8 @@ gpu-tune:
 # Out-of-bounds and race checks of the fused kernels on a GPU, with compute-sanitizer (it works
 # on Firecracker machines, not on gVisor ones): torch's caching allocator is off so that every
 # tensor is its own allocation, and the tests are small ones with ragged tiles.
-GPU_SANITIZE_S ?= 270  # per tool: both fit one 10-minute call
+# Seconds per tool: both fit one 10-minute call.
+GPU_SANITIZE_S ?= 270
 SANITIZE_TESTS ?= tests/test_backward.py -k "reads_past or flag_variants or many_token_tiles"
 gpu-sanitize:
 	python3 -m pip install -q -e . --no-deps --no-build-isolation
