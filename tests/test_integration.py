@@ -99,6 +99,21 @@ def test_compile_inference_mode(device, launches) -> None:
     assert "patch_embed_bwd" not in launches
 
 
+def test_torch_export_keeps_the_fused_op(device) -> None:
+    """torch.export with a dynamic batch: the exported program calls the fused op and runs at a
+    batch size it was not traced with."""
+    from torch.export import Dim
+
+    m = make(device).eval()
+    x = torch.randn(2, 3, 16, 12, device=device)
+    ep = torch.export.export(m, (x,), dynamic_shapes={"x": {0: Dim("batch")}})
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "zeta_fused.patch_embed_fwd.default" in ops, ops
+    x5 = torch.randn(5, 3, 16, 12, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x5), m(x5))
+
+
 def test_autocast_gradients_reach_fp32_parameters(device) -> None:
     m = make(device)
     x = torch.randn(2, 3, 16, 16, device=device)
