@@ -337,3 +337,16 @@ def test_goals_are_judged_on_the_runs_own_figures() -> None:
     assert got["vit_b16 training step <= 40% of eager's extra memory"].met is True
     assert got["host time per call <= 1.5x a bare launch"].met is True
     assert all(v.line().strip() for v in got.values())
+
+
+def test_compile_peers_compile_fresh_and_static(monkeypatch) -> None:
+    """Each compile peer starts from a reset dynamo and asks for a static graph: otherwise the
+    second preset would be timed with a dynamic-shape graph built from the first one's."""
+    from bench.presets import parse_shape
+    from bench.providers import PROVIDERS
+
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    PROVIDERS["compile"].build(parse_shape("1,3,8,8,4,8,fp32"), "cpu", "fwd")
+    assert calls == ["reset", {"mode": "default", "dynamic": False}]
