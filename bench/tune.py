@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def restore(saved: dict) -> None:
         setattr(launch, k, v)
 
 
-def run(variants: list[str], checkpoint=None) -> list[dict]:
+def run(variants: list[str], checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Every (variant, PLAN cell); ``checkpoint(rows)`` after each, so a run cut short keeps
     what it measured."""
     rows = []

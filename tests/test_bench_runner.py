@@ -1,0 +1,177 @@
+"""The benchmark's runner, measurements and providers, their GPU-only paths included (run on
+the CPU with stand-ins where they need CUDA)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def test_failing_provider_is_shown_not_dropped() -> None:
+    from bench import runner
+    from bench.presets import parse_shape
+
+    p = parse_shape("1,3,8,8,4,8,fp32")
+    row = runner.run_cell(p, "fwd", "eager", "cpu")
+    assert row["status"] == "ok"
+    bad = parse_shape("1,3,8,8,3,8,fp32")  # 8 is not a multiple of the patch: eager raises
+    row = runner.run_cell(bad, "fwd", "eager", "cpu")
+    assert row["status"] == "failed" and "EinopsError" in row["error"]
+
+
+def test_cuda_timing_follows_triton_return_convention(monkeypatch) -> None:
+    """do_bench hands back a bare float for one quantile and a list for several: every caller
+    goes through time_ms, which asks for several. A stand-in do_bench (CPU clock, Triton's own
+    summary function) runs the CUDA branch here."""
+    import inspect
+    import time
+
+    import triton.testing
+
+    from bench import measure
+
+    summarize = getattr(triton.testing, "_summarize_statistics", None)
+    if summarize is None:
+        pytest.skip("this Triton has no _summarize_statistics to mirror do_bench with")
+    assert "quantiles" in inspect.signature(triton.testing.do_bench).parameters
+
+    def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, **kw):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return summarize(times, quantiles, kw.get("return_mode", "mean"))
+
+    assert isinstance(fake_do_bench(lambda: None, quantiles=[0.5]), float)  # the trap
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    ms = measure.time_ms(lambda: sum(range(100)), "cuda")
+    assert len(ms) == 3 and all(isinstance(v, float) and v >= 0 for v in ms)
+
+
+def test_roofline_probes_measure_on_any_device() -> None:
+    from bench import measure
+
+    assert measure.peak_copy_tbps("cpu", nbytes=1 << 20) > 0
+    assert measure.peak_gemm_tflops("fp32", "cpu", size=64) > 0
+
+
+def test_failed_roofline_and_host_probe_are_reported(monkeypatch, tmp_path) -> None:
+    from bench import measure, report, runner
+    from bench.presets import PRESETS
+
+    def boom(*a, **k):
+        raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(measure, "peak_copy_tbps", boom)
+    p = PRESETS["vit_b16"]
+    peaks = runner.roofline([p], "cuda")
+    assert peaks == {"failed": "RuntimeError: probe broke"}
+    rows = [{"preset": p.name, "mode": "fwd", "provider": "eager", "status": "ok", "ms": 0.4}]
+    runner.derive(rows, {p.name: p}, peaks)
+    assert "pct_roofline" not in rows[0] and rows[0]["tbps"] > 0
+    monkeypatch.setattr(measure, "host_us", boom)
+    host = {"b1": runner.host_overhead(p, "cpu")}
+    assert host["b1"] == {"failed": "RuntimeError: probe broke"}
+    meta = {"zeta_fused": "0", "torch": "t", "triton": "tr", "date": "d", "gpu": "GPU X"}
+    report.write(rows, meta, peaks, host, tmp_path)
+    md = (tmp_path / "bench.md").read_text()
+    assert "failed: RuntimeError: probe broke" in md and "host overhead b1: failed" in md
+
+
+def test_host_overhead_probe_runs_the_launcher(device) -> None:
+    """The bare-launch arguments match patch_embed_fwd (interpreter on the CPU: no timing
+    meaning, only that both paths run)."""
+    from bench import runner
+    from bench.presets import parse_shape
+
+    got = runner.host_overhead(parse_shape("1,3,8,8,4,16,fp32"), device, calls=2)
+    assert "failed" not in got, got
+    assert got["module_us"] > 0 and got["launch_us"] > 0 and got["ratio"] > 0
+
+
+def test_run_checkpoints_after_every_cell(tmp_path) -> None:
+    """A run cut short (a device-time limit) keeps what it measured: bench.json is rewritten
+    after each cell, marked incomplete until the end."""
+    from bench import report, runner
+    from bench.presets import parse_shape
+
+    seen = []
+
+    def checkpoint(rows, peaks, host):
+        seen.append(len(rows))
+        report.write_json(rows, {"device": "cpu"}, peaks, host, tmp_path, complete=False)
+
+    plan = [(parse_shape("1,3,8,8,4,8,fp32"), ("fwd", "train"))]
+    rows, _, _ = runner.run(plan, ["eager", "zeta-eager"], "cpu", checkpoint=checkpoint)
+    assert seen == [1, 2, 3, 4] and len(rows) == 4
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["complete"] is False and len(doc["results"]) == 4
+
+
+def test_conv_peers_run_with_cudnn_benchmark(monkeypatch) -> None:
+    """The timm Conv2d peers are timed as a timm user trains: cudnn.benchmark on."""
+    from bench.presets import parse_shape
+    from bench.providers import PROVIDERS
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    p = parse_shape("1,3,8,8,4,8,fp32")
+    PROVIDERS["eager"].build(p, "cpu", "fwd")
+    assert torch.backends.cudnn.benchmark is False
+    PROVIDERS["timm-conv-cl"].build(p, "cpu", "fwd")
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_slow_starting_providers_run_last(monkeypatch) -> None:
+    """torch.compile cells run after every other cell (a time limit then cuts only them);
+    the rows still come back in plan order."""
+    from bench import runner
+    from bench.presets import parse_shape
+
+    ran = []
+
+    def fake_cell(p, mode, name, device):
+        ran.append((mode, name))
+        return {"preset": p.name, "mode": mode, "provider": name, "status": "ok", "ms": 1.0}
+
+    monkeypatch.setattr(runner, "run_cell", fake_cell)
+    plan = [(parse_shape("1,3,8,8,4,8,fp32"), ("fwd", "train"))]
+    rows, _, _ = runner.run(plan, ["compile", "eager"], "cpu")
+    assert ran == [("fwd", "eager"), ("train", "eager"), ("fwd", "compile"), ("train", "compile")]
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        ("fwd", "compile"),
+        ("fwd", "eager"),
+        ("train", "compile"),
+        ("train", "eager"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "train"])
+def test_whole_model_providers_build_and_step(mode, device) -> None:
+    """The end-to-end timm ViT providers (GPU-only in the benchmark) convert and run a step:
+    here on a tiny model, under the interpreter on a CPU."""
+    pytest.importorskip("timm.models.vision_transformer", reason="timm is a test extra")
+    from bench.presets import Preset
+    from bench.providers import PROVIDERS
+
+    p = Preset("tiny_e2e", 2, 3, 16, 16, (8, 8), 24, "fp32", e2e=True)
+    for name in ("timm-vit-fused", "timm-vit"):
+        model, step = PROVIDERS[name].build(p, device, mode)
+        step()
+        if mode == "train":
+            assert all(q.grad is not None for q in model.parameters() if q.requires_grad)
+
+
+def test_compile_peers_compile_fresh_and_static(monkeypatch) -> None:
+    """Each compile peer starts from a reset dynamo and asks for a static graph: otherwise the
+    second preset would be timed with a dynamic-shape graph built from the first one's."""
+    from bench.presets import parse_shape
+    from bench.providers import PROVIDERS
+
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    PROVIDERS["compile"].build(parse_shape("1,3,8,8,4,8,fp32"), "cpu", "fwd")
+    assert calls == ["reset", {"mode": "default", "dynamic": False}]
