@@ -82,6 +82,29 @@ def resource_usage(cubin: bytes) -> str:
     return "REG:{} STACK:{} SHARED:{} LOCAL:{}".format(*m.groups()) if m else "usage: n/a"
 
 
+def loop_sizes(cubin: bytes) -> list[int]:
+    """Instructions in each innermost loop of the SASS, in address order. A loop is a backward
+    branch and the instructions from its target to it; innermost: it contains no other loop."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+    loops = []
+    for addr, target in re.findall(
+        r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\S*\s+(?:\w+\s+)?0x([0-9a-f]+)", sass
+    ):
+        start, end = int(target, 16), int(addr, 16)
+        if start < end:  # backward: a loop (a branch to itself is the idle tail after EXIT)
+            loops.append((start, end))
+    inner = [
+        (s, e)
+        for s, e in loops
+        if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)
+    ]
+    return [(e - s) // 16 + 1 for s, e in sorted(inner)]
+
+
 def install_recorders() -> None:
     for name in KERNELS:
         setattr(launch, name, Recorder(getattr(launch, name)))
@@ -120,10 +143,12 @@ def record_all() -> None:
         (torch.bfloat16, 768, 16, False, False, False, False),
         (torch.float64, 64, 16, True, True, True, False),  # gradcheck, fp64 tests run on GPUs too
     ]
+    global tag
     for i, (dtype, dim, patch, pre, post, bias, conv) in enumerate(cases):
         # A vit_b16-sized batch: several token splits in the dW GEMM, as on a real run; the
         # first case also runs at batch 1, where the forward takes smaller token tiles.
         for batch in (16, 1) if i == 0 else (16,):
+            tag = f"case {i} b{batch}"
             x = torch.randn(batch, 3, 224, 224, dtype=dtype)
             run_case(x, dim, patch, pre, post, bias, conv)
 
@@ -146,30 +171,34 @@ def main() -> int:
         record_tune_variants()
     else:
         record_all()
-    seen, failures = set(), 0
+    results, failures = {}, 0
     for variant, kernel, args, kwargs in launches:
         kwargs = dict(kwargs)
         warps = kwargs.pop("num_warps", 4)
         sig, const, attrs = specialise(kernel, args, kwargs)
-        key = (kernel.fn.__name__, str(sig), str(const), str(attrs))
-        if key in seen:
-            continue
-        seen.add(key)
+        key = (kernel.fn.__name__, str(sig), str(const), str(attrs), warps)
         label = f"[{variant}] " if variant else ""
         label += f"{kernel.fn.__name__} {sig.get('X', sig.get('G'))} " + " ".join(
             f"{k}={v}"
             for k, v in const.items()
             if k.isupper() and k not in ("INTERPRETED", "DOT_PRECISION")
         )
+        if key in results:  # the same variant from another case: compiled once
+            print(f"{results[key]} {label} (as above)")
+            continue
         try:
             compiled = triton.compile(
                 ASTSource(kernel, sig, const, attrs), target=TARGET, options={"num_warps": warps}
             )
-            print(f"ok   {label} warps={warps} {resource_usage(compiled.asm['cubin'])}")
+            cubin = compiled.asm["cubin"]
+            loops = ",".join(map(str, loop_sizes(cubin)))
+            results[key] = f"ok   {resource_usage(cubin)} LOOPS:{loops}"
+            print(f"{results[key]} {label} warps={warps}")
         except Exception as exc:  # noqa: BLE001 - report every failing variant
             failures += 1
+            results[key] = "FAIL"
             print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:1500]}")
-    print(f"{len(seen)} kernel variants, {failures} failed")
+    print(f"{len(results)} kernel variants, {failures} failed")
     return 1 if failures else 0
 
 
