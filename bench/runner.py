@@ -105,6 +105,7 @@ def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> di
     """Per-call host time of the module's inference path vs a bare launch of the same kernel.
     A failure is reported under ``failed``."""
     from zeta_fused import PatchEmbeddings
+    from zeta_fused.functional import op_inputs
     from zeta_fused.launch import patch_embed_fwd
 
     progress(f"host overhead: {p.name}")
@@ -113,11 +114,11 @@ def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> di
         m = m.to(device, p.torch_dtype)
         x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
         ln1, proj, ln2 = m.embedding[1], m.embedding[2], m.embedding[3]
-        params = (proj.weight, proj.bias, ln1.weight, ln1.bias, ln2.weight, ln2.bias)
-        args = (x, *params, *p.patch, m.eps, p.torch_dtype, p.torch_dtype)
+        norms = (ln1.weight, ln1.bias), (ln2.weight, ln2.bias)
+        args = op_inputs(x, p.patch, proj.weight, proj.bias, *norms, m.eps)
         with torch.no_grad():
             module_us = measure.host_us(lambda: m(x), device, calls)
-            launch_us = measure.host_us(lambda: patch_embed_fwd(*args), device, calls)
+            launch_us = measure.host_us(lambda: patch_embed_fwd(args), device, calls)
         out = {"module_us": module_us, "launch_us": launch_us, "ratio": module_us / launch_us}
     except Exception as exc:  # noqa: BLE001 - reported in the output, never fatal
         out = {"failed": _reason(exc)}

@@ -27,6 +27,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 import zeta_fused.launch as launch  # noqa: E402
+from zeta_fused.functional import op_inputs  # noqa: E402
+from zeta_fused.op_args import BwdArgs  # noqa: E402
 
 KERNELS = [
     "_patch_embed_fwd_kernel",
@@ -158,10 +160,11 @@ def run_case(x, dim, patch, pre, post, bias, conv) -> None:
     k = 3 * patch * patch
     w = torch.randn(dim, 3, patch, patch, dtype=dtype) if conv else torch.randn(dim, k, dtype=dtype)
     b = torch.randn(dim, dtype=dtype) if bias else None
-    g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else (None,) * 2
-    g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else (None,) * 2
-    y, stats = launch.patch_embed_fwd(x, w, b, *g1, *g2, patch, patch, 1e-5, dtype, dtype)
-    launch.patch_embed_bwd(y, x, w, b, *g1, g2[0], stats, patch, patch, dtype, True)
+    g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else None
+    g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else None
+    args = op_inputs(x, (patch, patch), w, b, g1, g2, 1e-5)
+    y, stats = launch.patch_embed_fwd(args)
+    launch.patch_embed_bwd(BwdArgs(y, stats, True, *args))
 
 
 def main() -> int:

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from zeta_fused import PatchEmbeddings
+from zeta_fused.functional import op_inputs
+from zeta_fused.op_args import FwdArgs
 
 ATOL = {
     torch.float64: 1e-10,
@@ -53,3 +55,14 @@ def make(C: int, D: int, patch, flags=(True, True, True)) -> PatchEmbeddings:
     pre, post, bias = flags
     m = PatchEmbeddings(C, D, patch_size=patch, pre_norm=pre, post_norm=post, bias=bias)
     return randomise(m, 0.2).double()
+
+
+def module_op_inputs(m: PatchEmbeddings, x: Tensor) -> FwdArgs:
+    """The fused op's inputs for ``m(x)`` outside autocast (its LayerNorms or Identities)."""
+    e = m.embedding
+
+    def norm(layer: nn.Module):
+        return (layer.weight, layer.bias) if isinstance(layer, nn.LayerNorm) else None
+
+    proj = e[2]
+    return op_inputs(x, m.patch_size, proj.weight, proj.bias, norm(e[1]), norm(e[3]), m.eps)

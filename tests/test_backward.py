@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_accurate, make
+from support import assert_accurate, make, module_op_inputs
 
 from zeta_fused import PatchEmbeddings
+from zeta_fused.op_args import BwdArgs, Grads
 
 
 def grads(m: PatchEmbeddings, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
@@ -193,53 +194,26 @@ def test_transposed_upstream_gradient(post_norm, device) -> None:
 
 def test_gradcheck_fp64(device) -> None:
     m = make(2, 6, (2, 3)).to(device)
-    e = m.embedding
     x = torch.randn(2, 2, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    args = module_op_inputs(m, x)
+    differentiable = [n for n in Grads._fields if getattr(args, n) is not None]
 
-    def fn(x, w, b, g1, b1, g2, b2):
+    def fn(*tensors):
         return torch.ops.zeta_fused.patch_embed_fwd(
-            x, w, b, g1, b1, g2, b2, 2, 3, 1e-5, torch.float64, torch.float64
+            *args._replace(**dict(zip(differentiable, tensors, strict=True)))
         )[0]
 
-    params = [e[2].weight, e[2].bias, e[1].weight, e[1].bias, e[3].weight, e[3].bias]
-    assert torch.autograd.gradcheck(fn, (x, *params))
+    assert torch.autograd.gradcheck(fn, tuple(getattr(args, n) for n in differentiable))
 
 
 def test_opcheck_backward_op(device) -> None:
     """The backward op itself (it has no double backward: inputs without grad)."""
     m = make(3, 12, 4).to(device, torch.float32).requires_grad_(False)
-    e = m.embedding
-    x = torch.randn(2, 3, 8, 8, device=device)
-    y, stats = torch.ops.zeta_fused.patch_embed_fwd(
-        x,
-        e[2].weight,
-        e[2].bias,
-        e[1].weight,
-        e[1].bias,
-        e[3].weight,
-        e[3].bias,
-        4,
-        4,
-        1e-5,
-        torch.float32,
-        torch.float32,
-    )
+    args = module_op_inputs(m, torch.randn(2, 3, 8, 8, device=device))
+    y, stats = torch.ops.zeta_fused.patch_embed_fwd(*args)
     for needs_x_grad in (True, False):
-        args = (
-            torch.randn_like(y),
-            x,
-            e[2].weight,
-            e[2].bias,
-            e[1].weight,
-            e[1].bias,
-            e[3].weight,
-            stats,
-            4,
-            4,
-            torch.float32,
-            needs_x_grad,
-        )
-        torch.library.opcheck(torch.ops.zeta_fused.patch_embed_bwd.default, args)
+        bwd = BwdArgs(torch.randn_like(y), stats, needs_x_grad, *args)
+        torch.library.opcheck(torch.ops.zeta_fused.patch_embed_bwd.default, tuple(bwd))
 
 
 def test_backward_never_leaves_fused_path(device, monkeypatch) -> None:

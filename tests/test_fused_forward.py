@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import assert_accurate, make
+from support import assert_accurate, make, module_op_inputs
 
 import zeta_fused.reference as reference
 from zeta_fused import PatchEmbeddings, patch_embed
@@ -198,33 +198,19 @@ def test_half_input_with_fp32_params_in_autocast(device) -> None:
 
 def _op_args(device, dtype=torch.float32, requires_grad=False):
     m = make(3, 24, (4, 2)).to(device, dtype)
-    e = m.embedding
     x = torch.randn(2, 3, 8, 6, device=device, dtype=dtype, requires_grad=requires_grad)
-    return (
-        x,
-        e[2].weight,
-        e[2].bias,
-        e[1].weight,
-        e[1].bias,
-        e[3].weight,
-        e[3].bias,
-        4,
-        2,
-        1e-5,
-        dtype,
-        dtype,
-    )
+    return module_op_inputs(m, x)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(requires_grad, device) -> None:
     args = _op_args(device, requires_grad=requires_grad)
-    torch.library.opcheck(torch.ops.zeta_fused.patch_embed_fwd.default, args)
+    torch.library.opcheck(torch.ops.zeta_fused.patch_embed_fwd.default, tuple(args))
 
 
 def test_opcheck_channels_last(device) -> None:
-    args = list(_op_args(device))
-    args[0] = args[0].to(memory_format=torch.channels_last)
+    args = _op_args(device)
+    args = args._replace(x=args.x.to(memory_format=torch.channels_last))
     torch.library.opcheck(torch.ops.zeta_fused.patch_embed_fwd.default, tuple(args))
 
 

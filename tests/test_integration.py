@@ -23,9 +23,9 @@ def launches(monkeypatch) -> list[str]:
     for name in ("patch_embed_fwd", "patch_embed_bwd"):
         real = getattr(launch, name)
 
-        def spy(*args, _real=real, _name=name):
+        def spy(args, _real=real, _name=name):
             calls.append(_name)
-            return _real(*args)
+            return _real(args)
 
         monkeypatch.setattr(launch, name, spy)
     return calls
@@ -81,7 +81,9 @@ def test_compile_fullgraph_eager_backend(device, launches) -> None:
 def test_autocast_gemm_runs_in_the_autocast_dtype(device, launches, monkeypatch) -> None:
     seen: list[tuple] = []
     real = launch.patch_embed_fwd  # the spy installed by the launches fixture
-    monkeypatch.setattr(launch, "patch_embed_fwd", lambda *a: seen.append(a[-2:]) or real(*a))
+    monkeypatch.setattr(
+        launch, "patch_embed_fwd", lambda a: seen.append((a.compute_dtype, a.out_dtype)) or real(a)
+    )
     m = make(device)
     with torch.autocast(device, dtype=torch.bfloat16):
         y = m(torch.randn(2, 3, 16, 16, device=device))

@@ -6,6 +6,8 @@ misaligned vector loads; the interpreter ignores hints, so these are checked her
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -195,10 +197,15 @@ def test_launchers_switch_to_their_tensors_gpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", Guard)
     calls = []
-    wrapped = launch.on_tensor_device(lambda first, *args: calls.append(args) or "ran")
-    assert wrapped(OnGpu(1), 2, 3) == "ran" and entered == [torch.device("cuda", 1)]
-    assert wrapped(OnGpu(0), 4) == "ran" and len(entered) == 1
-    assert wrapped(torch.zeros(1), 5) == "ran" and len(entered) == 1
-    assert calls == [(2, 3), (4,), (5,)]
+
+    class Args(NamedTuple):
+        x: object
+        n: int
+
+    wrapped = launch.on_tensor_device(lambda args: calls.append(args.n) or "ran")
+    assert wrapped(Args(OnGpu(1), 2)) == "ran" and entered == [torch.device("cuda", 1)]
+    assert wrapped(Args(OnGpu(0), 4)) == "ran" and len(entered) == 1
+    assert wrapped(Args(torch.zeros(1), 5)) == "ran" and len(entered) == 1
+    assert calls == [2, 4, 5]
     for launcher in (launch.patch_embed_fwd, launch.patch_embed_bwd):
         assert launcher.__wrapped__.__code__.co_filename == launch.__file__

@@ -8,7 +8,9 @@ import triton
 import triton.language as tl
 
 from zeta_fused.dispatch import interpreting
+from zeta_fused.functional import op_inputs
 from zeta_fused.kernels.rounding import cast
+from zeta_fused.op_args import FwdArgs
 
 # Subnormals are left out: the interpreter flushes them, and no output of ours is subnormal.
 SPECIALS = [float("nan"), float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 0.0, -0.0]
@@ -43,20 +45,15 @@ def test_fused_bf16_output_rounds_to_nearest(post_norm, device) -> None:
     m = torch.nn.Linear(48, 64).to(device, torch.bfloat16)
     x = torch.randn(2, 3, 16, 16, device=device, dtype=torch.bfloat16)
     ln = (
-        (
-            torch.ones(64, device=device, dtype=torch.bfloat16),
-            torch.zeros(64, device=device, dtype=torch.bfloat16),
-        )
-        if post_norm
-        else (None, None)
+        torch.ones(64, device=device, dtype=torch.bfloat16),
+        torch.zeros(64, device=device, dtype=torch.bfloat16),
     )
-    args = (m.weight, m.bias, None, None, *ln, 4, 4, 1e-5, torch.bfloat16)
-    y, _ = torch.ops.zeta_fused.patch_embed_fwd(x, *args, torch.bfloat16)
+    args = op_inputs(x, (4, 4), m.weight, m.bias, None, ln if post_norm else None, 1e-5)
+    y, _ = torch.ops.zeta_fused.patch_embed_fwd(*args)
     exact, _ = reference.forward_with_stats(
-        x.cpu().double(),
-        *(a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args[:-1]),
-        torch.float64,
-        torch.float64,
+        FwdArgs(*(a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args))._replace(
+            compute_dtype=torch.float64, out_dtype=torch.float64
+        )
     )
     nearest = (y.cpu() == exact.bfloat16()).float().mean().item()
     assert nearest > 0.95, f"only {nearest:.0%} of outputs are the nearest bf16"

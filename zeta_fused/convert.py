@@ -23,7 +23,7 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from . import dispatch
-from .functional import check_input, check_params, fused_patch_embed, pad_to_patch
+from .functional import check_input, check_params, fused_patch_embed, op_inputs, pad_to_patch
 from .module import FusedPatchSequential
 
 
@@ -79,7 +79,8 @@ class FusedPatchConv2d(nn.Conv2d):
         x = _crop_to_grid(x, self.kernel_size)
         check_input(x, self.in_channels, self.kernel_size, False)
         check_params(x, [self.weight, self.bias])
-        y = fused_patch_embed(x, self.kernel_size, self.weight, self.bias, None, None, 1e-5)
+        args = op_inputs(x, self.kernel_size, self.weight, self.bias, None, None, 1e-5)
+        y = fused_patch_embed(args)
         return _to_format(y, x, self.kernel_size, "NCHW")
 
 
@@ -123,7 +124,7 @@ class _FusedTimmPatchEmbed:
         norm = self.norm if isinstance(self.norm, nn.LayerNorm) else None
         post = None if norm is None else (norm.weight, norm.bias)
         eps = 1e-5 if norm is None else norm.eps
-        y = fused_patch_embed(x, (ph, pw), proj.weight, proj.bias, None, post, eps)
+        y = fused_patch_embed(op_inputs(x, (ph, pw), proj.weight, proj.bias, None, post, eps))
         return _to_format(y, x, (ph, pw), _timm_format(self))
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
+from .op_args import LAYER_NORM, NO_NORM, FwdArgs
 from .ops import patch_embed_fwd
 from .reference import Norm, patch_embed_reference
 
@@ -115,28 +116,39 @@ def fused_dtypes(x: Tensor, weight: Tensor, post_norm: bool) -> tuple[torch.dtyp
     return low, torch.float32 if (post_norm and device == "cuda") else low
 
 
-def fused_patch_embed(
+def op_inputs(
     x: Tensor,
-    patch: tuple[int, int],
+    patch: tuple[int, ...],
     weight: Tensor,
     bias: Tensor | None,
     pre_norm: Norm,
     post_norm: Norm,
     eps: float,
-) -> Tensor:
-    """One call of the fused op (inputs already validated and padded).
+) -> FwdArgs:
+    """The fused op's inputs for a validated, padded call; dtypes as the eager module's."""
+    compute, out = fused_dtypes(x, weight, post_norm is not None)
+    pre_kind, g1, b1 = _norm_args(pre_norm)
+    post_kind, g2, b2 = _norm_args(post_norm)
+    return FwdArgs(x, weight, bias, pre_kind, g1, b1, post_kind, g2, b2, list(patch), eps, compute,
+                   out)  # fmt: skip
+
+
+def _norm_args(norm: Norm) -> tuple[str, Tensor | None, Tensor | None]:
+    """(kind, weight, bias) of the op for a (weight, bias) pair or None."""
+    return (NO_NORM, None, None) if norm is None else (LAYER_NORM, *norm)
+
+
+def fused_patch_embed(args: FwdArgs) -> Tensor:
+    """One call of the fused op (inputs from :func:`op_inputs`).
 
     With autograd off and outside torch.compile the kernel is launched directly: the custom-op
-    dispatcher adds ~10 us of host time per call (DESIGN §4), which small batches would feel.
+    dispatcher adds host time to every call (docs/design.md, "Host path"), which small batches
+    would feel.
     """
-    g1, b1 = pre_norm if pre_norm is not None else (None, None)
-    g2, b2 = post_norm if post_norm is not None else (None, None)
-    compute, out = fused_dtypes(x, weight, post_norm is not None)
-    args = (x, weight, bias, g1, b1, g2, b2, *patch, eps, compute, out)
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         from .launch import patch_embed_fwd as launch
 
-        return launch(*args)[0]
+        return launch(args)[0]
     return patch_embed_fwd(*args)[0]
 
 
@@ -176,5 +188,5 @@ def patch_embed(
     if dynamic_img_pad:
         x = pad_to_patch(x, patch)
     if dispatch.use_fused(dispatch.check_backend(backend), x):
-        return fused_patch_embed(x, patch, weight, bias, pre_norm, post_norm, eps)
+        return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, eps))
     return patch_embed_reference(x, patch, weight, bias, pre_norm, post_norm, eps)

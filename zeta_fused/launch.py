@@ -22,6 +22,7 @@ from .kernels.patch_embed_bwd import (
     _bwd_param_kernel,
 )
 from .kernels.patch_embed_fwd import _patch_embed_fwd_kernel
+from .op_args import BwdArgs, FwdArgs, Grads, fwd_of
 from .reference import absent_grad, stats_dtype
 
 # tl.dot needs every block dimension >= 16.
@@ -203,11 +204,12 @@ def on_tensor_device(launcher):
     allow) switches to their device for its duration instead of faulting."""
 
     @functools.wraps(launcher)
-    def on_device(first: Tensor, *args):
-        if first.is_cuda and first.device.index != torch.cuda.current_device():
-            with torch.cuda.device(first.device):
-                return launcher(first, *args)
-        return launcher(first, *args)
+    def on_device(args):
+        x = args.x
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return launcher(args)
+        return launcher(args)
 
     return on_device
 
@@ -217,21 +219,23 @@ def _block_n(dim: int, cap: int) -> int:
 
 
 @on_tensor_device
-def patch_embed_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    g1: Tensor | None,
-    b1: Tensor | None,
-    g2: Tensor | None,
-    b2: Tensor | None,
-    ph: int,
-    pw: int,
-    eps: float,
-    compute_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
+def patch_embed_fwd(args: FwdArgs) -> tuple[Tensor, Tensor]:
     """Run the fused forward; returns y (B, N, D) and the row statistics (4, B*N)."""
+    x, weight, bias, g1, b1, g2, b2 = (
+        args.x,
+        args.weight,
+        args.bias,
+        args.g1,
+        args.b1,
+        args.g2,
+        args.b2,
+    )
+    (ph, pw), eps, compute_dtype, out_dtype = (
+        args.patch,
+        args.eps,
+        args.compute_dtype,
+        args.out_dtype,
+    )
     batch, chans, height, width = x.shape
     dim, patch_dim = weight.shape[0], chans * ph * pw
     hp, wp = height // ph, width // pw
@@ -264,21 +268,12 @@ def patch_embed_fwd(
 
 
 @on_tensor_device
-def patch_embed_bwd(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    g1: Tensor | None,
-    b1: Tensor | None,
-    g2: Tensor | None,
-    stats: Tensor,
-    ph: int,
-    pw: int,
-    compute_dtype: torch.dtype,
-    needs_x_grad: bool,
-) -> tuple[Tensor, ...]:
-    """Run the fused backward; returns (dx, dW, dbias, dg1, db1, dg2, db2), absent ones empty."""
+def patch_embed_bwd(args: BwdArgs) -> Grads:
+    """Run the fused backward; returns every gradient, absent ones empty."""
+    grad_y, stats, needs_x_grad = args.grad_y, args.stats, args.needs_x_grad
+    a = fwd_of(args)
+    x, weight, bias, g1, b1, g2 = a.x, a.weight, a.bias, a.g1, a.b1, a.g2
+    (ph, pw), compute_dtype = a.patch, a.compute_dtype
     batch, chans, height, width = x.shape
     dim, patch_dim = weight.shape[0], chans * ph * pw
     hp, wp = height // ph, width // pw
@@ -353,7 +348,7 @@ def patch_embed_bwd(
     dbias = dzsum.to(bias.dtype) if bias is not None else absent_grad(weight)
     dg2 = partials[1].sum(0).to(g2.dtype) if post else absent_grad(weight)
     db2 = partials[2].sum(0).to(g2.dtype) if post else absent_grad(weight)
-    return dx, dw, dbias, dg1, db1, dg2, db2
+    return Grads(dx, dw, dbias, dg1, db1, dg2, db2)
 
 
 def _or(t: Tensor | None, dummy: Tensor) -> Tensor:

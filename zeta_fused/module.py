@@ -17,6 +17,7 @@ from .functional import (
     check_input,
     check_params,
     fused_patch_embed,
+    op_inputs,
     pad_to_patch,
     resolve_patch_size,
 )
@@ -125,7 +126,7 @@ class FusedPatchSequential(nn.Sequential):
         if self.dynamic_img_pad:
             x = pad_to_patch(x, self.patch_size)
         if dispatch.use_fused(self.backend, x):
-            y = fused_patch_embed(x, self.patch_size, weight, bias, pre, post, self.eps)
+            y = fused_patch_embed(op_inputs(x, self.patch_size, weight, bias, pre, post, self.eps))
             if self.grid_output:
                 y = y.view(x.shape[0], x.shape[2] // self.patch_size[0], -1, y.shape[-1])
             return y

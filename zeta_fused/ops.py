@@ -1,9 +1,10 @@
 """torch.library custom ops for the fused patch embedding: registration, fake impls, autograd.
 
-``zeta_fused::patch_embed_fwd`` returns ``(y, stats)``; ``stats`` (4, B*N) holds the fp32 row
-statistics mean1, rstd1, mean2, rstd2 that the backward needs. ``zeta_fused::patch_embed_bwd``
-returns all seven gradients; those nobody asked for come back as empty tensors and map to None.
-g1/b1 are the pre-norm (LayerNorm over K) parameters, g2/b2 the post-norm (over D) ones.
+``zeta_fused::patch_embed_fwd`` takes :class:`~zeta_fused.op_args.FwdArgs` and returns
+``(y, stats)``; ``stats`` (4, B*N) holds the fp32 row statistics that the backward needs.
+``zeta_fused::patch_embed_bwd`` takes :class:`~zeta_fused.op_args.BwdArgs` and returns
+:class:`~zeta_fused.op_args.Grads`, one per tensor input; those nobody asked for come back as
+empty tensors and map to None. Both schemas are derived from the argument descriptions.
 
 CUDA runs the Triton kernels. CPU runs them through the Triton interpreter when
 ``TRITON_INTERPRET=1`` and the eager reference math otherwise.
@@ -11,116 +12,85 @@ CUDA runs the Triton kernels. CPU runs them through the Triton interpreter when
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import reference as ref
 from .dispatch import interpreting
+from .op_args import BwdArgs, FwdArgs, Grads, input_grads, schema
 
 LIB = "zeta_fused"
 
 
-@torch.library.custom_op(f"{LIB}::patch_embed_fwd", mutates_args=(), device_types="cuda")
-def patch_embed_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    g1: Tensor | None,
-    b1: Tensor | None,
-    g2: Tensor | None,
-    b2: Tensor | None,
-    ph: int,
-    pw: int,
-    eps: float,
-    compute_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    from .launch import patch_embed_fwd as launch
+def _op(name: str, args: type, returns: int, launcher: str, eager: str):
+    """A custom op taking ``args``' fields: CUDA runs the Triton launcher; CPU runs it under the
+    interpreter and the eager math otherwise (both looked up per call: tests swap them)."""
 
-    return launch(x, weight, bias, g1, b1, g2, b2, ph, pw, eps, compute_dtype, out_dtype)
+    def on_cuda(*flat):
+        from . import launch
 
+        return getattr(launch, launcher)(args(*flat))
 
-def _cpu_kernel(launcher: str, eager: str):
-    """CPU implementation: the Triton launcher under the interpreter, else the eager math.
-    Both are looked up per call (tests swap them to prove which one ran)."""
-
-    def impl(*args):
+    def on_cpu(*flat):
         if interpreting():
             from . import launch
 
-            return getattr(launch, launcher)(*args)
-        return getattr(ref, eager)(*args)
+            return getattr(launch, launcher)(args(*flat))
+        return getattr(ref, eager)(args(*flat))
 
-    return impl
+    on_cuda.__name__ = name
+    op = torch.library.custom_op(
+        f"{LIB}::{name}", mutates_args=(), device_types="cuda", schema=schema(args, returns)
+    )(on_cuda)
+    op.register_kernel("cpu")(on_cpu)
+    return op
 
 
-patch_embed_fwd.register_kernel("cpu")(_cpu_kernel("patch_embed_fwd", "forward_with_stats"))
+patch_embed_fwd = _op("patch_embed_fwd", FwdArgs, 2, "patch_embed_fwd", "forward_with_stats")
+patch_embed_bwd = _op("patch_embed_bwd", BwdArgs, len(Grads._fields), "patch_embed_bwd",
+                      "backward_from_stats")  # fmt: skip
 
 
 @patch_embed_fwd.register_fake
-def _fwd_fake(x, weight, bias, g1, b1, g2, b2, ph, pw, eps, compute_dtype, out_dtype):
-    batch, _, height, width = x.shape
-    tokens = (height // ph) * (width // pw)
-    y = x.new_empty((batch, tokens, weight.shape[0]), dtype=out_dtype)
-    return y, x.new_empty((4, batch * tokens), dtype=ref.stats_dtype(compute_dtype))
-
-
-@torch.library.custom_op(f"{LIB}::patch_embed_bwd", mutates_args=(), device_types="cuda")
-def patch_embed_bwd(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    g1: Tensor | None,
-    b1: Tensor | None,
-    g2: Tensor | None,
-    stats: Tensor,
-    ph: int,
-    pw: int,
-    compute_dtype: torch.dtype,
-    needs_x_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # grad_y may have any strides, stride 0 included (y.sum().backward()): the kernels take them.
-    from .launch import patch_embed_bwd as launch
-
-    args = (x, weight, bias, g1, b1, g2, stats, ph, pw, compute_dtype, needs_x_grad)
-    return launch(grad_y, *args)
-
-
-patch_embed_bwd.register_kernel("cpu")(_cpu_kernel("patch_embed_bwd", "backward_from_stats"))
+def _fwd_fake(*flat):
+    a = FwdArgs(*flat)
+    batch, grid = a.x.shape[0], [s // p for s, p in zip(a.x.shape[2:], a.patch, strict=True)]
+    tokens = math.prod(grid)
+    y = a.x.new_empty((batch, tokens, a.weight.shape[0]), dtype=a.out_dtype)
+    return y, a.x.new_empty((4, batch * tokens), dtype=ref.stats_dtype(a.compute_dtype))
 
 
 @patch_embed_bwd.register_fake
-def _bwd_fake(grad_y, x, weight, bias, g1, b1, g2, stats, ph, pw, compute_dtype, needs_x_grad):
-    def like(t: Tensor | None, wanted: bool = True) -> Tensor:
-        return t.new_empty(t.shape) if t is not None and wanted else ref.absent_grad(weight)
+def _bwd_fake(*flat):
+    a = BwdArgs(*flat)
 
-    return like(x, needs_x_grad), like(weight), like(bias), like(g1), like(b1), like(g2), like(g2)
+    def like(name: str) -> Tensor:
+        t = getattr(a, name)
+        wanted = t is not None and (name != "x" or a.needs_x_grad)
+        return t.new_empty(t.shape) if wanted else ref.absent_grad(a.weight)
+
+    return tuple(like(name) for name in Grads._fields)
 
 
 def _setup_context(ctx, inputs, output):
     # Saved: the inputs and 4 fp32 statistics per token; Z (B, N, D) is recomputed by the
-    # backward's dZ kernel rather than kept. The memory goal decides it: a vit_b16 bf16 step
-    # holds y and dZ (73.5 MiB each) plus 16 MiB of dW partials, about 165 MiB or 33 % of the
-    # eager module's 501 MiB (DESIGN §8 anchor); keeping Z would add 73.5 MiB, 48 %, over the
-    # 40 % goal. Recomputing costs one more pass of the projection GEMM, whose time on a GPU is
-    # not measured yet (arithmetic here, not a measurement).
-    x, weight, bias, g1, b1, g2, b2, ph, pw, _eps, compute_dtype, _out_dtype = inputs
-    ctx.save_for_backward(x, weight, bias, g1, b1, g2, b2, output[1])
-    ctx.patch = (ph, pw)
-    ctx.compute_dtype = compute_dtype
+    # backward's dZ kernel rather than kept (docs/design.md, "Memory").
+    a = FwdArgs(*inputs)
+    ctx.save_for_backward(*(getattr(a, name) for name in Grads._fields), output[1])
+    ctx.others = {n: v for n, v in a._asdict().items() if n not in Grads._fields}
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_stats):
-    x, weight, bias, g1, b1, g2, b2, stats = ctx.saved_tensors
+    *tensors, stats = ctx.saved_tensors
+    inputs = FwdArgs(**dict(zip(Grads._fields, tensors, strict=True)), **ctx.others)
     needs_x_grad = ctx.needs_input_grad[0]
-    grads = patch_embed_bwd(
-        grad_y, x, weight, bias, g1, b1, g2, stats, *ctx.patch, ctx.compute_dtype, needs_x_grad
-    )
-    present = (needs_x_grad, True, *(t is not None for t in (bias, g1, b1, g2, b2)))
-    grads = [g if keep else None for g, keep in zip(grads, present, strict=True)]
-    return (*grads, None, None, None, None, None)
+    grads = patch_embed_bwd(*BwdArgs(grad_y, stats, needs_x_grad, *inputs))
+    return input_grads(Grads(*grads), inputs, needs_x_grad)
 
 
 patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+__all__ = ["patch_embed_bwd", "patch_embed_fwd"]

@@ -1,74 +1,77 @@
 """Eager PyTorch reference of the patch embedding: the fallback path and the test oracle.
 
-    P = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)")   # (B, N, K)
-    A = LayerNorm_K(P)           (optional)
+    P = patchify(x)              # (B, N, K), k in (*patch, c) order: vit-pytorch's (p1 p2 c)
+    A = LayerNorm_K(P)           (optional; affine weight and bias each optional)
     Z = A @ W.T + bias           (bias optional)
     Y = LayerNorm_D(Z)           (optional)                        # (B, N, D)
 
-This is vit-pytorch's ``to_patch_embedding``. The flatten order is (p1 p2 c), so a Conv2d weight
-(D, C, ph, pw) corresponds to ``weight.permute(0, 2, 3, 1).reshape(D, K)``.
+For images this is vit-pytorch's ``to_patch_embedding``. A conv weight (D, C, *patch) is the
+same projection with K in (c, *patch) order: ``weight_matrix`` permutes it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
+from .op_args import NO_NORM, BwdArgs, FwdArgs, Grads, fwd_of
+
+# vit-pytorch's image patch layout, as its Rearrange layer writes it.
 PATCHIFY = "b c (h p1) (w p2) -> b (h w) (p1 p2 c)"
 
-Norm = tuple[Tensor, Tensor] | None
+# A LayerNorm's (weight, bias), either of them None; None: no norm.
+Norm = tuple[Tensor | None, Tensor | None] | None
 
 
-def patchify(x: Tensor, ph: int, pw: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, K) with k = (i * pw + j) * C + c."""
-    return rearrange(x, PATCHIFY, p1=ph, p2=pw)
+def _grid(x: Tensor, patch) -> list[int]:
+    return [s // p for s, p in zip(x.shape[2:], patch, strict=True)]
+
+
+def patchify(x: Tensor, patch) -> Tensor:
+    """(B, C, *spatial) -> (B, N, K): tokens in grid order, K in (*patch, c) order."""
+    batch, chans, grid = x.shape[0], x.shape[1], _grid(x, patch)
+    split = [batch, chans] + [n for g, p in zip(grid, patch, strict=True) for n in (g, p)]
+    nd = len(grid)
+    order = [0, *range(2, 2 + 2 * nd, 2), *range(3, 3 + 2 * nd, 2), 1]
+    return x.reshape(split).permute(order).reshape(batch, math.prod(grid), chans * math.prod(patch))
+
+
+def unpatchify(p: Tensor, patch, spatial) -> Tensor:
+    """Inverse of :func:`patchify`: (B, N, K) -> (B, C, *spatial)."""
+    grid = [s // q for s, q in zip(spatial, patch, strict=True)]
+    nd = len(grid)
+    batch, chans = p.shape[0], p.shape[-1] // math.prod(patch)
+    p = p.reshape(batch, *grid, *patch, chans)
+    order = [0, 2 * nd + 1] + [i for d in range(nd) for i in (1 + d, 1 + nd + d)]
+    return p.permute(order).reshape(batch, chans, *spatial)
+
+
+def weight_matrix(weight: Tensor) -> Tensor:
+    """The projection as (D, K) in (*patch, c) order; a conv weight (D, C, *patch) is permuted."""
+    if weight.ndim == 2:
+        return weight
+    return weight.permute(0, *range(2, weight.ndim), 1).flatten(1)
+
+
+def layer_norm(t: Tensor, norm: Norm, eps: float) -> Tensor:
+    return t if norm is None else F.layer_norm(t, t.shape[-1:], norm[0], norm[1], eps)
 
 
 def patch_embed_reference(
     x: Tensor,
-    patch_size: tuple[int, int],
+    patch_size,
     weight: Tensor,
     bias: Tensor | None = None,
     pre_norm: Norm = None,
     post_norm: Norm = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    """The patch embedding in plain PyTorch ops (same dtypes rules as the eager module)."""
-    a = patchify(x, *patch_size)
-    if pre_norm is not None:
-        a = F.layer_norm(a, a.shape[-1:], pre_norm[0], pre_norm[1], eps)
-    z = F.linear(a, weight_matrix(weight), bias)
-    if post_norm is not None:
-        z = F.layer_norm(z, z.shape[-1:], post_norm[0], post_norm[1], eps)
-    return z
-
-
-def weight_matrix(weight: Tensor) -> Tensor:
-    """The projection as (D, K) in (p1 p2 c) order; a Conv2d weight (D, C, ph, pw) is permuted."""
-    return weight.permute(0, 2, 3, 1).flatten(1) if weight.ndim == 4 else weight
-
-
-def unpatchify(p: Tensor, ph: int, pw: int, hp: int, wp: int) -> Tensor:
-    """Inverse of :func:`patchify`: (B, N, K) -> (B, C, hp * ph, wp * pw)."""
-    return rearrange(p, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=hp, w=wp, p1=ph, p2=pw)
-
-
-def layer_norm_backward(dy: Tensor, xhat: Tensor, rstd: Tensor, gamma: Tensor | None) -> Tensor:
-    """Input gradient of a LayerNorm over the last dim, given the normalised input ``xhat``."""
-    g = dy if gamma is None else dy * gamma
-    mean_g = g.mean(-1, keepdim=True)
-    mean_gx = (g * xhat).mean(-1, keepdim=True)
-    return rstd * (g - mean_g - xhat * mean_gx)
-
-
-def row_stats(t: Tensor, eps: float, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """Mean and 1/std over the last dim in ``dtype`` (two-pass, as the kernels compute them)."""
-    t = t.to(dtype)
-    mean = t.mean(-1, keepdim=True)
-    var = (t - mean).square().mean(-1, keepdim=True)
-    return mean, torch.rsqrt(var + eps)
+    """The patch embedding in plain PyTorch ops (same dtype rules as the eager module)."""
+    a = layer_norm(patchify(x, patch_size), pre_norm, eps)
+    return layer_norm(F.linear(a, weight_matrix(weight), bias), post_norm, eps)
 
 
 # --- The op's eager implementation (CPU without the interpreter), with the saved statistics ----
@@ -84,65 +87,94 @@ def absent_grad(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _normalise(t: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
-    return (t - mean) * rstd
+def row_stats(t: Tensor, eps: float, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Mean and 1/std over the last dim in ``dtype`` (two-pass, as the kernels compute them)."""
+    t = t.to(dtype)
+    mean = t.mean(-1, keepdim=True)
+    var = (t - mean).square().mean(-1, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
 
 
-def forward_with_stats(x, weight, bias, g1, b1, g2, b2, ph, pw, eps, compute_dtype, out_dtype):
+def _affine(t_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    t = t_hat if weight is None else t_hat * weight
+    return t if bias is None else t + bias
+
+
+def _normed(t: Tensor, kind: str, weight, bias, eps: float, acc: torch.dtype):
+    """(normalised and affine t, t_hat, mean, rstd); no norm: t itself, mean 0, rstd 1."""
+    if kind == NO_NORM:
+        ones = t.new_ones(t.shape[:-1] + (1,))
+        return t, t, ones - 1, ones
+    mean, rstd = row_stats(t, eps, acc)
+    t_hat = (t - mean) * rstd
+    return _affine(t_hat, weight, bias), t_hat, mean, rstd
+
+
+def _projection(a: FwdArgs):
+    """(A rounded to the GEMM dtype, x̂, mean1, rstd1, W rounded) in the accumulation dtype."""
+    acc = stats_dtype(a.compute_dtype)
+    p = patchify(a.x, a.patch).to(acc)
+    act, x_hat, mean1, rstd1 = _normed(p, a.pre_norm, a.g1, a.b1, a.eps, acc)
+    w = weight_matrix(a.weight).to(a.compute_dtype).to(acc)
+    return act.to(a.compute_dtype).to(acc), x_hat, mean1, rstd1, w
+
+
+def forward_with_stats(a: FwdArgs) -> tuple[Tensor, Tensor]:
     """What the fused kernel computes, in eager ops: LayerNorm statistics and the GEMM
     accumulation in fp32 (fp64 for fp64), GEMM operands rounded to ``compute_dtype``.
     Returns ``(y, stats)`` with stats = (mean1, rstd1, mean2, rstd2) per token, shape (4, B*N)."""
-    acc = stats_dtype(compute_dtype)
-    p = patchify(x, ph, pw).to(acc)
-    ones = p.new_ones(p.shape[:-1] + (1,))
-    mean1, rstd1 = (ones - 1, ones) if g1 is None else row_stats(p, eps, acc)
-    a = p if g1 is None else _normalise(p, mean1, rstd1) * g1 + b1
-    z = a.to(compute_dtype).to(acc) @ weight_matrix(weight).to(compute_dtype).to(acc).T
-    if bias is not None:
-        z = z + bias
-    mean2, rstd2 = (ones - 1, ones) if g2 is None else row_stats(z, eps, acc)
-    y = z if g2 is None else _normalise(z, mean2, rstd2) * g2 + b2
+    act, _, mean1, rstd1, w = _projection(a)
+    z = act @ w.T if a.bias is None else act @ w.T + a.bias
+    y, _, mean2, rstd2 = _normed(z, a.post_norm, a.g2, a.b2, a.eps, z.dtype)
     stats = torch.stack([mean1, rstd1, mean2, rstd2]).reshape(4, -1)
-    return y.to(out_dtype), stats
+    return y.to(a.out_dtype), stats
 
 
-def backward_from_stats(
-    grad_y, x, weight, bias, g1, b1, g2, stats, ph, pw, compute_dtype, needs_x_grad
-):
-    """All seven gradients from the saved statistics (Z is recomputed). Gradients nobody needs
-    (no bias, no norm, image without grad) come back as empty tensors."""
-    acc = stats.dtype
-    batch, _, height, width = x.shape
-    hp, wp = height // ph, width // pw
-    mean1, rstd1, mean2, rstd2 = stats.reshape(4, batch, hp * wp, 1)
-    p = patchify(x, ph, pw).to(acc)
-    xhat = _normalise(p, mean1, rstd1)
-    a = p if g1 is None else xhat * g1 + b1
-    a = a.to(compute_dtype).to(acc)
-    w = weight_matrix(weight).to(compute_dtype).to(acc)
-    z = a @ w.T
-    if bias is not None:
-        z = z + bias
-    dy = grad_y.to(acc)
-    dg2, db2 = absent_grad(weight), absent_grad(weight)
-    dz = dy
-    if g2 is not None:
-        zhat = _normalise(z, mean2, rstd2)
-        dg2 = (dy * zhat).sum((0, 1)).to(g2.dtype)
-        db2 = dy.sum((0, 1)).to(g2.dtype)
-        dz = layer_norm_backward(dy, zhat, rstd2, g2)
-    dw = (dz.flatten(0, 1).T @ a.flatten(0, 1)).to(weight.dtype)
-    if weight.ndim == 4:  # back to the Conv2d layout (D, C, ph, pw)
-        dw = dw.reshape(weight.shape[0], ph, pw, -1).permute(0, 3, 1, 2).contiguous()
-    dbias = absent_grad(weight) if bias is None else dz.sum((0, 1)).to(bias.dtype)
-    dg1, db1, dx = absent_grad(weight), absent_grad(weight), absent_grad(weight)
-    if g1 is not None or needs_x_grad:
+def layer_norm_backward(dy: Tensor, t_hat: Tensor, rstd: Tensor, gamma: Tensor | None) -> Tensor:
+    """Input gradient of a LayerNorm over the last dim, given the normalised input ``t_hat``."""
+    g = dy if gamma is None else dy * gamma
+    mean_g = g.mean(-1, keepdim=True)
+    mean_gx = (g * t_hat).mean(-1, keepdim=True)
+    return rstd * (g - mean_g - t_hat * mean_gx)
+
+
+def _norm_param_grads(dy: Tensor, t_hat: Tensor, weight, bias) -> tuple[Tensor | None, ...]:
+    reduce = tuple(range(dy.ndim - 1))
+    dweight = None if weight is None else (dy * t_hat).sum(reduce).to(weight.dtype)
+    dbias = None if bias is None else dy.sum(reduce).to(bias.dtype)
+    return dweight, dbias
+
+
+def backward_from_stats(args: BwdArgs) -> Grads:
+    """Every gradient from the saved statistics (Z is recomputed). Gradients nobody needs (an
+    absent parameter, an image without grad) come back as empty tensors."""
+    a = fwd_of(args)
+    acc = args.stats.dtype
+    mean1, rstd1, mean2, rstd2 = args.stats.reshape(4, a.x.shape[0], -1, 1)
+    p = patchify(a.x, a.patch).to(acc)
+    x_hat = (p - mean1) * rstd1
+    act = p if a.pre_norm == NO_NORM else _affine(x_hat, a.g1, a.b1)
+    act = act.to(a.compute_dtype).to(acc)
+    w = weight_matrix(a.weight).to(a.compute_dtype).to(acc)
+    z = act @ w.T if a.bias is None else act @ w.T + a.bias
+    grads = dict.fromkeys(Grads._fields)
+    dz = args.grad_y.to(acc)
+    if a.post_norm != NO_NORM:
+        z_hat = (z - mean2) * rstd2
+        grads["g2"], grads["b2"] = _norm_param_grads(dz, z_hat, a.g2, a.b2)
+        dz = layer_norm_backward(dz, z_hat, rstd2, a.g2)
+    dw = (dz.flatten(0, 1).T @ act.flatten(0, 1)).to(a.weight.dtype)
+    if a.weight.ndim > 2:  # back to the conv layout (D, C, *patch)
+        dw = dw.reshape(a.weight.shape[0], *a.patch, -1)
+        dw = dw.permute(0, dw.ndim - 1, *range(1, dw.ndim - 1)).contiguous()
+    grads["weight"] = dw
+    grads["bias"] = None if a.bias is None else dz.sum((0, 1)).to(a.bias.dtype)
+    if a.pre_norm != NO_NORM or args.needs_x_grad:
         da = dz @ w
-        if g1 is not None:
-            dg1 = (da * xhat).sum((0, 1)).to(g1.dtype)
-            db1 = da.sum((0, 1)).to(b1.dtype)
-            da = layer_norm_backward(da, xhat, rstd1, g1)
-        if needs_x_grad:
+        if a.pre_norm != NO_NORM:
+            grads["g1"], grads["b1"] = _norm_param_grads(da, x_hat, a.g1, a.b1)
+            da = layer_norm_backward(da, x_hat, rstd1, a.g1)
+        if args.needs_x_grad:
             # A fresh tensor: without norms da is grad_y itself, and outputs may not alias inputs.
-            dx = unpatchify(da, ph, pw, hp, wp).to(x.dtype, copy=True)
-    return dx, dw, dbias, dg1, db1, dg2, db2
+            grads["x"] = unpatchify(da, a.patch, a.x.shape[2:]).to(a.x.dtype, copy=True)
+    return Grads(**{n: absent_grad(a.weight) if g is None else g for n, g in grads.items()})
