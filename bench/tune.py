@@ -1,7 +1,7 @@
 """``python -m bench.tune``: the fused op under alternative block sizes, timed in one GPU run.
 
-The block sizes in ``kernels/configs.py`` were chosen from the sm_90 machine code, without a GPU.
-Each variant here changes one thing from the current 2-byte-operand (bf16/fp16) table; the
+The launch policy (``zeta_fused/policy.py``) was chosen from the sm_90 machine code, without a
+GPU. Each variant here changes one thing from it (block sizes of the bf16/fp16 table); the
 zeta-fused provider is timed on the presets and modes below, so the table can be set from
 measurements. Prints milliseconds per variant (and each one's ratio to the current table) and
 writes tune.json. Needs CUDA: on the interpreter timings would mean nothing.
@@ -10,7 +10,6 @@ writes tune.json. Needs CUDA: on the interpreter timings would mean nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,23 +21,23 @@ from .presets import PRESETS
 from .providers import FUSED
 from .runner import progress, run_cell
 
-# name -> (changes to the bf16/fp16 Blocks, overrides of zeta_fused.launch constants)
-VARIANTS: dict[str, tuple[dict, dict]] = {
-    "current": ({}, {}),
-    "fwd n=128": ({"n": 128}, {}),
-    "fwd k=64": ({"k": 64}, {}),
-    "fwd m=128 n=128": ({"m": 128, "n": 128}, {}),
-    "dz n=64": ({"dz_n": 64}, {}),
-    "dz m=32 n=256": ({"dz_m": 32, "dz_n": 256}, {}),
-    "dw d=128": ({"dw_d": 128}, {}),
-    "dw m=32": ({"dw_m": 32}, {}),
-    "dx k=32": ({"dx_k": 32}, {}),
-    "warps=4": ({"warps": 4}, {}),
-    "no 16-token tiles": ({}, {"SMALL_GRID": 0}),
-    "dw 2x programs": ({}, {"DW_TARGET_PROGRAMS": 528}),
-    "never re-lay the weight": ({}, {"RELAYOUT_MIN_TOKENS": 2**62}),
-    "always re-lay the weight": ({}, {"RELAYOUT_MIN_TOKENS": 0}),
-    "(c, i, j) for any patch width": ({}, {"CIJ_ANY_WIDTH": True}),
+# name -> changes to the launch policy (a dict for the bf16/fp16 Blocks: every PLAN preset is bf16)
+VARIANTS: dict[str, dict] = {
+    "current": {},
+    "fwd n=128": {"blocks_16bit": {"n": 128}},
+    "fwd k=64": {"blocks_16bit": {"k": 64}},
+    "fwd m=128 n=128": {"blocks_16bit": {"m": 128, "n": 128}},
+    "dz n=64": {"blocks_16bit": {"dz_n": 64}},
+    "dz m=32 n=256": {"blocks_16bit": {"dz_m": 32, "dz_n": 256}},
+    "dw d=128": {"blocks_16bit": {"dw_d": 128}},
+    "dw m=32": {"blocks_16bit": {"dw_m": 32}},
+    "dx k=32": {"blocks_16bit": {"dx_k": 32}},
+    "warps=4": {"blocks_16bit": {"warps": 4}},
+    "no 16-token tiles": {"small_grid": 0},
+    "dw 2x programs": {"dw_target_programs": 528},
+    "never re-lay the weight": {"relayout_min_tokens": 2**62},
+    "always re-lay the weight": {"relayout_min_tokens": 0},
+    "channels-first K order for any patch width": {"channels_first_any_width": True},
 }
 PLAN = [
     ("vit_b16", "fwd"),
@@ -48,46 +47,21 @@ PLAN = [
     ("seed_doc_example", "train"),
     ("b1_latency_b16", "fwd"),
 ]
-OPERAND_BYTES = 2  # the bf16/fp16 table: every preset in PLAN is bf16
-
-
-def apply(name: str) -> dict:
-    """Install a variant; returns what to restore."""
-    from zeta_fused import launch
-    from zeta_fused.kernels import configs
-
-    blocks, consts = VARIANTS[name]
-    saved = {"BLOCKS": configs.BLOCKS[OPERAND_BYTES]}
-    saved |= {k: getattr(launch, k) for k in consts}
-    configs.BLOCKS[OPERAND_BYTES] = dataclasses.replace(saved["BLOCKS"], **blocks)
-    for k, v in consts.items():
-        setattr(launch, k, v)
-    return saved
-
-
-def restore(saved: dict) -> None:
-    from zeta_fused import launch
-    from zeta_fused.kernels import configs
-
-    configs.BLOCKS[OPERAND_BYTES] = saved.pop("BLOCKS")
-    for k, v in saved.items():
-        setattr(launch, k, v)
 
 
 def run(variants: list[str], checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Every (variant, PLAN cell); ``checkpoint(rows)`` after each, so a run cut short keeps
     what it measured."""
+    from zeta_fused import policy
+
     rows = []
     for name in variants:
-        saved = apply(name)
-        try:
+        with policy.override(**VARIANTS[name]):
             for preset, mode in PLAN:
                 progress(f"{name}: {preset} {mode} (compiles first)")
                 rows.append(run_cell(PRESETS[preset], mode, FUSED, "cuda") | {"variant": name})
                 if checkpoint is not None:
                     checkpoint(rows)
-        finally:
-            restore(saved)
     return rows
 
 

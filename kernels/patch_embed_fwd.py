@@ -1,4 +1,4 @@
-"""Fused patch-embedding forward: gather patches -> LayerNorm_K -> x @ W.T + bias -> LayerNorm_D.
+"""Fused patch-embedding forward: gather patches -> norm1 -> x @ W.T + bias -> norm2 -> tokens.
 
 One program owns BLOCK_M tokens and every output column of them, so the post-norm sees whole
 rows without a second launch. Device code only: the launch module allocates and builds the grid.
@@ -7,117 +7,100 @@ rows without a second launch. Device code only: the launch module allocates and 
 import triton
 import triton.language as tl
 
-from .patch_tiles import patch_stats, project_chunk, token_rows
+from .geometry import token_rows
+from .norms import NO_NORM, chan_merge, norm_apply, rstd_of, store_stats
+from .patch_tiles import patch_stats, project_chunk
 from .rounding import cast
+
+# The second pass reads what this program stored in the first: through L2 (".cg"), never a
+# possibly stale L1 line; the tl.debug_barrier() before it orders the threads.
+READ_BACK = tl.constexpr(".cg")
+
+
+@triton.jit
+def _store_tokens(Y, y_rows, z, offs_n, n_mask, m_mask, mean2, rstd2, norm2,
+                  NORM2: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  EMULATE_BF16: tl.constexpr):  # fmt: skip
+    """The forward's epilogue, the one place tokens are finished: the post-norm of a chunk of
+    Z (bias included) with its row statistics, then the store."""
+    y = norm_apply(z, mean2, rstd2, norm2, offs_n, n_mask, NORM2, ACC_DTYPE)
+    tl.store(y_rows + offs_n[None, :], cast(y, Y.dtype.element_ty, EMULATE_BF16),
+             mask=m_mask[:, None] & n_mask[None, :])  # fmt: skip
 
 
 @triton.jit
 def _patch_embed_fwd_kernel(
-    X,  # image (B, C, H, W), any strides
-    W,  # projection weight, read through strides (d, c, i, j): Linear (D, K) or Conv2d
-    Bias,  # (D,) or dummy when not HAS_BIAS
-    G1,  # pre-norm weight (K,) or dummy
-    B1,  # pre-norm bias (K,) or dummy
-    G2,  # post-norm weight (D,) or dummy
-    B2,  # post-norm bias (D,) or dummy
+    X, stride_xb, x_strides,  # image (B, C, *spatial), any strides: batch, (c, *spatial)
+    W, stride_wd, w_strides,  # projection: Linear (D, K) or conv (D, C, *patch), in place
+    w_row_len,  # readable length of W's rows (>= K, zero-padded beyond it)
+    Bias,  # (D,) or None
+    norm1,  # (weight, bias) of the pre-norm (K,) in the K order; each may be None
+    norm2,  # (weight, bias) of the post-norm (D,)
     Y,  # output (M, D) contiguous, M = B * N tokens
-    Stats,  # (4, M) in ACC: mean1, rstd1, mean2, rstd2 (0 / 1 where a norm is off)
-    M,
-    K,
-    KW,  # readable length of W's rows (>= K, zero-padded beyond it)
-    D,
-    C: tl.constexpr,  # channels and patch size are compile-time: the patch-column index math
-    PH: tl.constexpr,  # divides by them on every K step, and the gather vectorises only when
-    PW: tl.constexpr,  # the compiler can see its contiguous runs
-    NP,  # tokens per image
-    WP,  # patches per image row
-    stride_xb,
-    stride_xc,
-    stride_xh,
-    stride_xw,
-    stride_wd,
-    stride_wc,
-    stride_wi,
-    stride_wj,
+    Stats,  # (4, M) in ACC_DTYPE, rows as kernels/norms.py names them
+    M, K, D,
+    grid,  # patches along each spatial dimension
     eps,
-    PRE_NORM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    POST_NORM: tl.constexpr,
+    C: tl.constexpr,  # channels and patch size are compile-time: the patch-column index math
+    PATCH: tl.constexpr,  # divides by them on every K step, and the gather vectorises only
+    # when the compiler can see its contiguous runs
+    NORM1: tl.constexpr,  # norm kinds (kernels/norms.py)
+    NORM2: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,  # GEMM operand dtype
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
-    ACC: tl.constexpr,  # accumulation / statistics dtype: fp32 (fp64 for fp64 inputs)
-    INTERPRETED: tl.constexpr,  # interpreter: emulate bf16 rounding, multiply in ACC
+    ACC_DTYPE: tl.constexpr,  # accumulation / statistics dtype: fp32 (fp64 for fp64 inputs)
+    EMULATE_BF16: tl.constexpr,  # interpreter: round bf16 by hand, multiply in ACC_DTYPE
     W_FLAT: tl.constexpr,  # W holds the patch axis contiguously in the K order
-    CIJ: tl.constexpr,  # K order (c, i, j) rather than (i, j, c): see patch_tiles.patch_cols
-    ROW_IN_ONE_TILE: tl.constexpr,  # BLOCK_N >= D: the post-norm needs no second pass
+    CHANNELS_FIRST: tl.constexpr,  # K order (c, *patch), else (*patch, c): geometry.patch_cols
+    TWO_PASS: tl.constexpr,  # a post-norm over rows wider than BLOCK_N: normalise afterwards
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-):
+):  # fmt: skip
     m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    offs_m, m_mask, row_off = token_rows(
-        m_start, M, NP, WP, PH, PW, stride_xb, stride_xh, stride_xw, BLOCK_M
-    )
-    mean1 = tl.zeros([BLOCK_M], dtype=ACC)
-    rstd1 = tl.full([BLOCK_M], 1.0, dtype=ACC)
-    if PRE_NORM:
+    offs_m, m_mask, row_off = token_rows(m_start, M, grid, PATCH, stride_xb, x_strides, BLOCK_M)
+    mean1 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    rstd1 = tl.full([BLOCK_M], 1.0, dtype=ACC_DTYPE)
+    if NORM1 != NO_NORM:
         mean1, rstd1 = patch_stats(
-            X, row_off, m_mask, K, C, PH, PW, stride_xc, stride_xh, stride_xw, CIJ, eps, ACC,
-            BLOCK_M, BLOCK_K,
+            X, x_strides, row_off, m_mask, K, C, PATCH, CHANNELS_FIRST, eps, ACC_DTYPE, BLOCK_M,
+            BLOCK_K,
         )  # fmt: skip
 
-    # Post-norm statistics merged across column chunks (Chan et al.): chunk-centred sums keep
-    # the variance accurate when |mean| >> std.
-    mean2 = tl.zeros([BLOCK_M], dtype=ACC)
-    m2 = tl.zeros([BLOCK_M], dtype=ACC)
+    # 1. Z chunk by chunk, with the post-norm's row statistics merged across chunks.
+    mean2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    m2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     y_rows = Y + offs_m[:, None] * D
     for n0 in range(0, D, BLOCK_N):
-        acc, offs_n, n_mask = project_chunk(
-            X, W, Bias, G1, B1, row_off, m_mask, mean1, rstd1, n0, K, KW, D, C, PH, PW,
-            stride_xc, stride_xh, stride_xw, stride_wd, stride_wc, stride_wi, stride_wj,
-            PRE_NORM, HAS_BIAS, COMPUTE_DTYPE, DOT_PRECISION, ACC, INTERPRETED, W_FLAT, CIJ,
-            BLOCK_M, BLOCK_N, BLOCK_K,
+        z, offs_n, n_mask = project_chunk(
+            X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias, norm1,
+            mean1, rstd1, n0, K, D, C, PATCH, NORM1, COMPUTE_DTYPE, DOT_PRECISION, ACC_DTYPE,
+            EMULATE_BF16, W_FLAT, CHANNELS_FIRST, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-        if POST_NORM:
-            n_valid = tl.minimum(D - n0, BLOCK_N) * 1.0
-            chunk_mean = tl.sum(tl.where(n_mask[None, :], acc, 0.0), axis=1) / n_valid
-            centred = tl.where(n_mask[None, :], acc - chunk_mean[:, None], 0.0)
-            chunk_m2 = tl.sum(centred * centred, axis=1)
-            n_seen = n0 * 1.0
-            n_total = n_seen + n_valid
-            delta = chunk_mean - mean2
-            mean2 += delta * (n_valid / n_total)
-            m2 += chunk_m2 + delta * delta * (n_seen * n_valid / n_total)
-            if ROW_IN_ONE_TILE:
-                # The whole row is in registers: normalise now, no second pass.
-                rstd2 = 1.0 / tl.sqrt(m2 / D + eps)
-                g2 = tl.load(G2 + offs_n, mask=n_mask, other=0.0).to(ACC)
-                b2 = tl.load(B2 + offs_n, mask=n_mask, other=0.0).to(ACC)
-                acc = (acc - mean2[:, None]) * rstd2[:, None] * g2[None, :] + b2[None, :]
-        out = cast(acc, Y.dtype.element_ty, INTERPRETED)
-        tl.store(y_rows + offs_n[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
+        if NORM2 != NO_NORM:
+            mean2, m2 = chan_merge(mean2, m2, z, n_mask, n0, D, BLOCK_N)
+        if TWO_PASS:
+            # Un-normalised Z (the norm off), normalised in place below (still in L2 then).
+            _store_tokens(Y, y_rows, z, offs_n, n_mask, m_mask, mean2, m2, norm2, NO_NORM,
+                          ACC_DTYPE, EMULATE_BF16)  # fmt: skip
+        else:
+            # The whole row is in registers (or there is no post-norm): finish it now.
+            _store_tokens(Y, y_rows, z, offs_n, n_mask, m_mask, mean2, rstd_of(m2, D, eps),
+                          norm2, NORM2, ACC_DTYPE, EMULATE_BF16)  # fmt: skip
+    rstd2 = tl.full([BLOCK_M], 1.0, dtype=ACC_DTYPE)
+    if NORM2 != NO_NORM:
+        rstd2 = rstd_of(m2, D, eps)
 
-    rstd2 = tl.full([BLOCK_M], 1.0, dtype=ACC)
-    if POST_NORM:
-        rstd2 = 1.0 / tl.sqrt(m2 / D + eps)
-        if not ROW_IN_ONE_TILE:
-            # Rows wider than one tile: normalise the un-normalised rows just written (still
-            # in L2). The barrier orders this program's stores before its loads, which read
-            # through L2 (".cg") rather than a possibly stale L1 line.
-            tl.debug_barrier()
-            for n0 in range(0, D, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < D
-                mask = m_mask[:, None] & n_mask[None, :]
-                z = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-                z = z.to(ACC)
-                g2 = tl.load(G2 + offs_n, mask=n_mask, other=0.0).to(ACC)
-                b2 = tl.load(B2 + offs_n, mask=n_mask, other=0.0).to(ACC)
-                z = (z - mean2[:, None]) * rstd2[:, None] * g2[None, :] + b2[None, :]
-                tl.store(y_rows + offs_n[None, :], cast(z, Y.dtype.element_ty, INTERPRETED),
-                         mask=mask)  # fmt: skip
+    # 2. Rows wider than one tile: finish the rows just written. The barrier orders this
+    # program's stores before its loads.
+    if TWO_PASS:
+        tl.debug_barrier()
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < D
+            z = tl.load(y_rows + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                        other=0.0, cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
+            _store_tokens(Y, y_rows, z, offs_n, n_mask, m_mask, mean2, rstd2, norm2, NORM2,
+                          ACC_DTYPE, EMULATE_BF16)  # fmt: skip
 
-    tl.store(Stats + offs_m, mean1, mask=m_mask)
-    tl.store(Stats + M + offs_m, rstd1, mask=m_mask)
-    tl.store(Stats + 2 * M + offs_m, mean2, mask=m_mask)
-    tl.store(Stats + 3 * M + offs_m, rstd2, mask=m_mask)
+    store_stats(Stats, offs_m, m_mask, M, mean1, rstd1, mean2, rstd2)

@@ -11,6 +11,7 @@ GPU run spends no time on one that cannot compile.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -22,11 +23,12 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTER
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import zeta_fused.launch as launch  # noqa: E402
+from zeta_fused import policy  # noqa: E402
 from zeta_fused.functional import op_inputs  # noqa: E402
 from zeta_fused.op_args import BwdArgs  # noqa: E402
 
@@ -50,26 +52,16 @@ class Recorder:
         return lambda *args, **kwargs: launches.append((tag, self.kernel, args, kwargs))
 
 
-def specialise(kernel, args, kwargs) -> tuple[dict, dict, dict]:
-    """Signature, constants and attributes as the JIT derives them from real arguments (its own
-    specialisation: an int equal to 1 becomes a constant, ints and pointers divisible by 16 get
-    a divisibility hint), so the compiled code is the code a GPU launch would compile."""
-    names = list(kernel.arg_names)
-    sig, const, attrs = {}, {}, {}
-    for i, (name, value) in enumerate(zip(names, args, strict=False)):
-        if kernel.params[i].is_constexpr:
-            sig[name], const[name] = "constexpr", value
-            continue
-        kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
-        sig[name] = kind
-        if kind == "constexpr":
-            const[name] = value
-        elif isinstance(attr, str):
-            attrs[(i,)] = BaseBackend.parse_attr(attr)
-    for name in names[len(args) :]:
-        sig[name] = "constexpr"
-        const[name] = kwargs[name]
-    return sig, const, attrs
+def specialise(kernel, args, kwargs) -> tuple[dict, dict, dict, dict]:
+    """Signature, constants, attributes and options exactly as the JIT derives them from real
+    arguments (Triton's own binder: an int equal to 1 becomes a constant, ints and pointers
+    divisible by 16 get a divisibility hint, None and tuples as a launch passes them), so the
+    compiled code is the code a GPU launch would compile."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, sig, const, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return sig, const, attrs, options.__dict__
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -119,14 +111,12 @@ def record_tune_variants() -> None:
     from bench import tune
 
     presets = [tune.PRESETS[name] for name in dict.fromkeys(p for p, _ in tune.PLAN)]
-    for name in tune.VARIANTS:
-        tag, saved = name, tune.apply(name)
-        try:
+    for name, changes in tune.VARIANTS.items():
+        tag = name
+        with policy.override(**changes):
             for p in presets:
                 x = torch.randn(p.batch, p.channels, p.height, p.width, dtype=p.torch_dtype)
                 run_case(x, p.dim, p.patch[0], True, True, True, False)
-        finally:
-            tune.restore(saved)
 
 
 def record_all() -> None:
@@ -156,15 +146,29 @@ def record_all() -> None:
 
 
 def run_case(x, dim, patch, pre, post, bias, conv) -> None:
-    dtype = x.dtype
-    k = 3 * patch * patch
-    w = torch.randn(dim, 3, patch, patch, dtype=dtype) if conv else torch.randn(dim, k, dtype=dtype)
+    """Forward and backward launches for input x and a patch (an int: square) of its rank."""
+    dtype, chans = x.dtype, x.shape[1]
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    k = chans * math.prod(patch)
+    w = torch.randn(dim, chans, *patch, dtype=dtype) if conv else torch.randn(dim, k, dtype=dtype)
     b = torch.randn(dim, dtype=dtype) if bias else None
     g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else None
     g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else None
-    args = op_inputs(x, (patch, patch), w, b, g1, g2, 1e-5)
+    args = op_inputs(x, patch, w, b, g1, g2, 1e-5)
     y, stats = launch.patch_embed_fwd(args)
     launch.patch_embed_bwd(BwdArgs(y, stats, True, *args))
+
+
+def record_other_ranks() -> None:
+    """Sequences and volumes: the kernels take any number of spatial dimensions (the modules
+    take images so far), so they must compile too (series: B=256, C=12, L=4096, patch 16;
+    video tubelets 2x16x16 read from a (B, T, C, H, W) tensor with a Conv3d weight)."""
+    global tag
+    tag = "1d"
+    run_case(torch.randn(256, 12, 4096, dtype=torch.bfloat16), 512, (16,), True, True, True, False)
+    tag = "3d"
+    video = torch.randn(2, 16, 3, 224, 224, dtype=torch.bfloat16).transpose(1, 2)
+    run_case(video, 768, (2, 16, 16), False, False, True, True)
 
 
 def main() -> int:
@@ -174,29 +178,28 @@ def main() -> int:
         record_tune_variants()
     else:
         record_all()
+        record_other_ranks()
     results, failures = {}, 0
     for variant, kernel, args, kwargs in launches:
-        kwargs = dict(kwargs)
-        warps = kwargs.pop("num_warps", 4)
-        sig, const, attrs = specialise(kernel, args, kwargs)
-        key = (kernel.fn.__name__, str(sig), str(const), str(attrs), warps)
+        sig, const, attrs, options = specialise(kernel, args, kwargs)
+        key = (kernel.fn.__name__, str(sig), str(const), str(attrs), options["num_warps"])
+        names = kernel.arg_names
         label = f"[{variant}] " if variant else ""
         label += f"{kernel.fn.__name__} {sig.get('X', sig.get('G'))} " + " ".join(
-            f"{k}={v}"
-            for k, v in const.items()
-            if k.isupper() and k not in ("INTERPRETED", "DOT_PRECISION")
+            f"{names[path[0]]}={value}"
+            for path, value in const.items()
+            if len(path) == 1 and names[path[0]].isupper() and names[path[0]] != "EMULATE_BF16"
         )
         if key in results:  # the same variant from another case: compiled once
             print(f"{results[key]} {label} (as above)")
             continue
         try:
-            compiled = triton.compile(
-                ASTSource(kernel, sig, const, attrs), target=TARGET, options={"num_warps": warps}
-            )
+            compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=TARGET,
+                                      options=options)  # fmt: skip
             cubin = compiled.asm["cubin"]
             loops = ",".join(map(str, loop_sizes(cubin)))
             results[key] = f"ok   {resource_usage(cubin)} LOOPS:{loops}"
-            print(f"{results[key]} {label} warps={warps}")
+            print(f"{results[key]} {label} warps={options['num_warps']}")
         except Exception as exc:  # noqa: BLE001 - report every failing variant
             failures += 1
             results[key] = "FAIL"

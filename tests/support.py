@@ -1,4 +1,5 @@
-"""Shared test support: the accuracy rule (DESIGN §7) and module factories.
+"""Shared test support: the accuracy rule (docs/design.md, "Accuracy rule"), module
+factories, and the forward and gradient checks against the fp64 reference.
 
 Accuracy rule: fused error vs an fp64 reference <= 2x the eager error in the same dtype + atol.
 """
@@ -66,3 +67,43 @@ def module_op_inputs(m: PatchEmbeddings, x: Tensor) -> FwdArgs:
 
     proj = e[2]
     return op_inputs(x, m.patch_size, proj.weight, proj.bias, norm(e[1]), norm(e[3]), m.eps)
+
+
+def check(m: nn.Module, x: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Fused (on device) vs eager (same dtype, CPU) vs fp64 reference; returns the fused output."""
+    ref = m.to(torch.float64)(x.double())
+    eager = m.to(dtype)(x.to(dtype))
+    fused_m = m.to(device, dtype)
+    fused_m.backend = "triton"
+    with torch.no_grad():
+        fused = fused_m(x.to(device, dtype))
+    fused_m.backend = "auto"
+    m.to("cpu")
+    assert fused.dtype == dtype and fused.device.type == device
+    assert_accurate(fused, eager, ref, dtype, f"{tuple(x.shape)} {dtype}")
+    return fused
+
+
+def grads(m: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+    """(y, dx, then every parameter gradient) for the upstream gradient dy."""
+    x = x.detach().requires_grad_(x.requires_grad)
+    m.zero_grad(set_to_none=True)
+    y = m(x)
+    y.backward(dy.to(y.dtype))
+    out = [y, *([x.grad] if x.requires_grad else [])]
+    return out + [p.grad for p in m.parameters()]
+
+
+def compare(m, x, dtype, device, needs_x_grad=True) -> None:
+    x = x.requires_grad_(needs_x_grad)
+    dy = torch.randn(x.shape[0], *m(x.double()).shape[1:])
+    ref = grads(m.double(), x.double(), dy.double())
+    eager = grads(m.to(dtype), x.to(dtype), dy)
+    m.to(device).backend = "triton"
+    fused = grads(m, x.to(device, dtype), dy.to(device))
+    names = ["y", *(["dx"] if needs_x_grad else []), *(n for n, _ in m.named_parameters())]
+    assert len(fused) == len(ref)
+    for name, f, e, r in zip(names, fused, eager, ref, strict=True):
+        assert f is not None, f"no gradient for {name}"
+        assert f.dtype == e.dtype, name
+        assert_accurate(f, e, r, dtype, name)

@@ -4,57 +4,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_accurate, make, module_op_inputs
+from support import compare, grads, make, module_op_inputs
 
-from zeta_fused import PatchEmbeddings
+from zeta_fused import policy
 from zeta_fused.op_args import BwdArgs, Grads
 
 
-def grads(m: PatchEmbeddings, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
-    """(y, dx, then every parameter gradient) for the upstream gradient dy."""
-    x = x.detach().requires_grad_(x.requires_grad)
-    m.zero_grad(set_to_none=True)
-    y = m(x)
-    y.backward(dy.to(y.dtype))
-    out = [y, *([x.grad] if x.requires_grad else [])]
-    return out + [p.grad for p in m.parameters()]
-
-
-def compare(m, x, dtype, device, needs_x_grad=True) -> None:
-    x = x.requires_grad_(needs_x_grad)
-    dy = torch.randn(x.shape[0], *m(x.double()).shape[1:])
-    ref = grads(m.double(), x.double(), dy.double())
-    eager = grads(m.to(dtype), x.to(dtype), dy)
-    m.to(device).backend = "triton"
-    fused = grads(m, x.to(device, dtype), dy.to(device))
-    names = ["y", *(["dx"] if needs_x_grad else []), *(n for n, _ in m.named_parameters())]
-    assert len(fused) == len(ref)
-    for name, f, e, r in zip(names, fused, eager, ref, strict=True):
-        assert f is not None, f"no gradient for {name}"
-        assert f.dtype == e.dtype, name
-        assert_accurate(f, e, r, dtype, name)
-
-
 @pytest.fixture(params=[False, True], ids=["(i, j, c) order", "re-laid (c, i, j) order"])
-def k_order(request, monkeypatch) -> None:
+def k_order(request):
     """Both orders of the kernels that read the weight: small calls keep a Linear weight's
     (i, j, c) order, large ones re-lay the weight and pre-norm parameters in (c, i, j)."""
-    import zeta_fused.launch as launch
-
-    monkeypatch.setattr(launch, "RELAYOUT_MIN_TOKENS", 0 if request.param else 2**31)
+    with policy.override(relayout_min_tokens=0 if request.param else 2**31):
+        yield
 
 
 @pytest.fixture
-def compiled_branches(monkeypatch):
+def compiled_branches():
     """The kernels' compiled-code branches (tl.dot with its accumulator operand and
     out_dtype, plain casts), which a GPU runs, here under the interpreter too: its tl.dot is
-    exact in fp32 and fp64, only bf16 needs the interpreted branch."""
-    import zeta_fused.launch as launch
-
-    monkeypatch.setattr(launch, "INTERPRETED", False)
-    launch._numerics_for.cache_clear()
-    yield
-    launch._numerics_for.cache_clear()
+    exact in fp32 and fp64, only bf16 needs the emulated branch."""
+    with policy.override(emulate_bf16=False):
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -68,20 +38,16 @@ def test_tuning_alternatives(dtype, device, monkeypatch) -> None:
     """The launch alternatives bench.tune times stay correct: (c, i, j) order for a patch width
     that is not a power of two (weight re-laid), and post-norm-backward programs narrower than
     the other kernels' (more rows of column partials)."""
-    import dataclasses
+    from zeta_fused import layout
 
-    import zeta_fused.launch as launch
-    from zeta_fused.kernels import configs
-
-    monkeypatch.setattr(launch, "CIJ_ANY_WIDTH", True)
-    monkeypatch.setattr(launch, "RELAYOUT_MIN_TOKENS", 0)
-    narrow = {n: dataclasses.replace(b, dz_m=16) for n, b in configs.BLOCKS.items()}
-    monkeypatch.setattr(configs, "BLOCKS", narrow)
     spy = []
-    real = launch._k_order
-    monkeypatch.setattr(launch, "_k_order", lambda *a: spy.append(real(*a)) or spy[-1])
-    compare(make(3, 40, (3, 5)), torch.randn(2, 3, 12, 20), dtype, device)
-    assert spy and all(k.cij for k in spy)
+    real = layout.k_order
+    monkeypatch.setattr(layout, "k_order", lambda *a: spy.append(real(*a)) or spy[-1])
+    narrow = {"dz_m": 16}
+    with policy.override(channels_first_any_width=True, relayout_min_tokens=0,
+                         blocks_16bit=narrow, blocks_32bit=narrow):  # fmt: skip
+        compare(make(3, 40, (3, 5)), torch.randn(2, 3, 12, 20), dtype, device)
+    assert spy and all(k.channels_first for k in spy)
 
 
 FLAGS = {
@@ -118,21 +84,19 @@ def guarded(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("tile_rows", [16, 64])
 @pytest.mark.usefixtures("k_order")
-def test_no_kernel_reads_past_an_operand(tile_rows, device, monkeypatch) -> None:
+def test_no_kernel_reads_past_an_operand(tile_rows, device) -> None:
     """Ragged K (45), D (40) and token tiles (48 tokens) with every operand, the upstream
     gradient included, fenced by NaN: forward and all gradients stay finite and unchanged. (A
     stray read whose value a later mask discards goes unseen: that needs a GPU sanitizer.)"""
-    import zeta_fused.launch as launch
-
-    monkeypatch.setattr(launch, "SMALL_GRID", 2**31 if tile_rows == 16 else 0)
     m = make(3, 40, (3, 5)).to(device, torch.float32)
     m.backend = "triton"
     x = torch.randn(3, 3, 12, 20, device=device)
     dy = torch.randn(3, 16, 40, device=device)
-    plain = grads(m, x.requires_grad_(), dy)
-    for p in m.parameters():
-        p.data = guarded(p.data)
-    fenced = grads(m, guarded(x).requires_grad_(), guarded(dy))
+    with policy.override(small_grid=2**31 if tile_rows == 16 else 0):
+        plain = grads(m, x.requires_grad_(), dy)
+        for p in m.parameters():
+            p.data = guarded(p.data)
+        fenced = grads(m, guarded(x).requires_grad_(), guarded(dy))
     names = ["y", "dx", *(n for n, _ in m.named_parameters())]
     for name, a, b in zip(names, plain, fenced, strict=True):
         assert torch.isfinite(b).all(), name

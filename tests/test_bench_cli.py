@@ -56,23 +56,23 @@ def test_cli_rejects_bad_arguments(bad) -> None:
     assert r.returncode != 0
 
 
-def test_tune_variants_install_and_restore() -> None:
-    """Every tuning variant names real Blocks fields and launch constants, and is undone."""
+def test_tune_variants_name_policy_fields_and_are_undone() -> None:
+    """Every tuning variant names real launch-policy and Blocks fields, and is undone."""
     sys.path.insert(0, str(ROOT))
     from bench import tune
-    from zeta_fused import launch
-    from zeta_fused.kernels import configs
+    from zeta_fused import policy
 
-    names = ("SMALL_GRID", "DW_TARGET_PROGRAMS", "RELAYOUT_MIN_TOKENS", "CIJ_ANY_WIDTH")
-    before = (configs.BLOCKS[tune.OPERAND_BYTES], *(getattr(launch, c) for c in names))
-    for name, (blocks, consts) in tune.VARIANTS.items():
-        saved = tune.apply(name)
-        current = configs.BLOCKS[tune.OPERAND_BYTES]
-        assert all(getattr(current, k) == v for k, v in blocks.items()), name
-        assert all(getattr(launch, k) == v for k, v in consts.items()), name
-        tune.restore(saved)
-        after = (configs.BLOCKS[tune.OPERAND_BYTES], *(getattr(launch, c) for c in names))
-        assert after == before, name
+    before = policy.current()
+    for name, changes in tune.VARIANTS.items():
+        with policy.override(**changes) as pol:
+            for field, value in changes.items():
+                got = getattr(pol, field)
+                if isinstance(value, dict):
+                    assert all(getattr(got, k) == v for k, v in value.items()), name
+                else:
+                    assert got == value, name
+            assert policy.current() is pol
+        assert policy.current() is before, name
     assert all(p in tune.PRESETS and tune.PRESETS[p].dtype == "bf16" for p, _ in tune.PLAN)
 
 

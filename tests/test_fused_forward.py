@@ -1,4 +1,5 @@
-"""The fused forward op against the fp64 reference (DESIGN §7), on the interpreter or a GPU."""
+"""The fused forward op against the fp64 reference (docs/design.md, "Accuracy rule"), on the
+interpreter or a GPU."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import assert_accurate, make, module_op_inputs
+from support import assert_accurate, check, make, module_op_inputs
 
 import zeta_fused.reference as reference
-from zeta_fused import PatchEmbeddings, patch_embed
+from zeta_fused import patch_embed, policy
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLAGS = {
@@ -18,21 +19,6 @@ FLAGS = {
     "timm": (False, True, True),
     "pre_only": (True, False, False),
 }
-
-
-def check(m: PatchEmbeddings, x: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Fused (on device) vs eager (same dtype, CPU) vs fp64 reference; returns the fused output."""
-    ref = m.to(torch.float64)(x.double())
-    eager = m.to(dtype)(x.to(dtype))
-    fused_m = m.to(device, dtype)
-    fused_m.backend = "triton"
-    with torch.no_grad():
-        fused = fused_m(x.to(device, dtype))
-    fused_m.backend = "auto"
-    m.to("cpu")
-    assert fused.dtype == dtype and fused.device.type == device
-    assert_accurate(fused, eager, ref, dtype, f"{tuple(x.shape)} {dtype}")
-    return fused
 
 
 SHAPES = [  # (B, C, H, W, patch, D): odd sizes on purpose
@@ -49,15 +35,14 @@ SHAPES = [  # (B, C, H, W, patch, D): odd sizes on purpose
     params=[(64, False), (16, False), (64, True)],
     ids=["64-token tiles", "16-token tiles", "re-laid (c, i, j) order"],
 )
-def token_tiles(request, monkeypatch) -> None:
+def token_tiles(request):
     """Every forward launch policy: 64-token programs, the 16-token ones that small grids take,
     and the (c, i, j) order with the weight and pre-norm parameters re-laid, which large calls
     take."""
-    import zeta_fused.launch as launch
-
     rows, relayout = request.param
-    monkeypatch.setattr(launch, "SMALL_GRID", 0 if rows == 64 else 2**31)
-    monkeypatch.setattr(launch, "RELAYOUT_MIN_TOKENS", 0 if relayout else 2**31)
+    small_grid = 0 if rows == 64 else 2**31
+    with policy.override(small_grid=small_grid, relayout_min_tokens=0 if relayout else 2**31):
+        yield
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

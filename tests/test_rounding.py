@@ -17,10 +17,10 @@ SPECIALS = [float("nan"), float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 0.
 
 
 @triton.jit
-def _cast_bf16_kernel(X, Y, N, EMULATE_RTNE: tl.constexpr, BLOCK: tl.constexpr):
+def _cast_bf16_kernel(X, Y, N, EMULATE_BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    tl.store(Y + offs, cast(tl.load(X + offs, mask=mask), tl.bfloat16, EMULATE_RTNE), mask=mask)
+    tl.store(Y + offs, cast(tl.load(X + offs, mask=mask), tl.bfloat16, EMULATE_BF16), mask=mask)
 
 
 def test_bf16_cast_is_round_to_nearest_even(device) -> None:

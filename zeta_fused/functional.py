@@ -127,15 +127,13 @@ def op_inputs(
 ) -> FwdArgs:
     """The fused op's inputs for a validated, padded call; dtypes as the eager module's."""
     compute, out = fused_dtypes(x, weight, post_norm is not None)
-    pre_kind, g1, b1 = _norm_args(pre_norm)
-    post_kind, g2, b2 = _norm_args(post_norm)
-    return FwdArgs(x, weight, bias, pre_kind, g1, b1, post_kind, g2, b2, list(patch), eps, compute,
+    pre_kind, (g1, b1) = (NO_NORM, _NO_PARAMS) if pre_norm is None else (LAYER_NORM, pre_norm)
+    post_kind, (g2, b2) = (NO_NORM, _NO_PARAMS) if post_norm is None else (LAYER_NORM, post_norm)
+    return FwdArgs(x, weight, bias, pre_kind, g1, b1, post_kind, g2, b2, tuple(patch), eps, compute,
                    out)  # fmt: skip
 
 
-def _norm_args(norm: Norm) -> tuple[str, Tensor | None, Tensor | None]:
-    """(kind, weight, bias) of the op for a (weight, bias) pair or None."""
-    return (NO_NORM, None, None) if norm is None else (LAYER_NORM, *norm)
+_NO_PARAMS = (None, None)
 
 
 def fused_patch_embed(args: FwdArgs) -> Tensor:

@@ -20,6 +20,9 @@ from torch import Tensor
 NO_NORM = "none"
 LAYER_NORM = "layer_norm"
 NORM_KINDS = (NO_NORM, LAYER_NORM)
+# The forward's per-token row statistics, saved for the backward: a (len(STAT_ROWS), B*N)
+# buffer in the accumulation dtype (kernels/norms.py names the rows for the kernels).
+STAT_ROWS = ("mean1", "rstd1", "mean2", "rstd2")
 
 
 class FwdArgs(NamedTuple):
@@ -42,7 +45,7 @@ class FwdArgs(NamedTuple):
 
 class _BwdExtra(NamedTuple):
     grad_y: Tensor  # (B, N, D), any strides (stride 0 included)
-    stats: Tensor  # (4, B*N) row statistics saved by the forward (see kernels/norms.py)
+    stats: Tensor  # (len(STAT_ROWS), B*N) row statistics saved by the forward
     needs_x_grad: bool  # compute the image gradient (its own kernel)
 
 

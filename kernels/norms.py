@@ -1,0 +1,101 @@
+"""Norm math shared by every kernel (docs/design.md, "Norms"): the normalisation, its affine
+part, the merge of partial row statistics, the LayerNorm backward, and the layout of the row
+statistics the forward saves for the backward. Pure @triton.jit functions, no launches.
+
+A norm is a kind (the NORM constexprs, the op's strings) and a ``(weight, bias)`` tuple of
+pointers, either of them None (``nn.LayerNorm(bias=False)``, ``elementwise_affine=False``).
+"""
+
+import triton
+import triton.language as tl
+
+from ..op_args import LAYER_NORM as _LAYER_NORM
+from ..op_args import NO_NORM as _NO_NORM
+from ..op_args import STAT_ROWS
+
+NO_NORM = tl.constexpr(_NO_NORM)
+LAYER_NORM = tl.constexpr(_LAYER_NORM)
+
+# Rows of the statistics buffer (STAT_ROWS, M), one value per token each; a norm that is off
+# stores mean 0 and rstd 1.
+MEAN1 = tl.constexpr(STAT_ROWS.index("mean1"))
+RSTD1 = tl.constexpr(STAT_ROWS.index("rstd1"))
+MEAN2 = tl.constexpr(STAT_ROWS.index("mean2"))
+RSTD2 = tl.constexpr(STAT_ROWS.index("rstd2"))
+
+
+@triton.jit
+def normalize(t, mean, rstd):
+    """t̂ = (t - mean) * rstd per row of a [rows, cols] tile: the one line every norm shares."""
+    return (t - mean[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def scale_cols(t, Weight, offs, mask, ACC_DTYPE: tl.constexpr):
+    """t * weight[offs] along the columns; t itself when the weight is None."""
+    if Weight is not None:
+        t = t * tl.load(Weight + offs, mask=mask, other=0.0).to(ACC_DTYPE)[None, :]
+    return t
+
+
+@triton.jit
+def norm_apply(t, mean, rstd, params, offs, mask, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The norm of kind NORM over the columns offs of a tile, with its (weight, bias) params
+    (either None); NO_NORM gives t back."""
+    if NORM == LAYER_NORM:
+        t = scale_cols(normalize(t, mean, rstd), params[0], offs, mask, ACC_DTYPE)
+        if params[1] is not None:
+            t += tl.load(params[1] + offs, mask=mask, other=0.0).to(ACC_DTYPE)[None, :]
+    return t
+
+
+@triton.jit
+def rstd_of(m2, n, eps):
+    """1 / std from a row's sum of squared deviations over n elements."""
+    return 1.0 / tl.sqrt(m2 / n + eps)
+
+
+@triton.jit
+def chan_merge(mean, m2, chunk, n_mask, n0, N, BLOCK_N: tl.constexpr):
+    """Row mean and sum of squared deviations of columns 0 .. n0 + BLOCK_N, from those of
+    columns 0 .. n0 and the chunk n0 .. n0 + BLOCK_N (Chan et al.): chunk-centred sums keep
+    the variance accurate when |mean| >> std."""
+    n_valid = tl.minimum(N - n0, BLOCK_N) * 1.0
+    chunk_mean = tl.sum(tl.where(n_mask[None, :], chunk, 0.0), axis=1) / n_valid
+    centred = tl.where(n_mask[None, :], chunk - chunk_mean[:, None], 0.0)
+    chunk_m2 = tl.sum(centred * centred, axis=1)
+    n_seen = n0 * 1.0
+    n_total = n_seen + n_valid
+    delta = chunk_mean - mean
+    mean += delta * (n_valid / n_total)
+    m2 += chunk_m2 + delta * delta * (n_seen * n_valid / n_total)
+    return mean, m2
+
+
+@triton.jit
+def layer_norm_bwd_sums(sum_g, sum_gt, g, t_hat):
+    """The two row reductions the LayerNorm backward needs, sums of g and g * t̂ (g = upstream
+    gradient times the norm's weight), accumulated over one more column chunk."""
+    sum_g += tl.sum(g, axis=1)
+    sum_gt += tl.sum(g * t_hat, axis=1)
+    return sum_g, sum_gt
+
+
+@triton.jit
+def layer_norm_bwd(g, t_hat, rstd, mean_g, mean_gt):
+    """Input gradient of a LayerNorm: rstd * (g - mean(g) - t̂ * mean(g * t̂))."""
+    return rstd[:, None] * (g - mean_g[:, None] - t_hat * mean_gt[:, None])
+
+
+@triton.jit
+def load_stat(Stats, ROW: tl.constexpr, offs_m, m_mask, M):
+    """One row (MEAN1 ... RSTD2) of the statistics buffer for tokens offs_m."""
+    return tl.load(Stats + ROW * M + offs_m, mask=m_mask, other=0.0)
+
+
+@triton.jit
+def store_stats(Stats, offs_m, m_mask, M, mean1, rstd1, mean2, rstd2):
+    tl.store(Stats + MEAN1 * M + offs_m, mean1, mask=m_mask)
+    tl.store(Stats + RSTD1 * M + offs_m, rstd1, mask=m_mask)
+    tl.store(Stats + MEAN2 * M + offs_m, mean2, mask=m_mask)
+    tl.store(Stats + RSTD2 * M + offs_m, rstd2, mask=m_mask)

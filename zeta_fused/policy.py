@@ -1,0 +1,99 @@
+"""Launch settings as data: block sizes and the launchers' tunable decisions, in one frozen
+object (docs/design.md, "Launch policy").
+
+The launchers read :func:`current` once per call. Tests and ``bench.tune`` change it for a
+while with :func:`override`, never by patching module globals. The defaults were chosen from the
+sm_90 (H100/H200) machine code (``python tests/aot_compile.py`` prints registers, spills and the
+instructions of every loop); ``python -m bench.tune`` times alternatives on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .dispatch import interpreting
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Block sizes of the kernels for one GEMM operand width."""
+
+    m: int  # tokens per program (a tensor-core M tile), every kernel but the dW GEMM
+    k: int  # patch elements per K step: forward, dZ's Z recompute, image gradient
+    n: int  # widest forward output chunk; wider rows get an in-program second pass
+    dz_n: int  # D chunk of the post-norm backward (it also recomputes Z)
+    dz_m: int  # tokens per post-norm-backward program (rows of its column partials)
+    dw_m: int  # token step of the dW GEMM (its reduction dimension)
+    dw_d: int  # D rows of a dW tile: each token step's gather is shared by all of them
+    dw_k: int  # K columns of a dW tile
+    dx_d: int  # D step of the image-gradient GEMM
+    dx_k: int  # patch columns per image-gradient chunk: dZ is re-read once per chunk
+    warps: int = 8  # GEMM kernels: 8 warps keep accumulators and gather pointers in registers
+    param_warps: int = 4  # the small parameter-gradient kernel
+    param_d: int = 64  # D rows per step of the parameter-gradient kernel
+    # K columns per parameter-gradient program: narrow, so that even K = 768 spreads over 48
+    # programs (each loops over all D rows of G and W for the column sums dg1, db1).
+    param_k: int = 16
+
+
+# eq=False: compared and hashed by identity (it keys the launchers' caches; each override is
+# a new object).
+@dataclass(frozen=True, eq=False)
+class LaunchPolicy:
+    # GEMM operands of 2 bytes (bf16, fp16) and of 4 (fp32; fp64 runs with these too).
+    blocks_16bit: Blocks = Blocks(m=64, k=32, n=256, dz_n=128, dz_m=64, dw_m=64, dw_d=256,
+                                  dw_k=64, dx_d=64, dx_k=64)  # fmt: skip
+    blocks_32bit: Blocks = Blocks(m=64, k=16, n=64, dz_n=32, dz_m=64, dw_m=16, dw_d=64,
+                                  dw_k=64, dx_d=64, dx_k=16)  # fmt: skip
+    # Forward grids of fewer `m`-token programs than this (a quarter of an H100/H200's 132 SMs)
+    # use 16-token programs: the b1 preset (196 tokens) runs on 13 SMs instead of 4.
+    small_grid: int = 33
+    # Calls with at least this many tokens (the 64-token programs of small_grid) re-lay the
+    # weight and the pre-norm parameters for the kernels (layout.k_order): up to three small
+    # copies, which the b1 preset would feel in host time but a training batch does not.
+    relayout_min_tokens: int = 33 * 64
+    # The kernels that read the weight walk K channels-first only for power-of-two innermost
+    # patch widths, whose pixel runs vectorise (bench.tune times the alternative for patch 14).
+    channels_first_any_width: bool = False
+    # Programs wanted for the dW GEMM (reduction over all tokens): about two waves on the 132
+    # SMs of an H100/H200, one 256-row program resident per SM. More splits only add partials.
+    dw_target_programs: int = 264
+    # Cap of the dW partial buffer (token splits x D x K in fp32).
+    dw_partial_bytes: int = 64 << 20
+    # Cap of the token splits: each writes a whole D x K partial that a second stage reads back.
+    dw_max_splits: int = 128
+    # The Triton interpreter truncates fp32 -> bf16 and multiplies bf16 wrongly: its kernels
+    # round to nearest even by hand and multiply rounded operands in fp32 (kernels/rounding.py).
+    # Read once: Triton decides at decoration time whether kernels run interpreted.
+    emulate_bf16: bool = interpreting()
+
+    def blocks(self, itemsize: int) -> Blocks:
+        """Blocks for GEMM operands of ``itemsize`` bytes."""
+        return self.blocks_16bit if itemsize <= 2 else self.blocks_32bit
+
+
+DEFAULT = LaunchPolicy()
+_current = DEFAULT
+
+
+def current() -> LaunchPolicy:
+    return _current
+
+
+@contextlib.contextmanager
+def override(**changes) -> Iterator[LaunchPolicy]:
+    """Run the enclosed calls under the current policy with ``changes`` (field=value; a Blocks
+    field may be given as a dict of its own changes)."""
+    global _current
+    saved = _current
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            changes[name] = dataclasses.replace(getattr(saved, name), **value)
+    _current = dataclasses.replace(saved, **changes)
+    try:
+        yield _current
+    finally:
+        _current = saved
