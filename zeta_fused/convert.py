@@ -155,8 +155,6 @@ def _timm_problem(m: nn.Module) -> str | None:
         return None
     if not isinstance(m.norm, nn.LayerNorm):
         return f"norm is {type(m.norm).__name__}, not LayerNorm"
-    if m.norm.weight is None or m.norm.bias is None:
-        return "LayerNorm without weight or bias"
     if tuple(m.norm.normalized_shape) != (m.proj.out_channels,):
         return f"LayerNorm over {tuple(m.norm.normalized_shape)}, not the embedding dim"
     if _timm_format(m) not in ("NLC", "NHWC"):

@@ -61,11 +61,8 @@ def parse_patch_sequential(layers: nn.Sequential) -> tuple[dict, str | None]:
     names = [mods[idx[p - 1]][0] if p else None for p in layout]
     ln1, proj, ln2 = (layers._modules[n] if n else None for n in names)
     for ln, size in ((ln1, proj.in_features), (ln2, proj.out_features)):
-        if ln is None:
-            continue
-        if ln.weight is None or ln.bias is None or tuple(ln.normalized_shape) != (size,):
-            shape = tuple(ln.normalized_shape)
-            return {}, f"LayerNorm{shape} has no weight/bias or does not match ({size},)"
+        if ln is not None and tuple(ln.normalized_shape) != (size,):
+            return {}, f"LayerNorm{tuple(ln.normalized_shape)} does not match ({size},)"
     eps = {ln.eps for ln in (ln1, ln2) if ln is not None}
     if len(eps) > 1:
         return {}, f"the two LayerNorms have different eps {sorted(eps)}"
