@@ -1,4 +1,4 @@
-"""Benchmark presets (DESIGN §8) and the --shape parser."""
+"""Benchmark presets (the performance method of docs/design.md) and the --shape parser."""
 
 from __future__ import annotations
 
