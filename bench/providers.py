@@ -29,7 +29,6 @@ class Provider:
     build: Callable[[Preset, str, str], tuple[nn.Module, Step]]
     needs_cuda: bool = False
     note: str = ""
-    fused: bool = False  # the zeta-fused row that the others are compared with
 
 
 def _vit_sequential(p: Preset) -> nn.Module:
@@ -149,7 +148,7 @@ def _zeta(backend: str):
 PROVIDERS = {
     pr.name: pr
     for pr in [
-        Provider("zeta-fused", _module_provider(_zeta("triton")), needs_cuda=True, fused=True),
+        Provider("zeta-fused", _module_provider(_zeta("triton")), needs_cuda=True),
         Provider("zeta-eager", _module_provider(_zeta("eager"))),
         Provider("eager", _module_provider(_vit_sequential), note="vit-pytorch Sequential"),
         Provider("compile", _module_provider(_vit_sequential, compile_mode="default")),
@@ -171,7 +170,6 @@ PROVIDERS = {
             "timm-vit-fused",
             _module_provider(_timm_vit(True), cudnn_benchmark=True),
             needs_cuda=True,
-            fused=True,
             note="fuse_patch_embeddings",
         ),
         Provider("timm-vit", _module_provider(_timm_vit(False), cudnn_benchmark=True)),
