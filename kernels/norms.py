@@ -60,11 +60,13 @@ def chan_merge(mean, m2, chunk, n_mask, n0, N, BLOCK_N: tl.constexpr):
     """Row mean and sum of squared deviations of columns 0 .. n0 + BLOCK_N, from those of
     columns 0 .. n0 and the chunk n0 .. n0 + BLOCK_N (Chan et al.): chunk-centred sums keep
     the variance accurate when |mean| >> std."""
-    n_valid = tl.minimum(N - n0, BLOCK_N) * 1.0
+    # Counts in the statistics' dtype: fp32 ratios such as 32 / 96 would cost fp64 its digits.
+    one = tl.full([], 1.0, mean.dtype)
+    n_valid = tl.minimum(N - n0, BLOCK_N) * one
     chunk_mean = tl.sum(tl.where(n_mask[None, :], chunk, 0.0), axis=1) / n_valid
     centred = tl.where(n_mask[None, :], chunk - chunk_mean[:, None], 0.0)
     chunk_m2 = tl.sum(centred * centred, axis=1)
-    n_seen = n0 * 1.0
+    n_seen = n0 * one
     n_total = n_seen + n_valid
     delta = chunk_mean - mean
     mean += delta * (n_valid / n_total)
