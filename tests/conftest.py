@@ -39,3 +39,16 @@ def _seed() -> None:
 def device() -> str:
     """Where fused kernels run: the GPU if there is one, else the CPU interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def fused_path_calls(monkeypatch) -> list[int]:
+    """Counts the calls that take the fused path (modules, converted peers, functional API), so
+    that a case meant to stay fused cannot silently run eager, and the reverse."""
+    import zeta_fused.functional as functional
+
+    calls: list[int] = []
+    real = functional.fused_patch_embed
+    for where in ("zeta_fused.module", "zeta_fused.peers", "zeta_fused.functional"):
+        monkeypatch.setattr(f"{where}.fused_patch_embed", lambda a: calls.append(1) or real(a))
+    return calls

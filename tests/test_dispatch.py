@@ -26,8 +26,23 @@ def spy(monkeypatch) -> list[str]:
     return calls
 
 
-def test_auto_on_cpu_is_eager(spy, monkeypatch) -> None:
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+@pytest.fixture
+def env_backend(monkeypatch):
+    """Sets ZETA_FUSED_BACKEND (None: unset) as if before the process's first call, which is
+    when it is read."""
+
+    def set_to(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(dispatch.ENV_VAR, value)
+        monkeypatch.setattr(dispatch, "_env_choice", dispatch._UNTRIED)
+
+    return set_to
+
+
+def test_auto_on_cpu_is_eager(spy, env_backend) -> None:
+    env_backend(None)
     PatchEmbeddings(3, 8, 16)(torch.randn(1, 3, 8, 8))
     assert spy == []
 
@@ -46,32 +61,53 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch) -> None:
 
 
 def test_triton_without_triton_installed_raises(monkeypatch) -> None:
-    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
-    with pytest.raises(RuntimeError, match="needs the triton package"):
+    monkeypatch.setattr(dispatch, "triton_import_error", lambda: "the triton package is gone")
+    with pytest.raises(RuntimeError, match="needs Triton, but the triton package is gone"):
         PatchEmbeddings(3, 8, 16, backend="triton")(torch.randn(1, 3, 8, 8))
 
 
-def test_env_var_overrides_auto_only(spy, monkeypatch, device) -> None:
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+def test_env_var_overrides_auto_only(spy, env_backend, device) -> None:
+    env_backend("triton")
     x = torch.randn(1, 3, 8, 8, device=device)
     PatchEmbeddings(3, 8, 16, device=device)(x)
     assert spy == ["fused"]
     PatchEmbeddings(3, 8, 16, backend="eager", device=device)(x)
     assert spy == ["fused"]
-    monkeypatch.setenv(dispatch.ENV_VAR, "eager")
+    env_backend("eager")
     PatchEmbeddings(3, 8, 16, device=device)(x)
     assert spy == ["fused"]
 
 
-def test_env_var_rejects_unknown_value(monkeypatch) -> None:
-    monkeypatch.setenv(dispatch.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match="'fast'"):
-        PatchEmbeddings(3, 8, 16)(torch.randn(1, 3, 8, 8))
+def test_env_var_is_read_once(spy, env_backend, monkeypatch, device) -> None:
+    env_backend("eager")
+    m = PatchEmbeddings(3, 8, 16, device=device)
+    x = torch.randn(1, 3, 8, 8, device=device)
+    m(x)
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # after the first call: no effect
+    m(x)
+    assert spy == []
+
+
+def test_env_var_unknown_value_is_reported_once_and_ignored(env_backend, spy) -> None:
+    """A value that is not a backend names the variable in one warning, then counts as unset
+    (on CPU: eager), instead of failing every forward."""
+    env_backend("fastest")
+    m = PatchEmbeddings(3, 8, 16)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"ZETA_FUSED_BACKEND='fastest' is not one of"):
+        m(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(m(x), m.embedding[3](m.embedding[2](m.embedding[1](
+            m.embedding[0](x)))))  # fmt: skip
+    assert spy == []
 
 
 @pytest.mark.gpu
-def test_auto_on_cuda_is_fused(spy, monkeypatch) -> None:
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+def test_auto_on_cuda_is_fused(spy, env_backend) -> None:
+    env_backend(None)
     PatchEmbeddings(3, 8, 16, device="cuda")(torch.randn(1, 3, 8, 8, device="cuda"))
     assert spy == ["fused"]
 
@@ -106,7 +142,7 @@ def test_works_without_triton() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "torch.Size([1, 4, 8])" in r.stdout
-    assert "needs the triton package" in r.stdout
+    assert "needs Triton, but the triton package is not installed" in r.stdout
 
 
 def test_no_top_level_kernels_module() -> None:
@@ -114,3 +150,48 @@ def test_no_top_level_kernels_module() -> None:
     assert r.returncode == 0 and r.stdout.strip() == "None", r.stdout + r.stderr
     r = _run("import zeta_fused.kernels.patch_embed_fwd")
     assert r.returncode == 0, r.stderr
+
+
+BROKEN_TRITON = """
+import sys, warnings, torch
+sys.path.insert(0, sys.argv[1])  # a 'triton' package whose import fails
+import zeta_fused
+from zeta_fused import dispatch
+x = torch.randn(1, 3, 8, 8)
+assert not dispatch.triton_available()
+assert "failed to import (ImportError: broken build)" in dispatch.triton_import_error()
+try:
+    zeta_fused.PatchEmbeddings(3, 8, 16, backend="triton")(x)
+except RuntimeError as e:
+    print("triton:", e)
+# "auto" on a CUDA tensor falls back to eager with one warning; emulate CUDA with a flag.
+class FakeCuda:
+    is_cuda = True
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    assert dispatch.use_fused("auto", FakeCuda()) is False
+    assert dispatch.use_fused("auto", FakeCuda()) is False
+print("warnings:", [str(w.message) for w in seen])
+"""
+
+
+def test_triton_that_fails_to_import_means_eager(tmp_path) -> None:
+    """Triton installed but broken: "auto" runs eager (and says so once), "triton" raises with
+    the import error, instead of "auto" raising on the first fused call."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('broken build')\n")
+    r = subprocess.run(
+        [sys.executable, "-c", BROKEN_TRITON, str(tmp_path)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "triton: backend='triton' needs Triton, but the triton package failed" in r.stdout
+    assert r.stdout.count("zeta_fused runs eager on CUDA") == 1, r.stdout
+
+
+def test_numpy_integers_are_integers() -> None:
+    np = pytest.importorskip("numpy")
+    m = PatchEmbeddings(np.int64(3), np.int64(8), patch_size=np.int64(4))
+    assert m.patch_size == (4, 4) and m(torch.randn(1, 3, 8, 8)).shape == (1, 4, 8)
+    assert PatchEmbeddings(3, 8, np.int32(16)).patch_size == (4, 4)
+    with pytest.raises(TypeError, match="patch_size must be an integer, got 4.0"):
+        PatchEmbeddings(3, 8, patch_size=4.0)

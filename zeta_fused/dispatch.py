@@ -1,18 +1,23 @@
 """Backend choice: fused Triton op or the eager PyTorch path.
 
 ``backend="auto"`` runs the fused op on CUDA tensors when Triton imports and eager otherwise;
-the environment variable ``ZETA_FUSED_BACKEND`` (auto | triton | eager) overrides ``"auto"``.
+the environment variable ``ZETA_FUSED_BACKEND`` (auto | triton | eager), read at the first
+call, overrides ``"auto"``.
 ``"triton"`` forces the fused op: on a CPU tensor only under the Triton interpreter
-(``TRITON_INTERPRET=1``), otherwise it raises. Nothing here initialises CUDA or imports Triton at
-import time.
+(``TRITON_INTERPRET=1``), otherwise it raises. Either way a call runs eager when PyTorch is
+doing something the fused op does not take part in (docs/design.md, "Drop-in rule"): a
+``torch.func`` transform, forward-mode AD, ``torch.jit.trace``, or an fp64 input under
+autocast. Nothing here initialises CUDA or imports Triton at import time.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("auto", "triton", "eager")
 ENV_VAR = "ZETA_FUSED_BACKEND"
@@ -36,9 +41,38 @@ def _find_triton() -> bool:
 _HAS_TRITON = _find_triton()
 
 
+_UNTRIED = object()
+_triton_error: object = _UNTRIED
+
+
+def triton_import_error() -> str | None:
+    """Why Triton cannot be used (not installed, or it fails to import), or None. Tried once,
+    on the first call that would run the fused op outside a torch.compile trace."""
+    global _triton_error
+    if _triton_error is _UNTRIED:
+        _triton_error = None if _HAS_TRITON else "the triton package is not installed"
+        if _HAS_TRITON:
+            try:
+                import triton.language  # noqa: F401
+            except Exception as exc:  # noqa: BLE001 - any import failure means: no fused op
+                _triton_error = f"the triton package failed to import ({type(exc).__name__}: {exc})"
+    return _triton_error
+
+
 def triton_available() -> bool:
-    """True when Triton is installed."""
-    return _HAS_TRITON
+    """True when Triton is installed and imports."""
+    return triton_import_error() is None
+
+
+_warned_no_triton: list[bool] = []
+
+
+def _warn_no_triton() -> None:
+    if not _warned_no_triton:
+        _warned_no_triton.append(True)
+        warnings.warn(
+            f"zeta_fused runs eager on CUDA: {triton_import_error()}", RuntimeWarning, stacklevel=4
+        )
 
 
 def interpreting() -> bool:
@@ -46,25 +80,90 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The backend ZETA_FUSED_BACKEND names for "auto": read once, on the first module call (a
+# plain global, which torch.compile traces, rather than a cache wrapper).
+_env_choice: object = _UNTRIED
+
+
+def _env_backend() -> str:
+    global _env_choice
+    if _env_choice is _UNTRIED:
+        value = os.environ.get(ENV_VAR) or "auto"
+        if value not in BACKENDS:
+            warnings.warn(
+                f"{ENV_VAR}={value!r} is not one of {BACKENDS}: ignored, backend 'auto' is used",
+                stacklevel=5,
+            )
+            value = "auto"
+        _env_choice = value
+    return _env_choice
+
+
 def effective_backend(backend: str) -> str:
-    """The backend after applying the ``ZETA_FUSED_BACKEND`` override to ``"auto"``."""
-    if backend == "auto":
-        return check_backend(os.environ.get(ENV_VAR, "auto") or "auto")
-    return backend
+    """The backend after applying the ``ZETA_FUSED_BACKEND`` override to ``"auto"``. The
+    variable is read once, at the first call; a value that is not a backend is reported then
+    (a warning) and ignored."""
+    return _env_backend() if backend == "auto" else backend
+
+
+def _eager_context(x: torch.Tensor) -> bool:
+    """A PyTorch feature the fused op does not take part in is active for this call: a
+    torch.func transform (vmap, grad, jvp, jacfwd, ...), forward-mode AD, torch.jit.trace, or
+    autocast with an fp64 input (autocast leaves fp64 alone; the op would run it in the
+    autocast dtype). Then the call runs the eager modules, which support all of them."""
+    if torch.compiler.is_compiling():  # traced into a graph: the op is what the graph needs
+        return False
+    return (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or _forward_ad._current_level >= 0
+        or torch._C._get_tracing_state() is not None
+        or (x.dtype == torch.float64 and torch.is_autocast_enabled(x.device.type))
+    )
+
+
+def hook_dicts(*modules: torch.nn.Module) -> tuple[dict, ...]:
+    """The hook tables that make a module call differ from its forward: each module's forward
+    (pre-)hooks and backward (pre-)hooks, and the global ones. They are mutated in place when a
+    hook is added or removed, so ``any(hook_dicts(...))``, kept from binding time, tells on
+    every call whether calling the modules one by one would run a hook. (Hook-based
+    reparametrisations such as ``torch.nn.utils.prune`` and the legacy ``weight_norm`` /
+    ``spectral_norm`` are forward pre-hooks.)"""
+    from torch.nn.modules import module as nn_module
+
+    tables = [
+        t
+        for m in modules
+        for t in (m._forward_pre_hooks, m._forward_hooks, m._backward_pre_hooks, m._backward_hooks)
+    ]
+    tables += [
+        nn_module._global_forward_pre_hooks,
+        nn_module._global_forward_hooks,
+        nn_module._global_backward_pre_hooks,
+        nn_module._global_backward_hooks,
+    ]
+    return tuple(tables)
 
 
 def use_fused(backend: str, x: torch.Tensor) -> bool:
     """Whether this call runs the fused Triton op (raises if ``"triton"`` cannot run)."""
     backend = effective_backend(backend)
-    if backend == "eager":
+    if backend == "eager" or (backend == "auto" and not x.is_cuda):
         return False
+    if torch.compiler.is_compiling():
+        # Traced into a graph, which calls the op (Triton is imported when it runs).
+        why = None if _HAS_TRITON else "the triton package is not installed"
+    else:
+        why = triton_import_error()
     if backend == "auto":
-        return x.is_cuda and triton_available()
-    if not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-    if x.is_cuda or (x.device.type == "cpu" and interpreting()):
-        return True
-    raise RuntimeError(
-        f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors); "
-        f"got a tensor on {x.device}"
-    )
+        if why is not None:
+            _warn_no_triton()
+            return False
+        return not _eager_context(x)
+    if why is not None:
+        raise RuntimeError(f"backend='triton' needs Triton, but {why}")
+    if not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
+        raise RuntimeError(
+            f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors); "
+            f"got a tensor on {x.device}"
+        )
+    return not _eager_context(x)

@@ -87,8 +87,28 @@ def _backward(ctx, grad_y, _grad_stats):
     *tensors, stats = ctx.saved_tensors
     inputs = FwdArgs(**dict(zip(Grads._fields, tensors, strict=True)), **ctx.others)
     needs_x_grad = ctx.needs_input_grad[0]
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        return _differentiable_backward(inputs, grad_y, ctx.needs_input_grad)
     grads = patch_embed_bwd(*BwdArgs(grad_y, stats, needs_x_grad, *inputs))
     return input_grads(Grads(*grads), inputs, needs_x_grad)
+
+
+def _differentiable_backward(inputs: FwdArgs, grad_y: Tensor, needs: tuple[bool, ...]) -> tuple:
+    """Double backward (``create_graph=True``, e.g. a gradient penalty on the images): the
+    gradients as a graph of eager ops, from the forward's eager math run again on the saved
+    inputs, so that they can be differentiated once more. Eager speed, fused semantics
+    (the same dtypes and roundings)."""
+    wanted = [
+        name
+        for name, need in zip(FwdArgs._fields, needs, strict=True)
+        if need and isinstance(getattr(inputs, name), Tensor)
+    ]
+    y = ref.forward_with_stats(inputs)[0]
+    grads = torch.autograd.grad(
+        y, [getattr(inputs, n) for n in wanted], grad_y, create_graph=True, allow_unused=True
+    )
+    by_name = dict(zip(wanted, grads, strict=True))
+    return tuple(by_name.get(name) for name in FwdArgs._fields)
 
 
 patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
