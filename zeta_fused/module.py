@@ -7,6 +7,8 @@ backend allows and is literally the Sequential otherwise.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
@@ -14,78 +16,115 @@ from torch import Tensor, nn
 from . import dispatch
 from .functional import (
     PatchSize,
+    as_int,
     check_input,
     check_params,
+    checked_params,
     fused_patch_embed,
     op_inputs,
     pad_to_patch,
     resolve_patch_size,
 )
-from .reference import PATCHIFY
+from .reference import PATCHIFY, Norm
 
 # vit-pytorch's patch layouts fused here: tokens as (B, N, K), or on the grid as (B, h, w, K).
 FUSABLE_PATTERNS = {PATCHIFY: False, "b c (h p1) (w p2) -> b h w (p1 p2 c)": True}
 
 
 def _param(module: nn.Module, name: str) -> Tensor | None:
-    """``module.<name>`` without ``nn.Module.__getattr__`` (about 0.5 us each on the per-call
-    host path, which reads six); anything not registered as a parameter (a parametrization's
-    property, weight_norm's recomputed attribute) still goes through ``getattr``."""
+    """``module.<name>`` without ``nn.Module.__getattr__`` (the per-call host path reads six);
+    anything not registered as a parameter (a parametrization's property) still goes through
+    ``getattr``. Each parameter is read once per call, as the eager modules read it."""
     params = module._parameters
     return params[name] if name in params else getattr(module, name)
 
 
-def parse_patch_sequential(layers: nn.Sequential) -> tuple[dict, str | None]:
-    """Read (patch, LayerNorm/Linear positions, eps) from a vit-pytorch patch-embedding
-    Sequential; returns (config, None), or (partial config, why it cannot be fused)."""
-    mods = list(layers._modules.items())
-    first = mods[0][1] if mods else None
+def plain(module: nn.Module, cls: type) -> bool:
+    """``module`` computes what ``cls`` does: an instance whose class keeps ``cls.forward``
+    (a LoRA-style subclass that overrides it does not)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def raw_params(*modules: nn.Module | None) -> list[Tensor]:
+    """The registered parameters of ``modules``, read without running any parametrization."""
+    return [p for m in modules if m is not None for p in m._parameters.values() if p is not None]
+
+
+class SequentialPlan(NamedTuple):
+    """What a fusable patch-embedding Sequential computes, bound to its children."""
+
+    ln1: nn.LayerNorm | None
+    proj: nn.Linear
+    ln2: nn.LayerNorm | None
+    patch: tuple[int, int]
+    dim_in: int
+    patch_dim: int  # K
+    grid_output: bool  # (B, h, w, D) tokens instead of (B, N, D)
+    hooks: tuple[dict, ...]  # dispatch.hook_dicts of every child
+
+
+def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None, str | None]:
+    """Read a vit-pytorch patch-embedding Sequential (Rearrange, then LayerNorm?, Linear,
+    LayerNorm?, nn.Identity in a norm's place); returns (plan, None), or (None, why it cannot
+    be fused)."""
+    mods = list(layers._modules.values())
+    first = mods[0] if mods else None
     pattern = " ".join(first.pattern.split()) if isinstance(first, Rearrange) else None
     if pattern not in FUSABLE_PATTERNS:
-        return {}, f"first layer is not a Rearrange with one of {list(FUSABLE_PATTERNS)}"
+        return None, f"first layer is not a Rearrange with one of {list(FUSABLE_PATTERNS)}"
     ph, pw = first.axes_lengths.get("p1"), first.axes_lengths.get("p2")
     if not (ph and pw):
-        return {}, "Rearrange without p1 / p2 lengths"
-    kinds = [type(m) for _, m in mods[1:]]
+        return None, "Rearrange without p1 / p2 lengths"
+    rest = [m for m in mods[1:] if not plain(m, nn.Identity)]  # Identity: no norm
+    kinds = tuple("LayerNorm" if plain(m, nn.LayerNorm) else "Linear" if plain(m, nn.Linear)
+                  else type(m).__name__ for m in rest)  # fmt: skip
     layouts = {
-        (nn.Linear,): (None, 1, None),
-        (nn.LayerNorm, nn.Linear): (1, 2, None),
-        (nn.Linear, nn.LayerNorm): (None, 1, 2),
-        (nn.LayerNorm, nn.Linear, nn.LayerNorm): (1, 2, 3),
+        ("Linear",): (None, 0, None),
+        ("LayerNorm", "Linear"): (0, 1, None),
+        ("Linear", "LayerNorm"): (None, 0, 1),
+        ("LayerNorm", "Linear", "LayerNorm"): (0, 1, 2),
     }
-    # nn.Identity in a norm's place is the same as no norm.
-    idx = [i for i, k in enumerate(kinds, 1) if k is not nn.Identity]
-    layout = layouts.get(tuple(kinds[i - 1] for i in idx))
-    if layout is None:
-        return {}, f"layers after Rearrange are {[k.__name__ for k in kinds]}"
-    names = [mods[idx[p - 1]][0] if p else None for p in layout]
-    ln1, proj, ln2 = (layers._modules[n] if n else None for n in names)
-    for ln, size in ((ln1, proj.in_features), (ln2, proj.out_features)):
-        if ln is not None and tuple(ln.normalized_shape) != (size,):
-            return {}, f"LayerNorm{tuple(ln.normalized_shape)} does not match ({size},)"
-    eps = {ln.eps for ln in (ln1, ln2) if ln is not None}
-    if len(eps) > 1:
-        return {}, f"the two LayerNorms have different eps {sorted(eps)}"
+    if kinds not in layouts:
+        names = [type(m).__name__ for m in mods[1:]]
+        return None, f"layers after Rearrange are {names}, not LayerNorm?, Linear, LayerNorm?"
+    ln1, proj, ln2 = (None if i is None else rest[i] for i in layouts[kinds])
     if proj.in_features % (ph * pw):
-        return {}, f"Linear in_features {proj.in_features} is not a multiple of {ph}x{pw}"
-    config = {
-        "names": tuple(names),
-        "patch_size": (ph, pw),
-        "dim_in": proj.in_features // (ph * pw),
-        "eps": eps.pop() if eps else 1e-5,
-        "grid_output": FUSABLE_PATTERNS[pattern],
-    }
-    return config, None
+        return None, f"Linear in_features {proj.in_features} is not a multiple of {ph}x{pw}"
+    plan = SequentialPlan(ln1, proj, ln2, (ph, pw), proj.in_features // (ph * pw),
+                          proj.in_features, FUSABLE_PATTERNS[pattern],
+                          dispatch.hook_dicts(*mods))  # fmt: skip
+    return plan, None
+
+
+def norm_params(ln: nn.LayerNorm | None) -> Norm:
+    """A LayerNorm's (weight, bias) for the op, or None for no norm."""
+    return None if ln is None else (_param(ln, "weight"), _param(ln, "bias"))
+
+
+def over(ln: nn.LayerNorm | None, size: int) -> bool:
+    """No norm, or a LayerNorm over ``size`` values (read before any parameter is)."""
+    return ln is None or ln.normalized_shape == (size,)
+
+
+_NO_PARAMS = (None, None)
+_NO_CHECKED = (object(),) * 6
 
 
 class FusedPatchSequential(nn.Sequential):
     """A vit-pytorch patch-embedding Sequential with a fused forward (same children, same
     state-dict keys). Build it from layers, or convert an existing Sequential in place with
-    :meth:`fuse_in_place`."""
+    :meth:`fuse_in_place`.
 
-    def __init__(self, *layers: nn.Module, dynamic_img_pad: bool = False, backend: str = "auto"):
+    Its children are read again whenever they change (a layer replaced, appended or deleted,
+    a slice taken): a layout that cannot be fused, a child with hooks, or a context the fused
+    op does not support (docs/design.md, "Drop-in rule") runs the plain Sequential for that
+    call. ``why_not_fused`` says why the current children cannot be fused (None if they can).
+    """
+
+    def __init__(self, *layers, dynamic_img_pad: bool = False, backend: str = "auto"):
         super().__init__(*layers)
-        self._configure(dynamic_img_pad, backend)
+        self.dynamic_img_pad = dynamic_img_pad
+        self.backend = dispatch.check_backend(backend)
 
     @classmethod
     def fuse_in_place(cls, seq: nn.Sequential, backend: str = "auto") -> str | None:
@@ -93,41 +132,65 @@ class FusedPatchSequential(nn.Sequential):
         why = parse_patch_sequential(seq)[1]
         if why is None:
             seq.__class__ = cls
-            seq._configure(False, backend)
+            seq.dynamic_img_pad = False
+            seq.backend = dispatch.check_backend(backend)
         return why
 
-    def _configure(self, dynamic_img_pad: bool, backend: str) -> None:
-        config, why = parse_patch_sequential(self)
-        if why:
-            raise ValueError(f"cannot fuse this Sequential: {why}")
-        self._ln1, self._proj, self._ln2 = config["names"]
-        self.patch_size = config["patch_size"]
-        self.dim_in = config["dim_in"]
-        self.eps = config["eps"]
-        self.grid_output = config["grid_output"]
-        self.dynamic_img_pad = dynamic_img_pad
-        self.backend = dispatch.check_backend(backend)
+    def _plan(self) -> SequentialPlan | None:
+        children = tuple(self._modules.values())
+        bound = self.__dict__.get("_zeta_bound")
+        if bound is None or bound[0] != children:
+            bound = (children, *parse_patch_sequential(self))
+            self.__dict__["_zeta_bound"] = bound
+        return bound[1]
 
-    def _norm(self, name: str | None) -> tuple[Tensor, Tensor] | None:
-        if name is None:
-            return None
-        ln = self._modules[name]
-        return _param(ln, "weight"), _param(ln, "bias")
+    @property
+    def why_not_fused(self) -> str | None:
+        self._plan()
+        return self._zeta_bound[2]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_zeta_bound", None)  # bound to objects of this process: bound again on use
+        state.pop("_zeta_checked", None)
+        return state
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.dim_in, self.patch_size, self.dynamic_img_pad)
-        proj = self._modules[self._proj]
-        weight, bias = _param(proj, "weight"), _param(proj, "bias")
-        pre, post = self._norm(self._ln1), self._norm(self._ln2)
-        check_params(x, [weight, bias, *(pre or ()), *(post or ())])
+        plan = self._plan()
+        if plan is None:
+            return super().forward(x)
+        check_input(x, plan.dim_in, plan.patch, self.dynamic_img_pad)
         if self.dynamic_img_pad:
-            x = pad_to_patch(x, self.patch_size)
-        if dispatch.use_fused(self.backend, x):
-            y = fused_patch_embed(op_inputs(x, self.patch_size, weight, bias, pre, post, self.eps))
-            if self.grid_output:
-                y = y.view(x.shape[0], x.shape[2] // self.patch_size[0], -1, y.shape[-1])
-            return y
-        return super().forward(x)
+            x = pad_to_patch(x, plan.patch)
+        ln1, proj, ln2 = plan.ln1, plan.proj, plan.ln2
+        eps = ln1.eps if ln1 is not None else ln2.eps if ln2 is not None else 1e-5
+        if (
+            (ln1 is not None and ln2 is not None and ln1.eps != ln2.eps)
+            or not (over(ln1, plan.patch_dim) and over(ln2, proj.out_features))
+            or any(plan.hooks)
+            or not dispatch.use_fused(self.backend, x)
+        ):
+            check_params(x, raw_params(ln1, proj, ln2))
+            return super().forward(x)
+        weight, bias = _param(proj, "weight"), _param(proj, "bias")
+        pre, post = norm_params(ln1), norm_params(ln2)
+        # The shapes of parameters seen before are not checked again (their devices and dtypes
+        # are): a parameter replaced by another is; one resized in place through .data is not.
+        g1, b1 = pre or _NO_PARAMS
+        g2, b2 = post or _NO_PARAMS
+        seen = self.__dict__.get("_zeta_checked", _NO_CHECKED)
+        known = (
+            seen[0] is weight and seen[1] is bias and seen[2] is g1 and seen[3] is b1
+            and seen[4] is g2 and seen[5] is b2
+        )  # fmt: skip
+        shape = (proj.out_features, plan.patch_dim)
+        bias, pre, post = checked_params(x, weight, shape, bias, pre, post, known)
+        if not known:  # (the instance dict: nn.Module.__setattr__ is slow)
+            self.__dict__["_zeta_checked"] = (weight, bias, g1, b1, g2, b2)
+        y = fused_patch_embed(op_inputs(x, plan.patch, weight, bias, pre, post, eps))
+        if plan.grid_output:
+            y = y.view(x.shape[0], x.shape[2] // plan.patch[0], -1, y.shape[-1])
+        return y
 
 
 class PatchEmbeddings(nn.Module):
@@ -169,6 +232,7 @@ class PatchEmbeddings(nn.Module):
     ) -> None:
         super().__init__()
         ph, pw = resolve_patch_size(seq_len, patch_size)
+        dim_in, dim_out = as_int(dim_in, "dim_in"), as_int(dim_out, "dim_out")
         patch_dim = dim_in * ph * pw
         factory = {"device": device, "dtype": dtype}
         self.embedding = FusedPatchSequential(

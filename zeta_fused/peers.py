@@ -1,0 +1,202 @@
+"""Fused versions of other libraries' patch embeddings, which ``fuse_patch_embeddings`` swaps in
+by changing a module's class (the same object, Parameters and state-dict keys):
+
+- :class:`FusedPatchConv2d`: a Conv2d with kernel = stride = patch (transformers' ViT, DeiT,
+  DINOv2, CLIP, SigLIP, ... projections), whose callers stay as they are;
+- a subclass of a timm ``PatchEmbed`` class (:func:`fused_timm_class`) with the same checks,
+  padding and output formats, projection and LayerNorm fused.
+
+Each call runs the original forward where the fused op would not give the same thing
+(docs/design.md, "Drop-in rule"): hooks on a child, a child replaced by one that cannot be
+fused, or a PyTorch feature the op does not take part in.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import dispatch
+from .functional import (
+    check_input,
+    check_params,
+    checked_params,
+    fused_patch_embed,
+    op_inputs,
+    pad_to_patch,
+)
+from .module import _param, norm_params, over, plain, raw_params
+
+
+def patch_conv_problem(conv: nn.Module, cls: type = nn.Conv2d) -> str | None:
+    """Why a conv is not a non-overlapping patch projection computed exactly, or None."""
+    if not plain(conv, cls):
+        return f"projection is {type(conv).__name__}, not a plain Conv2d"
+    if conv.kernel_size != conv.stride:
+        return f"overlapping conv: kernel {conv.kernel_size} != stride {conv.stride}"
+    padded = conv.padding != "valid" if isinstance(conv.padding, str) else any(conv.padding)
+    if padded:
+        return f"padded conv (padding={conv.padding})"
+    if conv.dilation != (1, 1) or conv.groups != 1:
+        return f"dilated or grouped conv (dilation={conv.dilation}, groups={conv.groups})"
+    return None
+
+
+def _conv_semantics(x: Tensor, patch: tuple[int, int]) -> bool:
+    """Inputs the original module must handle itself: unbatched (C, H, W) images, and images
+    smaller than one patch (the conv raises its own error for those)."""
+    return x.ndim != 4 or x.shape[-2] < patch[0] or x.shape[-1] < patch[1]
+
+
+def _crop_to_grid(x: Tensor, patch: tuple[int, int]) -> Tensor:
+    """What a stride-patch conv sees: the bottom/right remainder is dropped (a view)."""
+    ph, pw = patch
+    return x[..., : x.shape[-2] // ph * ph, : x.shape[-1] // pw * pw]
+
+
+def _to_format(y: Tensor, x: Tensor, patch: tuple[int, int], fmt: str) -> Tensor:
+    """(B, N, D) tokens as timm's output formats (views, no copies)."""
+    if fmt == "NLC":
+        return y
+    if fmt == "NCL":
+        return y.transpose(1, 2)
+    grid = y.view(y.shape[0], x.shape[-2] // patch[0], x.shape[-1] // patch[1], y.shape[-1])
+    return grid if fmt == "NHWC" else grid.permute(0, 3, 1, 2)
+
+
+class FusedPatchConv2d(nn.Conv2d):
+    """A Conv2d with kernel = stride = patch computed by the fused op. Returns the conv's values
+    as a channels-last (B, D, h, w) tensor, so ``.flatten(2).transpose(1, 2)`` is free. Its own
+    hooks run as for any module call."""
+
+    zeta_backend: str = "auto"
+
+    def forward(self, x: Tensor) -> Tensor:
+        patch = self.kernel_size
+        if (
+            _conv_semantics(x, patch)
+            or patch_conv_problem(self, FusedPatchConv2d) is not None
+            or not dispatch.use_fused(self.zeta_backend, x)
+        ):
+            return super().forward(x)
+        x = _crop_to_grid(x, patch)
+        check_input(x, self.in_channels, patch, False)
+        weight, bias = _param(self, "weight"), _param(self, "bias")
+        shape = (self.out_channels, self.in_channels, *patch)
+        bias = checked_params(x, weight, shape, bias, None, None)[0]
+        y = fused_patch_embed(op_inputs(x, patch, weight, bias, None, None, 1e-5))
+        return _to_format(y, x, patch, "NCHW")
+
+
+def timm_format(m: nn.Module) -> str:
+    return "NLC" if m.flatten else m.output_fmt.value
+
+
+def timm_problem(m: nn.Module, cls: type) -> str | None:
+    """Why a timm ``PatchEmbed`` of class ``cls`` cannot be fused, or None."""
+    from timm.layers import PatchEmbed
+
+    if cls.forward is not PatchEmbed.forward:
+        return f"{cls.__name__} overrides PatchEmbed.forward"
+    why = patch_conv_problem(m.proj)
+    if why:
+        return why
+    if tuple(m.proj.kernel_size) != tuple(m.patch_size):
+        return f"conv kernel {m.proj.kernel_size} != patch_size {m.patch_size}"
+    if plain(m.norm, nn.Identity):
+        return None
+    if not plain(m.norm, nn.LayerNorm):
+        return f"norm is {type(m.norm).__name__}, not LayerNorm"
+    if tuple(m.norm.normalized_shape) != (m.proj.out_channels,):
+        return f"LayerNorm over {tuple(m.norm.normalized_shape)}, not the embedding dim"
+    if timm_format(m) not in ("NLC", "NHWC"):
+        return f"LayerNorm after output format {timm_format(m)} (not over the embedding dim)"
+    return None
+
+
+class _FusedTimmPatchEmbed:
+    """Mixed in front of a timm ``PatchEmbed`` class: the same checks, padding and output
+    format, with projection and LayerNorm fused."""
+
+    zeta_backend: str = "auto"
+    _zeta_base: type  # the timm class converted from
+
+    def _zeta_stem(self) -> tuple:
+        """(why not fusable or None, hook tables), bound to the current proj and norm."""
+        children = (self.proj, self.norm)
+        bound = self.__dict__.get("_zeta_bound")
+        if bound is None or bound[0] != children:
+            why = timm_problem(self, self._zeta_base)
+            bound = (children, why, dispatch.hook_dicts(*children))
+            self.__dict__["_zeta_bound"] = bound
+        return bound[1:]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_zeta_bound", None)  # bound to objects of this process: bound again on use
+        return state
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time: pickled as the timm class, converted again on load.
+        return _rebuild_fused_timm, (self._zeta_base, self.__getstate__())
+
+    def forward(self, x: Tensor) -> Tensor:
+        why, hooks = self._zeta_stem()
+        proj, norm = self.proj, self.norm
+        is_norm, fmt = not plain(norm, nn.Identity), timm_format(self)
+        if (
+            why is not None
+            or any(hooks)
+            or patch_conv_problem(proj) is not None
+            or (is_norm and fmt not in ("NLC", "NHWC"))  # a norm over another axis: eager
+            or not over(norm if is_norm else None, proj.out_channels)
+            or _conv_semantics(x, self.patch_size)
+            or not dispatch.use_fused(self.zeta_backend, x)
+        ):
+            if why is None:
+                check_params(x, raw_params(proj, norm))
+            return super().forward(x)
+        height, width = x.shape[-2:]
+        ph, pw = self.patch_size
+        if self.img_size is not None:
+            if self.strict_img_size and (height, width) != tuple(self.img_size):
+                raise AssertionError(
+                    f"input size {height}x{width} does not match the model's {self.img_size}"
+                )
+            ragged = height % ph or width % pw
+            if not self.strict_img_size and not self.dynamic_img_pad and ragged:
+                raise AssertionError(
+                    f"input size {height}x{width} is not a multiple of the patch {ph}x{pw}"
+                )
+        if self.dynamic_img_pad:
+            x = pad_to_patch(x, (ph, pw))
+        x = _crop_to_grid(x, (ph, pw))
+        check_input(x, proj.in_channels, (ph, pw), False)
+        weight, bias = _param(proj, "weight"), _param(proj, "bias")
+        shape = (proj.out_channels, proj.in_channels, ph, pw)
+        post = norm_params(norm if is_norm else None)
+        bias, _, post = checked_params(x, weight, shape, bias, None, post)
+        eps = norm.eps if is_norm else 1e-5
+        y = fused_patch_embed(op_inputs(x, (ph, pw), weight, bias, None, post, eps))
+        return _to_format(y, x, (ph, pw), fmt)
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fused_timm_class(cls: type) -> type:
+    """The fused subclass of a timm ``PatchEmbed`` class (one per class)."""
+    if cls not in _FUSED_CLASSES:
+        attrs = {"_zeta_base": cls, "__module__": __name__}
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (_FusedTimmPatchEmbed, cls), attrs)
+    return _FUSED_CLASSES[cls]
+
+
+def _rebuild_fused_timm(cls: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    module.__class__ = fused_timm_class(cls)
+    return module
+
+
+def is_fused(m: nn.Module) -> bool:
+    return isinstance(m, (FusedPatchConv2d, _FusedTimmPatchEmbed))
