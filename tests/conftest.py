@@ -52,3 +52,20 @@ def fused_path_calls(monkeypatch) -> list[int]:
     for where in ("zeta_fused.module", "zeta_fused.peers", "zeta_fused.functional"):
         monkeypatch.setattr(f"{where}.fused_patch_embed", lambda a: calls.append(1) or real(a))
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """Counts calls of the fused op (through the dispatcher), so a silent eager fallback cannot
+    pass."""
+    import zeta_fused.functional as functional
+
+    calls: list[int] = []
+    real = functional.patch_embed_fwd
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(functional, "patch_embed_fwd", counting)
+    return calls

@@ -6,10 +6,12 @@ Accuracy rule: fused error vs an fp64 reference <= 2x the eager error in the sam
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
-from zeta_fused import PatchEmbeddings
+from zeta_fused import PatchEmbeddings, fuse_patch_embeddings
 from zeta_fused.functional import op_inputs
 from zeta_fused.op_args import FwdArgs
 
@@ -107,3 +109,28 @@ def compare(m, x, dtype, device, needs_x_grad=True) -> None:
         assert f is not None, f"no gradient for {name}"
         assert f.dtype == e.dtype, name
         assert_accurate(f, e, r, dtype, name)
+
+
+def check_drop_in(model: nn.Module, x: torch.Tensor, device: str, calls: list, expect=1, **kw):
+    """Same outputs, same gradients, same parameters and state-dict keys after conversion."""
+    model = randomise(model).eval()
+    before = copy.deepcopy(model).to(device)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(device)
+    params = {n: p for n, p in model.named_parameters()}
+    summary = fuse_patch_embeddings(model, backend="triton")
+    assert len(summary.converted) == expect, str(summary)
+    assert {n: p for n, p in model.named_parameters()} == params  # the very same Parameters
+    model.load_state_dict({k: v.to(device) for k, v in saved.items()})  # old checkpoint loads
+    x = x.to(device)
+    out_ref, out = before(x, **kw), model(x, **kw)
+    assert len(calls) == expect, "the converted model did not run the fused op"
+    out_ref = getattr(out_ref, "last_hidden_state", out_ref)
+    out = getattr(out, "last_hidden_state", out)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), before.parameters(), strict=True):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+    return model, summary

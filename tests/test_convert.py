@@ -2,58 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from functools import partial
 
 import pytest
 import torch
-from support import randomise
+from support import check_drop_in, randomise
 from torch import nn
 
 from zeta_fused import FusedPatchSequential, fuse_patch_embeddings
 from zeta_fused.convert import FusedPatchConv2d
-
-
-@pytest.fixture
-def fused_calls(monkeypatch) -> list[int]:
-    """Counts calls of the fused op, so a silent eager fallback cannot pass."""
-    import zeta_fused.functional as functional
-
-    calls: list[int] = []
-    real = functional.patch_embed_fwd
-
-    def counting(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(functional, "patch_embed_fwd", counting)
-    return calls
-
-
-def check_drop_in(model: nn.Module, x: torch.Tensor, device: str, calls: list, expect=1, **kw):
-    """Same outputs, same gradients, same parameters and state-dict keys after conversion."""
-    model = randomise(model).eval()
-    before = copy.deepcopy(model).to(device)
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    model.to(device)
-    params = {n: p for n, p in model.named_parameters()}
-    summary = fuse_patch_embeddings(model, backend="triton")
-    assert len(summary.converted) == expect, str(summary)
-    assert {n: p for n, p in model.named_parameters()} == params  # the very same Parameters
-    model.load_state_dict({k: v.to(device) for k, v in saved.items()})  # old checkpoint loads
-    x = x.to(device)
-    out_ref, out = before(x, **kw), model(x, **kw)
-    assert len(calls) == expect, "the converted model did not run the fused op"
-    out_ref = getattr(out_ref, "last_hidden_state", out_ref)
-    out = getattr(out, "last_hidden_state", out)
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
-    out_ref.square().mean().backward()
-    out.square().mean().backward()
-    for (name, p), p_ref in zip(model.named_parameters(), before.parameters(), strict=True):
-        if p_ref.grad is not None:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
-    return model, summary
-
 
 # ---------------------------------------------------------------- vit-pytorch
 

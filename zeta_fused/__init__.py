@@ -4,7 +4,7 @@ Importing this package never initialises CUDA and works without Triton installed
 """
 
 from .convert import FuseSummary, fuse_patch_embeddings
-from .functional import patch_embed
+from .functional import patch_embed, patch_embed_rows
 from .module import FusedPatchSequential, PatchEmbeddings
 
 __version__ = "0.1.0.dev0"
@@ -14,5 +14,6 @@ __all__ = [
     "PatchEmbeddings",
     "fuse_patch_embeddings",
     "patch_embed",
+    "patch_embed_rows",
     "__version__",
 ]

@@ -6,10 +6,10 @@
   a subset) -> :class:`~zeta_fused.module.FusedPatchSequential`;
 - timm ``PatchEmbed`` (Conv2d with kernel = stride = patch, optional LayerNorm, any output
   format) -> a subclass of its own class with a fused forward;
-- transformers patch embeddings (ViT, DeiT, DINOv2, ViT-MAE, ... ``*PatchEmbeddings`` with a
-  ``projection``; CLIP, SigLIP, ... ``*Embeddings`` with a ``patch_embedding``): the Conv2d
-  -> :class:`~zeta_fused.peers.FusedPatchConv2d`, so the model's own forward, signature and
-  errors stay.
+- transformers and diffusers patch convolutions (a Conv1d/2d/3d with kernel = stride kept as
+  ``projection``, ``patch_embedding`` or ``proj``: ViT, DeiT, DINOv2, CLIP, SigLIP, VideoMAE,
+  ViViT, V-JEPA 2, Qwen2/2.5/3-VL, Wan, HunyuanVideo, DiT, ...) -> the fused conv of the same
+  rank (:mod:`zeta_fused.peers`), so the model's own forward, signature and errors stay.
 
 Conversion only changes the modules' classes: the same module objects, the same Parameters
 (no new Parameter is ever created: optimizers and tied weights keep working) and the same
@@ -28,7 +28,17 @@ from torch import nn
 
 from . import dispatch
 from .module import FusedPatchSequential
-from .peers import FusedPatchConv2d, fused_timm_class, is_fused, patch_conv_problem, timm_problem
+from .peers import (
+    CONVS,
+    FusedPatchConv1d,
+    FusedPatchConv2d,
+    FusedPatchConv3d,
+    fuse_conv,
+    fused_timm_class,
+    is_fused,
+    patch_conv_problem,
+    timm_problem,
+)
 
 
 @dataclass
@@ -61,25 +71,33 @@ def _is_timm_patch_embed(m: nn.Module) -> bool:
     return isinstance(m, PatchEmbed)
 
 
-# transformers embeddings that hold the patch projection Conv2d, by class-name suffix.
-HF_PATCH_CONVS = {"PatchEmbeddings": "projection", "VisionEmbeddings": "patch_embedding"}
+# The libraries whose modules keep their patch projection conv under one of these names: it
+# is converted wherever it is a patch conv (kernel = stride), the module's forward unchanged.
+CONV_LIBRARIES = ("transformers.", "diffusers.")
+PATCH_CONV_NAMES = ("projection", "patch_embedding", "proj")
 
 
-def _hf_patch_conv(m: nn.Module) -> str | None:
-    """The attribute holding a transformers embedding's patch Conv2d, or None."""
-    cls = type(m)
-    if not cls.__module__.startswith("transformers."):
+def _library_patch_conv(m: nn.Module) -> str | None:
+    """The attribute holding a transformers or diffusers module's projection conv, or None: a
+    patch conv (kernel = stride), or any conv of an embedding class (``*Embed*``), whose
+    overlap or padding the summary then reports."""
+    if not type(m).__module__.startswith(CONV_LIBRARIES):
         return None
-    for suffix, attr in HF_PATCH_CONVS.items():
-        if cls.__name__.endswith(suffix) and isinstance(getattr(m, attr, None), nn.Conv2d):
+    for attr in PATCH_CONV_NAMES:
+        conv = m._modules.get(attr)
+        if isinstance(conv, CONVS) and (
+            conv.kernel_size == conv.stride or "Embed" in type(m).__name__
+        ):
             return attr
     return None
 
 
 def _is_vit_pytorch_stem(m: nn.Module) -> bool:
-    return (
-        type(m) is nn.Sequential and len(m) > 0 and isinstance(next(iter(m.children())), Rearrange)
-    )
+    """A plain Sequential starting with a Rearrange that cuts patches (it names their sizes)."""
+    if type(m) is not nn.Sequential or len(m) == 0:
+        return False
+    first = next(iter(m.children()))
+    return isinstance(first, Rearrange) and bool(first.axes_lengths)
 
 
 def fuse_patch_embeddings(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
@@ -105,8 +123,6 @@ def fuse_patch_embeddings(model: nn.Module, *, backend: str = "auto") -> FuseSum
             _already_fused(summary, name, m, backend)
             handled.update(id(c) for c in m.modules())
         elif _is_vit_pytorch_stem(m):
-            if "p1" not in next(iter(m.children())).pattern:
-                continue  # a Rearrange that does not patchify: not a candidate
             why = FusedPatchSequential.fuse_in_place(m, backend)
             _record(summary, name, "vit-pytorch to_patch_embedding", why)
             handled.update(id(c) for c in m.modules())
@@ -117,17 +133,17 @@ def fuse_patch_embeddings(model: nn.Module, *, backend: str = "auto") -> FuseSum
                 m.zeta_backend = backend
             _record(summary, name, kind, why)
             handled.update(id(c) for c in m.modules())
-        elif (attr := _hf_patch_conv(m)) is not None:
-            conv = getattr(m, attr)
+        elif (attr := _library_patch_conv(m)) is not None:
+            conv, conv_name = getattr(m, attr), f"{name}.{attr}" if name else attr
             handled.add(id(conv))
             if is_fused(conv):
-                _already_fused(summary, f"{name}.{attr}", conv, backend)
+                _already_fused(summary, conv_name, conv, backend)
                 continue
             why = patch_conv_problem(conv)
             if why is None:
-                conv.__class__ = FusedPatchConv2d
-                conv.zeta_backend = backend
-            _record(summary, f"{name}.{attr}", f"transformers {type(m).__name__}", why)
+                fuse_conv(conv, backend)
+            library = type(m).__module__.split(".")[0]
+            _record(summary, conv_name, f"{library} {type(m).__name__}", why)
     _report_unknown_stems(model, handled, summary)
     return summary
 
@@ -149,7 +165,7 @@ def _report_unknown_stems(model: nn.Module, handled: set[int], summary: FuseSumm
         if id(m) in handled:
             continue
         parent = type(parents[id(m)]).__name__ if id(m) in parents else "the model"
-        if isinstance(m, nn.Conv2d) and m.kernel_size == m.stride and max(m.kernel_size) > 1:
+        if isinstance(m, CONVS) and m.kernel_size == m.stride and max(m.kernel_size) > 1:
             why = "not a patch embedding this converter knows (its forward is left as is)"
             summary.skipped.append((name, f"patch convolution inside {parent}: {why}"))
         elif name.rsplit(".", 1)[-1] == "to_patch_embedding":
@@ -170,4 +186,10 @@ def _record(summary: FuseSummary, name: str, kind: str, why: str | None) -> None
         summary.skipped.append((name, f"{kind}: {why}"))
 
 
-__all__ = ["FuseSummary", "FusedPatchConv2d", "fuse_patch_embeddings"]
+__all__ = [
+    "FuseSummary",
+    "FusedPatchConv1d",
+    "FusedPatchConv2d",
+    "FusedPatchConv3d",
+    "fuse_patch_embeddings",
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import NamedTuple
 
 from torch import Tensor
@@ -184,3 +185,48 @@ def token_strides(t: Tensor) -> tuple[tuple[int, int, int], bool]:
     (then the kernels index them without dividing by N)."""
     sb, sn, sd = t.stride()
     return (sb, sn, sd), t.shape[0] <= 1 or sb == t.shape[1] * sn
+
+
+class PatchPattern(NamedTuple):
+    """An einops patchify pattern (vit-pytorch's ``Rearrange`` before the projection), read:
+    ``b c (f pf) (h p1) (w p2) -> b (f h w) (pf p1 p2 c)`` and its kin of any rank."""
+
+    patch: tuple[int, ...]  # patch sizes along the input's spatial dimensions
+    order: tuple[int, ...]  # the spatial dimensions in the order of the output's patch axes
+    groups: tuple[tuple[int, ...], ...]  # output dims between batch and features: spatial dims
+    in_order: bool  # the patch axes in the input's order (the input need not be permuted)
+    flat: bool  # tokens as (B, N, D) in grid order: the op's own output
+
+
+def _groups(side: str) -> list[list[str]]:
+    return [(g or n).split() for g, n in re.findall(r"\(([^()]*)\)|(\S+)", side)]
+
+
+@functools.lru_cache(maxsize=64)
+def parse_patchify(pattern: str, lengths: tuple[tuple[str, int], ...]) -> PatchPattern | str:
+    """The patch layout of ``pattern`` with the axis ``lengths`` given, or why it is not one
+    the kernels compute: (batch, channels, (grid patch) per spatial dimension) -> (batch, grid
+    dimensions in order, however grouped, (patch axes in any order, channels last))."""
+    sizes = dict(lengths)
+    if pattern.count("->") != 1:
+        return "not a rearrangement"
+    lhs, rhs = (_groups(side) for side in pattern.split("->"))
+    if len(lhs) < 3 or any(len(g) != 1 for g in lhs[:2]):
+        return "the input is not (batch, channels, spatial dimensions...)"
+    batch, chans = lhs[0][0], lhs[1][0]
+    spatial = lhs[2:]
+    if any(len(g) != 2 or g[1] not in sizes or g[0] in sizes for g in spatial):
+        return "a spatial dimension is not (grid patch) with the patch length given"
+    grid_names, patch_names = [g[0] for g in spatial], [g[1] for g in spatial]
+    if len(rhs) < 2 or rhs[0] != [batch]:
+        return "the output does not start with the batch"
+    features, middle = rhs[-1], rhs[1:-1]
+    if features[-1:] != [chans] or sorted(features[:-1]) != sorted(patch_names):
+        return "the features are not (patch axes..., channels)"
+    if [n for g in middle for n in g] != grid_names:
+        return "the grid axes are not in the input's order"
+    order = tuple(patch_names.index(n) for n in features[:-1])
+    groups = tuple(tuple(grid_names.index(n) for n in g) for g in middle)
+    in_order = order == tuple(range(len(order)))
+    flat = in_order and len(groups) == 1
+    return PatchPattern(tuple(sizes[n] for n in patch_names), order, groups, in_order, flat)

@@ -7,6 +7,7 @@ backend allows and is literally the Sequential otherwise.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -14,21 +15,18 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from . import dispatch
-from .functional import (
+from .checks import (
     PatchSize,
     as_int,
     check_input,
     check_params,
     checked_params,
-    fused_patch_embed,
-    op_inputs,
     pad_to_patch,
     resolve_patch_size,
 )
+from .functional import fused_patch_embed, op_inputs
+from .layout import PatchPattern, parse_patchify
 from .reference import PATCHIFY, Norm
-
-# vit-pytorch's patch layouts fused here: tokens as (B, N, K), or on the grid as (B, h, w, K).
-FUSABLE_PATTERNS = {PATCHIFY: False, "b c (h p1) (w p2) -> b h w (p1 p2 c)": True}
 
 
 def _param(module: nn.Module, name: str) -> Tensor | None:
@@ -56,25 +54,23 @@ class SequentialPlan(NamedTuple):
     ln1: nn.LayerNorm | None
     proj: nn.Linear
     ln2: nn.LayerNorm | None
-    patch: tuple[int, int]
+    pattern: PatchPattern  # its Rearrange, read
     dim_in: int
     patch_dim: int  # K
-    grid_output: bool  # (B, h, w, D) tokens instead of (B, N, D)
     hooks: tuple[dict, ...]  # dispatch.hook_dicts of every child
 
 
 def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None, str | None]:
-    """Read a vit-pytorch patch-embedding Sequential (Rearrange, then LayerNorm?, Linear,
-    LayerNorm?, nn.Identity in a norm's place); returns (plan, None), or (None, why it cannot
-    be fused)."""
+    """Read a vit-pytorch patch-embedding Sequential of any spatial rank (a patchifying
+    Rearrange, then LayerNorm?, Linear, LayerNorm?, nn.Identity in a norm's place); returns
+    (plan, None), or (None, why it cannot be fused)."""
     mods = list(layers._modules.values())
     first = mods[0] if mods else None
-    pattern = " ".join(first.pattern.split()) if isinstance(first, Rearrange) else None
-    if pattern not in FUSABLE_PATTERNS:
-        return None, f"first layer is not a Rearrange with one of {list(FUSABLE_PATTERNS)}"
-    ph, pw = first.axes_lengths.get("p1"), first.axes_lengths.get("p2")
-    if not (ph and pw):
-        return None, "Rearrange without p1 / p2 lengths"
+    if not isinstance(first, Rearrange):
+        return None, "first layer is not a Rearrange"
+    pattern = parse_patchify(" ".join(first.pattern.split()), tuple(first.axes_lengths.items()))
+    if isinstance(pattern, str):
+        return None, f"Rearrange {first.pattern!r}: {pattern}"
     rest = [m for m in mods[1:] if not plain(m, nn.Identity)]  # Identity: no norm
     kinds = tuple("LayerNorm" if plain(m, nn.LayerNorm) else "Linear" if plain(m, nn.Linear)
                   else type(m).__name__ for m in rest)  # fmt: skip
@@ -88,12 +84,34 @@ def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None
         names = [type(m).__name__ for m in mods[1:]]
         return None, f"layers after Rearrange are {names}, not LayerNorm?, Linear, LayerNorm?"
     ln1, proj, ln2 = (None if i is None else rest[i] for i in layouts[kinds])
-    if proj.in_features % (ph * pw):
-        return None, f"Linear in_features {proj.in_features} is not a multiple of {ph}x{pw}"
-    plan = SequentialPlan(ln1, proj, ln2, (ph, pw), proj.in_features // (ph * pw),
-                          proj.in_features, FUSABLE_PATTERNS[pattern],
+    pixels = math.prod(pattern.patch)
+    if proj.in_features % pixels:
+        return None, f"Linear in_features {proj.in_features} is not a multiple of {pixels}"
+    plan = SequentialPlan(ln1, proj, ln2, pattern, proj.in_features // pixels, proj.in_features,
                           dispatch.hook_dicts(*mods))  # fmt: skip
     return plan, None
+
+
+def _patch_order_view(x: Tensor, pattern: PatchPattern) -> tuple[Tensor, tuple[int, ...]]:
+    """The input with its spatial dimensions in the order of the Linear's patch axes (a view),
+    and the patch in that order: the kernels' K order is (*patch, c)."""
+    order = pattern.order
+    if pattern.in_order:
+        return x, pattern.patch
+    return x.permute(0, 1, *[2 + d for d in order]), tuple([pattern.patch[d] for d in order])
+
+
+def _tokens_as(y: Tensor, x: Tensor, pattern: PatchPattern) -> Tensor:
+    """(B, N, D) tokens, in the grid order of the permuted input, laid out as the pattern's
+    output: its grid dimensions in the input's order, grouped as it groups them."""
+    grid = [s // p for s, p in zip(x.shape[2:], pattern.patch, strict=True)]
+    order, groups = pattern.order, pattern.groups
+    if pattern.flat:
+        return y
+    tokens = y.view(y.shape[0], *[grid[d] for d in order], y.shape[-1])
+    tokens = tokens.permute(0, *[1 + order.index(d) for d in range(len(order))], len(order) + 1)
+    sizes = [math.prod([grid[d] for d in g]) for g in groups]
+    return tokens.reshape(y.shape[0], *sizes, y.shape[-1])
 
 
 def norm_params(ln: nn.LayerNorm | None) -> Norm:
@@ -159,9 +177,10 @@ class FusedPatchSequential(nn.Sequential):
         plan = self._plan()
         if plan is None:
             return super().forward(x)
-        check_input(x, plan.dim_in, plan.patch, self.dynamic_img_pad)
+        patch = plan.pattern.patch
+        check_input(x, plan.dim_in, patch, self.dynamic_img_pad)
         if self.dynamic_img_pad:
-            x = pad_to_patch(x, plan.patch)
+            x = pad_to_patch(x, patch)
         ln1, proj, ln2 = plan.ln1, plan.proj, plan.ln2
         eps = ln1.eps if ln1 is not None else ln2.eps if ln2 is not None else 1e-5
         if (
@@ -187,10 +206,12 @@ class FusedPatchSequential(nn.Sequential):
         bias, pre, post = checked_params(x, weight, shape, bias, pre, post, known)
         if not known:  # (the instance dict: nn.Module.__setattr__ is slow)
             self.__dict__["_zeta_checked"] = (weight, bias, g1, b1, g2, b2)
-        y = fused_patch_embed(op_inputs(x, plan.patch, weight, bias, pre, post, eps))
-        if plan.grid_output:
-            y = y.view(x.shape[0], x.shape[2] // plan.patch[0], -1, y.shape[-1])
-        return y
+        pattern = plan.pattern
+        if pattern.flat:  # vit-pytorch's images: the op's tokens as they are
+            return fused_patch_embed(op_inputs(x, patch, weight, bias, pre, post, eps))
+        x_ordered, op_patch = _patch_order_view(x, pattern)
+        y = fused_patch_embed(op_inputs(x_ordered, op_patch, weight, bias, pre, post, eps))
+        return _tokens_as(y, x, pattern)
 
 
 class PatchEmbeddings(nn.Module):

@@ -1,8 +1,9 @@
 """Fused versions of other libraries' patch embeddings, which ``fuse_patch_embeddings`` swaps in
 by changing a module's class (the same object, Parameters and state-dict keys):
 
-- :class:`FusedPatchConv2d`: a Conv2d with kernel = stride = patch (transformers' ViT, DeiT,
-  DINOv2, CLIP, SigLIP, ... projections), whose callers stay as they are;
+- :class:`FusedPatchConv1d` / ``2d`` / ``3d``: a ConvNd with kernel = stride = patch
+  (transformers' ViT, DeiT, DINOv2, CLIP, SigLIP, VideoMAE, ViViT, V-JEPA 2, Qwen-VL
+  projections, diffusers' Wan and HunyuanVideo ones), whose callers stay as they are;
 - a subclass of a timm ``PatchEmbed`` class (:func:`fused_timm_class`) with the same checks,
   padding and output formats, projection and LayerNorm fused.
 
@@ -16,56 +17,57 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import dispatch
-from .functional import (
-    check_input,
-    check_params,
-    checked_params,
-    fused_patch_embed,
-    op_inputs,
-    pad_to_patch,
-)
+from .checks import check_input, check_params, checked_params, pad_to_patch
+from .functional import fused_patch_embed, op_inputs
 from .module import _param, norm_params, over, plain, raw_params
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-def patch_conv_problem(conv: nn.Module, cls: type = nn.Conv2d) -> str | None:
-    """Why a conv is not a non-overlapping patch projection computed exactly, or None."""
-    if not plain(conv, cls):
-        return f"projection is {type(conv).__name__}, not a plain Conv2d"
+
+def patch_conv_problem(conv: nn.Module) -> str | None:
+    """Why a module is not a non-overlapping patch projection computed exactly (a plain
+    Conv1d/2d/3d, or one converted already, with kernel = stride, no padding, dilation or
+    groups), or None."""
+    cls = next((c for c in (*FUSED_CONVS, *CONVS) if isinstance(conv, c)), None)
+    if cls is None or not plain(conv, cls):
+        return f"projection is {type(conv).__name__}, not a plain Conv1d/2d/3d"
     if conv.kernel_size != conv.stride:
         return f"overlapping conv: kernel {conv.kernel_size} != stride {conv.stride}"
     padded = conv.padding != "valid" if isinstance(conv.padding, str) else any(conv.padding)
     if padded:
         return f"padded conv (padding={conv.padding})"
-    if conv.dilation != (1, 1) or conv.groups != 1:
+    if any(d != 1 for d in conv.dilation) or conv.groups != 1:
         return f"dilated or grouped conv (dilation={conv.dilation}, groups={conv.groups})"
     return None
 
 
-def _conv_semantics(x: Tensor, patch: tuple[int, int]) -> bool:
-    """Inputs the original module must handle itself: unbatched (C, H, W) images, and images
-    smaller than one patch (the conv raises its own error for those)."""
-    return x.ndim != 4 or x.shape[-2] < patch[0] or x.shape[-1] < patch[1]
+def _conv_semantics(x: Tensor, patch: tuple[int, ...]) -> bool:
+    """Inputs the original module must handle itself: unbatched inputs, and inputs smaller
+    than one patch (the conv raises its own error for those)."""
+    return x.ndim != len(patch) + 2 or any(s < p for s, p in zip(x.shape[2:], patch, strict=True))
 
 
-def _crop_to_grid(x: Tensor, patch: tuple[int, int]) -> Tensor:
-    """What a stride-patch conv sees: the bottom/right remainder is dropped (a view)."""
-    ph, pw = patch
-    return x[..., : x.shape[-2] // ph * ph, : x.shape[-1] // pw * pw]
+def _crop_to_grid(x: Tensor, patch: tuple[int, ...]) -> Tensor:
+    """What a stride-patch conv sees: the remainder at the end of each dimension is dropped."""
+    if not any(s % p for s, p in zip(x.shape[2:], patch, strict=True)):
+        return x
+    return x[(..., *(slice(0, s // p * p) for s, p in zip(x.shape[2:], patch, strict=True)))]
 
 
-def _to_format(y: Tensor, x: Tensor, patch: tuple[int, int], fmt: str) -> Tensor:
-    """(B, N, D) tokens as timm's output formats (views, no copies)."""
+def _to_format(y: Tensor, x: Tensor, patch: tuple[int, ...], fmt: str) -> Tensor:
+    """(B, N, D) tokens as timm's output formats or a conv's (B, D, *grid) (views, no copies)."""
     if fmt == "NLC":
         return y
     if fmt == "NCL":
         return y.transpose(1, 2)
-    grid = y.view(y.shape[0], x.shape[-2] // patch[0], x.shape[-1] // patch[1], y.shape[-1])
-    return grid if fmt == "NHWC" else grid.permute(0, 3, 1, 2)
+    grid = [s // p for s, p in zip(x.shape[2:], patch, strict=True)]
+    tokens = y.view(y.shape[0], *grid, y.shape[-1])
+    return tokens if fmt == "NHWC" else tokens.movedim(-1, 1)
 
 
-class FusedPatchConv2d(nn.Conv2d):
-    """A Conv2d with kernel = stride = patch computed by the fused op. Returns the conv's values
-    as a channels-last (B, D, h, w) tensor, so ``.flatten(2).transpose(1, 2)`` is free. Its own
+class _FusedPatchConv:
+    """A ConvNd with kernel = stride = patch computed by the fused op. Returns the conv's values
+    as a channels-last (B, D, *grid) tensor, so ``.flatten(2).transpose(1, 2)`` is free. Its own
     hooks run as for any module call."""
 
     zeta_backend: str = "auto"
@@ -74,7 +76,7 @@ class FusedPatchConv2d(nn.Conv2d):
         patch = self.kernel_size
         if (
             _conv_semantics(x, patch)
-            or patch_conv_problem(self, FusedPatchConv2d) is not None
+            or patch_conv_problem(self) is not None
             or not dispatch.use_fused(self.zeta_backend, x)
         ):
             return super().forward(x)
@@ -85,6 +87,27 @@ class FusedPatchConv2d(nn.Conv2d):
         bias = checked_params(x, weight, shape, bias, None, None)[0]
         y = fused_patch_embed(op_inputs(x, patch, weight, bias, None, None, 1e-5))
         return _to_format(y, x, patch, "NCHW")
+
+
+class FusedPatchConv1d(_FusedPatchConv, nn.Conv1d):
+    """A Conv1d with kernel = stride = patch, fused (sequences)."""
+
+
+class FusedPatchConv2d(_FusedPatchConv, nn.Conv2d):
+    """A Conv2d with kernel = stride = patch, fused (images)."""
+
+
+class FusedPatchConv3d(_FusedPatchConv, nn.Conv3d):
+    """A Conv3d with kernel = stride = patch, fused (video tubelets, volumes, pre-cut rows)."""
+
+
+FUSED_CONVS = (FusedPatchConv1d, FusedPatchConv2d, FusedPatchConv3d)
+
+
+def fuse_conv(conv: nn.Module, backend: str) -> None:
+    """Swap a plain patch ConvNd's class for its fused one (same object and Parameters)."""
+    conv.__class__ = FUSED_CONVS[CONVS.index(type(conv))]
+    conv.zeta_backend = backend
 
 
 def timm_format(m: nn.Module) -> str:
@@ -199,4 +222,4 @@ def _rebuild_fused_timm(cls: type, state: dict) -> nn.Module:
 
 
 def is_fused(m: nn.Module) -> bool:
-    return isinstance(m, (FusedPatchConv2d, _FusedTimmPatchEmbed))
+    return isinstance(m, (_FusedPatchConv, _FusedTimmPatchEmbed))

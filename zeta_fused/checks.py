@@ -1,0 +1,218 @@
+"""Validation shared by the modules, the converted peers and the functional API: integer
+arguments, patch sizes, the input batch, the weight and every parameter of a fused call, and
+the padding to a multiple of the patch (see the README's error table)."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import Norm
+
+PatchSize = int | tuple[int, ...]
+_NO_PARAMS = (None, None)
+
+
+def as_int(value, what: str) -> int:
+    """An integer argument as a Python int: any integral type (numpy's included), not floats."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r}") from None
+
+
+def patch_tuple(patch_size, rank: int) -> tuple[int, ...]:
+    """A patch of ``rank`` spatial dimensions from an int (the same size along each) or a
+    sequence of ``rank`` ints."""
+    if isinstance(patch_size, (tuple, list)):
+        if len(patch_size) != rank:
+            raise ValueError(
+                f"patch_size {tuple(patch_size)!r} has {len(patch_size)} dimensions, the input "
+                f"{rank} spatial ones"
+            )
+        patch = tuple(as_int(p, "patch_size") for p in patch_size)
+    else:
+        patch = (as_int(patch_size, "patch_size"),) * rank
+    if min(patch, default=1) < 1:
+        raise ValueError(f"patch_size must be positive, got {patch}")
+    return patch
+
+
+def pair(patch_size) -> tuple[int, int]:
+    return patch_tuple(patch_size, 2)
+
+
+def resolve_patch_size(seq_len: int | None, patch_size: PatchSize | None) -> tuple[int, int]:
+    """The (ph, pw) patch from zeta's ``seq_len`` (pixels per patch) and/or ``patch_size``."""
+    if patch_size is not None:
+        ph, pw = pair(patch_size)
+        if seq_len is not None and as_int(seq_len, "seq_len") != ph * pw:
+            raise ValueError(
+                f"seq_len={seq_len} is inconsistent with patch_size={(ph, pw)}: a patch of "
+                f"{ph}x{pw} holds {ph * pw} pixels"
+            )
+        return ph, pw
+    if seq_len is None:
+        raise ValueError("give seq_len (pixels per patch) or patch_size")
+    seq_len = as_int(seq_len, "seq_len")
+    side = math.isqrt(seq_len) if seq_len > 0 else 0
+    if seq_len < 1 or side * side != seq_len:
+        raise ValueError(
+            f"seq_len={seq_len} is not a perfect square, so it does not give a square patch; "
+            f"pass patch_size=(ph, pw) with ph * pw == seq_len"
+        )
+    return side, side
+
+
+# The layout each spatial rank's inputs are documented with.
+INPUT_SHAPES = {1: "a sequence batch of shape (B, C, L)", 2: "an image batch of shape (B, C, H, W)",
+                3: "a video or volume batch of shape (B, C, T, H, W)"}  # fmt: skip
+
+
+def check_input(x: Tensor, dim_in: int | None, patch: tuple[int, ...], pad: bool) -> None:
+    """Raise the documented error for a bad input batch (see the README's error table); its
+    rank must be the patch's plus two. ``pad``: sizes need not be multiples of the patch."""
+    shape, rank = x.shape, len(patch)
+    if len(shape) != rank + 2:
+        what = INPUT_SHAPES.get(rank, f"an input of shape (B, C, {rank} spatial dims)")
+        raise ValueError(f"expected {what} for a {rank}-D patch, got {tuple(shape)}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"expected a floating-point input, got {x.dtype}: convert and normalise it first"
+        )
+    if dim_in is not None and shape[1] != dim_in:
+        raise ValueError(f"expected {dim_in} input channels (dim_in), got C={shape[1]}")
+    if pad:
+        return
+    if rank == 2:  # images, spelled out: the per-call path of the image modules
+        if shape[2] % patch[0] or shape[3] % patch[1]:
+            raise ValueError(
+                f"image size H={shape[2]}, W={shape[3]} is not a multiple of the patch "
+                f"{patch[0]}x{patch[1]}; resize, crop or use dynamic_img_pad=True"
+            )
+    elif any(s % p for s, p in zip(shape[2:], patch, strict=True)):
+        raise ValueError(
+            f"input size {tuple(shape[2:])} is not a multiple of the patch {patch}; crop it or "
+            f"pad it (dynamic_img_pad=True)"
+        )
+
+
+def check_weight(weight: Tensor, chans: int, patch: tuple[int, ...]) -> None:
+    """A Linear weight (D, C * prod(patch)) in (*patch, C) order, or a conv weight
+    (D, C, *patch)."""
+    k = chans * math.prod(patch)
+    if weight.ndim == 2 and weight.shape[1] == k:
+        return
+    if weight.ndim == len(patch) + 2 and tuple(weight.shape[1:]) == (chans, *patch):
+        return
+    raise ValueError(
+        f"weight must be (D, C * prod(patch)) = (D, {k}) or a conv weight (D, {chans}, "
+        f"{', '.join(map(str, patch))}), got {tuple(weight.shape)}"
+    )
+
+
+def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
+                   bias: Tensor | None, pre_norm: Norm, post_norm: Norm,
+                   shapes_known: bool = False) -> tuple[Tensor | None, Norm, Norm]:  # fmt: skip
+    """Every parameter of a fused call checked once, on the per-call path: the weight of
+    ``weight_shape``, the bias (D,) and the norms' (weight, bias) of their sizes (the kernels
+    would read past a short one), contiguous, all on the image's device and of its dtype
+    (unless autocast decides). ``shapes_known``: these very tensors passed the shape checks
+    before (a module's parameters): only devices and dtypes are checked. Returns the vectors,
+    a strided one as a contiguous copy (the kernels read them as runs). Anything unusual takes
+    the slow path, which names what is wrong."""
+    dim = weight_shape[0]
+    device, dtype = x.device, x.dtype
+    g1, b1 = _NO_PARAMS if pre_norm is None else _norm(pre_norm, 0, "pre_norm", False)
+    g2, b2 = _NO_PARAMS if post_norm is None else _norm(post_norm, 0, "post_norm", False)
+    if shapes_known:
+        fine = True
+        for t in (weight, bias, g1, b1, g2, b2):
+            if t is not None and not (t.device == device and t.dtype is dtype):
+                fine = False
+                break
+    else:
+        k_vector = (math.prod(weight_shape[1:]),)
+        d_vector = (dim,)
+        fine = weight.shape == weight_shape and weight.device == device and weight.dtype is dtype
+        for t, shape in ((bias, d_vector), (g1, k_vector), (b1, k_vector), (g2, d_vector),
+                         (b2, d_vector)):  # fmt: skip
+            if t is not None:
+                fine = (
+                    fine
+                    and t.shape == shape
+                    and t.device == device
+                    and t.dtype is dtype
+                    and t.is_contiguous()
+                )
+    if not fine:  # the slow path: named errors, autocast's mixed dtypes, contiguous copies
+        if weight.shape != weight_shape:
+            raise ValueError(f"weight must have shape {weight_shape}, got {tuple(weight.shape)}")
+        patch_dim = math.prod(weight_shape[1:])
+        bias, pre_norm, post_norm = check_vectors(bias, pre_norm, post_norm, patch_dim, dim)
+        check_params(x, [weight, bias, *(pre_norm or ()), *(post_norm or ())])
+    return bias, pre_norm, post_norm
+
+
+def check_vectors(bias: Tensor | None, pre_norm: Norm, post_norm: Norm, patch_dim: int,
+                  dim: int) -> tuple[Tensor | None, Norm, Norm]:  # fmt: skip
+    """The bias (D,) and the norms' (weight, bias) of the sizes they need, a clear error
+    otherwise (the kernels would read past a short one); a strided vector comes back
+    contiguous (the kernels read them as runs)."""
+    return (
+        _vector(bias, dim, "bias"),
+        _norm(pre_norm, patch_dim, "pre_norm"),
+        _norm(post_norm, dim, "post_norm"),
+    )
+
+
+def _norm(norm, size: int, which: str, check: bool = True) -> Norm:
+    """A norm's (weight, bias), checked (``check``) or only unpacked; None for no norm."""
+    if norm is None:
+        return None
+    if not isinstance(norm, (tuple, list)) or len(norm) != 2:
+        raise TypeError(
+            f"{which} must be a LayerNorm's (weight, bias), either of them None, or None for "
+            f"no norm; got {type(norm).__name__}"
+        )
+    if not check:
+        return norm
+    return _vector(norm[0], size, f"{which} weight"), _vector(norm[1], size, f"{which} bias")
+
+
+def _vector(t: Tensor | None, size: int, name: str) -> Tensor | None:
+    if t is None:
+        return None
+    if t.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def check_params(x: Tensor, params: list[Tensor | None]) -> None:
+    """Same device for image and parameters; same dtype unless autocast decides it."""
+    device, dtype = x.device, x.dtype  # hoisted: each .device builds a new object
+    for p in params:
+        if p is None:
+            continue
+        if p.device != device:
+            raise RuntimeError(
+                f"input is on {device} but the parameters are on {p.device}: move one of them"
+            )
+        if p.dtype != dtype and not torch.is_autocast_enabled(device.type):
+            raise RuntimeError(
+                f"input dtype {x.dtype} differs from parameter dtype {p.dtype}: cast one of them "
+                f"or run under torch.autocast"
+            )
+
+
+def pad_to_patch(x: Tensor, patch: tuple[int, ...]) -> Tensor:
+    """Zero-pad the end of every spatial dimension to a multiple of the patch (timm's
+    ``dynamic_img_pad``: bottom/right for images)."""
+    pads = [-s % p for s, p in zip(x.shape[2:], patch, strict=True)]
+    if not any(pads):
+        return x
+    return F.pad(x, [n for pad in reversed(pads) for n in (0, pad)])
