@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from .providers import FUSED
 
 # Forward presets that must reach this share of the roofline measured in the same run.
-ROOFLINE_PRESETS = ("seed_doc_example", "vit_b16", "vit_l14", "sam_h16_1024")
+ROOFLINE_PRESETS = ("seed_doc_example", "vit_b16", "vit_l14", "sam_h16_1024", "videomae_b16",
+                    "qwen2_5_vl_rows", "wan_latents", "series")  # fmt: skip
 MIN_PCT_ROOFLINE = 60.0
 # Batch-1 latency of one forward call, host overhead included, in milliseconds.
 LATENCY_PRESET, MAX_LATENCY_MS = "b1_latency_b16", 0.025
@@ -20,6 +21,11 @@ TRAIN_SPEEDUPS = (
     ("vit_b16", "train", 3.0),
     ("seed_doc_example", "train", 8.0),
     ("vit_b16", "train_x", 2.0),
+    # The conv presets' training step: faster than the fastest of their peers.
+    ("videomae_b16", "train", 1.0),
+    ("qwen2_5_vl_rows", "train", 1.0),
+    ("wan_latents", "train", 1.0),
+    ("series", "train", 1.0),
 )
 # Peak extra memory of a vit_b16 training step, as a share of the eager Sequential's.
 MEMORY_PRESET, MAX_PCT_EAGER_MIB = "vit_b16", 40.0
@@ -89,7 +95,11 @@ def judge(rows: list[dict], host: dict) -> list[Verdict]:
     for preset in sorted({r["preset"] for r in rows if r["mode"] == "fwd"}):
         out.append(_speedup(rows, preset, "fwd", f"{preset} forward faster than every peer", 1))
     for preset, mode, at_least in TRAIN_SPEEDUPS:
-        goal = f"{preset} {mode} >= {at_least:.0f}x the fastest peer"
+        goal = (
+            f"{preset} {mode} faster than every peer"
+            if at_least == 1
+            else f"{preset} {mode} >= {at_least:.0f}x the fastest peer"
+        )
         out.append(_speedup(rows, preset, mode, goal, at_least))
     goal = f"{MEMORY_PRESET} training step <= {MAX_PCT_EAGER_MIB:.0f}% of eager's extra memory"
     r = _row(rows, MEMORY_PRESET, "train", FUSED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,6 +21,7 @@ class Preset:
     dim: int
     dtype: str = "bf16"
     e2e: bool = False  # a whole model (timm ViT) rather than the stem alone
+    family = "image"  # vit-pytorch / timm image stems and their peers
 
     @property
     def tokens(self) -> int:
@@ -47,6 +49,50 @@ class Preset:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ConvPreset:
+    """A conv-projection stem of any rank (bench/conv_stems.py): videos, latents, sequences,
+    rows already cut."""
+
+    name: str
+    batch: int  # rows: the number of rows L
+    channels: int
+    spatial: tuple[int, ...]  # rows: the patch itself (one patch per row)
+    patch: tuple[int, ...]
+    dim: int
+    dtype: str = "bf16"
+    bias: bool = True
+    layout: str = "channels_first"  # or "frames_first" (B, T, C, H, W), or "rows" (L, K)
+    e2e = False
+    family = "conv"
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per input (the preset's batch multiplies them)."""
+        return math.prod(s // p for s, p in zip(self.spatial, self.patch, strict=True))
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * math.prod(self.patch)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def flops(self) -> int:
+        return 2 * self.batch * self.tokens * self.patch_dim * self.dim
+
+    def bytes(self) -> int:
+        """Forward compulsory traffic: input read, tokens written, weight read."""
+        size = self.torch_dtype.itemsize
+        inputs = self.batch * self.channels * math.prod(self.spatial)
+        tokens = self.batch * self.tokens * self.dim
+        return size * (inputs + tokens + self.dim * self.patch_dim)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 def _square(name, b, c, hw, p, d, dtype="bf16") -> Preset:
     return Preset(name, b, c, hw, hw, (p, p), d, dtype)
 
@@ -62,12 +108,20 @@ PRESETS = {
         _square("b1_latency_b16", 1, 3, 224, 16, 768),
         # End to end: timm ViT-B/16 with and without fuse_patch_embeddings.
         Preset("timm_vit_b16_e2e", 64, 3, 224, 224, (16, 16), 768, "bf16", e2e=True),
+        # Conv stems of other ranks, each against its own model's module (issue: any rank).
+        ConvPreset("videomae_b16", 8, 3, (16, 224, 224), (2, 16, 16), 768, layout="frames_first"),
+        ConvPreset(
+            "qwen2_5_vl_rows", 16384, 3, (2, 14, 14), (2, 14, 14), 1280, bias=False, layout="rows"
+        ),
+        ConvPreset("wan_latents", 1, 16, (21, 60, 104), (1, 2, 2), 1536),
+        ConvPreset("series", 256, 12, (4096,), (16,), 512),
     ]
 }
 # The small eager-only preset used when there is no GPU.
 CPU_PRESET = _square("cpu_small", 8, 3, 64, 8, 128, "fp32")
 
 ALL_MODES = ("fwd", "train", "train_x")
+CONV_PRESETS = ("videomae_b16", "qwen2_5_vl_rows", "wan_latents", "series")
 # Quick run (make gpu-check): every stem preset's inference forward, training on two of them
 # (vit_b16 with the image gradient too: each training goal of the fused backward), and the
 # end-to-end timm ViT-B/16 training step.
@@ -83,6 +137,7 @@ QUICK = [
         "b1_latency_b16",
     )
 ] + [("timm_vit_b16_e2e", ("train",))]
+QUICK += [(name, ("fwd", "train")) for name in CONV_PRESETS]
 
 
 def parse_shape(text: str) -> Preset:

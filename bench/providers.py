@@ -18,6 +18,7 @@ from torch import nn
 from zeta_fused import PatchEmbeddings
 from zeta_fused.reference import PATCHIFY
 
+from . import conv_stems
 from .presets import Preset
 
 Step = Callable[[], object]
@@ -68,6 +69,8 @@ def _timm_stem(p: Preset) -> nn.Module:
 
 
 def make_input(p: Preset, device: str, mode: str, channels_last: bool = False) -> torch.Tensor:
+    if p.family == "conv":
+        return conv_stems.make_input(p, device, mode)
     x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -96,7 +99,9 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Step:
 
 def _module_provider(factory, channels_last=False, compile_mode=None, cudnn_benchmark=False):
     def build(p: Preset, device: str, mode: str):
-        if cudnn_benchmark:  # as a timm user trains: cuDNN picks its fastest convolution
+        # As a timm user trains: cuDNN picks its fastest convolution ("conv": for the conv
+        # presets only, whose peer is a convolution).
+        if cudnn_benchmark is True or (cudnn_benchmark == "conv" and p.family == "conv"):
             # (global and left on: it concerns convolutions only, which only these peers run)
             torch.backends.cudnn.benchmark = True
         model = factory(p).to(device, p.torch_dtype)
@@ -140,9 +145,16 @@ def _timm_vit(fused: bool):
 
 def _zeta(backend: str):
     def factory(p: Preset) -> nn.Module:
+        if p.family == "conv":  # the model's own stem with its conv converted
+            return conv_stems.fused(p) if backend == "triton" else conv_stems.ConvStem(p)
         return PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend=backend)
 
     return factory
+
+
+def _peer(factory):
+    """The image presets' peer, or for a conv preset the model's own conv stem."""
+    return lambda p: conv_stems.ConvStem(p) if p.family == "conv" else factory(p)
 
 
 PROVIDERS = {
@@ -150,8 +162,22 @@ PROVIDERS = {
     for pr in [
         Provider("zeta-fused", _module_provider(_zeta("triton")), needs_cuda=True),
         Provider("zeta-eager", _module_provider(_zeta("eager"))),
-        Provider("eager", _module_provider(_vit_sequential), note="vit-pytorch Sequential"),
-        Provider("compile", _module_provider(_vit_sequential, compile_mode="default")),
+        Provider(
+            "eager",
+            _module_provider(_peer(_vit_sequential), cudnn_benchmark="conv"),
+            note="vit-pytorch Sequential (conv presets: the model's conv)",
+        ),
+        Provider(
+            "compile",
+            _module_provider(
+                _peer(_vit_sequential), compile_mode="default", cudnn_benchmark="conv"
+            ),
+        ),
+        Provider(
+            "linear-rewrite",
+            _module_provider(conv_stems.LinearStem),
+            note="reshape + F.linear (vLLM, transformers)",
+        ),
         Provider(
             "compile-max-autotune",
             _module_provider(_vit_sequential, compile_mode="max-autotune-no-cudagraphs"),
@@ -178,5 +204,7 @@ PROVIDERS = {
 FUSED = "zeta-fused"
 EAGER = "eager"  # the peak-memory reference: the vit-pytorch Sequential
 E2E = ["timm-vit-fused", "timm-vit"]
+# The conv presets' providers: the fused conv, the model's conv, its compile, the GEMM rewrite.
+CONV = ["zeta-fused", "eager", "linear-rewrite", "compile"]
 GPU_DEFAULT = ["zeta-fused", "zeta-eager", "eager", "compile", "timm-conv", "timm-conv-cl"]
 CPU_DEFAULT = ["zeta-eager", "eager", "timm-conv", "timm-conv-cl"]

@@ -10,7 +10,7 @@ import torch
 
 from . import measure
 from .presets import Preset
-from .providers import E2E, EAGER, FUSED, PROVIDERS
+from .providers import CONV, E2E, EAGER, FUSED, PROVIDERS
 
 # Providers whose first call compiles (and maybe autotunes) for a long time.
 SLOW_START = ("compile",)
@@ -126,6 +126,16 @@ def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> di
     return out
 
 
+def _providers_of(p: Preset, providers: list[str]) -> list[str]:
+    """The whole-model providers for an end-to-end preset, the conv ones (on a GPU; the eager
+    ones on a CPU) for a conv preset, the chosen ones otherwise."""
+    if p.e2e:
+        return E2E
+    if p.family == "conv":
+        return [n for n in CONV if n in providers or n == "linear-rewrite"]
+    return [n for n in providers if n not in E2E]
+
+
 def run(
     plan: list[tuple[Preset, tuple[str, ...]]],
     providers: list[str],
@@ -141,10 +151,7 @@ def run(
     if device == "cuda" and FUSED in providers:
         host = {n: host_overhead(p, device) for n, p in presets.items() if n in HOST_PRESETS}
     cells = [
-        (p, m, name)
-        for p, modes in plan
-        for m in modes
-        for name in (E2E if p.e2e else [n for n in providers if n not in E2E])
+        (p, m, name) for p, modes in plan for m in modes for name in _providers_of(p, providers)
     ]
     order = {(p.name, m, name): i for i, (p, m, name) in enumerate(cells)}
     # Slow-starting providers run last, so a run cut short by a time limit has every other

@@ -175,3 +175,47 @@ def test_compile_peers_compile_fresh_and_static(monkeypatch) -> None:
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
     PROVIDERS["compile"].build(parse_shape("1,3,8,8,4,8,fp32"), "cpu", "fwd")
     assert calls == ["reset", {"mode": "default", "dynamic": False}]
+
+
+@pytest.mark.parametrize(
+    "layout, spatial, patch",
+    [
+        ("frames_first", (4, 8, 8), (2, 4, 4)),  # videomae_b16's layout
+        ("rows", (2, 4, 4), (2, 4, 4)),  # qwen2_5_vl_rows'
+        ("channels_first", (2, 8, 12), (1, 2, 2)),  # wan_latents'
+        ("channels_first", (32,), (4,)),  # series'
+    ],
+)
+def test_conv_stems_compute_the_same_projection(layout, spatial, patch) -> None:
+    """The conv presets' peers (the model's conv, the reshape + F.linear rewrite) and the fused
+    conv (the interpreter here) give the same tokens."""
+    from bench import conv_stems
+    from bench.presets import ConvPreset
+
+    p = ConvPreset("t", 2, 3, spatial, patch, 16, "fp32", layout=layout)
+    conv = conv_stems.ConvStem(p)
+    x = conv_stems.make_input(p, "cpu", "fwd")
+    expected = conv(x)
+    assert expected.shape == (2, p.tokens, 16) if layout != "rows" else (2, 16)
+    for other in (conv_stems.LinearStem(p), conv_stems.fused(p)):
+        other.load_state_dict(conv.state_dict())
+        torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_presets_run_and_are_judged_on_cpu() -> None:
+    """A conv preset's cells: on a CPU the model's conv and the GEMM rewrite (the fused conv
+    needs CUDA); its goals are judged, here as not measured."""
+    from bench import goals, runner
+    from bench.presets import PRESETS, QUICK, ConvPreset
+
+    p = ConvPreset("tiny_video", 1, 3, (4, 8, 8), (2, 4, 4), 16, "fp32", layout="frames_first")
+    rows, _, _ = runner.run([(p, ("fwd", "train"))], ["zeta-fused", "eager", "compile"], "cpu")
+    assert {(r["provider"], r["status"]) for r in rows} == {
+        ("zeta-fused", "skipped"), ("eager", "ok"), ("linear-rewrite", "ok"), ("compile", "ok")
+    }  # fmt: skip
+    assert all(r["tbps"] > 0 for r in rows if r["mode"] == "fwd" and "ms" in r)
+    for name in ("videomae_b16", "qwen2_5_vl_rows", "wan_latents", "series"):
+        assert PRESETS[name].family == "conv" and (name, ("fwd", "train")) in QUICK
+    verdicts = {v.goal: v for v in goals.judge(rows, {})}
+    assert verdicts["videomae_b16 train faster than every peer"].met is None
+    assert verdicts["series forward >= 60% of the roofline"].met is None
