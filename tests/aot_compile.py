@@ -169,6 +169,8 @@ def record_other_ranks() -> None:
     tag = "3d"
     video = torch.randn(2, 16, 3, 224, 224, dtype=torch.bfloat16).transpose(1, 2)
     run_case(video, 768, (2, 16, 16), False, False, True, True)
+    tag = "3d norms"  # vit-pytorch's vit_3d: (pf p1 p2 c) Linear, both LayerNorms
+    run_case(video.contiguous(), 768, (2, 16, 16), True, True, True, False)
 
 
 def main() -> int:
