@@ -196,7 +196,7 @@ def test_conv_stems_compute_the_same_projection(layout, spatial, patch) -> None:
     conv = conv_stems.ConvStem(p)
     x = conv_stems.make_input(p, "cpu", "fwd")
     expected = conv(x)
-    assert expected.shape == (2, p.tokens, 16) if layout != "rows" else (2, 16)
+    assert expected.shape == ((2, 16) if layout == "rows" else (2, p.tokens, 16))
     for other in (conv_stems.LinearStem(p), conv_stems.fused(p)):
         other.load_state_dict(conv.state_dict())
         torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-5)
