@@ -55,11 +55,11 @@ class LinearStem(ConvStem):
         return torch.nn.functional.linear(patches, w, self.proj.bias)
 
 
-def fused(p: ConvPreset) -> nn.Module:
+def fused(p: ConvPreset, backend: str = "triton") -> nn.Module:
     from zeta_fused.peers import fuse_conv
 
     stem = ConvStem(p)
-    fuse_conv(stem.proj, "triton")
+    fuse_conv(stem.proj, backend)
     return stem
 
 

@@ -146,7 +146,7 @@ def _timm_vit(fused: bool):
 def _zeta(backend: str):
     def factory(p: Preset) -> nn.Module:
         if p.family == "conv":  # the model's own stem with its conv converted
-            return conv_stems.fused(p) if backend == "triton" else conv_stems.ConvStem(p)
+            return conv_stems.fused(p, backend)
         return PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend=backend)
 
     return factory

@@ -130,6 +130,23 @@ def test_hooks_on_a_converted_timm_stem_run(device, fused_path_calls) -> None:
     assert fused_path_calls == []
 
 
+def test_a_converted_timm_stem_running_eager_raises_timms_own_errors(device) -> None:
+    """When a hook sends the call to timm's own forward, its errors are timm's (a dtype
+    mismatch here), not ours."""
+    timm_layers = pytest.importorskip("timm.layers", reason="timm is a test extra")
+    pe = timm_layers.PatchEmbed(16, 4, 3, 24, norm_layer=nn.LayerNorm).to(device)
+    twin = copy.deepcopy(pe)
+    fuse_patch_embeddings(pe, backend="triton")
+    for model in (pe, twin):
+        model.proj.register_forward_hook(lambda mod, inp, out: out)
+    x = torch.randn(1, 3, 16, 16, device=device, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as want:
+        twin(x)
+    with pytest.raises(RuntimeError) as got:
+        pe(x)
+    assert str(got.value) == str(want.value)
+
+
 def test_hooks_on_a_converted_transformers_projection_run(device, fused_path_calls) -> None:
     transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
     config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -14,7 +14,8 @@ from torch import Tensor
 from .reference import Norm
 
 PatchSize = int | tuple[int, ...]
-_NO_PARAMS = (None, None)
+# The (weight, bias) of no norm, unpacked on the per-call path.
+NO_PARAMS = (None, None)
 
 
 def as_int(value, what: str) -> int:
@@ -127,8 +128,8 @@ def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
     the slow path, which names what is wrong."""
     dim = weight_shape[0]
     device, dtype = x.device, x.dtype
-    g1, b1 = _NO_PARAMS if pre_norm is None else _norm(pre_norm, 0, "pre_norm", False)
-    g2, b2 = _NO_PARAMS if post_norm is None else _norm(post_norm, 0, "post_norm", False)
+    g1, b1 = NO_PARAMS if pre_norm is None else _norm(pre_norm, 0, "pre_norm", False)
+    g2, b2 = NO_PARAMS if post_norm is None else _norm(post_norm, 0, "post_norm", False)
     if shapes_known:
         fine = True
         for t in (weight, bias, g1, b1, g2, b2):

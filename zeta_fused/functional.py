@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .checks import PatchSize, check_input, check_weight, checked_params, pad_to_patch, patch_tuple
+from .checks import (
+    NO_PARAMS,
+    PatchSize,
+    check_input,
+    check_weight,
+    checked_params,
+    pad_to_patch,
+    patch_tuple,
+)
 from .op_args import LAYER_NORM, NO_NORM, FwdArgs
 from .ops import patch_embed_fwd
 from .reference import Norm, patch_embed_reference
@@ -41,14 +49,11 @@ def op_inputs(
 ) -> FwdArgs:
     """The fused op's inputs for a validated, padded call; dtypes as the eager module's."""
     compute, out = fused_dtypes(x, weight, post_norm is not None)
-    pre_kind, (g1, b1) = (NO_NORM, _NO_PARAMS) if pre_norm is None else (LAYER_NORM, pre_norm)
-    post_kind, (g2, b2) = (NO_NORM, _NO_PARAMS) if post_norm is None else (LAYER_NORM, post_norm)
+    pre_kind, (g1, b1) = (NO_NORM, NO_PARAMS) if pre_norm is None else (LAYER_NORM, pre_norm)
+    post_kind, (g2, b2) = (NO_NORM, NO_PARAMS) if post_norm is None else (LAYER_NORM, post_norm)
     # tuple.__new__: FwdArgs' own __new__ is a Python function, on the per-call path.
     return tuple.__new__(FwdArgs, (x, weight, bias, pre_kind, g1, b1, post_kind, g2, b2,
                                    tuple(patch), eps, compute, out))  # fmt: skip
-
-
-_NO_PARAMS = (None, None)
 
 
 def fused_patch_embed(args: FwdArgs) -> Tensor:

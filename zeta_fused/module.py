@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import dispatch
 from .checks import (
+    NO_PARAMS,
     PatchSize,
     as_int,
     check_input,
@@ -103,11 +104,10 @@ def _patch_order_view(x: Tensor, pattern: PatchPattern) -> tuple[Tensor, tuple[i
 
 def _tokens_as(y: Tensor, x: Tensor, pattern: PatchPattern) -> Tensor:
     """(B, N, D) tokens, in the grid order of the permuted input, laid out as the pattern's
-    output: its grid dimensions in the input's order, grouped as it groups them."""
+    output (not ``pattern.flat``): its grid dimensions in the input's order, grouped as it
+    groups them."""
     grid = [s // p for s, p in zip(x.shape[2:], pattern.patch, strict=True)]
     order, groups = pattern.order, pattern.groups
-    if pattern.flat:
-        return y
     tokens = y.view(y.shape[0], *[grid[d] for d in order], y.shape[-1])
     tokens = tokens.permute(0, *[1 + order.index(d) for d in range(len(order))], len(order) + 1)
     sizes = [math.prod([grid[d] for d in g]) for g in groups]
@@ -124,7 +124,6 @@ def over(ln: nn.LayerNorm | None, size: int) -> bool:
     return ln is None or ln.normalized_shape == (size,)
 
 
-_NO_PARAMS = (None, None)
 _NO_CHECKED = (object(),) * 6
 
 
@@ -195,17 +194,17 @@ class FusedPatchSequential(nn.Sequential):
         pre, post = norm_params(ln1), norm_params(ln2)
         # The shapes of parameters seen before are not checked again (their devices and dtypes
         # are): a parameter replaced by another is; one resized in place through .data is not.
-        g1, b1 = pre or _NO_PARAMS
-        g2, b2 = post or _NO_PARAMS
+        g1, b1 = pre or NO_PARAMS
+        g2, b2 = post or NO_PARAMS
         seen = self.__dict__.get("_zeta_checked", _NO_CHECKED)
         known = (
             seen[0] is weight and seen[1] is bias and seen[2] is g1 and seen[3] is b1
             and seen[4] is g2 and seen[5] is b2
         )  # fmt: skip
-        shape = (proj.out_features, plan.patch_dim)
-        bias, pre, post = checked_params(x, weight, shape, bias, pre, post, known)
         if not known:  # (the instance dict: nn.Module.__setattr__ is slow)
             self.__dict__["_zeta_checked"] = (weight, bias, g1, b1, g2, b2)
+        shape = (proj.out_features, plan.patch_dim)
+        bias, pre, post = checked_params(x, weight, shape, bias, pre, post, known)
         pattern = plan.pattern
         if pattern.flat:  # vit-pytorch's images: the op's tokens as they are
             return fused_patch_embed(op_inputs(x, patch, weight, bias, pre, post, eps))

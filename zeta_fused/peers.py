@@ -17,9 +17,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import dispatch
-from .checks import check_input, check_params, checked_params, pad_to_patch
+from .checks import check_input, checked_params, pad_to_patch
 from .functional import fused_patch_embed, op_inputs
-from .module import _param, norm_params, over, plain, raw_params
+from .module import _param, norm_params, over, plain
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -76,7 +76,7 @@ class _FusedPatchConv:
         patch = self.kernel_size
         if (
             _conv_semantics(x, patch)
-            or patch_conv_problem(self) is not None
+            or patch_conv_problem(self) is not None  # stride, padding... may change in place
             or not dispatch.use_fused(self.zeta_backend, x)
         ):
             return super().forward(x)
@@ -169,15 +169,13 @@ class _FusedTimmPatchEmbed:
         if (
             why is not None
             or any(hooks)
-            or patch_conv_problem(proj) is not None
+            or patch_conv_problem(proj) is not None  # its stride, padding... may change in place
             or (is_norm and fmt not in ("NLC", "NHWC"))  # a norm over another axis: eager
             or not over(norm if is_norm else None, proj.out_channels)
             or _conv_semantics(x, self.patch_size)
             or not dispatch.use_fused(self.zeta_backend, x)
         ):
-            if why is None:
-                check_params(x, raw_params(proj, norm))
-            return super().forward(x)
+            return super().forward(x)  # timm's own forward, with its own errors
         height, width = x.shape[-2:]
         ph, pw = self.patch_size
         if self.img_size is not None:
