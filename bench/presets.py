@@ -10,8 +10,38 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class _Stem:
+    """Figures of a preset from its batch, channels, spatial sizes, patch, width and dtype."""
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per input (the batch multiplies them)."""
+        return math.prod(s // p for s, p in zip(self.spatial, self.patch, strict=True))
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * math.prod(self.patch)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def flops(self) -> int:
+        """Forward GEMM flops: 2 * B * N * K * D."""
+        return 2 * self.batch * self.tokens * self.patch_dim * self.dim
+
+    def bytes(self) -> int:
+        """Forward compulsory traffic: input read, tokens written, weight read."""
+        size = self.torch_dtype.itemsize
+        inputs = self.batch * self.channels * math.prod(self.spatial)
+        return size * (inputs + self.batch * self.tokens * self.dim + self.dim * self.patch_dim)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class Preset:
+class Preset(_Stem):
     name: str
     batch: int
     channels: int
@@ -24,33 +54,12 @@ class Preset:
     family = "image"  # vit-pytorch / timm image stems and their peers
 
     @property
-    def tokens(self) -> int:
-        return (self.height // self.patch[0]) * (self.width // self.patch[1])
-
-    @property
-    def patch_dim(self) -> int:
-        return self.channels * self.patch[0] * self.patch[1]
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def flops(self) -> int:
-        """Forward GEMM flops: 2 * B * N * K * D."""
-        return 2 * self.batch * self.tokens * self.patch_dim * self.dim
-
-    def bytes(self) -> int:
-        """Forward compulsory traffic: image read, tokens written, weight read."""
-        size = self.torch_dtype.itemsize
-        image = self.batch * self.channels * self.height * self.width
-        return size * (image + self.batch * self.tokens * self.dim + self.dim * self.patch_dim)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def spatial(self) -> tuple[int, int]:
+        return self.height, self.width
 
 
 @dataclass(frozen=True)
-class ConvPreset:
+class ConvPreset(_Stem):
     """A conv-projection stem of any rank (bench/conv_stems.py): videos, latents, sequences,
     rows already cut."""
 
@@ -65,32 +74,6 @@ class ConvPreset:
     layout: str = "channels_first"  # or "frames_first" (B, T, C, H, W), or "rows" (L, K)
     e2e = False
     family = "conv"
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per input (the preset's batch multiplies them)."""
-        return math.prod(s // p for s, p in zip(self.spatial, self.patch, strict=True))
-
-    @property
-    def patch_dim(self) -> int:
-        return self.channels * math.prod(self.patch)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def flops(self) -> int:
-        return 2 * self.batch * self.tokens * self.patch_dim * self.dim
-
-    def bytes(self) -> int:
-        """Forward compulsory traffic: input read, tokens written, weight read."""
-        size = self.torch_dtype.itemsize
-        inputs = self.batch * self.channels * math.prod(self.spatial)
-        tokens = self.batch * self.tokens * self.dim
-        return size * (inputs + tokens + self.dim * self.patch_dim)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _square(name, b, c, hw, p, d, dtype="bf16") -> Preset:
