@@ -22,6 +22,8 @@ MEAN1 = tl.constexpr(STAT_ROWS.index("mean1"))
 RSTD1 = tl.constexpr(STAT_ROWS.index("rstd1"))
 MEAN2 = tl.constexpr(STAT_ROWS.index("mean2"))
 RSTD2 = tl.constexpr(STAT_ROWS.index("rstd2"))
+MEAN3 = tl.constexpr(STAT_ROWS.index("mean3"))
+RSTD3 = tl.constexpr(STAT_ROWS.index("rstd3"))
 
 
 @triton.jit
@@ -39,13 +41,20 @@ def scale_cols(t, Weight, offs, mask, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def affine(t_hat, params, offs, mask, ACC_DTYPE: tl.constexpr):
+    """t̂ * weight + bias along the columns offs, params = (weight, bias), either None."""
+    t = scale_cols(t_hat, params[0], offs, mask, ACC_DTYPE)
+    if params[1] is not None:
+        t += tl.load(params[1] + offs, mask=mask, other=0.0).to(ACC_DTYPE)[None, :]
+    return t
+
+
+@triton.jit
 def norm_apply(t, mean, rstd, params, offs, mask, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """The norm of kind NORM over the columns offs of a tile, with its (weight, bias) params
     (either None); NO_NORM gives t back."""
     if NORM == LAYER_NORM:
-        t = scale_cols(normalize(t, mean, rstd), params[0], offs, mask, ACC_DTYPE)
-        if params[1] is not None:
-            t += tl.load(params[1] + offs, mask=mask, other=0.0).to(ACC_DTYPE)[None, :]
+        t = affine(normalize(t, mean, rstd), params, offs, mask, ACC_DTYPE)
     return t
 
 
@@ -91,13 +100,15 @@ def layer_norm_bwd(g, t_hat, rstd, mean_g, mean_gt):
 
 @triton.jit
 def load_stat(Stats, ROW: tl.constexpr, offs_m, m_mask, M):
-    """One row (MEAN1 ... RSTD2) of the statistics buffer for tokens offs_m."""
+    """One row (MEAN1 ... RSTD3) of the statistics buffer for tokens offs_m."""
     return tl.load(Stats + ROW * M + offs_m, mask=m_mask, other=0.0)
 
 
 @triton.jit
-def store_stats(Stats, offs_m, m_mask, M, mean1, rstd1, mean2, rstd2):
+def store_stats(Stats, offs_m, m_mask, M, mean1, rstd1, mean2, rstd2, mean3, rstd3):
     tl.store(Stats + MEAN1 * M + offs_m, mean1, mask=m_mask)
     tl.store(Stats + RSTD1 * M + offs_m, rstd1, mask=m_mask)
     tl.store(Stats + MEAN2 * M + offs_m, mean2, mask=m_mask)
     tl.store(Stats + RSTD2 * M + offs_m, rstd2, mask=m_mask)
+    tl.store(Stats + MEAN3 * M + offs_m, mean3, mask=m_mask)
+    tl.store(Stats + RSTD3 * M + offs_m, rstd3, mask=m_mask)

@@ -1,11 +1,10 @@
 """Fused patch-embedding backward (docs/design.md, "Backward": x̂ normalised patch, ẑ
 normalised Z).
 
-Three passes, each a kernel below, all deterministic (per-program partial sums, no atomics):
+Three passes, all deterministic (per-program partial sums, no atomics):
 
-1. ``_bwd_dz_kernel`` (per token tile): recompute Z with the forward's projection chunk, then the
-   post-norm backward dZ = rstd2 * (g - mean(g) - ẑ * mean(g * ẑ)), g = dY * g2, and per-program
-   column partials of dZ, dY * ẑ and dY (-> dbias, dg2, db2).
+1. ``_bwd_dz_kernel`` (kernels/patch_embed_bwd_dz.py, per token tile): dY back through the
+   stem norm, the position table and the post-norm to dZ, with column partials.
 2. ``_bwd_dw_kernel`` (per weight tile and token split): G = dZ^T x̂ partials, one per split,
    summed by the launcher. Then ``_bwd_param_kernel`` (per K tile): dW = G diag(g1) + dbias b1^T,
    dg1 = sum_d W * G, db1 = W^T dbias. One GEMM for all parameter gradients.
@@ -27,102 +26,16 @@ import triton.language as tl
 from .geometry import patch_cols, token_offsets, token_rows, tokens_per_image
 from .norms import (
     MEAN1,
-    MEAN2,
     NO_NORM,
     RSTD1,
-    RSTD2,
     layer_norm_bwd,
     layer_norm_bwd_sums,
     load_stat,
     normalize,
     scale_cols,
 )
-from .patch_tiles import load_patches, project_chunk, store_patches
+from .patch_tiles import READ_BACK, load_patches, store_patches
 from .rounding import cast, mma
-
-# Second passes read what the same program stored in the first: through L2 (".cg"), never a
-# possibly stale L1 line; the tl.debug_barrier() before them orders the threads.
-READ_BACK = tl.constexpr(".cg")
-
-
-@triton.jit
-def _bwd_dz_kernel(
-    X, stride_xb, x_strides, W, stride_wd, w_strides, w_row_len, Bias, norm1,  # as the forward
-    norm2,  # (weight, bias) of the post-norm: the weight scales dY, the bias only says db2
-    Stats,  # (4, M): row statistics from the forward
-    DY, dy_strides,  # upstream gradient (B, N, D), any strides
-    DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE (only written with a post-norm)
-    Partials,  # out: (3, P, D) ACC_DTYPE: column sums of dZ, dY * ẑ, dY per program
-    RowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
-    M, K, D, grid,
-    C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr, NORM2: tl.constexpr,
-    DY_FLAT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, W_FLAT: tl.constexpr,
-    CHANNELS_FIRST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    offs_m, m_mask, row_off = token_rows(
-        pid.to(tl.int64) * BLOCK_M, M, grid, PATCH, stride_xb, x_strides, BLOCK_M
-    )
-    tl.store(RowOff + offs_m, row_off, mask=m_mask)
-    dy_rows = DY + token_offsets(offs_m, tokens_per_image(grid), dy_strides, DY_FLAT)
-    dz_rows = DZ + offs_m[:, None] * D
-    part_dz = Partials + pid * D
-    part_dg2 = Partials + (programs + pid) * D
-    part_db2 = Partials + (2 * programs + pid) * D
-
-    if NORM2 != NO_NORM:
-        mean1 = load_stat(Stats, MEAN1, offs_m, m_mask, M)
-        rstd1 = load_stat(Stats, RSTD1, offs_m, m_mask, M)
-        mean2 = load_stat(Stats, MEAN2, offs_m, m_mask, M)
-        rstd2 = load_stat(Stats, RSTD2, offs_m, m_mask, M)
-        # Pass 1: recompute Z chunk by chunk, keep ẑ in DZ, reduce the rows of g and g * ẑ.
-        sum_g = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-        sum_gz = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-        for n0 in range(0, D, BLOCK_N):
-            z, offs_n, n_mask = project_chunk(
-                X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias, norm1,
-                mean1, rstd1, n0, K, D, C, PATCH, NORM1, COMPUTE_DTYPE, DOT_PRECISION,
-                ACC_DTYPE, EMULATE_BF16, W_FLAT, CHANNELS_FIRST, BLOCK_M, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-            mask = m_mask[:, None] & n_mask[None, :]
-            z_hat = tl.where(mask, normalize(z, mean2, rstd2), 0.0)
-            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
-                         other=0.0).to(ACC_DTYPE)  # fmt: skip
-            g = scale_cols(dy, norm2[0], offs_n, n_mask, ACC_DTYPE)
-            sum_g, sum_gz = layer_norm_bwd_sums(sum_g, sum_gz, g, z_hat)
-            if norm2[0] is not None:
-                tl.store(part_dg2 + offs_n, tl.sum(dy * z_hat, axis=0), mask=n_mask)
-            if norm2[1] is not None:
-                tl.store(part_db2 + offs_n, tl.sum(dy, axis=0), mask=n_mask)
-            tl.store(dz_rows + offs_n[None, :], cast(z_hat, COMPUTE_DTYPE, EMULATE_BF16),
-                     mask=mask)  # fmt: skip
-        mean_g = sum_g / D
-        mean_gz = sum_gz / D
-        # Pass 2: dZ from ẑ (read back by the program that wrote it) and dY.
-        tl.debug_barrier()
-        for n0 in range(0, D, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < D
-            mask = m_mask[:, None] & n_mask[None, :]
-            z_hat = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0,
-                            cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
-            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
-                         other=0.0).to(ACC_DTYPE)  # fmt: skip
-            g = scale_cols(dy, norm2[0], offs_n, n_mask, ACC_DTYPE)
-            dz = tl.where(mask, layer_norm_bwd(g, z_hat, rstd2, mean_g, mean_gz), 0.0)
-            tl.store(part_dz + offs_n, tl.sum(dz, axis=0), mask=n_mask)
-            tl.store(dz_rows + offs_n[None, :], cast(dz, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)
-    else:
-        # dZ is dY itself: only its column sums are needed here.
-        for n0 in range(0, D, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < D
-            mask = m_mask[:, None] & n_mask[None, :]
-            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask, other=0.0)
-            tl.store(part_dz + offs_n, tl.sum(dy.to(ACC_DTYPE), axis=0), mask=n_mask)
 
 
 @triton.jit

@@ -12,6 +12,9 @@ from .rounding import cast, mma
 # The default cache policy of tl.load, as a constexpr object: Triton 3.6 cannot compile a call
 # that leaves a plain-string constexpr default unbound.
 DEFAULT_CACHE = tl.constexpr("")
+# Second passes read what the same program stored in an earlier one: through L2 (".cg"), never
+# a possibly stale L1 line; the tl.debug_barrier() before them orders the threads.
+READ_BACK = tl.constexpr(".cg")
 
 
 @triton.jit
@@ -115,3 +118,12 @@ def project_chunk(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_
     if Bias is not None:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(ACC_DTYPE)[None, :]
     return acc, offs_n, n_mask
+
+
+@triton.jit
+def add_pos(t, Pos, offs_m, per_image, D, offs_n, mask, ACC_DTYPE: tl.constexpr):
+    """t + the rows of the (N, D) position table (None: t) for the tokens offs_m of a tile."""
+    if Pos is not None:
+        rows = (offs_m.to(tl.int32) % per_image).to(tl.int64) * D  # 32-bit, as token_rows
+        t += tl.load(Pos + rows[:, None] + offs_n[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+    return t

@@ -31,6 +31,7 @@ import zeta_fused.launch as launch  # noqa: E402
 from zeta_fused import policy  # noqa: E402
 from zeta_fused.functional import op_inputs  # noqa: E402
 from zeta_fused.op_args import BwdArgs  # noqa: E402
+from zeta_fused.reference import NO_STEM, Stem  # noqa: E402
 
 KERNELS = [
     "_patch_embed_fwd_kernel",
@@ -145,8 +146,9 @@ def record_all() -> None:
             run_case(x, dim, patch, pre, post, bias, conv)
 
 
-def run_case(x, dim, patch, pre, post, bias, conv) -> None:
-    """Forward and backward launches for input x and a patch (an int: square) of its rank."""
+def run_case(x, dim, patch, pre, post, bias, conv, stem=None) -> None:
+    """Forward and backward launches for input x and a patch (an int: square) of its rank;
+    ``stem``: (prefix rows, position table, stem norm) of a whole-stem case."""
     dtype, chans = x.dtype, x.shape[1]
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     k = chans * math.prod(patch)
@@ -154,7 +156,17 @@ def run_case(x, dim, patch, pre, post, bias, conv) -> None:
     b = torch.randn(dim, dtype=dtype) if bias else None
     g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else None
     g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else None
-    args = op_inputs(x, patch, w, b, g1, g2, 1e-5)
+    parts = NO_STEM
+    if stem is not None:
+        n_prefix, with_pos, with_norm = stem
+        tokens = math.prod(s // q for s, q in zip(x.shape[2:], patch, strict=True))
+        parts = Stem(
+            torch.randn(tokens, dim, dtype=dtype) if with_pos else None,
+            torch.randn(n_prefix, dim, dtype=dtype) if n_prefix else None,
+            (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if with_norm else None,
+            1e-5,
+        )
+    args = op_inputs(x, patch, w, b, g1, g2, 1e-5, parts)
     y, stats = launch.patch_embed_fwd(args)
     launch.patch_embed_bwd(BwdArgs(y, stats, True, *args))
 
@@ -173,6 +185,26 @@ def record_other_ranks() -> None:
     run_case(video.contiguous(), 768, (2, 16, 16), True, True, True, False)
 
 
+def record_stems() -> None:
+    """Whole stems (prefix rows, position table, stem norm) as the benchmark's presets run them:
+    timm ViT-B/16 (class token + pos), CLIP ViT-L/14 (no-bias conv, ln_pre), DiT-XL/2 (affine-free
+    post-norm + pos on latents), and every norm over D at once in bf16 and fp32 (the dZ kernel's
+    middle pass)."""
+    global tag
+    image = torch.randn(16, 3, 224, 224, dtype=torch.bfloat16)
+    tag = "stem vit"
+    run_case(image, 768, 16, False, False, True, True, (1, True, False))
+    tag = "stem clip"
+    run_case(image, 1024, 14, False, False, False, True, (1, True, True))
+    tag = "stem dit"
+    latents = torch.randn(16, 4, 32, 32, dtype=torch.bfloat16)
+    run_case(latents, 1152, 2, False, True, True, True, (0, True, False))
+    tag = "stem all"
+    run_case(image, 768, 16, True, True, True, False, (5, True, True))
+    tag = "stem all fp32"
+    run_case(image.float(), 768, 16, True, True, True, False, (1, True, True))
+
+
 def main() -> int:
     print(f"Triton {triton.__version__} from {Path(triton.__file__).resolve().parent.parent}")
     install_recorders()
@@ -181,6 +213,7 @@ def main() -> int:
     else:
         record_all()
         record_other_ranks()
+        record_stems()
     results, failures = {}, 0
     for variant, kernel, args, kwargs in launches:
         sig, const, attrs, options = specialise(kernel, args, kwargs)

@@ -38,9 +38,11 @@ def make_args(name: str, device: str, norms=(LAYER_NORM, LAYER_NORM)) -> FwdArgs
 
     pre, post = norms
     return FwdArgs(
-        x.to(device), w.to(device), vec(D).to(device), pre, (1 + 0.2 * vec(K)).to(device),
-        vec(K).to(device), post, (1 + 0.2 * vec(D)).to(device), vec(D).to(device), patch, 1e-5,
-        torch.float64, torch.float64,
+        x=x.to(device), weight=w.to(device), bias=vec(D).to(device), pre_norm=pre,
+        g1=(1 + 0.2 * vec(K)).to(device), b1=vec(K).to(device), post_norm=post,
+        g2=(1 + 0.2 * vec(D)).to(device), b2=vec(D).to(device), pos=None, prefix=None,
+        stem_norm="none", g3=None, b3=None, patch=patch, eps=1e-5, stem_eps=1e-5,
+        compute_dtype=torch.float64, out_dtype=torch.float64,
     )  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import Norm
+from .reference import Norm, Stem
 
 PatchSize = int | tuple[int, ...]
 # The (weight, bias) of no norm, unpacked on the per-call path.
@@ -217,3 +217,27 @@ def pad_to_patch(x: Tensor, patch: tuple[int, ...]) -> Tensor:
     if not any(pads):
         return x
     return F.pad(x, [n for pad in reversed(pads) for n in (0, pad)])
+
+
+def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, pos: Tensor | None,
+               prefix: Tensor | None, stem_norm: Norm, eps: float) -> Stem:  # fmt: skip
+    """The position table (N, D), the prefix rows (P, D) (each may have a leading 1) and the
+    stem norm's (D,) vectors checked, on the image's device and of its dtype (unless autocast
+    decides); the table comes back contiguous (the kernels read it as rows)."""
+    tokens = math.prod(s // p for s, p in zip(x.shape[2:], patch, strict=True))
+    pos = _rows(pos, tokens, dim, "pos", f"the {tokens} patch tokens")
+    prefix = _rows(prefix, None, dim, "prefix", "the prefix rows")
+    stem_norm = _norm(stem_norm, dim, "stem_norm")
+    check_params(x, [pos, prefix, *(stem_norm or ())])
+    return Stem(pos, prefix, stem_norm, eps)
+
+
+def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) -> Tensor | None:
+    """A (rows, dim) table, given as such or with a leading 1; rows None: any number."""
+    if t is None:
+        return None
+    table = t[0] if t.ndim == 3 and t.shape[0] == 1 else t
+    if table.ndim != 2 or table.shape[1] != dim or (rows is not None and table.shape[0] != rows):
+        want = f"({'P' if rows is None else rows}, {dim})"
+        raise ValueError(f"{name} must have shape {want} for {what}, got {tuple(t.shape)}")
+    return table if table.is_contiguous() else table.contiguous()

@@ -14,6 +14,7 @@ from .checks import (
     NO_PARAMS,
     PatchSize,
     check_input,
+    check_stem,
     check_weight,
     checked_params,
     pad_to_patch,
@@ -21,21 +22,32 @@ from .checks import (
 )
 from .op_args import LAYER_NORM, NO_NORM, FwdArgs
 from .ops import patch_embed_fwd
-from .reference import Norm, patch_embed_reference
+from .reference import NO_STEM, Norm, Stem, patch_embed_reference
 
 
-def fused_dtypes(x: Tensor, weight: Tensor, post_norm: bool) -> tuple[torch.dtype, torch.dtype]:
+def fused_dtypes(
+    x: Tensor,
+    weight: Tensor,
+    post_norm: bool,
+    stem_norm: bool = False,
+    added: tuple[Tensor | None, ...] = (),
+) -> tuple[torch.dtype, torch.dtype]:
     """(GEMM operand dtype, output dtype) giving the dtype the eager module returns.
 
     Outside autocast both are the input dtype. Under autocast the GEMM runs in the autocast
-    dtype; the output is fp32 on CUDA with a post-norm (CUDA autocast runs layer_norm in fp32)
-    and the autocast dtype otherwise (CPU autocast keeps layer_norm in the input dtype).
+    dtype; a norm's output is fp32 on CUDA (CUDA autocast runs layer_norm in fp32) and its
+    input's dtype on the CPU; tensors ``added`` to the tokens (a position table, prefix rows)
+    promote the dtype as eager ``+`` and ``cat`` do.
     """
     device = "cuda" if x.is_cuda else x.device.type  # .device.type is slow to build
     if not torch.is_autocast_enabled(device):
         return weight.dtype, x.dtype
     low = torch.get_autocast_dtype(device)
-    return low, torch.float32 if (post_norm and device == "cuda") else low
+    out = torch.float32 if (post_norm and device == "cuda") else low
+    for t in added:
+        if t is not None:
+            out = torch.promote_types(out, t.dtype)
+    return low, torch.float32 if (stem_norm and device == "cuda") else out
 
 
 def op_inputs(
@@ -46,14 +58,24 @@ def op_inputs(
     pre_norm: Norm,
     post_norm: Norm,
     eps: float,
+    stem: Stem = NO_STEM,
 ) -> FwdArgs:
     """The fused op's inputs for a validated, padded call; dtypes as the eager module's."""
-    compute, out = fused_dtypes(x, weight, post_norm is not None)
     pre_kind, (g1, b1) = (NO_NORM, NO_PARAMS) if pre_norm is None else (LAYER_NORM, pre_norm)
     post_kind, (g2, b2) = (NO_NORM, NO_PARAMS) if post_norm is None else (LAYER_NORM, post_norm)
+    if stem is NO_STEM:
+        compute, out = fused_dtypes(x, weight, post_norm is not None)
+        pos = prefix = g3 = b3 = None
+        stem_kind, stem_eps = NO_NORM, eps
+    else:
+        pos, prefix, stem_norm, stem_eps = stem
+        compute, out = fused_dtypes(x, weight, post_norm is not None, stem_norm is not None,
+                                    (pos, prefix))  # fmt: skip
+        stem_kind, (g3, b3) = (NO_NORM, NO_PARAMS) if stem_norm is None else (LAYER_NORM, stem_norm)
     # tuple.__new__: FwdArgs' own __new__ is a Python function, on the per-call path.
-    return tuple.__new__(FwdArgs, (x, weight, bias, pre_kind, g1, b1, post_kind, g2, b2,
-                                   tuple(patch), eps, compute, out))  # fmt: skip
+    return tuple.__new__(FwdArgs, (x, weight, bias, pre_kind, g1, b1, post_kind, g2, b2, pos,
+                                   prefix, stem_kind, g3, b3, tuple(patch), eps, stem_eps,
+                                   compute, out))  # fmt: skip
 
 
 def fused_patch_embed(args: FwdArgs) -> Tensor:
@@ -86,10 +108,15 @@ def patch_embed(
     post_norm: Norm = None,
     eps: float = 1e-5,
     *,
+    pos: Tensor | None = None,
+    prefix: Tensor | None = None,
+    stem_norm: Norm = None,
+    stem_eps: float | None = None,
     dynamic_img_pad: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """Patchify -> LayerNorm_K -> Linear -> LayerNorm_D as one fused op where possible.
+    """Patchify -> LayerNorm_K -> Linear -> LayerNorm_D (-> + pos -> prefix rows -> stem
+    LayerNorm) as one fused op where possible.
 
     Args:
         x: input batch (B, C, *spatial): sequences (B, C, L), images (B, C, H, W), videos or
@@ -102,13 +129,22 @@ def patch_embed(
         bias: projection bias (D,) or None.
         pre_norm, post_norm: (weight, bias) of the LayerNorm over K / over D, either of them
             None as ``F.layer_norm`` takes them; None instead of the pair: no norm.
-        eps: LayerNorm epsilon (both norms).
+        eps: LayerNorm epsilon of pre_norm and post_norm.
+        pos: position table (N, D) (or (1, N, D)) added to every image's N patch tokens, after
+            post_norm. A table that also covers the prefix rows is split by the caller: its
+            first rows are added to the prefix (``prefix = cls + pos[:1]``).
+        prefix: (P, D) (or (1, P, D)) rows put before every image's patch tokens: class,
+            distillation and register tokens, with their position rows already added.
+        stem_norm: (weight, bias) of a LayerNorm over D of every output row, prefix rows
+            included (timm's ``norm_pre``, CLIP's ``ln_pre``); None: no such norm.
+        stem_eps: its epsilon (default: ``eps``).
         dynamic_img_pad: zero-pad the end of each spatial dimension to a multiple of the patch
             instead of raising.
         backend: "auto" | "triton" | "eager" (see the README).
 
     Returns:
-        (B, N, D) tokens, N = prod(spatial / patch), in grid order (last dimension fastest).
+        (B, P + N, D) tokens: the P prefix rows, then N = prod(spatial / patch) patch tokens
+        in grid order (last dimension fastest).
     """
     patch = patch_tuple(patch_size, x.ndim - 2 if isinstance(patch_size, int) else len(patch_size))
     check_input(x, None, patch, dynamic_img_pad)
@@ -116,9 +152,13 @@ def patch_embed(
     bias, pre_norm, post_norm = checked_params(x, weight, weight.shape, bias, pre_norm, post_norm)
     if dynamic_img_pad:
         x = pad_to_patch(x, patch)
+    stem = NO_STEM
+    if pos is not None or prefix is not None or stem_norm is not None:
+        stem = check_stem(x, patch, weight.shape[0], pos, prefix, stem_norm,
+                          eps if stem_eps is None else stem_eps)  # fmt: skip
     if dispatch.use_fused(dispatch.check_backend(backend), x):
-        return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, eps))
-    return patch_embed_reference(x, patch, weight, bias, pre_norm, post_norm, eps)
+        return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, eps, stem))
+    return patch_embed_reference(x, patch, weight, bias, pre_norm, post_norm, eps, stem)
 
 
 def patch_embed_rows(

@@ -13,16 +13,12 @@ import triton.language as tl
 from torch import Tensor
 
 from . import layout, policy
-from .kernels.patch_embed_bwd import (
-    _bwd_dw_kernel,
-    _bwd_dx_kernel,
-    _bwd_dz_kernel,
-    _bwd_param_kernel,
-)
+from .kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param_kernel
+from .kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from .kernels.patch_embed_fwd import _patch_embed_fwd_kernel
-from .op_args import NO_NORM, STAT_ROWS, BwdArgs, FwdArgs, Grads, fwd_of
+from .op_args import COLUMN_SUMS, NO_NORM, STAT_ROWS, BwdArgs, FwdArgs, Grads, fwd_of
 from .policy import LaunchPolicy
-from .reference import absent_grad, stats_dtype
+from .reference import absent_grad, prefix_grads, prefix_rows, stats_dtype
 
 # tl.dot needs every block dimension >= 16.
 MIN_BLOCK = 16
@@ -99,7 +95,7 @@ def on_tensor_device(launcher):
 
 @on_tensor_device
 def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
-    """Run the fused forward; returns y (B, N, D) and the row statistics."""
+    """Run the fused forward; returns y (B, P + N, D) and the row statistics."""
     geo = layout.geometry(a.x, a.patch)
     dim = a.weight.shape[0]
     if geo.tokens >= MAX_TOKENS:
@@ -107,10 +103,16 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
             f"{geo.tokens} tokens (batch {geo.batch} x {geo.per_image} patches): the fused "
             f"kernels take at most {MAX_TOKENS - 1} per call; split the batch"
         )
-    y = a.x.new_empty((geo.batch, geo.per_image, dim), dtype=a.out_dtype)
-    stats = a.x.new_empty((len(STAT_ROWS), geo.tokens), dtype=stats_dtype(a.compute_dtype))
+    n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
+    y = a.x.new_empty((geo.batch, n_prefix + geo.per_image, dim), dtype=a.out_dtype)
+    acc = stats_dtype(a.compute_dtype)
+    stats = a.x.new_empty((len(STAT_ROWS), geo.tokens), dtype=acc)
+    if n_prefix:
+        # The same P rows in every image: computed once (P x D), broadcast into place.
+        y[:, :n_prefix] = prefix_rows(a, acc)
     if geo.tokens == 0:
         return y, stats
+    tokens = y[:, n_prefix:]
     pol = policy.current()
     blocks = pol.blocks(a.compute_dtype.itemsize)
     block_n = _block_n(dim, blocks.n)
@@ -118,14 +120,15 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
     # call takes one program's latency; the smallest tensor-core tile spreads them wider.
     block_m = blocks.m if _cdiv(geo.tokens, blocks.m) >= pol.small_grid else MIN_BLOCK
     k = layout.k_order(a.x, a.weight, a.g1, a.b1, geo, pol)
+    row_norm = a.post_norm != NO_NORM or a.stem_norm != NO_NORM
     _patch_embed_fwd_kernel[(_cdiv(geo.tokens, block_m),)](
         a.x, a.x.stride(0), a.x.stride()[1:], k.weight, k.weight.stride(0), k.w_strides,
-        k.w_row_len, a.bias, (k.g1, k.b1), (a.g2, a.b2), y, stats, geo.tokens, geo.patch_dim,
-        dim, geo.grid, a.eps,
-        C=geo.chans, PATCH=geo.patch, NORM1=a.pre_norm, NORM2=a.post_norm, W_FLAT=k.w_flat,
-        CHANNELS_FIRST=k.channels_first, TWO_PASS=a.post_norm != NO_NORM and block_n < dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=blocks.k, num_warps=blocks.warps,
-        **numerics(a.compute_dtype, pol),
+        k.w_row_len, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, (a.g3, a.b3), tokens,
+        tokens.stride(), stats, geo.tokens, geo.patch_dim, dim, geo.grid, a.eps, a.stem_eps,
+        C=geo.chans, PATCH=geo.patch, NORM1=a.pre_norm, NORM2=a.post_norm, NORM3=a.stem_norm,
+        Y_FLAT=n_prefix == 0, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
+        TWO_PASS=row_norm and block_n < dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=blocks.k, num_warps=blocks.warps, **numerics(a.compute_dtype, pol),
     )  # fmt: skip
     return y, stats
 
@@ -152,22 +155,35 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     post = a.post_norm != NO_NORM
     acc = stats.dtype
 
-    # 1. dZ and the column partials of dZ, dY * ẑ, dY.
+    n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
+    grad_tokens = grad_y[:, n_prefix:]  # the patch tokens' rows, read in place
+    stem = a.stem_norm != NO_NORM
+
+    # 1. dZ (through the stem norm, the position table and the post-norm) and the column
+    # partials of every vector gradient over D.
     dz_tiles = _cdiv(tokens, blocks.dz_m)
-    partials = _scratch(x, (3, max(dz_tiles, 1), dim), acc, zero=tokens == 0)
+    partials = _scratch(x, (len(COLUMN_SUMS), max(dz_tiles, 1), dim), acc, zero=tokens == 0)
     row_offsets = x.new_empty((tokens,), dtype=torch.int64)
-    dz = x.new_empty(grad_y.shape, dtype=a.compute_dtype) if post else grad_y
+    shape = grad_tokens.shape
+    dz = x.new_empty(shape, dtype=a.compute_dtype) if post or stem else grad_tokens
+    # dT, the position table's per-token gradient: dY without a stem norm, dZ without a
+    # post-norm, else a buffer of its own.
+    dt = grad_tokens if not stem else dz if not post else None
+    if dt is None and a.pos is not None:
+        dt = x.new_empty(shape, dtype=a.compute_dtype)
     if tokens:
-        dy_strides, dy_flat = layout.token_strides(grad_y)
+        dy_strides, dy_flat = layout.token_strides(grad_tokens)
         _bwd_dz_kernel[(dz_tiles,)](
-            x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), stats,
-            grad_y, dy_strides, dz, partials, row_offsets, tokens, patch_dim, dim, geo.grid,
-            NORM2=a.post_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
-            BLOCK_M=blocks.dz_m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
-            num_warps=blocks.warps, **consts,
+            x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
+            (a.g3, a.b3), stats, grad_tokens, dy_strides, dz,
+            dt if post and stem else None, partials, row_offsets, tokens, patch_dim, dim,
+            geo.grid, NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat,
+            CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.dz_m,
+            BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k, num_warps=blocks.warps,
+            **consts,
         )  # fmt: skip
     # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
-    dzsum = partials[0].sum(0)
+    dzsum = partials[COLUMN_SUMS.index("dz")].sum(0)
 
     # 2. All parameter gradients from G = dZ^T x̂.
     dw_d = _block_n(dim, blocks.dw_d)  # narrow D (seed: 64) wastes no tensor-core rows
@@ -216,12 +232,23 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
                 num_warps=blocks.warps, **consts,
             )  # fmt: skip
 
-    def column_sum(row: int, param: Tensor | None) -> Tensor | None:
-        return None if param is None else partials[row].sum(0).to(param.dtype)
+    def column_sum(row: str, param: Tensor | None, prefix_part: Tensor | None = None):
+        if param is None:
+            return None
+        total = partials[COLUMN_SUMS.index(row)].sum(0)
+        return (total if prefix_part is None else total + prefix_part).to(param.dtype)
 
+    dprefix = dg3_prefix = db3_prefix = None
+    if n_prefix:
+        dprefix, dg3_prefix, db3_prefix = prefix_grads(a, grad_y[:, :n_prefix], acc)
     grads = Grads(
         x=dx, weight=dw, bias=None if a.bias is None else dzsum.to(a.bias.dtype), g1=dg1, b1=db1,
-        g2=column_sum(1, a.g2) if post else None, b2=column_sum(2, a.b2) if post else None,
+        g2=column_sum("dg2", a.g2) if post else None,
+        b2=column_sum("db2", a.b2) if post else None,
+        pos=None if a.pos is None else dt.sum(0, dtype=acc).to(a.pos.dtype),
+        prefix=None if dprefix is None else dprefix.to(a.prefix.dtype),
+        g3=column_sum("dg3", a.g3, dg3_prefix) if stem else None,
+        b3=column_sum("db3", a.b3, db3_prefix) if stem else None,
     )  # fmt: skip
     return Grads(*(absent_grad(weight) if g is None else g for g in grads))
 

@@ -22,7 +22,11 @@ LAYER_NORM = "layer_norm"
 NORM_KINDS = (NO_NORM, LAYER_NORM)
 # The forward's per-token row statistics, saved for the backward: a (len(STAT_ROWS), B*N)
 # buffer in the accumulation dtype (kernels/norms.py names the rows for the kernels).
-STAT_ROWS = ("mean1", "rstd1", "mean2", "rstd2")
+STAT_ROWS = ("mean1", "rstd1", "mean2", "rstd2", "mean3", "rstd3")
+# The backward's per-program column sums over D, summed by the launcher: rows of a
+# (len(COLUMN_SUMS), programs, D) buffer (dZ -> dbias, dT * ẑ -> dg2, dT -> db2, dY * t̂ -> dg3,
+# dY -> db3).
+COLUMN_SUMS = ("dz", "dg2", "db2", "dg3", "db3")
 
 
 class FwdArgs(NamedTuple):
@@ -37,14 +41,20 @@ class FwdArgs(NamedTuple):
     post_norm: str  # NORM_KINDS: the norm over each token (D)
     g2: Tensor | None  # (D,)
     b2: Tensor | None  # (D,)
+    pos: Tensor | None  # (N, D) position table added to every image's tokens after post_norm
+    prefix: Tensor | None  # (P, D) rows put before every image's tokens (class, registers)
+    stem_norm: str  # NORM_KINDS: the norm over D of every output row, prefix rows included
+    g3: Tensor | None  # (D,)
+    b3: Tensor | None  # (D,)
     patch: list[int]  # patch size per spatial dimension
-    eps: float  # both norms
+    eps: float  # pre_norm and post_norm
+    stem_eps: float  # stem_norm
     compute_dtype: torch.dtype  # GEMM operand dtype (fp32 accumulation, fp64 for fp64)
     out_dtype: torch.dtype
 
 
 class _BwdExtra(NamedTuple):
-    grad_y: Tensor  # (B, N, D), any strides (stride 0 included)
+    grad_y: Tensor  # (B, P + N, D), any strides (stride 0 included)
     stats: Tensor  # (len(STAT_ROWS), B*N) row statistics saved by the forward
     needs_x_grad: bool  # compute the image gradient (its own kernel)
 

@@ -1,7 +1,8 @@
 """torch.library custom ops for the fused patch embedding: registration, fake impls, autograd.
 
 ``zeta_fused::patch_embed_fwd`` takes :class:`~zeta_fused.op_args.FwdArgs` and returns
-``(y, stats)``; ``stats`` (4, B*N) holds the fp32 row statistics that the backward needs.
+``(y, stats)``; ``stats`` (len(STAT_ROWS), B*N) holds the fp32 row statistics that the
+backward needs.
 ``zeta_fused::patch_embed_bwd`` takes :class:`~zeta_fused.op_args.BwdArgs` and returns
 :class:`~zeta_fused.op_args.Grads`, one per tensor input; those nobody asked for come back as
 empty tensors and map to None. Both schemas are derived from the argument descriptions.
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from . import reference as ref
 from .dispatch import interpreting
-from .op_args import BwdArgs, FwdArgs, Grads, input_grads, schema
+from .op_args import STAT_ROWS, BwdArgs, FwdArgs, Grads, input_grads, schema
 
 LIB = "zeta_fused"
 
@@ -58,8 +59,10 @@ def _fwd_fake(*flat):
     a = FwdArgs(*flat)
     batch, grid = a.x.shape[0], [s // p for s, p in zip(a.x.shape[2:], a.patch, strict=True)]
     tokens = math.prod(grid)
-    y = a.x.new_empty((batch, tokens, a.weight.shape[0]), dtype=a.out_dtype)
-    return y, a.x.new_empty((4, batch * tokens), dtype=ref.stats_dtype(a.compute_dtype))
+    rows = tokens if a.prefix is None else a.prefix.shape[0] + tokens
+    y = a.x.new_empty((batch, rows, a.weight.shape[0]), dtype=a.out_dtype)
+    stats = a.x.new_empty((len(STAT_ROWS), batch * tokens), dtype=ref.stats_dtype(a.compute_dtype))
+    return y, stats
 
 
 @patch_embed_bwd.register_fake
@@ -75,7 +78,7 @@ def _bwd_fake(*flat):
 
 
 def _setup_context(ctx, inputs, output):
-    # Saved: the inputs and 4 fp32 statistics per token; Z (B, N, D) is recomputed by the
+    # Saved: the inputs and the per-token statistics (STAT_ROWS); Z (B, N, D) is recomputed by the
     # backward's dZ kernel rather than kept (docs/design.md, "Memory").
     a = FwdArgs(*inputs)
     ctx.save_for_backward(*(getattr(a, name) for name in Grads._fields), output[1])

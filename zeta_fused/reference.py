@@ -3,7 +3,9 @@
     P = patchify(x)              # (B, N, K), k in (*patch, c) order: vit-pytorch's (p1 p2 c)
     A = LayerNorm_K(P)           (optional; affine weight and bias each optional)
     Z = A @ W.T + bias           (bias optional)
-    Y = LayerNorm_D(Z)           (optional)                        # (B, N, D)
+    T = LayerNorm_D(Z) + pos     (both optional)                   # (B, N, D)
+    R = concat(prefix, T)        (prefix (P, D) optional: the same rows for every image)
+    Y = LayerNorm_stem(R)        (optional: over D, every row)     # (B, P + N, D)
 
 For images this is vit-pytorch's ``to_patch_embedding``. A conv weight (D, C, *patch) is the
 same projection with K in (c, *patch) order: ``weight_matrix`` permutes it.
@@ -12,18 +14,31 @@ same projection with K in (c, *patch) order: ``weight_matrix`` permutes it.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .op_args import NO_NORM, BwdArgs, FwdArgs, Grads, fwd_of
+from .op_args import NO_NORM, STAT_ROWS, BwdArgs, FwdArgs, Grads, fwd_of
 
 # vit-pytorch's image patch layout, as its Rearrange layer writes it.
 PATCHIFY = "b c (h p1) (w p2) -> b (h w) (p1 p2 c)"
 
 # A LayerNorm's (weight, bias), either of them None; None: no norm.
 Norm = tuple[Tensor | None, Tensor | None] | None
+
+
+class Stem(NamedTuple):
+    """What a whole ViT stem adds after the patch embedding (see ``patch_embed``)."""
+
+    pos: Tensor | None  # (N, D) position table of the patch tokens
+    prefix: Tensor | None  # (P, D) rows before every image's patch tokens
+    norm: Norm  # the LayerNorm over D of every output row
+    eps: float
+
+
+NO_STEM = Stem(None, None, None, 1e-5)
 
 
 def _grid(x: Tensor, patch) -> list[int]:
@@ -68,10 +83,18 @@ def patch_embed_reference(
     pre_norm: Norm = None,
     post_norm: Norm = None,
     eps: float = 1e-5,
+    stem: Stem = NO_STEM,
 ) -> Tensor:
     """The patch embedding in plain PyTorch ops (same dtype rules as the eager module)."""
     a = layer_norm(patchify(x, patch_size), pre_norm, eps)
-    return layer_norm(F.linear(a, weight_matrix(weight), bias), post_norm, eps)
+    y = layer_norm(F.linear(a, weight_matrix(weight), bias), post_norm, eps)
+    if stem is NO_STEM:
+        return y
+    if stem.pos is not None:
+        y = y + stem.pos
+    if stem.prefix is not None:
+        y = torch.cat([stem.prefix.expand(y.shape[0], -1, -1), y], 1)
+    return layer_norm(y, stem.norm, stem.eps)
 
 
 # --- The op's eager implementation (CPU without the interpreter), with the saved statistics ----
@@ -122,12 +145,35 @@ def _projection(a: FwdArgs):
 def forward_with_stats(a: FwdArgs) -> tuple[Tensor, Tensor]:
     """What the fused kernel computes, in eager ops: LayerNorm statistics and the GEMM
     accumulation in fp32 (fp64 for fp64), GEMM operands rounded to ``compute_dtype``.
-    Returns ``(y, stats)`` with stats = (mean1, rstd1, mean2, rstd2) per token, shape (4, B*N)."""
+    Returns ``(y, stats)``, stats = the STAT_ROWS of every patch token, shape (6, B*N)."""
     act, _, mean1, rstd1, w = _projection(a)
     z = act @ w.T if a.bias is None else act @ w.T + a.bias
-    y, _, mean2, rstd2 = _normed(z, a.post_norm, a.g2, a.b2, a.eps, z.dtype)
-    stats = torch.stack([mean1, rstd1, mean2, rstd2]).reshape(4, -1)
+    t, _, mean2, rstd2 = _normed(z, a.post_norm, a.g2, a.b2, a.eps, z.dtype)
+    if a.pos is not None:
+        t = t + a.pos.to(t.dtype)
+    y, _, mean3, rstd3 = _normed(t, a.stem_norm, a.g3, a.b3, a.stem_eps, t.dtype)
+    stats = torch.stack([mean1, rstd1, mean2, rstd2, mean3, rstd3]).reshape(len(STAT_ROWS), -1)
+    if a.prefix is not None:
+        y = torch.cat([prefix_rows(a, t.dtype).expand(y.shape[0], -1, -1), y], 1)
     return y.to(a.out_dtype), stats
+
+
+def prefix_rows(a: FwdArgs, acc: torch.dtype) -> Tensor:
+    """The P output rows every image starts with: the stem norm of the prefix, in ``acc``."""
+    return _normed(a.prefix.to(acc), a.stem_norm, a.g3, a.b3, a.stem_eps, acc)[0]
+
+
+def prefix_grads(a: FwdArgs, grad_rows: Tensor, acc: torch.dtype) -> tuple[Tensor, ...]:
+    """Gradients from the prefix rows' upstream gradient (B, P, D): (prefix, g3 part, b3 part),
+    the last two None without their parameter. The rows are the same in every image, so the
+    batch is summed first (the stem-norm backward is linear in its upstream gradient)."""
+    dy = grad_rows.to(acc).sum(0)
+    if a.stem_norm == NO_NORM:
+        return dy, None, None
+    _, p_hat, _, rstd = _normed(a.prefix.to(acc), a.stem_norm, a.g3, a.b3, a.stem_eps, acc)
+    dg3 = None if a.g3 is None else (dy * p_hat).sum(0)
+    db3 = None if a.b3 is None else dy.sum(0)
+    return layer_norm_backward(dy, p_hat, rstd, a.g3), dg3, db3
 
 
 def layer_norm_backward(dy: Tensor, t_hat: Tensor, rstd: Tensor, gamma: Tensor | None) -> Tensor:
@@ -150,17 +196,35 @@ def backward_from_stats(args: BwdArgs) -> Grads:
     absent parameter, an image without grad) come back as empty tensors."""
     a = fwd_of(args)
     acc = args.stats.dtype
-    mean1, rstd1, mean2, rstd2 = args.stats.reshape(4, a.x.shape[0], -1, 1)
+    mean1, rstd1, mean2, rstd2, mean3, rstd3 = args.stats.reshape(
+        len(STAT_ROWS), a.x.shape[0], -1, 1
+    )
     p = patchify(a.x, a.patch).to(acc)
     x_hat = (p - mean1) * rstd1
     act = p if a.pre_norm == NO_NORM else _affine(x_hat, a.g1, a.b1)
     act = act.to(a.compute_dtype).to(acc)
     w = weight_matrix(a.weight).to(a.compute_dtype).to(acc)
     z = act @ w.T if a.bias is None else act @ w.T + a.bias
+    z_hat = (z - mean2) * rstd2
     grads = dict.fromkeys(Grads._fields)
-    dz = args.grad_y.to(acc)
+    n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
+    dz = args.grad_y[:, n_prefix:].to(acc)
+    if a.stem_norm != NO_NORM:
+        t = z if a.post_norm == NO_NORM else _affine(z_hat, a.g2, a.b2)
+        t = t if a.pos is None else t + a.pos.to(acc)
+        t_hat = (t - mean3) * rstd3
+        grads["g3"], grads["b3"] = _norm_param_grads(dz, t_hat, a.g3, a.b3)
+        dz = layer_norm_backward(dz, t_hat, rstd3, a.g3)
+    if a.prefix is not None:
+        dprefix, dg3, db3 = prefix_grads(a, args.grad_y[:, :n_prefix], acc)
+        grads["prefix"] = dprefix.to(a.prefix.dtype)
+        if dg3 is not None:
+            grads["g3"] = (grads["g3"].to(acc) + dg3).to(a.g3.dtype)
+        if db3 is not None:
+            grads["b3"] = (grads["b3"].to(acc) + db3).to(a.b3.dtype)
+    if a.pos is not None:
+        grads["pos"] = dz.sum(0).to(a.pos.dtype)
     if a.post_norm != NO_NORM:
-        z_hat = (z - mean2) * rstd2
         grads["g2"], grads["b2"] = _norm_param_grads(dz, z_hat, a.g2, a.b2)
         dz = layer_norm_backward(dz, z_hat, rstd2, a.g2)
     dw = (dz.flatten(0, 1).T @ act.flatten(0, 1)).to(a.weight.dtype)

@@ -1,0 +1,214 @@
+"""Fused patch-embedding backward, first kernel (docs/design.md, "Backward"): the upstream
+gradient of the patch tokens back through the stem norm, the position table and the post-norm
+to dZ, per token tile, with per-program column partials for every vector gradient over D.
+
+    dT = rstd3 * (g3 - mean(g3) - t̂ * mean(g3 * t̂)),  g3 = dY * g3w   (dY without stem norm)
+    dZ = rstd2 * (g2 - mean(g2) - ẑ * mean(g2 * ẑ)),  g2 = dT * g2w   (dT without post-norm)
+
+Z is recomputed with the forward's projection chunk; ẑ is kept in the DZ buffer between the
+passes (each program reads back what it wrote), t̂ = norm3(g2w ẑ + b2 + pos) recomputed from
+it. The kernel also stores each token's image offset (RowOff) so that the dW GEMM, which visits
+token tiles in a strided order, does not divide by the image geometry on every step. Device
+code only.
+"""
+
+import triton
+import triton.language as tl
+
+from ..op_args import COLUMN_SUMS
+from .geometry import token_offsets, token_rows, tokens_per_image
+from .norms import (
+    MEAN1,
+    MEAN2,
+    MEAN3,
+    NO_NORM,
+    RSTD1,
+    RSTD2,
+    RSTD3,
+    affine,
+    layer_norm_bwd,
+    layer_norm_bwd_sums,
+    load_stat,
+    normalize,
+    scale_cols,
+)
+from .patch_tiles import READ_BACK, add_pos, project_chunk
+from .rounding import cast
+
+# Rows of the column partials (op_args.COLUMN_SUMS).
+PART_DZ = tl.constexpr(COLUMN_SUMS.index("dz"))
+PART_DG2 = tl.constexpr(COLUMN_SUMS.index("dg2"))
+PART_DB2 = tl.constexpr(COLUMN_SUMS.index("db2"))
+PART_DG3 = tl.constexpr(COLUMN_SUMS.index("dg3"))
+PART_DB3 = tl.constexpr(COLUMN_SUMS.index("db3"))
+
+
+@triton.jit
+def _stem_input_hat(z_hat, offs_m, offs_n, n_mask, mask, norm2, Pos, per_image, D, mean3, rstd3,
+                    NORM2: tl.constexpr, ACC_DTYPE: tl.constexpr):  # fmt: skip
+    """t̂ of the stem norm from ẑ (Z itself without a post-norm): T = norm2's affine(ẑ) + pos."""
+    t = z_hat
+    if NORM2 != NO_NORM:
+        t = affine(z_hat, norm2, offs_n, n_mask, ACC_DTYPE)
+    t = add_pos(t, Pos, offs_m, per_image, D, offs_n, mask, ACC_DTYPE)
+    return tl.where(mask, normalize(t, mean3, rstd3), 0.0)
+
+
+@triton.jit
+def _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3: tl.constexpr,
+            ACC_DTYPE: tl.constexpr):  # fmt: skip
+    """dT, the gradient of the stem norm's input (dY itself without a stem norm)."""
+    if NORM3 != NO_NORM:
+        g = scale_cols(dy, norm3[0], offs_n, n_mask, ACC_DTYPE)
+        dy = layer_norm_bwd(g, t_hat, rstd3, mean_g3, mean_gt3)
+    return dy
+
+
+@triton.jit
+def _bwd_dz_kernel(
+    X, stride_xb, x_strides, W, stride_wd, w_strides, w_row_len, Bias, norm1,  # as the forward
+    norm2,  # (weight, bias) of the post-norm: the weight scales dT, the bias only says db2
+    Pos,  # (N, D) position table or None
+    norm3,  # (weight, bias) of the stem norm
+    Stats,  # (len(STAT_ROWS), M): row statistics from the forward
+    DY, dy_strides,  # upstream gradient of the patch tokens (B, N, D), any strides
+    DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE (only written with a norm over D)
+    DT,  # out: (M, D) dT with both norms over D, for the position table's gradient; or None
+    Partials,  # out: (len(COLUMN_SUMS), programs, D) ACC_DTYPE column sums per program
+    RowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
+    M, K, D, grid,
+    C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr, NORM2: tl.constexpr,
+    NORM3: tl.constexpr, DY_FLAT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    W_FLAT: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs_m, m_mask, row_off = token_rows(
+        pid.to(tl.int64) * BLOCK_M, M, grid, PATCH, stride_xb, x_strides, BLOCK_M
+    )
+    tl.store(RowOff + offs_m, row_off, mask=m_mask)
+    per_image = tokens_per_image(grid)
+    dy_rows = DY + token_offsets(offs_m, per_image, dy_strides, DY_FLAT)
+    dz_rows = DZ + offs_m[:, None] * D
+    part = Partials + pid * D
+    part_rows = programs * D  # between two rows of Partials
+
+    if NORM2 != NO_NORM or NORM3 != NO_NORM:
+        mean1 = load_stat(Stats, MEAN1, offs_m, m_mask, M)
+        rstd1 = load_stat(Stats, RSTD1, offs_m, m_mask, M)
+        mean2 = load_stat(Stats, MEAN2, offs_m, m_mask, M)
+        rstd2 = load_stat(Stats, RSTD2, offs_m, m_mask, M)
+        mean3 = load_stat(Stats, MEAN3, offs_m, m_mask, M)
+        rstd3 = load_stat(Stats, RSTD3, offs_m, m_mask, M)
+        # Row sums of g and g * t̂ for each norm's backward (g: its upstream gradient times
+        # its weight): the stem norm's (3) and the post-norm's (2).
+        sum_g3 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        sum_gt3 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        sum_g2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        sum_gz2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        # Pass 1: recompute Z chunk by chunk and keep ẑ in DZ (t̂ with the stem norm alone);
+        # reduce the rows of the last norm's backward (dY is its upstream gradient).
+        for n0 in range(0, D, BLOCK_N):
+            z, offs_n, n_mask = project_chunk(
+                X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias, norm1,
+                mean1, rstd1, n0, K, D, C, PATCH, NORM1, COMPUTE_DTYPE, DOT_PRECISION,
+                ACC_DTYPE, EMULATE_BF16, W_FLAT, CHANNELS_FIRST, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            mask = m_mask[:, None] & n_mask[None, :]
+            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
+                         other=0.0).to(ACC_DTYPE)  # fmt: skip
+            kept = z
+            if NORM2 != NO_NORM:
+                kept = tl.where(mask, normalize(z, mean2, rstd2), 0.0)
+            if NORM3 != NO_NORM:
+                t_hat = _stem_input_hat(kept, offs_m, offs_n, n_mask, mask, norm2, Pos,
+                                        per_image, D, mean3, rstd3, NORM2, ACC_DTYPE)  # fmt: skip
+                g = scale_cols(dy, norm3[0], offs_n, n_mask, ACC_DTYPE)
+                sum_g3, sum_gt3 = layer_norm_bwd_sums(sum_g3, sum_gt3, g, t_hat)
+                if norm3[0] is not None:
+                    tl.store(part + PART_DG3 * part_rows + offs_n, tl.sum(dy * t_hat, axis=0),
+                             mask=n_mask)  # fmt: skip
+                if norm3[1] is not None:
+                    tl.store(part + PART_DB3 * part_rows + offs_n, tl.sum(dy, axis=0),
+                             mask=n_mask)  # fmt: skip
+                if NORM2 == NO_NORM:
+                    kept = t_hat
+            else:
+                g = scale_cols(dy, norm2[0], offs_n, n_mask, ACC_DTYPE)
+                sum_g2, sum_gz2 = layer_norm_bwd_sums(sum_g2, sum_gz2, g, kept)
+                if norm2[0] is not None:
+                    tl.store(part + PART_DG2 * part_rows + offs_n, tl.sum(dy * kept, axis=0),
+                             mask=n_mask)  # fmt: skip
+                if norm2[1] is not None:
+                    tl.store(part + PART_DB2 * part_rows + offs_n, tl.sum(dy, axis=0),
+                             mask=n_mask)  # fmt: skip
+            tl.store(dz_rows + offs_n[None, :], cast(kept, COMPUTE_DTYPE, EMULATE_BF16),
+                     mask=mask)  # fmt: skip
+        mean_g3 = sum_g3 / D
+        mean_gt3 = sum_gt3 / D
+        # Pass 2, both norms over D: dT from ẑ (read back by the program that wrote it) and
+        # dY, and the rows of the post-norm's backward.
+        if NORM2 != NO_NORM and NORM3 != NO_NORM:
+            tl.debug_barrier()
+            for n0 in range(0, D, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < D
+                mask = m_mask[:, None] & n_mask[None, :]
+                z_hat = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0,
+                                cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
+                dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
+                             other=0.0).to(ACC_DTYPE)  # fmt: skip
+                t_hat = _stem_input_hat(z_hat, offs_m, offs_n, n_mask, mask, norm2, Pos,
+                                        per_image, D, mean3, rstd3, NORM2, ACC_DTYPE)  # fmt: skip
+                dt = tl.where(mask, _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3,
+                                            mean_gt3, NORM3, ACC_DTYPE), 0.0)  # fmt: skip
+                if DT is not None:
+                    tl.store(DT + offs_m[:, None] * D + offs_n[None, :],
+                             cast(dt, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)  # fmt: skip
+                g = scale_cols(dt, norm2[0], offs_n, n_mask, ACC_DTYPE)
+                sum_g2, sum_gz2 = layer_norm_bwd_sums(sum_g2, sum_gz2, g, z_hat)
+                if norm2[0] is not None:
+                    tl.store(part + PART_DG2 * part_rows + offs_n, tl.sum(dt * z_hat, axis=0),
+                             mask=n_mask)  # fmt: skip
+                if norm2[1] is not None:
+                    tl.store(part + PART_DB2 * part_rows + offs_n, tl.sum(dt, axis=0),
+                             mask=n_mask)  # fmt: skip
+        mean_g2 = sum_g2 / D
+        mean_gz2 = sum_gz2 / D
+        # Last pass: dZ from what DZ keeps and dY (dT recomputed rather than stored).
+        tl.debug_barrier()
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < D
+            mask = m_mask[:, None] & n_mask[None, :]
+            kept = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0,
+                           cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
+            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
+                         other=0.0).to(ACC_DTYPE)  # fmt: skip
+            if NORM2 != NO_NORM:
+                dt = dy
+                if NORM3 != NO_NORM:
+                    t_hat = _stem_input_hat(kept, offs_m, offs_n, n_mask, mask, norm2, Pos,
+                                            per_image, D, mean3, rstd3, NORM2,
+                                            ACC_DTYPE)  # fmt: skip
+                    dt = _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3,
+                                 NORM3, ACC_DTYPE)  # fmt: skip
+                g = scale_cols(dt, norm2[0], offs_n, n_mask, ACC_DTYPE)
+                dz = layer_norm_bwd(g, kept, rstd2, mean_g2, mean_gz2)
+            else:
+                dz = _grad_t(dy, kept, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3,
+                             ACC_DTYPE)  # fmt: skip
+            dz = tl.where(mask, dz, 0.0)
+            tl.store(part + PART_DZ * part_rows + offs_n, tl.sum(dz, axis=0), mask=n_mask)
+            tl.store(dz_rows + offs_n[None, :], cast(dz, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)
+    else:
+        # dZ is dY itself: only its column sums are needed here.
+        for n0 in range(0, D, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < D
+            mask = m_mask[:, None] & n_mask[None, :]
+            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask, other=0.0)
+            tl.store(part + PART_DZ * part_rows + offs_n, tl.sum(dy.to(ACC_DTYPE), axis=0),
+                     mask=n_mask)  # fmt: skip
