@@ -111,20 +111,23 @@ def compare(m, x, dtype, device, needs_x_grad=True) -> None:
         assert_accurate(f, e, r, dtype, name)
 
 
-def check_drop_in(model: nn.Module, x: torch.Tensor, device: str, calls: list, expect=1, **kw):
-    """Same outputs, same gradients, same parameters and state-dict keys after conversion."""
+def check_drop_in(model: nn.Module, x: torch.Tensor, device: str, calls: list, expect=1,
+                  convert=fuse_patch_embeddings, expect_calls=None, **kw):  # fmt: skip
+    """Same outputs, same gradients, same parameters and state-dict keys after conversion
+    (``convert``: fuse_patch_embeddings, or zeta_fused.stems.fuse_stems for whole stems)."""
     model = randomise(model).eval()
     before = copy.deepcopy(model).to(device)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device)
     params = {n: p for n, p in model.named_parameters()}
-    summary = fuse_patch_embeddings(model, backend="triton")
+    summary = convert(model, backend="triton")
     assert len(summary.converted) == expect, str(summary)
     assert {n: p for n, p in model.named_parameters()} == params  # the very same Parameters
     model.load_state_dict({k: v.to(device) for k, v in saved.items()})  # old checkpoint loads
     x = x.to(device)
     out_ref, out = before(x, **kw), model(x, **kw)
-    assert len(calls) == expect, "the converted model did not run the fused op"
+    wanted = expect if expect_calls is None else expect_calls
+    assert len(calls) == wanted, "the converted model did not run the fused op"
     out_ref = getattr(out_ref, "last_hidden_state", out_ref)
     out = getattr(out, "last_hidden_state", out)
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)

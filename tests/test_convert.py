@@ -81,8 +81,11 @@ def test_timm_vit(device, fused_calls) -> None:
     pe = model.patch_embed
     assert pe.grid_size == (4, 4) and pe.num_patches == 16 and pe.feat_ratio() == 8
     assert summary.converted[0][0] == "patch_embed"
-    with pytest.raises(AssertionError, match="24x32"):
+    with pytest.raises(AssertionError) as fused_error:
         model(torch.randn(1, 3, 24, 32, device=device))
+    with pytest.raises(AssertionError) as timm_error:  # the same error as timm's own module
+        _timm_vit().to(device)(torch.randn(1, 3, 24, 32, device=device))
+    assert str(fused_error.value) == str(timm_error.value)
 
 
 def test_timm_dinov2_style_patch14(device, fused_calls) -> None:

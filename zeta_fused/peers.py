@@ -14,12 +14,15 @@ fused, or a PyTorch feature the op does not take part in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from . import dispatch
-from .checks import check_input, checked_params, pad_to_patch
+from .checks import check_input, check_stem, checked_params, pad_to_patch
 from .functional import fused_patch_embed, op_inputs
 from .module import _param, norm_params, over, plain
+from .reference import NO_STEM, Stem
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -163,6 +166,13 @@ class _FusedTimmPatchEmbed:
         return _rebuild_fused_timm, (self._zeta_base, self.__getstate__())
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self.zeta_call(x)
+        return super().forward(x) if y is None else y  # timm's own forward, its own errors
+
+    def zeta_call(self, x: Tensor, stem: Callable[[tuple[int, ...]], Stem] | None = None):
+        """The fused output in timm's output format, or None when timm's forward must run.
+        ``stem(grid)``: the rest of a whole stem (zeta_fused.stems_timm), output (B, P + N, D);
+        None from it: the stem cannot be fused for this input."""
         why, hooks = self._zeta_stem()
         proj, norm = self.proj, self.norm
         is_norm, fmt = not plain(norm, nn.Identity), timm_format(self)
@@ -175,30 +185,31 @@ class _FusedTimmPatchEmbed:
             or _conv_semantics(x, self.patch_size)
             or not dispatch.use_fused(self.zeta_backend, x)
         ):
-            return super().forward(x)  # timm's own forward, with its own errors
+            return None
         height, width = x.shape[-2:]
         ph, pw = self.patch_size
         if self.img_size is not None:
-            if self.strict_img_size and (height, width) != tuple(self.img_size):
-                raise AssertionError(
-                    f"input size {height}x{width} does not match the model's {self.img_size}"
-                )
-            ragged = height % ph or width % pw
-            if not self.strict_img_size and not self.dynamic_img_pad and ragged:
-                raise AssertionError(
-                    f"input size {height}x{width} is not a multiple of the patch {ph}x{pw}"
-                )
+            wrong_size = self.strict_img_size and (height, width) != tuple(self.img_size)
+            ragged = not self.dynamic_img_pad and (height % ph or width % pw)
+            if wrong_size or (ragged and not self.strict_img_size):
+                return None  # timm raises its own error
         if self.dynamic_img_pad:
             x = pad_to_patch(x, (ph, pw))
         x = _crop_to_grid(x, (ph, pw))
         check_input(x, proj.in_channels, (ph, pw), False)
+        parts = NO_STEM
+        if stem is not None:
+            parts = stem((x.shape[-2] // ph, x.shape[-1] // pw))
+            if parts is None:
+                return None
+            parts = check_stem(x, (ph, pw), proj.out_channels, *parts)
         weight, bias = _param(proj, "weight"), _param(proj, "bias")
         shape = (proj.out_channels, proj.in_channels, ph, pw)
         post = norm_params(norm if is_norm else None)
         bias, _, post = checked_params(x, weight, shape, bias, None, post)
         eps = norm.eps if is_norm else 1e-5
-        y = fused_patch_embed(op_inputs(x, (ph, pw), weight, bias, None, post, eps))
-        return _to_format(y, x, (ph, pw), fmt)
+        y = fused_patch_embed(op_inputs(x, (ph, pw), weight, bias, None, post, eps, parts))
+        return y if stem is not None else _to_format(y, x, (ph, pw), fmt)
 
 
 _FUSED_CLASSES: dict[type, type] = {}

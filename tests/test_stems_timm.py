@@ -1,0 +1,180 @@
+"""Whole timm ViT stems converted in place (zeta_fused.stems_timm): patch embedding, prefix
+tokens, position table and norm_pre in one fused call, equal to timm's own stem."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from support import check_drop_in, randomise
+from torch import nn
+
+from zeta_fused.stems import fuse_stems
+
+timm = pytest.importorskip("timm")
+from timm.models.deit import VisionTransformerDistilled  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+CONFIGS = {
+    "cls": {},
+    "cls+reg": {"reg_tokens": 2},
+    "no_embed_class+reg": {"no_embed_class": True, "reg_tokens": 2},
+    "dinov2_reg4": {
+        "no_embed_class": True,
+        "reg_tokens": 4,
+        "patch_size": 4,
+        "img_size": 28,
+        "init_values": 1e-5,
+    },  # fmt: skip
+    "pre_norm": {"pre_norm": True},
+    "no_class_token": {"class_token": False, "global_pool": "avg"},
+    "no_pos": {"pos_embed": "none"},
+    "patch_norm": {"embed_layer_norm": True},
+}
+
+
+def vit(cls=VisionTransformer, **kw) -> nn.Module:
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2,
+          "num_classes": 5, **kw}  # fmt: skip
+    if kw.pop("embed_layer_norm", False):
+        kw["embed_norm_layer"] = nn.LayerNorm
+    return randomise(cls(**kw)).eval()
+
+
+@pytest.fixture
+def norm_calls(monkeypatch) -> list[int]:
+    """Counts eager layer norms (a fused norm_pre is not run again)."""
+    calls: list[int] = []
+    real = torch.nn.functional.layer_norm
+    monkeypatch.setattr(
+        torch.nn.functional, "layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    return calls
+
+
+def converted(model: nn.Module, device: str) -> tuple[nn.Module, nn.Module]:
+    model = model.to(device)
+    before = copy.deepcopy(model)
+    summary = fuse_stems(model, backend="triton")
+    assert [kind for _, kind in summary.converted] == ["whole stem: timm VisionTransformer"], str(
+        summary
+    )
+    return model, before
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_stem_matches_timm(name, device, fused_path_calls, norm_calls) -> None:
+    cfg = dict(CONFIGS[name])
+    model, before = converted(vit(**cfg), device)
+    x = torch.randn(2, 3, cfg.get("img_size", 32), cfg.get("img_size", 32), device=device)
+    expected = before(x)
+    norms_eager = len(norm_calls)
+    norm_calls.clear()
+    out = model(x)
+    assert fused_path_calls == [1]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # The fused stem applied norm_pre and the patch norm: each one layer norm fewer.
+    fused_norms = cfg.get("pre_norm", False) + cfg.get("embed_layer_norm", False)
+    assert len(norm_calls) == norms_eager - fused_norms
+
+
+def test_distilled_deit(device, fused_path_calls) -> None:
+    model, before = converted(vit(VisionTransformerDistilled), device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1]
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 24)])
+def test_dynamic_img_size_resamples_with_timm(size, device, fused_path_calls) -> None:
+    model, before = converted(vit(dynamic_img_size=True, pre_norm=True), device)
+    x = torch.randn(2, 3, *size, device=device)
+    torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1]
+
+
+@pytest.mark.parametrize("name", ["cls+reg", "pre_norm"])
+def test_same_parameters_keys_and_gradients(name, device, fused_path_calls) -> None:
+    model = vit(**CONFIGS[name])
+    x = torch.randn(2, 3, 32, 32)
+    check_drop_in(model, x, device, fused_path_calls, convert=fuse_stems)
+
+
+def test_training_with_dropout_follows_timm(device, fused_path_calls, norm_calls) -> None:
+    """pos_drop active: norm_pre must run after it (unfused), the stem itself stays fused."""
+    model, before = converted(vit(pre_norm=True, pos_drop_rate=0.5), device)
+    model.train(), before.train()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    torch.manual_seed(1)
+    expected = before.forward_features(x)
+    norm_calls.clear()
+    torch.manual_seed(1)
+    out = model.forward_features(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1]
+    assert len(norm_calls) == 4  # norm_pre ran itself, then the block's two and the final norm
+    model.pos_drop.p = 0.0
+    fused_path_calls.clear()
+    out = model.forward_features(x)
+    before.pos_drop.p = 0.0
+    torch.testing.assert_close(out, before.forward_features(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_keep_timm_semantics(device, fused_path_calls, norm_calls) -> None:
+    model, before = converted(vit(pre_norm=True), device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    expected = before(x)
+    seen = []
+    handle = model.patch_embed.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert seen == [(2, 16, 24)]  # the hook saw patch tokens, not the whole stem
+    handle.remove()
+    fused_path_calls.clear()
+    handle = model.norm_pre.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    norm_calls.clear()
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1] and seen[-1] == (2, 17, 24)
+    assert len(norm_calls) == 4  # norm_pre ran itself: its hook sees its input
+    handle.remove()
+
+
+def test_methods_outside_the_features_call_are_timms(device) -> None:
+    model, before = converted(vit(pre_norm=True), device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    tokens = model.patch_embed(x)
+    torch.testing.assert_close(tokens, before.patch_embed(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model._pos_embed(tokens), before._pos_embed(tokens))
+    feats = model.forward_intermediates(x, indices=1)
+    for a, b in zip(feats, before.forward_intermediates(x, indices=1), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError) as fused_error:
+        model(torch.randn(1, 3, 24, 24, device=device))
+    with pytest.raises(AssertionError) as timm_error:
+        before(torch.randn(1, 3, 24, 24, device=device))
+    assert str(fused_error.value) == str(timm_error.value)
+
+
+def test_pickles_and_copies_as_a_fused_stem(device, fused_path_calls) -> None:
+    model, before = converted(vit(reg_tokens=1, pre_norm=True), device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(clone) is type(model) and type(clone.patch_embed) is type(model.patch_embed)
+        fused_path_calls.clear()
+        torch.testing.assert_close(clone(x), before(x), rtol=1e-4, atol=1e-5)
+        assert fused_path_calls == [1]
+    again = fuse_stems(model)
+    assert not again.converted and ("", "FusedVisionTransformer, backend 'auto'") in (
+        again.already_fused
+    ), str(again)
+
+
+def test_unknown_subclass_is_reported() -> None:
+    class OwnPosEmbed(VisionTransformer):
+        def _pos_embed(self, x):
+            return super()._pos_embed(x) * 2
+
+    summary = fuse_stems(vit(OwnPosEmbed))
+    assert any("overrides _pos_embed" in why for _, why in summary.skipped), str(summary)
+    assert summary.converted == [("patch_embed", "timm PatchEmbed")]

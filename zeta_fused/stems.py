@@ -1,0 +1,267 @@
+"""Whole-stem conversion (docs/design.md, "Whole stems"): ``fuse_stems(model)`` fuses, in
+place, the patch embedding together with what the peer does right after it (prefix tokens,
+position embeddings, the pre-transformer LayerNorm) into one call of the fused op, and converts
+the remaining patch embeddings as :func:`~zeta_fused.convert.fuse_patch_embeddings` does.
+
+Each peer family lives in its own module (``stems_timm``, ``stems_hf``, ...) and registers a
+:class:`StemKind`: which modules it recognises, why one cannot be fused, and how it is
+converted. Conversion only swaps classes (a subclass of the module's own class with a fused
+forward, :func:`fused_class`): the same module objects, Parameters and state-dict keys. The
+fused forward runs the fused op when the call allows it (:meth:`FusedStem.zeta_fusable`) and the
+peer's own code otherwise, so the peer's methods and errors stay.
+
+Norms that the peer applies outside the stem's module (timm's ``norm_pre``, CLIP's
+``pre_layrnorm``, OpenCLIP's ``ln_pre``) are fused by a hand-off: while the owner's forward runs
+(:func:`handoff_scope`), the stem applies that norm itself and marks its output; the norm module
+(class-swapped by :func:`handoff_class`) then returns that very tensor as it is, and normalises
+anything else as before. Called on its own, outside the owner's forward, the stem returns what
+the peer's stem returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from . import dispatch
+from .checks import check_input, check_stem, checked_params
+from .convert import FuseSummary, fuse_patch_embeddings
+from .functional import fused_patch_embed, op_inputs
+from .module import _param, plain
+from .peers import _conv_semantics, _crop_to_grid, patch_conv_problem
+from .reference import Norm, Stem
+
+# The modules registering the stem families, imported by fuse_stems.
+FAMILIES = ("stems_timm", "stems_hf", "stems_other")
+
+
+class StemKind(NamedTuple):
+    """A family of whole stems the converter knows."""
+
+    name: str  # shown in the summary ("timm VisionTransformer")
+    matches: Callable[[nn.Module], bool]  # the module owns such a stem
+    problem: Callable[[nn.Module], str | None]  # why it cannot be fused; None: it can
+    convert: Callable[[nn.Module, str], None]  # swap the classes; (module, backend)
+
+
+KINDS: list[StemKind] = []
+
+
+def register(kind: StemKind) -> StemKind:
+    KINDS.append(kind)
+    return kind
+
+
+class FusedStem:
+    """Base of every fused stem class (mixed before the peer's class): its backend, pickling
+    as the peer's class, and the per-call decision."""
+
+    zeta_backend: str = "auto"
+    _zeta_base: type
+    _zeta_mixin: type
+
+    def zeta_fusable(self, x: Tensor, *children: nn.Module) -> bool:
+        """This call may run fused: no hook on the children it would not call (the module's
+        own hooks run either way) and no global one, and the dispatcher agrees."""
+        return not any(dispatch.hook_dicts(*children)) and dispatch.use_fused(self.zeta_backend, x)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for key in [k for k in state if k.startswith("_zeta_") and k != "_zeta_backend"]:
+            del state[key]  # per-call hand-off state: bound to this process
+        return state
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time: pickled as the peer's class, converted again on load.
+        return _rebuild, (self._zeta_base, self._zeta_mixin, self.__getstate__())
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def fused_class(mixin: type, base: type) -> type:
+    """The subclass of ``base`` with ``mixin``'s forward (one per pair)."""
+    if isinstance(base, type) and issubclass(base, FusedStem):
+        base = base._zeta_base
+    key = (mixin, base)
+    if key not in _CLASSES:
+        attrs = {"_zeta_base": base, "_zeta_mixin": mixin, "__module__": mixin.__module__}
+        _CLASSES[key] = type(f"Fused{base.__name__}", (mixin, base), attrs)
+    return _CLASSES[key]
+
+
+def swap(m: nn.Module, mixin: type, backend: str | None = None) -> None:
+    """Convert ``m`` in place to ``fused_class(mixin, type(m))``."""
+    m.__class__ = fused_class(mixin, type(m))
+    if backend is not None:
+        m.zeta_backend = backend
+
+
+def _rebuild(base: type, mixin: type, state: dict) -> nn.Module:
+    module = base.__new__(base)
+    module.__setstate__(state)
+    module.__class__ = fused_class(mixin, base)
+    return module
+
+
+# --- Hand-off of a norm applied outside the stem's module --------------------------------------
+
+_NEXT_NORM = "_zeta_next_norm"  # on the stem: the norm its owner applies next
+_DONE = "_zeta_done"  # on the norm: the tensor the stem normalised already
+
+
+class _HandoffLayerNorm(FusedStem):
+    """A LayerNorm that returns the stem's output as it is when the stem applied it already."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        done = self.__dict__.pop(_DONE, None)
+        if done is None:
+            return super().forward(x)
+        if done is not x:
+            # The stem normalised its output already; normalising another tensor instead
+            # would silently differ from the peer. The owners check that nothing between the
+            # stem and the norm replaces the tensor, so this is a bug worth reporting.
+            raise RuntimeError(
+                f"{type(self).__name__}: the fused stem applied this norm already, but it "
+                f"received another tensor than the stem's output; please report this model"
+            )
+        return x
+
+
+def is_layer_norm(m: nn.Module) -> bool:
+    """``m`` computes ``F.layer_norm`` over its ``normalized_shape``: a plain ``nn.LayerNorm``,
+    or timm's ``LayerNorm`` (the norm of every timm ViT) without its fast-norm option, which
+    computes in another precision under autocast."""
+    if plain(m, nn.LayerNorm):
+        return True
+    timm_norm = next(
+        (
+            c
+            for c in type(m).__mro__
+            if c.__name__ == "LayerNorm" and c.__module__ == "timm.layers.norm"
+        ),
+        None,
+    )
+    return timm_norm is not None and type(m).forward is timm_norm.forward and not m._fast_norm
+
+
+def handoff_class(norm: nn.Module) -> None:
+    """Make ``norm`` (a LayerNorm, :func:`is_layer_norm`) accept hand-offs."""
+    if is_layer_norm(norm):
+        swap(norm, _HandoffLayerNorm)
+
+
+@contextlib.contextmanager
+def handoff_scope(stem: nn.Module, norm: nn.Module | None) -> Iterator[None]:
+    """While the owner's forward runs: the stem may apply ``norm`` and hand its output over."""
+    if norm is None:
+        yield
+        return
+    stem.__dict__[_NEXT_NORM] = norm
+    try:
+        yield
+    finally:
+        stem.__dict__.pop(_NEXT_NORM, None)
+        norm.__dict__.pop(_DONE, None)
+
+
+def pending_norm(stem: nn.Module) -> nn.LayerNorm | None:
+    """The norm the stem may apply in this call: its owner's, within :func:`handoff_scope`,
+    when it is a hand-off LayerNorm over the last dimension without hooks."""
+    norm = stem.__dict__.get(_NEXT_NORM)
+    if (
+        norm is None
+        or type(norm).forward is not _HandoffLayerNorm.forward
+        or len(norm.normalized_shape) != 1
+        or getattr(norm, "_fast_norm", False)
+        or any(dispatch.hook_dicts(norm))
+    ):
+        return None
+    return norm
+
+
+def hand_off(norm: nn.LayerNorm, y: Tensor) -> Tensor:
+    """Mark ``y`` as normalised by ``norm`` already (its next call returns it as it is)."""
+    norm.__dict__[_DONE] = y
+    return y
+
+
+def norm_of(norm: nn.LayerNorm | None) -> tuple | None:
+    """A LayerNorm's (weight, bias) for the op; None for no norm."""
+    return None if norm is None else (_param(norm, "weight"), _param(norm, "bias"))
+
+
+def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem],
+              post_norm: Norm = None, eps: float = 1e-5) -> Tensor | None:  # fmt: skip
+    """The whole stem over a patch conv (kernel = stride) as one fused call: (B, P + N, D).
+    ``stem(grid)`` gives the prefix rows, the position table of that grid and the stem norm
+    (the caller resamples a table for another size with the peer's own function). None: the
+    conv must run itself (unbatched or too small an input, a conv changed in place); the
+    caller then runs the peer's code."""
+    patch = tuple(conv.kernel_size)
+    if _conv_semantics(x, patch) or patch_conv_problem(conv) is not None:
+        return None
+    x = _crop_to_grid(x, patch)
+    check_input(x, conv.in_channels, patch, False)
+    weight, bias = _param(conv, "weight"), _param(conv, "bias")
+    shape = (conv.out_channels, conv.in_channels, *patch)
+    bias, _, post_norm = checked_params(x, weight, shape, bias, None, post_norm)
+    grid = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
+    parts = stem(grid)
+    parts = check_stem(x, patch, conv.out_channels, parts.pos, parts.prefix, parts.norm, parts.eps)
+    return fused_patch_embed(op_inputs(x, patch, weight, bias, None, post_norm, eps, parts))
+
+
+# --- The conversion ----------------------------------------------------------------------------
+
+
+def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
+    """Fuse the whole ViT stems of a model in place, then its other patch embeddings.
+
+    Args:
+        model: any ``nn.Module``, walked recursively (the root included).
+        backend: "auto" | "triton" | "eager" for the converted modules (see the README).
+
+    Returns:
+        A :class:`~zeta_fused.convert.FuseSummary`: the stems converted (and the patch
+        embeddings :func:`~zeta_fused.convert.fuse_patch_embeddings` converted), those fused
+        already, and every candidate left alone with the reason.
+    """
+    dispatch.check_backend(backend)
+    for family in FAMILIES:
+        try:  # TEMPORARY while the family modules are written
+            importlib.import_module(f".{family}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{family}":
+                raise
+    summary = FuseSummary()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FusedStem) and not isinstance(m, _HandoffLayerNorm):
+            m.zeta_backend = backend
+            summary.already_fused.append((name, f"{type(m).__name__}, backend {backend!r}"))
+            continue
+        for kind in KINDS:
+            if kind.matches(m):
+                why = kind.problem(m)
+                if why is None:
+                    kind.convert(m, backend)
+                    summary.converted.append((name, f"whole stem: {kind.name}"))
+                else:
+                    summary.skipped.append((name, f"whole stem: {kind.name}: {why}"))
+                break
+    # A stem converted now may have fused its patch embedding itself: not "fused already".
+    stems_now = tuple(f"{name}." if name else "" for name, _ in summary.converted)
+    inner = fuse_patch_embeddings(model, backend=backend)
+    summary.converted += inner.converted
+    summary.skipped += inner.skipped
+    summary.already_fused += [
+        entry for entry in inner.already_fused if not (stems_now and entry[0].startswith(stems_now))
+    ]
+    return summary
+
+
+__all__ = ["FusedStem", "StemKind", "conv_stem", "fuse_stems", "register"]

@@ -1,0 +1,208 @@
+"""Whole stems of timm Vision Transformers (``VisionTransformer`` with class, register and
+distillation tokens, ``no_embed_class``, ``pre_norm``, ``dynamic_img_size``; DeiT distilled;
+the DINOv2 and ``*_reg4`` models): ``patch_embed`` -> ``_pos_embed`` -> ``patch_drop`` ->
+``norm_pre`` in one fused call (docs/design.md, "Whole stems").
+
+timm's own ``forward_features`` and ``forward_intermediates`` run unchanged, inside a scope in
+which the patch embedding computes the whole stem: prefix rows (``cls (+ pos[:P])``, registers,
+distillation token), the position table (resampled by timm's own ``resample_abs_pos_embed`` for
+``dynamic_img_size``) and ``norm_pre``. ``_pos_embed`` then passes that output on (through
+``pos_drop``), and ``norm_pre`` returns it as it is (the hand-off of zeta_fused.stems).
+``norm_pre`` is fused only when ``pos_drop`` and ``patch_drop`` leave the tensor as it is for
+the call (eval, or rates of 0); otherwise it runs after them, as in timm. Called outside those
+methods, ``patch_embed`` and ``_pos_embed`` behave as timm's.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch, stems
+from .module import _param, plain
+from .peers import fused_timm_class, timm_problem
+from .reference import Stem
+
+_OWNER = "_zeta_owner"  # on the patch embedding, during the owner's forward
+_STEM_OUT = "_zeta_stem_out"  # on the owner: the whole stem's output, for _pos_embed
+
+
+def _timm():
+    from timm.models import deit, vision_transformer
+
+    return vision_transformer.VisionTransformer, deit.VisionTransformerDistilled
+
+
+def _prefix_tokens(m: nn.Module) -> list[Tensor]:
+    """The (1, n, D) prefix parameters in timm's concatenation order."""
+    _, distilled = _timm()
+    second = "dist_token" if isinstance(m, distilled) else "reg_token"
+    names = ("cls_token", second)
+    return [t for t in (_param(m, n) for n in names) if t is not None]
+
+
+def _keeps_tensor(m: nn.Module) -> bool:
+    """The module returns its input tensor itself in this call (eval, or a rate of 0)."""
+    from timm.layers import PatchDropout
+
+    if plain(m, nn.Identity):
+        return True
+    if plain(m, nn.Dropout):
+        return not m.training or m.p == 0
+    if plain(m, PatchDropout):
+        return (not m.training or m.prob == 0) and not m.return_indices
+    return False
+
+
+class _FusedTimmViT(stems.FusedStem):
+    """Mixed in front of a timm VisionTransformer class: its feature methods run their own
+    code, with the stem fused where the call allows it."""
+
+    def forward_features(self, x: Tensor, *args, **kwargs):
+        with self._zeta_scope(x):
+            return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        with self._zeta_scope(x):
+            return super().forward_intermediates(x, *args, **kwargs)
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        if x is self.__dict__.pop(_STEM_OUT, None):  # the whole stem ran fused already
+            return self.pos_drop(x)
+        return super()._pos_embed(x)
+
+    def _zeta_scope(self, x: Tensor):
+        """The scope of one feature call: the patch embedding may compute the whole stem."""
+        pe = self.patch_embed
+        # The patch embedding's own hooks would see the whole stem: then it stays a patch
+        # embedding for this call.
+        if not isinstance(pe, _TimmStemPatchEmbed) or not self.zeta_fusable(x, pe):
+            return nullcontext()
+        # norm_pre joins only when nothing between the stem and it changes the tensor.
+        between = (self.pos_drop, self.patch_drop)
+        fuse_norm = all(map(_keeps_tensor, between)) and not any(dispatch.hook_dicts(*between))
+        return _OwnerScope(self, pe, self.norm_pre if fuse_norm else None)
+
+    def _zeta_parts(self, grid: tuple[int, int]) -> Stem | None:
+        """The rest of the stem for a patch grid, as timm's ``_pos_embed`` computes it; None
+        when timm would not accept the table (timm then raises its own error)."""
+        tokens = _prefix_tokens(self)
+        n_prefix = sum(t.shape[1] for t in tokens)
+        prefix = torch.cat(tokens, 1) if len(tokens) > 1 else (tokens[0] if tokens else None)
+        pos = _param(self, "pos_embed")
+        if pos is not None:
+            covers_prefix = not self.no_embed_class
+            if self.dynamic_img_size:
+                from timm.layers import resample_abs_pos_embed
+
+                pos = resample_abs_pos_embed(
+                    pos,
+                    new_size=grid,
+                    old_size=self.patch_embed.grid_size,
+                    num_prefix_tokens=n_prefix if covers_prefix else 0,
+                )
+            if pos.shape[1] != grid[0] * grid[1] + (n_prefix if covers_prefix else 0):
+                return None
+            if covers_prefix and n_prefix:
+                prefix = prefix + pos[:, :n_prefix]
+                pos = pos[:, n_prefix:]
+        norm = stems.pending_norm(self.patch_embed)
+        return Stem(
+            None if pos is None else pos[0],
+            None if prefix is None else prefix[0],
+            stems.norm_of(norm),
+            1e-5 if norm is None else norm.eps,
+        )
+
+
+class _OwnerScope:
+    """Within one feature call: the patch embedding knows its owner, and the norm to hand off."""
+
+    def __init__(self, owner: nn.Module, pe: nn.Module, norm: nn.Module | None):
+        self.owner, self.pe, self.handoff = owner, pe, stems.handoff_scope(pe, norm)
+
+    def __enter__(self):
+        self.pe.__dict__[_OWNER] = self.owner
+        self.handoff.__enter__()
+
+    def __exit__(self, *exc):
+        self.pe.__dict__.pop(_OWNER, None)
+        self.owner.__dict__.pop(_STEM_OUT, None)
+        return self.handoff.__exit__(*exc)
+
+
+class _TimmStemPatchEmbed:
+    """Mixed in front of a fused timm PatchEmbed: inside its owner's feature call it computes
+    the whole stem (B, P + N, D); anywhere else it is the fused PatchEmbed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        owner = self.__dict__.get(_OWNER)
+        if owner is None:
+            return super().forward(x)
+        y = self.zeta_call(x, owner._zeta_parts)
+        if y is None:
+            return super().forward(x)
+        norm = stems.pending_norm(self)
+        if norm is not None:
+            stems.hand_off(norm, y)
+        owner.__dict__[_STEM_OUT] = y
+        return y
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time: pickled as timm's class, made stem-capable on load.
+        return _rebuild_stem_patch_embed, (self._zeta_base, self.__getstate__())
+
+
+_PE_CLASSES: dict[type, type] = {}
+
+
+def _stem_patch_embed_class(cls: type) -> type:
+    """The stem-capable fused subclass of a timm PatchEmbed class (one per class)."""
+    if cls not in _PE_CLASSES:
+        base = fused_timm_class(cls)
+        _PE_CLASSES[cls] = type(
+            f"FusedStem{cls.__name__}", (_TimmStemPatchEmbed, base), {"__module__": __name__}
+        )
+    return _PE_CLASSES[cls]
+
+
+def _rebuild_stem_patch_embed(cls: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    module.__class__ = _stem_patch_embed_class(cls)
+    return module
+
+
+def _matches(m: nn.Module) -> bool:
+    try:
+        vit, _ = _timm()
+    except ImportError:
+        return False
+    return isinstance(m, vit)
+
+
+def _problem(m: nn.Module) -> str | None:
+    vit, distilled = _timm()
+    own = type(m)._pos_embed
+    if own not in (vit._pos_embed, distilled._pos_embed):
+        return f"{type(m).__name__} overrides _pos_embed"
+    pe = m.patch_embed
+    base = getattr(pe, "_zeta_base", type(pe))
+    why = timm_problem(pe, base) if hasattr(pe, "proj") else "no timm PatchEmbed"
+    if why is not None:
+        return f"patch_embed: {why}"
+    return None
+
+
+def _convert(m: nn.Module, backend: str) -> None:
+    pe = m.patch_embed
+    base = getattr(pe, "_zeta_base", type(pe))
+    pe.__class__ = _stem_patch_embed_class(base)
+    pe.zeta_backend = backend
+    stems.handoff_class(m.norm_pre)
+    stems.swap(m, _FusedTimmViT, backend)
+
+
+stems.register(stems.StemKind("timm VisionTransformer", _matches, _problem, _convert))
