@@ -224,7 +224,7 @@ def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, pos: Tensor | None,
     """The position table (N, D), the prefix rows (P, D) (each may have a leading 1) and the
     stem norm's (D,) vectors checked, on the image's device and of its dtype (unless autocast
     decides); the table comes back contiguous (the kernels read it as rows)."""
-    tokens = math.prod(s // p for s, p in zip(x.shape[2:], patch, strict=True))
+    tokens = math.prod([s // p for s, p in zip(x.shape[2:], patch, strict=True)])
     pos = _rows(pos, tokens, dim, "pos", f"the {tokens} patch tokens")
     prefix = _rows(prefix, None, dim, "prefix", "the prefix rows")
     stem_norm = _norm(stem_norm, dim, "stem_norm")
