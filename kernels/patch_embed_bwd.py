@@ -11,8 +11,9 @@ Three passes, all deterministic (per-program partial sums, no atomics):
 3. ``_bwd_dx_kernel`` (per token tile, only when the image needs a gradient): dA = dZ W, the
    pre-norm backward, scattered straight into the image layout (patches do not overlap).
 
-The dZ kernel also stores each token's image offset (RowOff) so that the dW GEMM, which visits
-token tiles in a strided order, does not divide by the image geometry on every step. Each
+The dZ kernel also stores each token's image offset (RowOff), and its dZ row offset where rows
+are not evenly spaced (DZRowOff), so that the dW GEMM, which visits token tiles in a strided
+order, does not divide by the image geometry on every step. Each
 kernel walks K in the order its launch picks (CHANNELS_FIRST, see geometry.patch_cols); G is
 kept in the dW GEMM's order, and the parameter kernel writes dW, dg1, db1 through their own
 strides.
@@ -43,14 +44,15 @@ def _bwd_dw_kernel(
     X, x_strides,  # image and its element strides (c, *spatial)
     Stats,
     RowOff,  # (M,) int64 image offset of each token's first pixel (from the dZ kernel)
-    DZ, dz_strides,  # dZ (B, N, D) with strides (the DZ buffer, or dY without post-norm)
+    DZ, dz_strides,  # dZ (B, N, D) with strides (the DZ buffer, or dY without norms over D)
+    DZRowOff,  # (M,) int64 offset of each token's dZ row (from the dZ kernel); None: m * n stride
     GPart,  # out: (S, D, K) ACC_DTYPE partials of G = dZ^T x̂ over token splits
     M, K, D,
-    per_image,  # tokens per image
-    C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr, DZ_FLAT: tl.constexpr,
+    C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     EMULATE_BF16: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
     ROW_ALIGN: tl.constexpr,  # a power of two dividing every token's offset in the image
+    DZ_ALIGN: tl.constexpr,  # a power of two dividing every DZRowOff (vector loads of dZ)
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
@@ -85,11 +87,11 @@ def _bwd_dw_kernel(
             rstd1 = load_stat(Stats, RSTD1, offs_m, m_mask, M)
             mask = m_mask[:, None] & k_mask[None, :]
             x_hat = tl.where(mask, normalize(x_hat, mean1, rstd1), 0.0)
-        dz_ptrs = (
-            DZ
-            + token_offsets(offs_m, per_image, dz_strides, DZ_FLAT)[:, None]
-            + (offs_d[None, :] * dz_strides[2])
-        )
+        if DZRowOff is not None:  # rows not evenly spaced (after prefix rows): no division
+            dz_rows = tl.multiple_of(tl.load(DZRowOff + offs_m, mask=m_mask, other=0), DZ_ALIGN)
+        else:
+            dz_rows = offs_m * dz_strides[1]
+        dz_ptrs = DZ + dz_rows[:, None] + (offs_d[None, :] * dz_strides[2])
         dz = tl.load(dz_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         acc = mma(acc, tl.trans(dz), x_hat, COMPUTE_DTYPE, DOT_PRECISION, ACC_DTYPE, EMULATE_BF16)
         x_next = load_patches(

@@ -65,6 +65,21 @@ def _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3: t
 
 
 @triton.jit
+def _read_chunk(dz_rows, dy_rows, dy_strides, n0, m_mask, D, ACC_DTYPE: tl.constexpr,
+                BLOCK_N: tl.constexpr):  # fmt: skip
+    """Columns n0 .. n0 + BLOCK_N of a later pass: what DZ keeps (read back by the program that
+    wrote it) and dY, with their indices and masks."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
+    mask = m_mask[:, None] & n_mask[None, :]
+    kept = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0,
+                   cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
+    dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
+                 other=0.0).to(ACC_DTYPE)  # fmt: skip
+    return kept, dy, offs_n, n_mask, mask
+
+
+@triton.jit
 def _bwd_dz_kernel(
     X, stride_xb, x_strides, W, stride_wd, w_strides, w_row_len, Bias, norm1,  # as the forward
     norm2,  # (weight, bias) of the post-norm: the weight scales dT, the bias only says db2
@@ -76,6 +91,8 @@ def _bwd_dz_kernel(
     DT,  # out: (M, D) dT with both norms over D, for the position table's gradient; or None
     Partials,  # out: (len(COLUMN_SUMS), programs, D) ACC_DTYPE column sums per program
     RowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
+    DYRowOff,  # out: (M,) int64 offset of each token's dY row, for the dW kernel when dZ is
+    # dY (no norm over D) and its rows are not evenly spaced; else None
     M, K, D, grid,
     C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr, NORM2: tl.constexpr,
     NORM3: tl.constexpr, DY_FLAT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
@@ -90,7 +107,8 @@ def _bwd_dz_kernel(
     )
     tl.store(RowOff + offs_m, row_off, mask=m_mask)
     per_image = tokens_per_image(grid)
-    dy_rows = DY + token_offsets(offs_m, per_image, dy_strides, DY_FLAT)
+    dy_off = token_offsets(offs_m, per_image, dy_strides, DY_FLAT)
+    dy_rows = DY + dy_off
     dz_rows = DZ + offs_m[:, None] * D
     part = Partials + pid * D
     part_rows = programs * D  # between two rows of Partials
@@ -153,13 +171,9 @@ def _bwd_dz_kernel(
         if NORM2 != NO_NORM and NORM3 != NO_NORM:
             tl.debug_barrier()
             for n0 in range(0, D, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < D
-                mask = m_mask[:, None] & n_mask[None, :]
-                z_hat = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0,
-                                cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
-                dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
-                             other=0.0).to(ACC_DTYPE)  # fmt: skip
+                z_hat, dy, offs_n, n_mask, mask = _read_chunk(
+                    dz_rows, dy_rows, dy_strides, n0, m_mask, D, ACC_DTYPE, BLOCK_N
+                )
                 t_hat = _stem_input_hat(z_hat, offs_m, offs_n, n_mask, mask, norm2, Pos,
                                         per_image, D, mean3, rstd3, NORM2, ACC_DTYPE)  # fmt: skip
                 dt = tl.where(mask, _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3,
@@ -180,13 +194,8 @@ def _bwd_dz_kernel(
         # Last pass: dZ from what DZ keeps and dY (dT recomputed rather than stored).
         tl.debug_barrier()
         for n0 in range(0, D, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < D
-            mask = m_mask[:, None] & n_mask[None, :]
-            kept = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0,
-                           cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
-            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
-                         other=0.0).to(ACC_DTYPE)  # fmt: skip
+            kept, dy, offs_n, n_mask, mask = _read_chunk(dz_rows, dy_rows, dy_strides, n0, m_mask,
+                                                         D, ACC_DTYPE, BLOCK_N)  # fmt: skip
             if NORM2 != NO_NORM:
                 dt = dy
                 if NORM3 != NO_NORM:
@@ -205,6 +214,8 @@ def _bwd_dz_kernel(
             tl.store(dz_rows + offs_n[None, :], cast(dz, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)
     else:
         # dZ is dY itself: only its column sums are needed here.
+        if DYRowOff is not None:
+            tl.store(DYRowOff + offs_m, dy_off, mask=m_mask)
         for n0 in range(0, D, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < D

@@ -175,8 +175,12 @@ def row_align(x: Tensor, patch) -> int:
     """The largest power of two (at most MAX_ROW_ALIGN) dividing every token's first-pixel
     offset b * sb + sum over d of pos_d * patch_d * s_d."""
     spatial = x.stride()[2:]
-    g = math.gcd(x.stride(0), *(p * s for p, s in zip(patch, spatial, strict=True)))
-    g = g or MAX_ROW_ALIGN
+    return stride_align(x.stride(0), *(p * s for p, s in zip(patch, spatial, strict=True)))
+
+
+def stride_align(*strides: int) -> int:
+    """The largest power of two (at most MAX_ROW_ALIGN) dividing every stride."""
+    g = math.gcd(*strides) or MAX_ROW_ALIGN
     return min(g & -g, MAX_ROW_ALIGN)
 
 
