@@ -165,7 +165,7 @@ def test_pickles_and_copies_as_a_fused_stem(device, fused_path_calls) -> None:
         torch.testing.assert_close(clone(x), before(x), rtol=1e-4, atol=1e-5)
         assert fused_path_calls == [1]
     again = fuse_stems(model)
-    assert not again.converted and ("", "FusedVisionTransformer, backend 'auto'") in (
+    assert not again.converted and ("", "fused VisionTransformer, backend 'auto'") in (
         again.already_fused
     ), str(again)
 

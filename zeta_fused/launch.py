@@ -112,7 +112,7 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
         y[:, :n_prefix] = prefix_rows(a, acc)
     if geo.tokens == 0:
         return y, stats
-    tokens = y[:, n_prefix:]
+    tokens = y[:, n_prefix:] if n_prefix else y  # (a view costs host time on every call)
     pol = policy.current()
     blocks = pol.blocks(a.compute_dtype.itemsize)
     block_n = _block_n(dim, blocks.n)
@@ -171,14 +171,19 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     dt = grad_tokens if not stem else dz if not post else None
     if dt is None and a.pos is not None:
         dt = x.new_empty(shape, dtype=a.compute_dtype)
+    dy_strides, dy_flat = layout.token_strides(grad_tokens)
+    # dZ is dY with rows not evenly spaced (after prefix rows): the dZ kernel stores their
+    # offsets for the dW GEMM, which would otherwise divide by N on every step.
+    dz_row_offsets = None
+    if dz is grad_tokens and not dy_flat:
+        dz_row_offsets = x.new_empty((tokens,), dtype=torch.int64)
     if tokens:
-        dy_strides, dy_flat = layout.token_strides(grad_tokens)
         _bwd_dz_kernel[(dz_tiles,)](
             x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
             (a.g3, a.b3), stats, grad_tokens, dy_strides, dz,
-            dt if post and stem else None, partials, row_offsets, tokens, patch_dim, dim,
-            geo.grid, NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat,
-            CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.dz_m,
+            dt if post and stem else None, partials, row_offsets, dz_row_offsets, tokens,
+            patch_dim, dim, geo.grid, NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat,
+            W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.dz_m,
             BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k, num_warps=blocks.warps,
             **consts,
         )  # fmt: skip
@@ -195,12 +200,12 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     # The dW GEMM never reads the weight: the image alone picks its K order (G is kept in it).
     g_first = layout.rows_inner(x)
     if tokens:
-        dz_strides, dz_flat = layout.token_strides(dz)
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
-            x, x_strides, stats, row_offsets, dz, dz_strides, gpart, tokens, patch_dim, dim,
-            geo.per_image, DZ_FLAT=dz_flat, CHANNELS_FIRST=g_first,
-            ROW_ALIGN=layout.row_align(x, patch), BLOCK_M=blocks.dw_m, BLOCK_D=dw_d,
-            BLOCK_K=blocks.dw_k, num_warps=blocks.warps, **consts,
+            x, x_strides, stats, row_offsets, dz, dz.stride(), dz_row_offsets, gpart, tokens,
+            patch_dim, dim, CHANNELS_FIRST=g_first, ROW_ALIGN=layout.row_align(x, patch),
+            DZ_ALIGN=1 if dz_row_offsets is None else layout.stride_align(*dz.stride()[:2]),
+            BLOCK_M=blocks.dw_m, BLOCK_D=dw_d, BLOCK_K=blocks.dw_k, num_warps=blocks.warps,
+            **consts,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     dg1, db1 = (None if p is None else torch.empty_like(p) for p in (a.g1, a.b1))
@@ -239,7 +244,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
         return (total if prefix_part is None else total + prefix_part).to(param.dtype)
 
     dprefix = dg3_prefix = db3_prefix = None
-    if n_prefix:
+    if a.prefix is not None:
         dprefix, dg3_prefix, db3_prefix = prefix_grads(a, grad_y[:, :n_prefix], acc)
     grads = Grads(
         x=dx, weight=dw, bias=None if a.bias is None else dzsum.to(a.bias.dtype), g1=dg1, b1=db1,

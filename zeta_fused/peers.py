@@ -163,7 +163,7 @@ class _FusedTimmPatchEmbed:
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: pickled as the timm class, converted again on load.
-        return _rebuild_fused_timm, (self._zeta_base, self.__getstate__())
+        return rebuild_fused, (self._zeta_base, self.__getstate__(), fused_timm_class)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.zeta_call(x)
@@ -223,10 +223,12 @@ def fused_timm_class(cls: type) -> type:
     return _FUSED_CLASSES[cls]
 
 
-def _rebuild_fused_timm(cls: type, state: dict) -> nn.Module:
+def rebuild_fused(cls: type, state: dict, make, *args) -> nn.Module:
+    """Unpickle a module whose fused class was made at run time: an instance of the peer's
+    ``cls`` with ``state``, its class then swapped to ``make(*args, cls)``."""
     module = cls.__new__(cls)
     module.__setstate__(state)
-    module.__class__ = fused_timm_class(cls)
+    module.__class__ = make(*args, cls)
     return module
 
 

@@ -32,11 +32,11 @@ from .checks import check_input, check_stem, checked_params
 from .convert import FuseSummary, fuse_patch_embeddings
 from .functional import fused_patch_embed, op_inputs
 from .module import _param, plain
-from .peers import _conv_semantics, _crop_to_grid, patch_conv_problem
+from .peers import _conv_semantics, _crop_to_grid, patch_conv_problem, rebuild_fused
 from .reference import Norm, Stem
 
 # The modules registering the stem families, imported by fuse_stems.
-FAMILIES = ("stems_timm", "stems_hf", "stems_other")
+FAMILIES = ("stems_timm", "stems_hf", "stems_other", "stems_diffusion")
 
 
 class StemKind(NamedTuple):
@@ -77,7 +77,7 @@ class FusedStem:
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: pickled as the peer's class, converted again on load.
-        return _rebuild, (self._zeta_base, self._zeta_mixin, self.__getstate__())
+        return rebuild_fused, (self._zeta_base, self.__getstate__(), fused_class, self._zeta_mixin)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -89,8 +89,12 @@ def fused_class(mixin: type, base: type) -> type:
         base = base._zeta_base
     key = (mixin, base)
     if key not in _CLASSES:
-        attrs = {"_zeta_base": base, "_zeta_mixin": mixin, "__module__": mixin.__module__}
-        _CLASSES[key] = type(f"Fused{base.__name__}", (mixin, base), attrs)
+        # The peer's own name and module: libraries key behaviour on them (transformers'
+        # config.architectures on save_pretrained and its output-capture registry; the
+        # converters' library checks). isinstance(m, FusedStem) tells a fused module.
+        attrs = {"_zeta_base": base, "_zeta_mixin": mixin, "__module__": base.__module__,
+                 "__qualname__": base.__qualname__}  # fmt: skip
+        _CLASSES[key] = type(base.__name__, (mixin, base), attrs)
     return _CLASSES[key]
 
 
@@ -99,13 +103,6 @@ def swap(m: nn.Module, mixin: type, backend: str | None = None) -> None:
     m.__class__ = fused_class(mixin, type(m))
     if backend is not None:
         m.zeta_backend = backend
-
-
-def _rebuild(base: type, mixin: type, state: dict) -> nn.Module:
-    module = base.__new__(base)
-    module.__setstate__(state)
-    module.__class__ = fused_class(mixin, base)
-    return module
 
 
 # --- Hand-off of a norm applied outside the stem's module --------------------------------------
@@ -233,16 +230,12 @@ def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
     """
     dispatch.check_backend(backend)
     for family in FAMILIES:
-        try:  # TEMPORARY while the family modules are written
-            importlib.import_module(f".{family}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{family}":
-                raise
+        importlib.import_module(f".{family}", __package__)
     summary = FuseSummary()
     for name, m in list(model.named_modules()):
         if isinstance(m, FusedStem) and not isinstance(m, _HandoffLayerNorm):
             m.zeta_backend = backend
-            summary.already_fused.append((name, f"{type(m).__name__}, backend {backend!r}"))
+            summary.already_fused.append((name, f"fused {type(m).__name__}, backend {backend!r}"))
             continue
         for kind in KINDS:
             if kind.matches(m):
@@ -253,14 +246,17 @@ def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
                 else:
                     summary.skipped.append((name, f"whole stem: {kind.name}: {why}"))
                 break
-    # A stem converted now may have fused its patch embedding itself: not "fused already".
+    # Inside a stem converted now, the patch embedding is fused with it: neither "fused
+    # already" nor an unknown patch convolution.
     stems_now = tuple(f"{name}." if name else "" for name, _ in summary.converted)
+
+    def outside(entries: list) -> list:
+        return [e for e in entries if not (stems_now and e[0].startswith(stems_now))]
+
     inner = fuse_patch_embeddings(model, backend=backend)
     summary.converted += inner.converted
-    summary.skipped += inner.skipped
-    summary.already_fused += [
-        entry for entry in inner.already_fused if not (stems_now and entry[0].startswith(stems_now))
-    ]
+    summary.skipped += outside(inner.skipped)
+    summary.already_fused += outside(inner.already_fused)
     return summary
 
 

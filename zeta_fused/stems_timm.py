@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import dispatch, stems
 from .module import _param, plain
-from .peers import fused_timm_class, timm_problem
+from .peers import fused_timm_class, rebuild_fused, timm_problem
 from .reference import Stem
 
 _OWNER = "_zeta_owner"  # on the patch embedding, during the owner's forward
@@ -152,7 +152,7 @@ class _TimmStemPatchEmbed:
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: pickled as timm's class, made stem-capable on load.
-        return _rebuild_stem_patch_embed, (self._zeta_base, self.__getstate__())
+        return rebuild_fused, (self._zeta_base, self.__getstate__(), _stem_patch_embed_class)
 
 
 _PE_CLASSES: dict[type, type] = {}
@@ -166,13 +166,6 @@ def _stem_patch_embed_class(cls: type) -> type:
             f"FusedStem{cls.__name__}", (_TimmStemPatchEmbed, base), {"__module__": __name__}
         )
     return _PE_CLASSES[cls]
-
-
-def _rebuild_stem_patch_embed(cls: type, state: dict) -> nn.Module:
-    module = cls.__new__(cls)
-    module.__setstate__(state)
-    module.__class__ = _stem_patch_embed_class(cls)
-    return module
 
 
 def _matches(m: nn.Module) -> bool:

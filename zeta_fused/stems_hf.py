@@ -1,0 +1,398 @@
+"""Whole stems of transformers vision models (see :mod:`zeta_fused.stems`): ViT, DeiT, DINOv2,
+DINOv2 with registers, CLIP and SigLIP vision embeddings, each as one call of the fused op.
+
+Every peer builds ``dropout(cat(prefix tokens, conv(x) tokens) + position table)`` (DINOv2 with
+registers splices its registers in after the class row, after the add; SigLIP has no prefix).
+The fused forward computes the prefix rows and the table with torch ops (the peer's own
+``interpolate_pos_encoding`` or ``position_embedding`` call when the peer makes one), hands them
+to the op and applies the peer's dropout to its output. CLIP's ``pre_layrnorm``, which its
+owner applies right after the embeddings, is fused through the hand-off of
+:mod:`zeta_fused.stems`. Whatever a call does that the op does not (a mask token, an input the
+peer rejects, a hook on a module it would skip, unknown arguments) runs the peer's forward.
+
+Classes are recognised by their module and name among the module's bases, so this module never
+imports transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from .module import _param, plain
+from .peers import CONVS, _conv_semantics, fuse_conv, patch_conv_problem
+from .reference import Stem
+from .stems import (
+    FusedStem,
+    StemKind,
+    conv_stem,
+    hand_off,
+    handoff_class,
+    handoff_scope,
+    norm_of,
+    pending_norm,
+    register,
+    swap,
+)
+
+# (prefix rows (P, D) or None, patch position table (N, D) or None), or None: the tables do
+# not fit this call (the peer's forward raises its own error for that).
+Rows = tuple[Tensor | None, Tensor | None] | None
+
+
+def peer_class(cls: type, module: str, name: str) -> type | None:
+    """The transformers class ``transformers.models.<module>.<name>`` among ``cls``'s bases
+    (itself included), or None."""
+    full = f"transformers.models.{module}"
+    return next((c for c in cls.__mro__ if c.__name__ == name and c.__module__ == full), None)
+
+
+def _forward_problem(m: nn.Module, peer: type) -> str | None:
+    if type(m).forward is not peer.forward:
+        return f"{type(m).__name__} overrides {peer.__name__}.forward"
+    return None
+
+
+def _conv_problem(conv: nn.Module | None) -> str | None:
+    if conv is None:
+        return "no patch projection conv"
+    why = patch_conv_problem(conv)
+    if why is None and len(conv.kernel_size) != 2:
+        why = f"projection is a {len(conv.kernel_size)}-D conv, not an image patch conv"
+    return None if why is None else f"projection: {why}"
+
+
+def _stand_in(x: Tensor, rows: int, dim: int) -> Tensor:
+    """A (B, rows, D) tensor for the peer's ``interpolate_pos_encoding(embeddings, h, w)``,
+    which reads only the embeddings' shape: no tokens are computed for it."""
+    return x.new_zeros(()).expand(x.shape[0], rows, dim)
+
+
+def _first_rows(table: Tensor, tokens: int, prefix: Tensor, count: int) -> Rows:
+    """A (1, count + N, D) table added after ``cat(prefix, tokens)``: (prefix + its first
+    ``count`` rows, the rest for the N patch tokens); None when it has another shape."""
+    if table.shape != (1, count + tokens, prefix.shape[-1]):
+        return None
+    return prefix + table[0, :count], table[0, count:]
+
+
+def _agrees(x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
+    """Outside autocast the op takes every tensor in the input's dtype and on its device; the
+    peer would promote mixed dtypes (or raise its own error), so such calls run the peer."""
+    if torch.is_autocast_enabled(x.device.type):
+        return True
+    for t in tensors:  # a plain loop: torch.compile traces it without a graph break
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return False
+    return True
+
+
+class _FusedHFEmbeddings(FusedStem):
+    """Shared per-call path of the fused transformers embeddings."""
+
+    def _zeta_rows(self, x: Tensor, conv: nn.Module, skipped: tuple[nn.Module, ...],
+                   rows: Callable[[int], Rows], norm: nn.LayerNorm | None = None,
+                   ) -> Tensor | None:  # fmt: skip
+        """The fused (B, P + N, D) rows (``rows(N)`` gives the prefix and the patch table), or
+        None: this call must run the peer's forward. ``skipped``: the modules the peer would
+        call and the fused path does not (their hooks make the call run the peer's)."""
+        patch = tuple(conv.kernel_size)
+        if (
+            x.ndim != 4
+            or x.shape[1] != conv.in_channels  # the peer raises its own error
+            or _conv_problem(conv) is not None  # the conv may have been changed in place
+            or _conv_semantics(x, patch)
+            or not self.zeta_fusable(x, *skipped)
+        ):
+            return None
+        if not _agrees(x, (_param(conv, "weight"), _param(conv, "bias"))):
+            return None  # checked before rows(), which may call the peer's modules
+        tokens = (x.shape[2] // patch[0]) * (x.shape[3] // patch[1])
+        parts = rows(tokens)
+        if parts is None:
+            return None
+        prefix, pos = parts
+        if pos is not None and pos.shape != (tokens, conv.out_channels):
+            return None
+        stem_norm = norm_of(norm)
+        if not _agrees(x, (prefix, pos, *(stem_norm or ()))):
+            return None
+        stem = Stem(pos, prefix, stem_norm, 1e-5 if norm is None else norm.eps)
+        return conv_stem(x, conv, lambda _grid: stem)
+
+
+# --- ViT, DeiT, DINOv2, DINOv2 with registers ------------------------------------------------
+
+
+def _patch_module_problem(m: nn.Module, module: str, name: str) -> str | None:
+    """``m.patch_embeddings`` is the peer's own patch module (conv, flatten, transpose)."""
+    patches = m._modules.get("patch_embeddings")
+    peer = None if patches is None else peer_class(type(patches), module, name)
+    if peer is None:
+        return f"patch_embeddings is {type(patches).__name__}, not {name}"
+    return _forward_problem(patches, peer) or _conv_problem(patches._modules.get("projection"))
+
+
+class _FusedViTFamily(_FusedHFEmbeddings):
+    """ViT and DeiT: ``cat(cls[, distillation], tokens) + table``, the table given or resampled
+    by the peer's ``interpolate_pos_encoding``; then dropout."""
+
+    _zeta_tokens: tuple[str, ...] = ("cls_token",)  # the prefix token Parameters, in order
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
+                interpolate_pos_encoding: bool = False, *args, **kwargs) -> Tensor:  # fmt: skip
+        y = None
+        sized = tuple(pixel_values.shape[-2:]) == tuple(self.image_size)
+        if (
+            bool_masked_pos is None
+            and not args
+            and not kwargs
+            and (interpolate_pos_encoding or sized)
+        ):
+            patches = self.patch_embeddings
+            conv = patches.projection
+
+            def rows(tokens: int) -> Rows:
+                prefix = torch.cat([_param(self, t).flatten(0, 1) for t in self._zeta_tokens])
+                table = _param(self, "position_embeddings")
+                if interpolate_pos_encoding:
+                    stand_in = _stand_in(pixel_values, len(prefix) + tokens, prefix.shape[-1])
+                    height, width = pixel_values.shape[-2:]
+                    table = self.interpolate_pos_encoding(stand_in, height, width)
+                return _first_rows(table, tokens, prefix, len(prefix))
+
+            if pixel_values.ndim == 4 and pixel_values.shape[1] == patches.num_channels:
+                y = self._zeta_rows(pixel_values, conv, (patches, conv), rows)
+        if y is None:
+            return super().forward(pixel_values, bool_masked_pos, interpolate_pos_encoding,
+                                   *args, **kwargs)  # fmt: skip
+        return self.dropout(y)
+
+
+class _FusedViTEmbeddings(_FusedViTFamily):
+    """transformers ``ViTEmbeddings``, fused."""
+
+
+class _FusedDeiTEmbeddings(_FusedViTFamily):
+    """transformers ``DeiTEmbeddings`` (class and distillation tokens), fused."""
+
+    _zeta_tokens = ("cls_token", "distillation_token")
+
+
+class _FusedDinov2Family(_FusedHFEmbeddings):
+    """DINOv2 (with or without registers): the input cast to the conv's dtype, the table
+    always through the peer's ``interpolate_pos_encoding`` (it returns the table itself for
+    the trained size), then registers after the class row and dropout."""
+
+    _zeta_registers: bool = False
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
+                *args, **kwargs) -> Tensor:  # fmt: skip
+        y = None
+        patches = self.patch_embeddings
+        conv = patches.projection
+        if (
+            bool_masked_pos is None
+            and not args
+            and not kwargs
+            and pixel_values.ndim == 4
+            and pixel_values.shape[1] == patches.num_channels
+        ):
+            x = pixel_values.to(_param(conv, "weight").dtype)  # as the peer's patch module does
+
+            def rows(tokens: int) -> Rows:
+                cls = _param(self, "cls_token").flatten(0, 1)
+                table = _param(self, "position_embeddings")
+                if table is None:  # the peer adds no positions then
+                    prefix, pos = cls, None
+                else:
+                    stand_in = _stand_in(x, 1 + tokens, cls.shape[-1])
+                    table = self.interpolate_pos_encoding(stand_in, *pixel_values.shape[-2:])
+                    parts = _first_rows(table, tokens, cls, 1)
+                    if parts is None:
+                        return None
+                    prefix, pos = parts
+                if self._zeta_registers:  # spliced in after the position add: no positions
+                    prefix = torch.cat([prefix, _param(self, "register_tokens").flatten(0, 1)])
+                return prefix, pos
+
+            y = self._zeta_rows(x, conv, (patches, conv), rows)
+        if y is None:
+            return super().forward(pixel_values, bool_masked_pos, *args, **kwargs)
+        return self.dropout(y)
+
+
+class _FusedDinov2Embeddings(_FusedDinov2Family):
+    """transformers ``Dinov2Embeddings``, fused."""
+
+
+class _FusedDinov2WithRegistersEmbeddings(_FusedDinov2Family):
+    """transformers ``Dinov2WithRegistersEmbeddings``, fused."""
+
+    _zeta_registers = True
+
+
+# --- CLIP and SigLIP vision embeddings -------------------------------------------------------
+
+
+class _FusedConvEmbeddings(_FusedHFEmbeddings):
+    """CLIP and SigLIP: the input cast to the conv's dtype, ``[cat(class_embedding, tokens)] +
+    position_embedding(position_ids)`` or the peer's ``interpolate_pos_encoding``; no dropout.
+    CLIP's owner may hand its ``pre_layrnorm`` over (:func:`~zeta_fused.stems.handoff_scope`)."""
+
+    _zeta_class_row: bool = True  # CLIP's class_embedding; SigLIP has no prefix row
+
+    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                *args, **kwargs) -> Tensor:  # fmt: skip
+        y = norm = None
+        conv = self.patch_embedding
+        sized = tuple(pixel_values.shape[-2:]) == (self.image_size, self.image_size)
+        if (
+            not args
+            and not kwargs
+            and (interpolate_pos_encoding or sized or not self._zeta_class_row)
+        ):
+            # The owner's norm is applied here only when this module has no hooks of its own:
+            # a forward hook would see normalised rows instead of the embeddings.
+            if not any(dispatch.hook_dicts(self)):
+                norm = pending_norm(self)
+                if norm is not None and tuple(norm.normalized_shape) != (conv.out_channels,):
+                    norm = None
+            x = pixel_values.to(_param(conv, "weight").dtype)  # as the peer does
+
+            def rows(tokens: int) -> Rows:
+                count = 1 if self._zeta_class_row else 0
+                if interpolate_pos_encoding:
+                    stand_in = _stand_in(x, count + tokens, conv.out_channels)
+                    table = self.interpolate_pos_encoding(stand_in, *pixel_values.shape[-2:])
+                else:
+                    table = self.position_embedding(self.position_ids)
+                if not count:
+                    ok = table.shape == (1, tokens, conv.out_channels)
+                    return (None, table[0]) if ok else None
+                return _first_rows(table, tokens, _param(self, "class_embedding")[None], 1)
+
+            y = self._zeta_rows(x, conv, (conv,), rows, norm)
+        if y is None:
+            return super().forward(pixel_values, interpolate_pos_encoding, *args, **kwargs)
+        return y if norm is None else hand_off(norm, y)
+
+
+class _FusedCLIPVisionEmbeddings(_FusedConvEmbeddings):
+    """transformers ``CLIPVisionEmbeddings``, fused (with ``pre_layrnorm`` when handed over)."""
+
+
+class _FusedSiglipVisionEmbeddings(_FusedConvEmbeddings):
+    """transformers ``SiglipVisionEmbeddings``, fused."""
+
+    _zeta_class_row = False
+
+
+class _FusedCLIPVisionOwner(FusedStem):
+    """The CLIP vision module owning ``embeddings`` and ``pre_layrnorm`` (``CLIPVisionModel``,
+    ``CLIPVisionTransformer`` before transformers 5): its forward, with the norm handed over to
+    the embeddings while it runs."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        _register_output_capture(cls)
+
+    def forward(self, pixel_values: Tensor | None = None, *args, **kwargs):
+        with handoff_scope(self.embeddings, self.pre_layrnorm):
+            return super().forward(pixel_values, *args, **kwargs)
+
+
+def _register_output_capture(cls: type) -> None:
+    """transformers 5 finds what ``output_hidden_states`` / ``output_attentions`` record by the
+    model's class name, registered when a model is built: a fused class (made at conversion
+    and again on unpickling) is registered as the class it was made from."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers 4: outputs are not captured by class
+        return
+    # Keyed by str(class), as the registry's own __setitem__ does for a model instance.
+    dict.__setitem__(_CAN_RECORD_REGISTRY, str(cls), getattr(cls, "_can_record_outputs", None))
+
+
+# --- The kinds ---------------------------------------------------------------------------------
+
+
+def _embeddings_kind(module: str, name: str, mixin: type, patch_module: str | None) -> StemKind:
+    """The kind of the embeddings class ``name`` of ``transformers.models.<module>``; its conv
+    is ``patch_embeddings.projection`` of class ``patch_module``, or ``patch_embedding``."""
+
+    def problem(m: nn.Module) -> str | None:
+        why = _forward_problem(m, peer_class(type(m), module, name))
+        if why is None and patch_module is not None:
+            why = _patch_module_problem(m, module, patch_module)
+        elif why is None:
+            why = _conv_problem(m._modules.get("patch_embedding"))
+        return why
+
+    def convert(m: nn.Module, backend: str) -> None:
+        swap(m, mixin, backend)
+        conv = m.patch_embeddings.projection if patch_module else m.patch_embedding
+        # The conv runs when a call falls back (a mask token...): fused there too. Converted
+        # here as fuse_patch_embeddings does not know the fused stem's class as transformers'.
+        if type(conv) in CONVS:
+            fuse_conv(conv, backend)
+
+    def matches(m: nn.Module) -> bool:
+        return peer_class(type(m), module, name) is not None
+
+    return register(StemKind(f"transformers {name}", matches, problem, convert))
+
+
+_embeddings_kind("vit.modeling_vit", "ViTEmbeddings", _FusedViTEmbeddings, "ViTPatchEmbeddings")
+_embeddings_kind("deit.modeling_deit", "DeiTEmbeddings", _FusedDeiTEmbeddings,
+                 "DeiTPatchEmbeddings")  # fmt: skip
+_embeddings_kind("dinov2.modeling_dinov2", "Dinov2Embeddings", _FusedDinov2Embeddings,
+                 "Dinov2PatchEmbeddings")  # fmt: skip
+_embeddings_kind("dinov2_with_registers.modeling_dinov2_with_registers",
+                 "Dinov2WithRegistersEmbeddings", _FusedDinov2WithRegistersEmbeddings,
+                 "Dinov2WithRegistersPatchEmbeddings")  # fmt: skip
+_embeddings_kind("siglip.modeling_siglip", "SiglipVisionEmbeddings",
+                 _FusedSiglipVisionEmbeddings, None)  # fmt: skip
+
+_CLIP = "clip.modeling_clip"
+_CLIP_OWNERS = ("CLIPVisionModel", "CLIPVisionTransformer")
+_clip_embeddings = _embeddings_kind(_CLIP, "CLIPVisionEmbeddings", _FusedCLIPVisionEmbeddings,
+                                    None)  # fmt: skip
+
+
+def _clip_owner(m: nn.Module) -> type | None:
+    """The CLIP class of a module that owns the vision embeddings and ``pre_layrnorm``."""
+    if "pre_layrnorm" not in m._modules or "embeddings" not in m._modules:
+        return None
+    return next((c for n in _CLIP_OWNERS if (c := peer_class(type(m), _CLIP, n))), None)
+
+
+def _clip_owner_problem(m: nn.Module) -> str | None:
+    norm, embeddings = m._modules["pre_layrnorm"], m._modules["embeddings"]
+    why = _forward_problem(m, _clip_owner(m))
+    if why:
+        return why
+    if not _clip_embeddings.matches(embeddings):
+        return f"embeddings is {type(embeddings).__name__}, not CLIPVisionEmbeddings"
+    if not plain(norm, nn.LayerNorm):
+        return f"pre_layrnorm is {type(norm).__name__}, not LayerNorm"
+    if tuple(norm.normalized_shape) != (embeddings.embed_dim,):
+        return f"pre_layrnorm over {tuple(norm.normalized_shape)}, not the embedding dim"
+    why = _clip_embeddings.problem(embeddings)
+    return None if why is None else f"embeddings: {why}"
+
+
+def _convert_clip_owner(m: nn.Module, backend: str) -> None:
+    # The embeddings are converted by their own kind, met next in the walk.
+    swap(m, _FusedCLIPVisionOwner, backend)
+    handoff_class(m.pre_layrnorm)
+
+
+# The walk meets an owner before its embeddings: the owner's kind swaps the owner and its norm,
+# the embeddings' kind the embeddings.
+register(StemKind("transformers CLIP vision pre_layrnorm (hand-off)",
+                  lambda m: _clip_owner(m) is not None, _clip_owner_problem,
+                  _convert_clip_owner))  # fmt: skip
