@@ -21,13 +21,14 @@ from .checks import (
     as_int,
     check_input,
     check_params,
+    check_stem,
     checked_params,
     pad_to_patch,
     resolve_patch_size,
 )
 from .functional import fused_patch_embed, op_inputs
 from .layout import PatchPattern, parse_patchify
-from .reference import PATCHIFY, Norm
+from .reference import NO_STEM, PATCHIFY, Norm, Stem
 
 
 def _param(module: nn.Module, name: str) -> Tensor | None:
@@ -173,9 +174,21 @@ class FusedPatchSequential(nn.Sequential):
         return state
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self.zeta_call(x)
+        if y is not None:
+            return y
         plan = self._plan()
-        if plan is None:
-            return super().forward(x)
+        if plan is not None and self.dynamic_img_pad:  # the plain layers see the padded input
+            x = pad_to_patch(x, plan.pattern.patch)
+        return super().forward(x)
+
+    def zeta_call(self, x: Tensor, stem: Stem = NO_STEM) -> Tensor | None:
+        """The fused output, or None when the plain Sequential must run. ``stem``: the rest of
+        a whole stem (:class:`ViTStem`): output (B, P + N, D), images in vit-pytorch's layout
+        only."""
+        plan = self._plan()
+        if plan is None or (stem is not NO_STEM and not plan.pattern.flat):
+            return None
         patch = plan.pattern.patch
         check_input(x, plan.dim_in, patch, self.dynamic_img_pad)
         if self.dynamic_img_pad:
@@ -189,7 +202,7 @@ class FusedPatchSequential(nn.Sequential):
             or not dispatch.use_fused(self.backend, x)
         ):
             check_params(x, raw_params(ln1, proj, ln2))
-            return super().forward(x)
+            return None
         weight, bias = _param(proj, "weight"), _param(proj, "bias")
         pre, post = norm_params(ln1), norm_params(ln2)
         # The shapes of parameters seen before are not checked again (their devices and dtypes
@@ -207,7 +220,9 @@ class FusedPatchSequential(nn.Sequential):
         bias, pre, post = checked_params(x, weight, shape, bias, pre, post, known)
         pattern = plan.pattern
         if pattern.flat:  # vit-pytorch's images: the op's tokens as they are
-            return fused_patch_embed(op_inputs(x, patch, weight, bias, pre, post, eps))
+            if stem is not NO_STEM:
+                stem = check_stem(x, patch, proj.out_features, *stem)
+            return fused_patch_embed(op_inputs(x, patch, weight, bias, pre, post, eps, stem))
         x_ordered, op_patch = _patch_order_view(x, pattern)
         y = fused_patch_embed(op_inputs(x_ordered, op_patch, weight, bias, pre, post, eps))
         return _tokens_as(y, x, pattern)

@@ -1,0 +1,127 @@
+"""``ViTStem``: the whole stem of a new Vision Transformer as one module, fused.
+
+    tokens = PatchEmbeddings(x)                     # patches -> [LN_K] -> Linear -> [LN_D]
+    rows   = cat(prefix_tokens, tokens + pos_embed) # learned prefix rows and position table
+    out    = norm(rows)                             # [LN over D]: timm's norm_pre, CLIP's ln_pre
+
+The prefix rows (class token, registers) carry no position row: being learned, they absorb
+one (timm's ``no_embed_class``; DINOv2 folds its class position into the class token the same
+way). The eager path calls the submodules one by one; the fused path computes the same in one
+call of the op, whenever nothing would tell the two apart (docs/design.md, "Drop-in rule").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from .checks import PatchSize, as_int, pair
+from .module import PatchEmbeddings, _param, plain
+from .reference import Stem
+
+
+class ViTStem(nn.Module):
+    """Image (B, C, H, W) -> (B, P + N, D): patch embedding, prefix tokens, position table and
+    pre-transformer LayerNorm in one fused call.
+
+    Args:
+        dim_in: image channels C.
+        dim_out: token width D.
+        image_size: int or (H, W) of the position table (N = H / ph * W / pw rows).
+        patch_size: int or (ph, pw).
+        num_prefix_tokens: learned rows before the patch tokens (1: a class token; 1 + R: with
+            R registers; 0: none).
+        pos_embed: a learned (1, N, D) position table for the patch tokens.
+        pre_norm, post_norm, bias, eps: as :class:`~zeta_fused.PatchEmbeddings`.
+        stem_norm: a LayerNorm over D of every output row (prefix rows included).
+        stem_eps: its epsilon.
+        backend: "auto" | "triton" | "eager" (see the README).
+    """
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        image_size: PatchSize,
+        patch_size: PatchSize,
+        *,
+        num_prefix_tokens: int = 1,
+        pos_embed: bool = True,
+        pre_norm: bool = False,
+        post_norm: bool = False,
+        bias: bool = True,
+        stem_norm: bool = False,
+        eps: float = 1e-5,
+        stem_eps: float = 1e-6,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        (height, width), (ph, pw) = pair(image_size), pair(patch_size)
+        if height % ph or width % pw:
+            raise ValueError(
+                f"image_size {(height, width)} is not a multiple of the patch {(ph, pw)}"
+            )
+        num_prefix_tokens = as_int(num_prefix_tokens, "num_prefix_tokens")
+        self.patches = PatchEmbeddings(dim_in, dim_out, patch_size=(ph, pw), pre_norm=pre_norm,
+                                       post_norm=post_norm, bias=bias, eps=eps,
+                                       backend=backend)  # fmt: skip
+        self.grid = (height // ph, width // pw)
+        tokens = self.grid[0] * self.grid[1]
+        self.prefix_tokens = (
+            nn.Parameter(0.02 * torch.randn(1, num_prefix_tokens, dim_out))
+            if num_prefix_tokens
+            else None
+        )
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, tokens, dim_out)) if pos_embed else None
+        self.norm = nn.LayerNorm(dim_out, eps=stem_eps) if stem_norm else nn.Identity()
+
+    @property
+    def backend(self) -> str:
+        return self.patches.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.patches.backend = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pos_embed is not None and x.ndim == 4:
+            grid = tuple(s // p for s, p in zip(x.shape[2:], self.patches.patch_size, strict=True))
+            if grid != self.grid:
+                raise ValueError(
+                    f"input {tuple(x.shape[2:])} gives a {grid[0]}x{grid[1]} patch grid, but the "
+                    f"position table is for {self.grid[0]}x{self.grid[1]}"
+                )
+        y = self._fused(x)
+        if y is not None:
+            return y
+        tokens = self.patches(x)
+        pos, prefix = _param(self, "pos_embed"), _param(self, "prefix_tokens")
+        if pos is not None:
+            tokens = tokens + pos
+        if prefix is not None:
+            tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], 1)
+        return self.norm(tokens)
+
+    def _fused(self, x: Tensor) -> Tensor | None:
+        """The whole stem as one fused call, or None: the submodules run one by one."""
+        norm = self.norm
+        is_norm = not plain(norm, nn.Identity)
+        if (
+            (is_norm and not plain(norm, nn.LayerNorm))
+            or not plain(self.patches, PatchEmbeddings)
+            or any(dispatch.hook_dicts(self.patches, norm))
+        ):
+            return None
+        pos, prefix = _param(self, "pos_embed"), _param(self, "prefix_tokens")
+        stem = Stem(
+            None if pos is None else pos[0],
+            None if prefix is None else prefix[0],
+            (_param(norm, "weight"), _param(norm, "bias")) if is_norm else None,
+            norm.eps if is_norm else 1e-6,
+        )
+        return self.patches.embedding.zeta_call(x, stem)
+
+    def extra_repr(self) -> str:
+        prefix = 0 if self.prefix_tokens is None else self.prefix_tokens.shape[1]
+        return f"grid={self.grid}, num_prefix_tokens={prefix}, backend={self.backend!r}"
