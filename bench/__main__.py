@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import measure, report, runner
+from . import measure, model_stems, report, runner
 from .presets import ALL_MODES, CPU_PRESET, PRESETS, QUICK, parse_shape
 from .providers import CPU_DEFAULT, GPU_DEFAULT, PROVIDERS
 
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     meta = measure.device_info(device)
     plan = plan_for(args, device)
+    if any(p.family == "stem" for p, _ in plan):  # whole stems: the models' packages measured
+        meta["peers"] = model_stems.versions()
     rows, peaks, host = runner.run(
         plan,
         providers,

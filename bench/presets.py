@@ -30,11 +30,22 @@ class _Stem:
         """Forward GEMM flops: 2 * B * N * K * D."""
         return 2 * self.batch * self.tokens * self.patch_dim * self.dim
 
+    @property
+    def out_rows(self) -> int:
+        """Rows written per input: its patch tokens (a whole stem adds its prefix rows)."""
+        return self.tokens
+
+    def table_elems(self) -> int:
+        """Elements of the parameters and tables a forward reads once: the weight (a whole
+        stem adds its bias, position table, prefix rows and norm vectors)."""
+        return self.dim * self.patch_dim
+
     def bytes(self) -> int:
-        """Forward compulsory traffic: input read, tokens written, weight read."""
+        """Forward compulsory traffic: input read, output rows written, weight (and tables)
+        read once."""
         size = self.torch_dtype.itemsize
         inputs = self.batch * self.channels * math.prod(self.spatial)
-        return size * (inputs + self.batch * self.tokens * self.dim + self.dim * self.patch_dim)
+        return size * (inputs + self.batch * self.out_rows * self.dim + self.table_elems())
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,8 +87,49 @@ class ConvPreset(_Stem):
     family = "conv"
 
 
+@dataclass(frozen=True)
+class StemPreset(_Stem):
+    """A whole ViT stem of a real model (bench/model_stems.py): patch projection, position
+    table, prefix rows and the LayerNorm over every row, against the model's own modules."""
+
+    name: str
+    peer: str  # the key of its model in bench.model_stems.PEERS
+    batch: int
+    channels: int
+    height: int
+    width: int
+    patch: tuple[int, int]
+    dim: int
+    prefix: int = 0  # prefix rows P (class and register tokens) before the N patch tokens
+    pos_prefix: int = 0  # rows of the position table that cover prefix rows ("cat then add")
+    bias: bool = True  # the projection has a bias
+    stem_norm: bool = False  # an affine LayerNorm over every output row (CLIP's ln_pre)
+    dtype: str = "bf16"
+    e2e = False
+    family = "stem"
+
+    @property
+    def spatial(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def out_rows(self) -> int:
+        return self.prefix + self.tokens
+
+    def table_elems(self) -> int:
+        """Weight, bias, the whole position table, the prefix rows and the norm's vectors:
+        each read once, whatever the batch."""
+        rows = (self.pos_prefix + self.tokens) + self.prefix + (2 if self.stem_norm else 0)
+        return super().table_elems() + self.dim * (rows + self.bias)
+
+
 def _square(name, b, c, hw, p, d, dtype="bf16") -> Preset:
     return Preset(name, b, c, hw, hw, (p, p), d, dtype)
+
+
+def _stem(name, peer, b, c, hw, p, d, prefix=0, pos_prefix=0, bias=True, norm=False) -> StemPreset:
+    """A square whole stem; norm: the LayerNorm over every row."""
+    return StemPreset(name, peer, b, c, hw, hw, (p, p), d, prefix, pos_prefix, bias, norm)
 
 
 PRESETS = {
@@ -98,6 +150,19 @@ PRESETS = {
         ),
         ConvPreset("wan_latents", 1, 16, (21, 60, 104), (1, 2, 2), 1536),
         ConvPreset("series", 256, 12, (4096,), (16,), 512),
+        # Whole stems, each against its own model's eager stem and its torch.compile
+        # (name, model, B, C, H=W, patch, D, prefix rows, position rows over the prefix,
+        # projection bias, LayerNorm over every row).
+        # timm ViT-B/16: class token, a position table covering it, no norm_pre.
+        _stem("vit_b16_stem", "timm_vit", 256, 3, 224, 16, 768, 1, 1),
+        # CLIP ViT-L/14 at 336: no-bias conv, class embedding, positions over it, ln_pre.
+        _stem("clip_l14_336_stem", "clip_vision", 64, 3, 336, 14, 1024, 1, 1, False, True),
+        # DINOv2-L/14 with 4 registers: positions cover the class token, registers spliced after.
+        _stem("dinov2_l14_reg_stem", "dinov2_reg", 64, 3, 224, 14, 1024, 5, 1),
+        # SAM ViT-B image encoder at 1024: NHWC tokens plus a grid position table, no prefix.
+        _stem("sam_b16_1024_stem", "sam_vit", 4, 3, 1024, 16, 768),
+        # DiT-XL/2 on 256 px images (4x32x32 latents): conv + fixed sincos table, no norm.
+        _stem("dit_xl2_256_stem", "dit", 64, 4, 32, 2, 1152),
     ]
 }
 # The small eager-only preset used when there is no GPU.
@@ -105,6 +170,7 @@ CPU_PRESET = _square("cpu_small", 8, 3, 64, 8, 128, "fp32")
 
 ALL_MODES = ("fwd", "train", "train_x")
 CONV_PRESETS = ("videomae_b16", "qwen2_5_vl_rows", "wan_latents", "series")
+STEM_PRESETS = tuple(n for n, p in PRESETS.items() if p.family == "stem")
 # Quick run (make gpu-check): every stem preset's inference forward, training on two of them
 # (vit_b16 with the image gradient too: each training goal of the fused backward), and the
 # end-to-end timm ViT-B/16 training step.
@@ -121,6 +187,10 @@ QUICK = [
     )
 ] + [("timm_vit_b16_e2e", ("train",))]
 QUICK += [(name, ("fwd", "train")) for name in CONV_PRESETS]
+# One whole stem (its goals: forward and training step). The quick run already fills most of
+# gpu-check's share of the 10-minute command, and its compile cells run last: the other
+# stems (each two more compiles) stay out of it, and run with --preset NAME or all.
+QUICK += [("vit_b16_stem", ("fwd", "train"))]
 
 
 def parse_shape(text: str) -> Preset:

@@ -18,7 +18,7 @@ from torch import nn
 from zeta_fused import PatchEmbeddings
 from zeta_fused.reference import PATCHIFY
 
-from . import conv_stems
+from . import conv_stems, model_stems
 from .presets import Preset
 
 Step = Callable[[], object]
@@ -97,11 +97,15 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Step:
     return step
 
 
+# Preset families whose peer is the model's own convolution.
+PEER_CONVS = ("conv", "stem")
+
+
 def _module_provider(factory, channels_last=False, compile_mode=None, cudnn_benchmark=False):
     def build(p: Preset, device: str, mode: str):
-        # As a timm user trains: cuDNN picks its fastest convolution ("conv": for the conv
-        # presets only, whose peer is a convolution).
-        if cudnn_benchmark is True or (cudnn_benchmark == "conv" and p.family == "conv"):
+        # As a timm user trains: cuDNN picks its fastest convolution ("conv": for the conv and
+        # whole-stem presets only, whose peers are convolutions).
+        if cudnn_benchmark is True or (cudnn_benchmark == "conv" and p.family in PEER_CONVS):
             # (global and left on: it concerns convolutions only, which only these peers run)
             torch.backends.cudnn.benchmark = True
         model = factory(p).to(device, p.torch_dtype)
@@ -147,14 +151,17 @@ def _zeta(backend: str):
     def factory(p: Preset) -> nn.Module:
         if p.family == "conv":  # the model's own stem with its conv converted
             return conv_stems.fused(p, backend)
+        if p.family == "stem":  # the model's own parameters straight into the fused op
+            return model_stems.fused(p, backend)
         return PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend=backend)
 
     return factory
 
 
 def _peer(factory):
-    """The image presets' peer, or for a conv preset the model's own conv stem."""
-    return lambda p: conv_stems.ConvStem(p) if p.family == "conv" else factory(p)
+    """The image presets' peer, or for a conv or whole-stem preset the model's own stem."""
+    own = {"conv": conv_stems.ConvStem, "stem": model_stems.peer}
+    return lambda p: own.get(p.family, factory)(p)
 
 
 PROVIDERS = {
@@ -165,7 +172,7 @@ PROVIDERS = {
         Provider(
             "eager",
             _module_provider(_peer(_vit_sequential), cudnn_benchmark="conv"),
-            note="vit-pytorch Sequential (conv presets: the model's conv)",
+            note="vit-pytorch Sequential (conv, stem presets: the model's own)",
         ),
         Provider(
             "compile",
@@ -206,5 +213,8 @@ EAGER = "eager"  # the peak-memory reference: the vit-pytorch Sequential
 E2E = ["timm-vit-fused", "timm-vit"]
 # The conv presets' providers: the fused conv, the model's conv, its compile, the GEMM rewrite.
 CONV = ["zeta-fused", "eager", "linear-rewrite", "compile"]
+# The whole-stem presets' providers: the fused op on the model's parameters, the model's own
+# stem and its torch.compile.
+STEM = ["zeta-fused", "eager", "compile"]
 GPU_DEFAULT = ["zeta-fused", "zeta-eager", "eager", "compile", "timm-conv", "timm-conv-cl"]
 CPU_DEFAULT = ["zeta-eager", "eager", "timm-conv", "timm-conv-cl"]

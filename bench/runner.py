@@ -9,8 +9,9 @@ from collections.abc import Callable
 import torch
 
 from . import measure
+from .model_stems import MissingPeer
 from .presets import Preset
-from .providers import CONV, E2E, EAGER, FUSED, PROVIDERS
+from .providers import CONV, E2E, EAGER, FUSED, PROVIDERS, STEM
 
 # Providers whose first call compiles (and maybe autotunes) for a long time.
 SLOW_START = ("compile",)
@@ -40,6 +41,8 @@ def run_cell(preset: Preset, mode: str, name: str, device: str) -> dict:
         if mode != "fwd":
             row["peak_extra_mib"] = measure.peak_extra_mib(step, device)
         del model, step
+    except MissingPeer as exc:  # the model's package is not on this machine: not a failure
+        row |= {"status": "skipped", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a failing provider is reported, never dropped
         row |= {"status": "failed", "error": _reason(exc)}
     _free()
@@ -128,11 +131,14 @@ def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> di
 
 def _providers_of(p: Preset, providers: list[str]) -> list[str]:
     """The whole-model providers for an end-to-end preset, the conv ones (on a GPU; the eager
-    ones on a CPU) for a conv preset, the chosen ones otherwise."""
+    ones on a CPU) for a conv preset, the chosen ones of the whole-stem providers for a stem
+    preset, the chosen ones otherwise."""
     if p.e2e:
         return E2E
     if p.family == "conv":
         return [n for n in CONV if n in providers or n == "linear-rewrite"]
+    if p.family == "stem":
+        return [n for n in STEM if n in providers]
     return [n for n in providers if n not in E2E]
 
 
