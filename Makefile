@@ -44,8 +44,10 @@ bench: $(STAMP)
 # the GPU image, eight workers compile them in parallel; with pytest-timeout, a hung test fails
 # alone.
 GPU_CHECK_S ?= 560
-# Test peers the GPU image lacks (vit-pytorch), carried as wheels: the device tool's `carry`
-# brings this git-excluded folder (pip download --no-deps --only-binary=:all: vit-pytorch -d .whl).
+# Test peers the GPU image lacks, carried as wheels: the device tool's `carry` brings this
+# git-ignored folder (pip download --no-deps --only-binary=:all: vit-pytorch -d .whl). The
+# whole-stem tests and presets also use diffusers, open-clip-torch and segment-anything (with a
+# torchvision built for the image's torch): without them those tests and presets are skipped.
 WHEELS ?= .whl
 WHEEL_SITE ?= /tmp/zeta-fused-site
 GPU_TESTS_S ?= 300
