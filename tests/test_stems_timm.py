@@ -178,3 +178,25 @@ def test_unknown_subclass_is_reported() -> None:
     summary = fuse_stems(vit(OwnPosEmbed))
     assert any("overrides _pos_embed" in why for _, why in summary.skipped), str(summary)
     assert summary.converted == [("patch_embed", "timm PatchEmbed")]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_small_patch14_dinov2",
+        "vit_small_patch14_reg4_dinov2",
+        "deit_tiny_distilled_patch16_224",
+        "vit_base_patch16_clip_224",
+    ],  # fmt: skip
+)
+def test_timm_model_registry(name, device, fused_path_calls) -> None:
+    """timm's own model definitions (tiny: one block, small images), as create_model builds
+    them: DINOv2 (its class position folded, patch 14), DINOv2 with registers, DeiT distilled,
+    a CLIP-style ViT with norm_pre."""
+    patch = 14 if "patch14" in name else 16
+    model = timm.create_model(name, pretrained=False, img_size=2 * patch, depth=1,
+                              num_classes=3)  # fmt: skip
+    model, before = converted(randomise(model).eval(), device)
+    x = torch.randn(2, 3, 2 * patch, 2 * patch, device=device)
+    torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-4)
+    assert fused_path_calls == [1]
