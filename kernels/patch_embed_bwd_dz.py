@@ -65,6 +65,21 @@ def _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3: t
 
 
 @triton.jit
+def _norm_bwd_chunk(sum_g, sum_gt, up, t_hat, params, part, part_rows, ROW_W: tl.constexpr,
+                    ROW_B: tl.constexpr, offs_n, n_mask, ACC_DTYPE: tl.constexpr):  # fmt: skip
+    """One column chunk of a LayerNorm's backward, upstream gradient ``up``: the row sums of
+    g = up * weight and g * t̂ so far, and this program's column sums up * t̂ (-> dweight) and
+    up (-> dbias) in rows ROW_W, ROW_B of the partials, where those parameters exist."""
+    g = scale_cols(up, params[0], offs_n, n_mask, ACC_DTYPE)
+    sum_g, sum_gt = layer_norm_bwd_sums(sum_g, sum_gt, g, t_hat)
+    if params[0] is not None:
+        tl.store(part + ROW_W * part_rows + offs_n, tl.sum(up * t_hat, axis=0), mask=n_mask)
+    if params[1] is not None:
+        tl.store(part + ROW_B * part_rows + offs_n, tl.sum(up, axis=0), mask=n_mask)
+    return sum_g, sum_gt
+
+
+@triton.jit
 def _read_chunk(dz_rows, dy_rows, dy_strides, n0, m_mask, D, ACC_DTYPE: tl.constexpr,
                 BLOCK_N: tl.constexpr):  # fmt: skip
     """Columns n0 .. n0 + BLOCK_N of a later pass: what DZ keeps (read back by the program that
@@ -143,25 +158,15 @@ def _bwd_dz_kernel(
             if NORM3 != NO_NORM:
                 t_hat = _stem_input_hat(kept, offs_m, offs_n, n_mask, mask, norm2, Pos,
                                         per_image, D, mean3, rstd3, NORM2, ACC_DTYPE)  # fmt: skip
-                g = scale_cols(dy, norm3[0], offs_n, n_mask, ACC_DTYPE)
-                sum_g3, sum_gt3 = layer_norm_bwd_sums(sum_g3, sum_gt3, g, t_hat)
-                if norm3[0] is not None:
-                    tl.store(part + PART_DG3 * part_rows + offs_n, tl.sum(dy * t_hat, axis=0),
-                             mask=n_mask)  # fmt: skip
-                if norm3[1] is not None:
-                    tl.store(part + PART_DB3 * part_rows + offs_n, tl.sum(dy, axis=0),
-                             mask=n_mask)  # fmt: skip
+                sum_g3, sum_gt3 = _norm_bwd_chunk(sum_g3, sum_gt3, dy, t_hat, norm3, part,
+                                                  part_rows, PART_DG3, PART_DB3, offs_n, n_mask,
+                                                  ACC_DTYPE)  # fmt: skip
                 if NORM2 == NO_NORM:
                     kept = t_hat
             else:
-                g = scale_cols(dy, norm2[0], offs_n, n_mask, ACC_DTYPE)
-                sum_g2, sum_gz2 = layer_norm_bwd_sums(sum_g2, sum_gz2, g, kept)
-                if norm2[0] is not None:
-                    tl.store(part + PART_DG2 * part_rows + offs_n, tl.sum(dy * kept, axis=0),
-                             mask=n_mask)  # fmt: skip
-                if norm2[1] is not None:
-                    tl.store(part + PART_DB2 * part_rows + offs_n, tl.sum(dy, axis=0),
-                             mask=n_mask)  # fmt: skip
+                sum_g2, sum_gz2 = _norm_bwd_chunk(sum_g2, sum_gz2, dy, kept, norm2, part,
+                                                  part_rows, PART_DG2, PART_DB2, offs_n, n_mask,
+                                                  ACC_DTYPE)  # fmt: skip
             tl.store(dz_rows + offs_n[None, :], cast(kept, COMPUTE_DTYPE, EMULATE_BF16),
                      mask=mask)  # fmt: skip
         mean_g3 = sum_g3 / D
@@ -181,14 +186,9 @@ def _bwd_dz_kernel(
                 if DT is not None:
                     tl.store(DT + offs_m[:, None] * D + offs_n[None, :],
                              cast(dt, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)  # fmt: skip
-                g = scale_cols(dt, norm2[0], offs_n, n_mask, ACC_DTYPE)
-                sum_g2, sum_gz2 = layer_norm_bwd_sums(sum_g2, sum_gz2, g, z_hat)
-                if norm2[0] is not None:
-                    tl.store(part + PART_DG2 * part_rows + offs_n, tl.sum(dt * z_hat, axis=0),
-                             mask=n_mask)  # fmt: skip
-                if norm2[1] is not None:
-                    tl.store(part + PART_DB2 * part_rows + offs_n, tl.sum(dt, axis=0),
-                             mask=n_mask)  # fmt: skip
+                sum_g2, sum_gz2 = _norm_bwd_chunk(sum_g2, sum_gz2, dt, z_hat, norm2, part,
+                                                  part_rows, PART_DG2, PART_DB2, offs_n, n_mask,
+                                                  ACC_DTYPE)  # fmt: skip
         mean_g2 = sum_g2 / D
         mean_gz2 = sum_gz2 / D
         # Last pass: dZ from what DZ keeps and dY (dT recomputed rather than stored).
