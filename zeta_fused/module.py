@@ -125,6 +125,23 @@ def over(ln: nn.LayerNorm | None, size: int) -> bool:
     return ln is None or ln.normalized_shape == (size,)
 
 
+def norms_problem(plan: SequentialPlan) -> str | None:
+    """Why the plan's LayerNorms are not what one fused call computes (checked per call: a
+    norm's eps or size may change in place), or None."""
+    ln1, ln2 = plan.ln1, plan.ln2
+    if ln1 is not None and ln2 is not None and ln1.eps != ln2.eps:
+        return f"its LayerNorms' eps differ ({ln1.eps} and {ln2.eps}): the op takes one"
+    if not (over(ln1, plan.patch_dim) and over(ln2, plan.proj.out_features)):
+        return "a LayerNorm over another size than the patch or the embedding"
+    return None
+
+
+def plan_eps(plan: SequentialPlan) -> float:
+    """The one epsilon of the plan's LayerNorms (norms_problem: they agree)."""
+    ln = plan.ln1 if plan.ln1 is not None else plan.ln2
+    return 1e-5 if ln is None else ln.eps
+
+
 _NO_CHECKED = (object(),) * 6
 
 
@@ -194,10 +211,9 @@ class FusedPatchSequential(nn.Sequential):
         if self.dynamic_img_pad:
             x = pad_to_patch(x, patch)
         ln1, proj, ln2 = plan.ln1, plan.proj, plan.ln2
-        eps = ln1.eps if ln1 is not None else ln2.eps if ln2 is not None else 1e-5
+        eps = plan_eps(plan)
         if (
-            (ln1 is not None and ln2 is not None and ln1.eps != ln2.eps)
-            or not (over(ln1, plan.patch_dim) and over(ln2, proj.out_features))
+            norms_problem(plan) is not None
             or any(plan.hooks)
             or not dispatch.use_fused(self.backend, x)
         ):

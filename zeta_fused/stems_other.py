@@ -29,7 +29,15 @@ from . import (
 )
 from .checks import check_stem, checked_params
 from .functional import fused_dtypes, op_inputs
-from .module import SequentialPlan, _param, norm_params, over, parse_patch_sequential, plain
+from .module import (
+    SequentialPlan,
+    _param,
+    norm_params,
+    norms_problem,
+    parse_patch_sequential,
+    plain,
+    plan_eps,
+)
 from .peers import patch_conv_problem
 from .reference import Stem
 from .stems import FusedStem, StemKind, conv_stem, norm_of, register, swap
@@ -61,12 +69,7 @@ def _plan_problem(plan: SequentialPlan) -> str | None:
     """Why a parsed ``to_patch_embedding`` does not compute what one fused call does."""
     if not plan.pattern.flat:
         return "its Rearrange does not give (B, N, K) tokens in grid order"
-    ln1, ln2 = plan.ln1, plan.ln2
-    if ln1 is not None and ln2 is not None and ln1.eps != ln2.eps:
-        return f"its LayerNorms' eps differ ({ln1.eps} and {ln2.eps}): the op takes one"
-    if not (over(ln1, plan.patch_dim) and over(ln2, plan.proj.out_features)):
-        return "a LayerNorm over another size than the patch or the embedding"
-    return None
+    return norms_problem(plan)
 
 
 def _read_plan(seq: nn.Module) -> tuple[SequentialPlan | None, str | None]:
@@ -105,11 +108,12 @@ def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
         or not img.is_floating_point()
         or any(s % p for s, p in zip(img.shape[2:], patch, strict=True))
         or getattr(seq, "dynamic_img_pad", False)  # a FusedPatchSequential that pads
+        or norms_problem(plan) is not None  # an eps or size changed in place
         or not owner.zeta_fusable(img, seq, *seq._modules.values())
     ):
         return None
     ln1, proj, ln2 = plan.ln1, plan.proj, plan.ln2
-    eps = ln1.eps if ln1 is not None else ln2.eps if ln2 is not None else 1e-5
+    eps = plan_eps(plan)
     weight, dim = _param(proj, "weight"), proj.out_features
     bias, pre, post = checked_params(img, weight, (dim, plan.patch_dim), _param(proj, "bias"),
                                      norm_params(ln1), norm_params(ln2))  # fmt: skip
