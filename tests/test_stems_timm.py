@@ -200,3 +200,17 @@ def test_timm_model_registry(name, device, fused_path_calls) -> None:
     x = torch.randn(2, 3, 2 * patch, 2 * patch, device=device)
     torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-4)
     assert fused_path_calls == [1]
+
+
+def test_compile_fullgraph_keeps_the_fused_stem(device, fused_calls) -> None:
+    torch._dynamo.reset()
+    model, before = converted(vit(pre_norm=True, reg_tokens=1), device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32, device=device)
+    y = compiled(x)
+    assert fused_calls, "the compiled graph does not call the fused op"
+    torch.testing.assert_close(y, before(x), rtol=1e-4, atol=1e-5)
+    y.square().sum().backward()
+    before(x).square().sum().backward()
+    for p, p_ref in zip(model.parameters(), before.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
