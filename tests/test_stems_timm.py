@@ -214,3 +214,34 @@ def test_compile_fullgraph_keeps_the_fused_stem(device, fused_calls) -> None:
     before(x).square().sum().backward()
     for p, p_ref in zip(model.parameters(), before.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_resampled_table_is_cached_only_while_frozen(device, monkeypatch) -> None:
+    """dynamic_img_size at another size: the resampled table is computed once per size where
+    no gradient flows from it (no_grad, or a frozen table), every call otherwise, and again
+    after the table changes in place."""
+    import timm.layers
+
+    calls = []
+    real = timm.layers.resample_abs_pos_embed
+    monkeypatch.setattr(timm.layers, "resample_abs_pos_embed",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    model, before = converted(vit(dynamic_img_size=True), device)
+    x = torch.randn(2, 3, 40, 24, device=device)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-5)
+        assert len(calls) == 1  # (timm's own module calls its own import, not counted)
+        for m in (model, before):
+            m.pos_embed.add_(0.5)  # an in-place update: the cache must not serve the old one
+        torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-5)
+    calls.clear()
+    model(x).sum().backward()  # trainable, with autograd on: computed on every call
+    model(x).sum().backward()
+    assert len(calls) == 2 and model.pos_embed.grad is not None
+    model.pos_embed.requires_grad_(False)  # frozen: cached with autograd on too
+    with torch.no_grad():
+        model.pos_embed.mul_(0.9)
+    calls.clear()
+    model(x), model(x)
+    assert len(calls) == 1

@@ -19,7 +19,7 @@ from .functional import fused_dtypes
 from .module import _param, norm_params, plain
 from .peers import patch_conv_problem
 from .reference import Stem
-from .stems import FusedStem, StemKind, conv_stem, register, swap
+from .stems import FusedStem, StemKind, conv_stem, frozen_table, register, swap
 
 _EMBEDDINGS = "diffusers.models.embeddings"
 
@@ -50,15 +50,13 @@ class _FusedDiffusersPatchEmbed(FusedStem):
             return self.cropped_pos_embed(*latent.shape[-2:])  # raises the peer's errors
         if (self.height, self.width) == grid:
             return self.pos_embed
-        table = _peer("get_2d_sincos_pos_embed")(
-            embed_dim=self.pos_embed.shape[-1],
-            grid_size=grid,
-            base_size=self.base_size,
-            interpolation_scale=self.interpolation_scale,
-            device=latent.device,
-            output_type="pt",
-        )
-        return table.float().unsqueeze(0)
+        dim, device = self.pos_embed.shape[-1], latent.device
+        # A fixed sincos table of this size: computed once per size.
+        key = ("sincos", grid, dim, self.base_size, self.interpolation_scale, device)
+        return frozen_table(self, key, (), lambda: _peer("get_2d_sincos_pos_embed")(
+            embed_dim=dim, grid_size=grid, base_size=self.base_size,
+            interpolation_scale=self.interpolation_scale, device=device, output_type="pt",
+        ).float().unsqueeze(0))  # fmt: skip
 
     def _zeta_tokens(self, latent: Tensor) -> Tensor | None:
         conv = self.proj

@@ -97,12 +97,14 @@ class _FusedTimmViT(stems.FusedStem):
             if self.dynamic_img_size:
                 from timm.layers import resample_abs_pos_embed
 
-                pos = resample_abs_pos_embed(
-                    pos,
-                    new_size=grid,
-                    old_size=self.patch_embed.grid_size,
-                    num_prefix_tokens=n_prefix if covers_prefix else 0,
-                )
+                table, old = pos, tuple(self.patch_embed.grid_size)
+                skip = n_prefix if covers_prefix else 0
+                pos = stems.frozen_table(
+                    self, ("pos_embed", grid, old, skip), (table,),
+                    lambda: resample_abs_pos_embed(
+                        table, new_size=grid, old_size=old, num_prefix_tokens=skip
+                    ),
+                )  # fmt: skip
             if pos.shape[1] != grid[0] * grid[1] + (n_prefix if covers_prefix else 0):
                 return None
             if covers_prefix and n_prefix:
