@@ -13,10 +13,9 @@ Three passes, all deterministic (per-program partial sums, no atomics):
 
 The dZ kernel also stores each token's image offset (RowOff), and its dZ row offset where rows
 are not evenly spaced (DZRowOff), so that the dW GEMM, which visits token tiles in a strided
-order, does not divide by the image geometry on every step. Each
-kernel walks K in the order its launch picks (CHANNELS_FIRST, see geometry.patch_cols); G is
-kept in the dW GEMM's order, and the parameter kernel writes dW, dg1, db1 through their own
-strides.
+order, does not divide by the image geometry on every step. Each kernel walks K in the order
+its launch picks (CHANNELS_FIRST, see geometry.patch_cols); G is kept in the dW GEMM's order,
+and the parameter kernel writes dW, dg1, db1 through their own strides.
 
 Device code only: the launch module allocates buffers and builds grids.
 """

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from support import assert_accurate
 
 from zeta_fused.functional import op_inputs, patch_embed
-from zeta_fused.op_args import BwdArgs
-from zeta_fused.reference import Stem
+from zeta_fused.op_args import BwdArgs, FwdArgs, Grads
+from zeta_fused.reference import Stem, backward_from_stats, forward_with_stats
 
 # (prefix rows, position table, pre-norm, post-norm, stem norm); a norm is "ln" (weight and
 # bias), "no-affine", "no-bias" or None.
@@ -117,8 +117,8 @@ def test_stem_gradcheck(device) -> None:
     assert torch.autograd.gradcheck(fn, values, fast_mode=True)
 
 
-def op_args(case, dim, device, requires_grad=True):
-    tensors, norms = make_inputs(case, dim, dtype=torch.float32)
+def op_args(case, dim, device, requires_grad=True, dtype=torch.float32):
+    tensors, norms = make_inputs(case, dim, dtype=dtype)
     t = {n: None if v is None else v.to(device).requires_grad_(requires_grad)
          for n, v in tensors.items()}  # fmt: skip
     n = {k: None if p is None else tuple(None if v is None else v.to(device) for v in p)
@@ -126,6 +126,25 @@ def op_args(case, dim, device, requires_grad=True):
     stem = Stem(t["pos"], t["prefix"], n["stem_norm"], 1e-6)
     return op_inputs(t["x"], (4, 4), t["weight"], t["bias"], n["pre_norm"], n["post_norm"],
                      1e-5, stem)  # fmt: skip
+
+
+@pytest.mark.parametrize("dim", DIMS.values(), ids=DIMS.keys())
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_match_the_ops_eager_math(case, dim, device) -> None:
+    """The op's CPU implementation without the interpreter (reference.forward_with_stats and
+    backward_from_stats) computes what the kernels do: outputs, statistics, every gradient."""
+    args = op_args(case, dim, device, requires_grad=False, dtype=torch.float64)
+    y, stats = torch.ops.zeta_fused.patch_embed_fwd(*args)
+    dy = torch.randn_like(y)
+    grads = torch.ops.zeta_fused.patch_embed_bwd(*BwdArgs(dy, stats, True, *args))
+    on_cpu = FwdArgs(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args))
+    ref_y, ref_stats = forward_with_stats(on_cpu)
+    torch.testing.assert_close(y.cpu(), ref_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.cpu(), ref_stats, rtol=1e-10, atol=1e-10)
+    ref = backward_from_stats(BwdArgs(dy.cpu(), ref_stats, True, *on_cpu))
+    for field, got, want in zip(Grads._fields, grads, ref, strict=True):
+        assert got.shape == want.shape, field
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=field)
 
 
 @pytest.mark.parametrize("case", ["clip (cls + pos, ln_pre)", "vit-pytorch + ln_pre"])

@@ -167,10 +167,11 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     shape = grad_tokens.shape
     dz = x.new_empty(shape, dtype=a.compute_dtype) if post or stem else grad_tokens
     # dT, the position table's per-token gradient: dY without a stem norm, dZ without a
-    # post-norm, else a buffer of its own.
-    dt = grad_tokens if not stem else dz if not post else None
-    if dt is None and a.pos is not None:
-        dt = x.new_empty(shape, dtype=a.compute_dtype)
+    # post-norm, else a buffer the dZ kernel writes (only when there is a table).
+    dt_buffer = (
+        x.new_empty(shape, dtype=a.compute_dtype) if post and stem and a.pos is not None else None
+    )
+    dt = grad_tokens if not stem else dz if not post else dt_buffer
     dy_strides, dy_flat = layout.token_strides(grad_tokens)
     # dZ is dY with rows not evenly spaced (after prefix rows): the dZ kernel stores their
     # offsets for the dW GEMM, which would otherwise divide by N on every step.
@@ -180,12 +181,11 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     if tokens:
         _bwd_dz_kernel[(dz_tiles,)](
             x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
-            (a.g3, a.b3), stats, grad_tokens, dy_strides, dz,
-            dt if post and stem else None, partials, row_offsets, dz_row_offsets, tokens,
-            patch_dim, dim, geo.grid, NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat,
-            W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.dz_m,
-            BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k, num_warps=blocks.warps,
-            **consts,
+            (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer, partials, row_offsets,
+            dz_row_offsets, tokens, patch_dim, dim, geo.grid, NORM2=a.post_norm,
+            NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
+            BLOCK_M=blocks.dz_m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
+            num_warps=blocks.warps, **consts,
         )  # fmt: skip
     # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
     dzsum = partials[COLUMN_SUMS.index("dz")].sum(0)

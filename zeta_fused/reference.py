@@ -145,7 +145,7 @@ def _projection(a: FwdArgs):
 def forward_with_stats(a: FwdArgs) -> tuple[Tensor, Tensor]:
     """What the fused kernel computes, in eager ops: LayerNorm statistics and the GEMM
     accumulation in fp32 (fp64 for fp64), GEMM operands rounded to ``compute_dtype``.
-    Returns ``(y, stats)``, stats = the STAT_ROWS of every patch token, shape (6, B*N)."""
+    Returns ``(y, stats)``, stats = the STAT_ROWS of every patch token, (len(STAT_ROWS), B*N)."""
     act, _, mean1, rstd1, w = _projection(a)
     z = act @ w.T if a.bias is None else act @ w.T + a.bias
     t, _, mean2, rstd2 = _normed(z, a.post_norm, a.g2, a.b2, a.eps, z.dtype)
@@ -184,11 +184,19 @@ def layer_norm_backward(dy: Tensor, t_hat: Tensor, rstd: Tensor, gamma: Tensor |
     return rstd * (g - mean_g - t_hat * mean_gx)
 
 
-def _norm_param_grads(dy: Tensor, t_hat: Tensor, weight, bias) -> tuple[Tensor | None, ...]:
+def _norm_param_grads(dy: Tensor, t_hat: Tensor, weight, bias,
+                      extra: tuple = (None, None)) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """(dweight, dbias) of a norm, plus ``extra`` parts (the prefix rows' of the stem norm)
+    added before the one rounding to the parameters' dtype."""
     reduce = tuple(range(dy.ndim - 1))
-    dweight = None if weight is None else (dy * t_hat).sum(reduce).to(weight.dtype)
-    dbias = None if bias is None else dy.sum(reduce).to(bias.dtype)
-    return dweight, dbias
+    out = []
+    for param, grad, more in ((weight, dy * t_hat, extra[0]), (bias, dy, extra[1])):
+        if param is None:
+            out.append(None)
+            continue
+        total = grad.sum(reduce)
+        out.append((total if more is None else total + more).to(param.dtype))
+    return tuple(out)
 
 
 def backward_from_stats(args: BwdArgs) -> Grads:
@@ -209,19 +217,16 @@ def backward_from_stats(args: BwdArgs) -> Grads:
     grads = dict.fromkeys(Grads._fields)
     n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
     dz = args.grad_y[:, n_prefix:].to(acc)
+    prefix_parts = (None, None)  # the prefix rows' parts of dg3, db3
+    if a.prefix is not None:
+        dprefix, *prefix_parts = prefix_grads(a, args.grad_y[:, :n_prefix], acc)
+        grads["prefix"] = dprefix.to(a.prefix.dtype)
     if a.stem_norm != NO_NORM:
         t = z if a.post_norm == NO_NORM else _affine(z_hat, a.g2, a.b2)
         t = t if a.pos is None else t + a.pos.to(acc)
         t_hat = (t - mean3) * rstd3
-        grads["g3"], grads["b3"] = _norm_param_grads(dz, t_hat, a.g3, a.b3)
+        grads["g3"], grads["b3"] = _norm_param_grads(dz, t_hat, a.g3, a.b3, prefix_parts)
         dz = layer_norm_backward(dz, t_hat, rstd3, a.g3)
-    if a.prefix is not None:
-        dprefix, dg3, db3 = prefix_grads(a, args.grad_y[:, :n_prefix], acc)
-        grads["prefix"] = dprefix.to(a.prefix.dtype)
-        if dg3 is not None:
-            grads["g3"] = (grads["g3"].to(acc) + dg3).to(a.g3.dtype)
-        if db3 is not None:
-            grads["b3"] = (grads["b3"].to(acc) + db3).to(a.b3.dtype)
     if a.pos is not None:
         grads["pos"] = dz.sum(0).to(a.pos.dtype)
     if a.post_norm != NO_NORM:

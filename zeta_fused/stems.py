@@ -72,8 +72,8 @@ class FusedStem:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in [k for k in state if k.startswith("_zeta_") and k != "_zeta_backend"]:
-            del state[key]  # per-call hand-off state: bound to this process
+        for key in [k for k in state if k.startswith("_zeta_")]:
+            del state[key]  # per-call state and caches (hand-offs, bindings, tables)
         return state
 
     def __reduce_ex__(self, protocol):
