@@ -62,6 +62,12 @@ def test_hooks_run_the_submodules(device, fused_path_calls) -> None:
     # the patch embedding alone still ran fused
     assert fused_path_calls == [1, 1]
     handle.remove()
+    for module in (m.patches, m.patches.embedding, m.patches.embedding[2]):
+        seen.clear()
+        handle = module.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+        torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+        assert seen == [(2, 8, 40)], module  # the patch tokens, as the eager path makes them
+        handle.remove()
 
 
 def test_compile_fullgraph(device, fused_calls) -> None:
@@ -75,3 +81,14 @@ def test_compile_fullgraph(device, fused_calls) -> None:
     torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_replaced_patch_layers_run_eager(device, fused_path_calls) -> None:
+    m = stem(stem_norm=True).float().to(device)
+    m.backend = "triton"
+    x = torch.randn(2, 3, 16, 8, device=device)
+    expected = m(x)
+    m.patches.embedding = torch.nn.Sequential(*m.patches.embedding)  # a plain Sequential
+    fused_path_calls.clear()
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+    assert fused_path_calls == []

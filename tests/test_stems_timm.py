@@ -245,3 +245,20 @@ def test_resampled_table_is_cached_only_while_frozen(device, monkeypatch) -> Non
     calls.clear()
     model(x), model(x)
     assert len(calls) == 1
+
+
+def test_handoff_norm_never_normalises_twice() -> None:
+    """The hand-off LayerNorm returns the stem's output as it is once, normalises anything
+    after that, and raises for another tensor while a hand-off is pending."""
+    from zeta_fused import stems
+
+    norm = randomise(nn.LayerNorm(8))
+    stems.handoff_class(norm)
+    y = torch.randn(2, 3, 8)
+    stems.hand_off(norm, y)
+    assert norm(y) is y
+    expected = torch.nn.functional.layer_norm(y, (8,), norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(norm(y), expected)
+    stems.hand_off(norm, y)
+    with pytest.raises(RuntimeError, match="another tensor than the stem's output"):
+        norm(y.clone())

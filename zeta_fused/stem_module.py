@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import dispatch
 from .checks import PatchSize, as_int, pair
-from .module import PatchEmbeddings, _param, plain
+from .module import FusedPatchSequential, PatchEmbeddings, _param, plain
 from .reference import Stem
 
 
@@ -105,12 +105,15 @@ class ViTStem(nn.Module):
 
     def _fused(self, x: Tensor) -> Tensor | None:
         """The whole stem as one fused call, or None: the submodules run one by one."""
-        norm = self.norm
+        norm, patches = self.norm, self.patches
         is_norm = not plain(norm, nn.Identity)
+        embedding = patches._modules.get("embedding")
         if (
             (is_norm and not plain(norm, nn.LayerNorm))
-            or not plain(self.patches, PatchEmbeddings)
-            or any(dispatch.hook_dicts(self.patches, norm))
+            or not plain(patches, PatchEmbeddings)
+            or not plain(embedding, FusedPatchSequential)
+            # modules the fused call skips (their children's hooks: zeta_call)
+            or any(dispatch.hook_dicts(patches, embedding, norm))
         ):
             return None
         pos, prefix = _param(self, "pos_embed"), _param(self, "prefix_tokens")
@@ -120,7 +123,7 @@ class ViTStem(nn.Module):
             (_param(norm, "weight"), _param(norm, "bias")) if is_norm else None,
             norm.eps if is_norm else 1e-6,
         )
-        return self.patches.embedding.zeta_call(x, stem)
+        return embedding.zeta_call(x, stem)
 
     def extra_repr(self) -> str:
         prefix = 0 if self.prefix_tokens is None else self.prefix_tokens.shape[1]
