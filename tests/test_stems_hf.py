@@ -21,8 +21,15 @@ TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermed
             image_size=16, patch_size=8)  # fmt: skip
 EXTRA = {"Dinov2WithRegisters": {"num_register_tokens": 2}}
 NAMES = ["ViT", "DeiT", "Dinov2", "Dinov2WithRegisters", "CLIPVision", "SiglipVision"]
-# Converted entries: the stem (CLIP: its owner's pre_layrnorm hand-off too).
+# Converted whole stems: the embeddings (CLIP: its owner's pre_layrnorm hand-off too); the
+# summary lists their patch conv after them, converted by fuse_patch_embeddings.
 CONVERTED = {"CLIPVision": ["", "embeddings"]}
+
+
+def conv_name(model: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is conv_of(model))
+
+
 # The peers whose forward takes interpolate_pos_encoding (DINOv2 always interpolates).
 INTERPOLATES = {"ViT", "DeiT", "CLIPVision", "SiglipVision"}
 
@@ -71,10 +78,11 @@ def test_stem_drop_in(name, device, fused_path_calls) -> None:
     keys = list(model.state_dict())
     wanted = CONVERTED.get(name, ["embeddings"])
     model, summary = check_drop_in(model, torch.randn(2, 3, 16, 16), device, fused_path_calls,
-                                   expect=len(wanted), convert=fuse_stems,
+                                   expect=len(wanted) + 1, convert=fuse_stems,
                                    expect_calls=1)  # fmt: skip
-    assert [n for n, _ in summary.converted] == wanted, str(summary)
-    assert all(kind.startswith("whole stem: transformers") for _, kind in summary.converted)
+    assert [n for n, _ in summary.converted] == [*wanted, conv_name(model)], str(summary)
+    stems_done = summary.converted[:-1]
+    assert all(kind.startswith("whole stem: transformers") for _, kind in stems_done)
     assert summary.skipped == [] and summary.already_fused == []
     assert list(model.state_dict()) == keys
     assert isinstance(model.embeddings, FusedStem) and isinstance(conv_of(model), FusedPatchConv2d)
@@ -87,7 +95,7 @@ def test_other_image_size_interpolates(name, device, fused_path_calls) -> None:
     """A 24x16 image: the table resampled by the peer's own method, then fused."""
     kw = {"interpolate_pos_encoding": True} if name in INTERPOLATES else {}
     check_drop_in(hf(name), torch.randn(2, 3, 24, 16), device, fused_path_calls,
-                  expect=len(CONVERTED.get(name, ["e"])), convert=fuse_stems, expect_calls=1,
+                  expect=len(CONVERTED.get(name, ["e"])) + 1, convert=fuse_stems, expect_calls=1,
                   **kw)  # fmt: skip
 
 
@@ -198,7 +206,8 @@ def test_unfusable_stems_reported(device) -> None:
     summary = fuse_stems(clip, backend="triton")
     assert "pre_layrnorm is Identity" in dict(summary.skipped)[""], str(summary)
     assert type(clip) is transformers.CLIPVisionModel
-    assert [n for n, _ in summary.converted] == ["embeddings"]  # fused without the norm
+    # fused without the norm (and its conv)
+    assert [n for n, _ in summary.converted] == ["embeddings", conv_name(clip)]
     x = torch.randn(1, 3, 16, 16, device=device)
     torch.testing.assert_close(clip(x).last_hidden_state, reference(x).last_hidden_state,
                                rtol=1e-4, atol=1e-5)  # fmt: skip

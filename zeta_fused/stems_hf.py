@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import dispatch
 from .module import _param, plain
-from .peers import CONVS, _conv_semantics, fuse_conv, patch_conv_problem
+from .peers import _conv_semantics, patch_conv_problem
 from .reference import Stem
 from .stems import (
     FusedStem,
@@ -296,25 +296,9 @@ class _FusedCLIPVisionOwner(FusedStem):
     ``CLIPVisionTransformer`` before transformers 5): its forward, with the norm handed over to
     the embeddings while it runs."""
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        _register_output_capture(cls)
-
     def forward(self, pixel_values: Tensor | None = None, *args, **kwargs):
         with handoff_scope(self.embeddings, self.pre_layrnorm):
             return super().forward(pixel_values, *args, **kwargs)
-
-
-def _register_output_capture(cls: type) -> None:
-    """transformers 5 finds what ``output_hidden_states`` / ``output_attentions`` record by the
-    model's class name, registered when a model is built: a fused class (made at conversion
-    and again on unpickling) is registered as the class it was made from."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # transformers 4: outputs are not captured by class
-        return
-    # Keyed by str(class), as the registry's own __setitem__ does for a model instance.
-    dict.__setitem__(_CAN_RECORD_REGISTRY, str(cls), getattr(cls, "_can_record_outputs", None))
 
 
 # --- The kinds ---------------------------------------------------------------------------------
@@ -333,12 +317,9 @@ def _embeddings_kind(module: str, name: str, mixin: type, patch_module: str | No
         return why
 
     def convert(m: nn.Module, backend: str) -> None:
+        # Its patch conv, which runs when a call falls back (a mask token...), is converted by
+        # fuse_patch_embeddings after the stems.
         swap(m, mixin, backend)
-        conv = m.patch_embeddings.projection if patch_module else m.patch_embedding
-        # The conv runs when a call falls back (a mask token...): fused there too. Converted
-        # here as fuse_patch_embeddings does not know the fused stem's class as transformers'.
-        if type(conv) in CONVS:
-            fuse_conv(conv, backend)
 
     def matches(m: nn.Module) -> bool:
         return peer_class(type(m), module, name) is not None
