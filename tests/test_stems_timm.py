@@ -262,3 +262,21 @@ def test_handoff_norm_never_normalises_twice() -> None:
     stems.hand_off(norm, y)
     with pytest.raises(RuntimeError, match="another tensor than the stem's output"):
         norm(y.clone())
+
+
+def test_patch_embeddings_converted_first(device, fused_path_calls, norm_calls) -> None:
+    """fuse_patch_embeddings, then fuse_stems: the fused PatchEmbed becomes the stem's."""
+    from zeta_fused import fuse_patch_embeddings
+
+    model = vit(pre_norm=True).to(device)
+    before = copy.deepcopy(model)
+    assert [n for n, _ in fuse_patch_embeddings(model, backend="triton").converted] == [
+        "patch_embed"
+    ]
+    summary = fuse_stems(model, backend="triton")
+    assert [kind for _, kind in summary.converted] == ["whole stem: timm VisionTransformer"]
+    x = torch.randn(2, 3, 32, 32, device=device)
+    expected = before(x)
+    norm_calls.clear()
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1] and len(norm_calls) == 3  # norm_pre fused with the stem
