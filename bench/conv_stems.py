@@ -56,7 +56,7 @@ class LinearStem(ConvStem):
 
 
 def fused(p: ConvPreset, backend: str = "triton") -> nn.Module:
-    from zeta_fused.peers import fuse_conv
+    from zeta_fused.integrations.convs import fuse_conv
 
     stem = ConvStem(p)
     fuse_conv(stem.proj, backend)

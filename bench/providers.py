@@ -16,7 +16,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 from zeta_fused import PatchEmbeddings
-from zeta_fused.reference import PATCHIFY
+from zeta_fused.op.reference import PATCHIFY
 
 from . import conv_stems, model_stems
 from .presets import Preset

@@ -109,7 +109,7 @@ def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> di
     A failure is reported under ``failed``."""
     from zeta_fused import PatchEmbeddings
     from zeta_fused.functional import op_inputs
-    from zeta_fused.launch import patch_embed_fwd
+    from zeta_fused.op.launch import patch_embed_fwd
 
     progress(f"host overhead: {p.name}")
     try:

@@ -52,7 +52,7 @@ PLAN = [
 def run(variants: list[str], checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Every (variant, PLAN cell); ``checkpoint(rows)`` after each, so a run cut short keeps
     what it measured."""
-    from zeta_fused import policy
+    from zeta_fused.op import policy
 
     rows = []
     for name in variants:

@@ -9,9 +9,9 @@ pointers, either of them None (``nn.LayerNorm(bias=False)``, ``elementwise_affin
 import triton
 import triton.language as tl
 
-from ..op_args import LAYER_NORM as _LAYER_NORM
-from ..op_args import NO_NORM as _NO_NORM
-from ..op_args import STAT_ROWS
+from .contract import LAYER_NORM as _LAYER_NORM
+from .contract import NO_NORM as _NO_NORM
+from .contract import STAT_ROWS
 
 NO_NORM = tl.constexpr(_NO_NORM)
 LAYER_NORM = tl.constexpr(_LAYER_NORM)

@@ -15,7 +15,7 @@ code only.
 import triton
 import triton.language as tl
 
-from ..op_args import COLUMN_SUMS
+from .contract import COLUMN_SUMS
 from .geometry import token_offsets, token_rows, tokens_per_image
 from .norms import (
     MEAN1,

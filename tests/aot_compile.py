@@ -27,11 +27,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-import zeta_fused.launch as launch  # noqa: E402
+import zeta_fused.op.launch as launch  # noqa: E402
 from zeta_fused import policy  # noqa: E402
 from zeta_fused.functional import op_inputs  # noqa: E402
-from zeta_fused.op_args import BwdArgs  # noqa: E402
-from zeta_fused.reference import NO_STEM, Stem  # noqa: E402
+from zeta_fused.op.args import BwdArgs  # noqa: E402
+from zeta_fused.op.reference import NO_STEM, Stem  # noqa: E402
 
 KERNELS = [
     "_patch_embed_fwd_kernel",

@@ -50,10 +50,10 @@ def fused_path_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = functional.fused_patch_embed
     for where in (
-        "zeta_fused.module",
-        "zeta_fused.peers",
+        "zeta_fused.nn.patch_embed",
+        "zeta_fused.integrations.convs",
         "zeta_fused.functional",
-        "zeta_fused.stems",
+        "zeta_fused.integrations._base",
     ):
         monkeypatch.setattr(f"{where}.fused_patch_embed", lambda a: calls.append(1) or real(a))
     return calls

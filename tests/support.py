@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from zeta_fused import PatchEmbeddings, fuse_patch_embeddings
 from zeta_fused.functional import op_inputs
-from zeta_fused.op_args import FwdArgs
+from zeta_fused.op.args import FwdArgs
 
 ATOL = {
     torch.float64: 1e-10,
@@ -114,7 +114,7 @@ def compare(m, x, dtype, device, needs_x_grad=True) -> None:
 def check_drop_in(model: nn.Module, x: torch.Tensor, device: str, calls: list, expect=1,
                   convert=fuse_patch_embeddings, expect_calls=None, **kw):  # fmt: skip
     """Same outputs, same gradients, same parameters and state-dict keys after conversion
-    (``convert``: fuse_patch_embeddings, or zeta_fused.stems.fuse_stems for whole stems)."""
+    (``convert``: fuse_patch_embeddings, or fuse_stems for whole stems)."""
     model = randomise(model).eval()
     before = copy.deepcopy(model).to(device)
     saved = {k: v.clone() for k, v in model.state_dict().items()}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from support import compare, grads, make, module_op_inputs
 
-from zeta_fused import policy
-from zeta_fused.op_args import BwdArgs, Grads
+from zeta_fused.op import policy
+from zeta_fused.op.args import BwdArgs, Grads
 
 
 @pytest.fixture(params=[False, True], ids=["(i, j, c) order", "re-laid (c, i, j) order"])
@@ -38,7 +38,7 @@ def test_tuning_alternatives(dtype, device, monkeypatch) -> None:
     """The launch alternatives bench.tune times stay correct: (c, i, j) order for a patch width
     that is not a power of two (weight re-laid), and post-norm-backward programs narrower than
     the other kernels' (more rows of column partials)."""
-    from zeta_fused import layout
+    from zeta_fused.op import layout
 
     spy = []
     real = layout.k_order
@@ -110,7 +110,7 @@ def test_many_token_tiles(device) -> None:
 
 def test_parameter_grads_only(device, monkeypatch) -> None:
     """An image without requires_grad gets no gradient and no image-gradient kernel runs."""
-    import zeta_fused.launch as launch
+    import zeta_fused.op.launch as launch
 
     monkeypatch.setattr(launch, "_bwd_dx_kernel", None)  # any launch would raise
     compare(make(3, 20, 4), torch.randn(2, 3, 8, 8), torch.float32, device, needs_x_grad=False)
@@ -181,7 +181,7 @@ def test_opcheck_backward_op(device) -> None:
 
 
 def test_backward_never_leaves_fused_path(device, monkeypatch) -> None:
-    import zeta_fused.reference as reference
+    import zeta_fused.op.reference as reference
 
     monkeypatch.setattr(reference, "backward_from_stats", lambda *a: pytest.fail("eager ran"))
     m = make(3, 20, 4).to(device, torch.float32)
@@ -195,7 +195,7 @@ def test_backward_never_leaves_fused_path(device, monkeypatch) -> None:
 def test_eager_op_implementation_matches_kernels(flags, device, monkeypatch) -> None:
     """The op's CPU implementation without the interpreter (eager math) gives the same
     forward and gradients as the Triton kernels."""
-    import zeta_fused.ops as ops
+    import zeta_fused.op.register as ops
 
     m = make(3, 20, (4, 2), flags)
     x = torch.randn(2, 3, 8, 6, dtype=torch.float64, requires_grad=True)

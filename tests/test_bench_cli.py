@@ -60,7 +60,7 @@ def test_tune_variants_name_policy_fields_and_are_undone() -> None:
     """Every tuning variant names real launch-policy and Blocks fields, and is undone."""
     sys.path.insert(0, str(ROOT))
     from bench import tune
-    from zeta_fused import policy
+    from zeta_fused.op import policy
 
     before = policy.current()
     for name, changes in tune.VARIANTS.items():

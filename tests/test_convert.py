@@ -10,7 +10,7 @@ from support import check_drop_in, randomise
 from torch import nn
 
 from zeta_fused import FusedPatchSequential, fuse_patch_embeddings
-from zeta_fused.convert import FusedPatchConv2d
+from zeta_fused.integrations.convert import FusedPatchConv2d
 
 # ---------------------------------------------------------------- vit-pytorch
 

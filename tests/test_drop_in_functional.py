@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from support import randomise
 
 from zeta_fused import PatchEmbeddings, patch_embed
-from zeta_fused.reference import patchify
+from zeta_fused.op.reference import patchify
 
 
 def pair_of(device: str, dtype=torch.float32) -> tuple[PatchEmbeddings, PatchEmbeddings]:

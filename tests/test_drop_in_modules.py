@@ -17,7 +17,7 @@ from support import randomise
 from torch import nn
 
 from zeta_fused import FusedPatchSequential, PatchEmbeddings, fuse_patch_embeddings
-from zeta_fused.reference import PATCHIFY
+from zeta_fused.op.reference import PATCHIFY
 
 
 def stem(device: str) -> PatchEmbeddings:

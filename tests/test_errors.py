@@ -76,7 +76,7 @@ def test_unknown_backend() -> None:
 
 
 def test_empty_batch_launches_nothing(module, monkeypatch) -> None:
-    import zeta_fused.launch as launch
+    import zeta_fused.op.launch as launch
 
     def boom(*args, **kwargs):
         raise AssertionError("kernel launched for an empty batch")

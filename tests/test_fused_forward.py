@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import assert_accurate, check, make, module_op_inputs
 
-import zeta_fused.reference as reference
-from zeta_fused import patch_embed, policy
+import zeta_fused.op.reference as reference
+from zeta_fused import patch_embed
+from zeta_fused.op import policy
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLAGS = {

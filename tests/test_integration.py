@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from support import randomise
 from torch import nn
 
-import zeta_fused.launch as launch
+import zeta_fused.op.launch as launch
 from zeta_fused import PatchEmbeddings
 from zeta_fused.dispatch import interpreting
 

@@ -7,12 +7,14 @@ from typing import NamedTuple
 import pytest
 import torch
 
-launch = pytest.importorskip("zeta_fused.launch", reason="needs Triton")
+launch = pytest.importorskip("zeta_fused.op.launch", reason="needs Triton")
 
 
 TF32_SETTINGS = """
 import os, torch
-from zeta_fused import PatchEmbeddings, launch, policy
+from zeta_fused import PatchEmbeddings
+from zeta_fused.op import launch
+from zeta_fused.op import policy
 
 matmul = torch.backends.cuda.matmul
 new_api = hasattr(torch.backends, "fp32_precision")

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from zeta_fused import layout, policy
+from zeta_fused.op import layout, policy
 
 
 def first_pixel_offsets(x: torch.Tensor, patch) -> torch.Tensor:

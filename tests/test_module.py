@@ -9,7 +9,7 @@ from support import randomise
 from torch import nn
 
 from zeta_fused import PatchEmbeddings, patch_embed
-from zeta_fused.reference import patch_embed_reference
+from zeta_fused.op.reference import patch_embed_reference
 
 
 def test_seed_example() -> None:

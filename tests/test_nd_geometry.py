@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zeta_fused import policy
-from zeta_fused.op_args import LAYER_NORM, NO_NORM, BwdArgs, FwdArgs, Grads
-from zeta_fused.reference import backward_from_stats, forward_with_stats
+from zeta_fused.kernels.contract import LAYER_NORM, NO_NORM
+from zeta_fused.op import policy
+from zeta_fused.op.args import BwdArgs, FwdArgs, Grads
+from zeta_fused.op.reference import backward_from_stats, forward_with_stats
 
 CASES = {  # (input shape, patch, weight as conv?, input permutation)
     "1d": ((2, 3, 24), (4,), False, None),
@@ -78,7 +79,7 @@ def test_reference_patch_order_is_vit_pytorch_3d() -> None:
     """The eager math flattens (pf p1 p2 c), as vit-pytorch's ViT for video does."""
     from einops import rearrange
 
-    from zeta_fused.reference import patchify
+    from zeta_fused.op.reference import patchify
 
     x = torch.randn(2, 3, 4, 8, 6)
     expected = rearrange(x, "b c (f pf) (h p1) (w p2) -> b (f h w) (pf p1 p2 c)", pf=2, p1=4,

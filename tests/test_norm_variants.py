@@ -14,7 +14,7 @@ from torch import nn
 
 from zeta_fused import FusedPatchSequential, fuse_patch_embeddings, patch_embed
 from zeta_fused.functional import op_inputs
-from zeta_fused.reference import PATCHIFY
+from zeta_fused.op.reference import PATCHIFY
 
 NORMS = {
     "affine": lambda n: nn.LayerNorm(n),
@@ -66,7 +66,7 @@ def test_all_gradients(norms, device) -> None:
 def test_gradients_in_the_channels_first_order(device) -> None:
     """Large calls re-lay the weight and whatever pre-norm parameters exist (here a weight and
     no bias) in the channels-first order."""
-    from zeta_fused import policy
+    from zeta_fused.op import policy
 
     with policy.override(relayout_min_tokens=0):
         compare(stem(3, 24, (4, 4), "no-bias", "no-affine"), torch.randn(2, 3, 16, 12),

@@ -10,7 +10,7 @@ import triton.language as tl
 from zeta_fused.dispatch import interpreting
 from zeta_fused.functional import op_inputs
 from zeta_fused.kernels.rounding import cast
-from zeta_fused.op_args import FwdArgs
+from zeta_fused.op.args import FwdArgs
 
 # Subnormals are left out: the interpreter flushes them, and no output of ours is subnormal.
 SPECIALS = [float("nan"), float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 0.0, -0.0]
@@ -40,7 +40,7 @@ def test_bf16_cast_is_round_to_nearest_even(device) -> None:
 def test_fused_bf16_output_rounds_to_nearest(post_norm, device) -> None:
     """The fused output is the nearest bf16 to its fp32 result almost everywhere (truncation
     would miss about half of the elements)."""
-    from zeta_fused import reference
+    from zeta_fused.op import reference
 
     m = torch.nn.Linear(48, 64).to(device, torch.bfloat16)
     x = torch.randn(2, 3, 16, 16, device=device, dtype=torch.bfloat16)

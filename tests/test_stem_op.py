@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from support import assert_accurate
 
 from zeta_fused.functional import op_inputs, patch_embed
-from zeta_fused.op_args import BwdArgs, FwdArgs, Grads
-from zeta_fused.reference import Stem, backward_from_stats, forward_with_stats
+from zeta_fused.op.args import BwdArgs, FwdArgs, Grads
+from zeta_fused.op.reference import Stem, backward_from_stats, forward_with_stats
 
 # (prefix rows, position table, pre-norm, post-norm, stem norm); a norm is "ln" (weight and
 # bias), "no-affine", "no-bias" or None.

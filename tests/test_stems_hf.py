@@ -1,6 +1,6 @@
-"""Whole transformers vision stems converted in place (zeta_fused.stems_hf): ViT, DeiT,
-DINOv2 (with registers), CLIP (with its pre_layrnorm) and SigLIP embeddings as one fused call,
-equal to the peer's own code, which still runs for whatever the op does not do."""
+"""Whole transformers vision stems converted in place (zeta_fused.integrations.transformers):
+ViT, DeiT, DINOv2 (with registers), CLIP (with its pre_layrnorm) and SigLIP embeddings as one
+fused call, equal to the peer's own code, which still runs for whatever the op does not do."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from support import check_drop_in, randomise
 from torch import nn
 
-from zeta_fused.convert import FusedPatchConv2d
-from zeta_fused.stems import FusedStem, fuse_stems
+from zeta_fused.integrations._base import FusedStem, fuse_stems
+from zeta_fused.integrations.convert import FusedPatchConv2d
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
 
@@ -57,7 +57,10 @@ def calls(monkeypatch) -> dict[str, list[int]]:
 
     counts: dict[str, list[int]] = {"stem": [], "conv": []}
     real = functional.fused_patch_embed
-    for key, where in (("stem", "zeta_fused.stems"), ("conv", "zeta_fused.peers")):
+    for key, where in (
+        ("stem", "zeta_fused.integrations._base"),
+        ("conv", "zeta_fused.integrations.convs"),
+    ):
         monkeypatch.setattr(f"{where}.fused_patch_embed",
                             lambda a, seen=counts[key]: seen.append(1) or real(a))  # fmt: skip
     return counts

@@ -1,5 +1,5 @@
 """fuse_stems on the whole stems of vit-pytorch, OpenCLIP, Segment Anything and diffusers
-(zeta_fused.stems_other, zeta_fused.stems_diffusion): tiny real models, fused vs unconverted."""
+(zeta_fused.integrations): tiny real models, fused vs unconverted."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from support import check_drop_in, randomise
 from torch import nn
 
-from zeta_fused.module import FusedPatchSequential
-from zeta_fused.stems import FusedStem, fuse_stems
+from zeta_fused.integrations._base import FusedStem, fuse_stems
+from zeta_fused.nn.patch_embed import FusedPatchSequential
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 

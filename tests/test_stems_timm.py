@@ -1,4 +1,4 @@
-"""Whole timm ViT stems converted in place (zeta_fused.stems_timm): patch embedding, prefix
+"""Whole timm ViT stems converted in place (zeta_fused.integrations.timm): patch embedding, prefix
 tokens, position table and norm_pre in one fused call, equal to timm's own stem."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from support import check_drop_in, randomise
 from torch import nn
 
-from zeta_fused.stems import fuse_stems
+from zeta_fused.integrations._base import fuse_stems
 
 timm = pytest.importorskip("timm")
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
@@ -250,7 +250,7 @@ def test_resampled_table_is_cached_only_while_frozen(device, monkeypatch) -> Non
 def test_handoff_norm_never_normalises_twice() -> None:
     """The hand-off LayerNorm returns the stem's output as it is once, normalises anything
     after that, and raises for another tensor while a hand-off is pending."""
-    from zeta_fused import stems
+    from zeta_fused.integrations import _base as stems
 
     norm = randomise(nn.LayerNorm(8))
     stems.handoff_class(norm)

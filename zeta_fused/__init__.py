@@ -3,11 +3,14 @@
 Importing this package never initialises CUDA and works without Triton installed.
 """
 
-from .convert import FuseSummary, fuse_patch_embeddings
+from . import _legacy
 from .functional import patch_embed, patch_embed_rows
-from .module import FusedPatchSequential, PatchEmbeddings
-from .stem_module import ViTStem
-from .stems import fuse_stems
+from .integrations._base import fuse_stems
+from .integrations.convert import FuseSummary, fuse_patch_embeddings
+from .nn.patch_embed import FusedPatchSequential, PatchEmbeddings
+from .nn.vit_stem import ViTStem
+
+_legacy.install()  # old module paths, for models pickled before the package was split
 
 __version__ = "0.1.0.dev0"
 __all__ = [

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import Norm, Stem
+from .op.reference import Norm, Stem
 
 PatchSize = int | tuple[int, ...]
 # The (weight, bias) of no norm, unpacked on the per-call path.

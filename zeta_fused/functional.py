@@ -20,9 +20,10 @@ from .checks import (
     pad_to_patch,
     patch_tuple,
 )
-from .op_args import LAYER_NORM, NO_NORM, FwdArgs
-from .ops import patch_embed_fwd
-from .reference import NO_STEM, Norm, Stem, patch_embed_reference
+from .kernels.contract import LAYER_NORM, NO_NORM
+from .op.args import FwdArgs
+from .op.reference import NO_STEM, Norm, Stem, patch_embed_reference
+from .op.register import patch_embed_fwd
 
 
 def fused_dtypes(
@@ -92,8 +93,8 @@ def fused_patch_embed(args: FwdArgs) -> Tensor:
         and type(x) is Tensor  # subclasses (FakeTensor, DTensor, ...) need the dispatcher
         and torch._C._len_torch_dispatch_stack() == 0  # so do dispatch modes
     ):
-        launch = sys.modules.get("zeta_fused.launch") or importlib.import_module(
-            ".launch", __package__
+        launch = sys.modules.get("zeta_fused.op.launch") or importlib.import_module(
+            ".op.launch", __package__
         )
         return launch.patch_embed_fwd(args)[0]
     return patch_embed_fwd(*args)[0]

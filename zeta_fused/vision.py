@@ -1,5 +1,5 @@
 """Mirror of zeta's ``zeta.vision`` import path."""
 
-from .module import PatchEmbeddings
+from .nn.patch_embed import PatchEmbeddings
 
 __all__ = ["PatchEmbeddings"]

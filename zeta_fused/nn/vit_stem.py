@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
-from .checks import PatchSize, as_int, pair
-from .module import FusedPatchSequential, PatchEmbeddings, _param, plain
-from .reference import Stem
+from .. import dispatch
+from ..checks import PatchSize, as_int, pair
+from ..op.reference import Stem
+from .patch_embed import FusedPatchSequential, PatchEmbeddings, _param, plain
 
 
 class ViTStem(nn.Module):

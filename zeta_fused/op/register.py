@@ -18,9 +18,10 @@ import math
 import torch
 from torch import Tensor
 
+from ..dispatch import interpreting
+from ..kernels.contract import STAT_ROWS
 from . import reference as ref
-from .dispatch import interpreting
-from .op_args import STAT_ROWS, BwdArgs, FwdArgs, Grads, input_grads, schema
+from .args import BwdArgs, FwdArgs, Grads, input_grads, schema
 
 LIB = "zeta_fused"
 

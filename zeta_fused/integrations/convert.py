@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from . import dispatch
-from .module import FusedPatchSequential
-from .peers import (
+from .. import dispatch
+from ..nn.patch_embed import FusedPatchSequential
+from .convs import (
     CONVS,
     FusedPatchConv1d,
     FusedPatchConv2d,

@@ -14,8 +14,8 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from . import dispatch
-from .checks import (
+from .. import dispatch
+from ..checks import (
     NO_PARAMS,
     PatchSize,
     as_int,
@@ -26,9 +26,9 @@ from .checks import (
     pad_to_patch,
     resolve_patch_size,
 )
-from .functional import fused_patch_embed, op_inputs
-from .layout import PatchPattern, parse_patchify
-from .reference import NO_STEM, PATCHIFY, Norm, Stem
+from ..functional import fused_patch_embed, op_inputs
+from ..op.layout import PatchPattern, parse_patchify
+from ..op.reference import NO_STEM, PATCHIFY, Norm, Stem
 
 
 def _param(module: nn.Module, name: str) -> Tensor | None:

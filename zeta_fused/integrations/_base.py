@@ -28,16 +28,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
-from .checks import check_input, check_stem, checked_params
+from .. import dispatch
+from ..checks import check_input, check_stem, checked_params
+from ..functional import fused_patch_embed, op_inputs
+from ..nn.patch_embed import _param, plain
+from ..op.reference import Norm, Stem
 from .convert import FuseSummary, fuse_patch_embeddings
-from .functional import fused_patch_embed, op_inputs
-from .module import _param, plain
-from .peers import _conv_semantics, _crop_to_grid, patch_conv_problem, rebuild_fused
-from .reference import Norm, Stem
+from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem, rebuild_fused
 
 # The modules registering the stem families, imported by fuse_stems.
-FAMILIES = ("stems_timm", "stems_hf", "stems_other", "stems_diffusion")
+FAMILIES = ("timm", "transformers", "vit_pytorch", "diffusers")
 
 
 class StemKind(NamedTuple):

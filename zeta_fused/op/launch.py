@@ -12,11 +12,12 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from ..kernels.contract import COLUMN_SUMS, NO_NORM, STAT_ROWS
+from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param_kernel
+from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
+from ..kernels.patch_embed_fwd import _patch_embed_fwd_kernel
 from . import layout, policy
-from .kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param_kernel
-from .kernels.patch_embed_bwd_dz import _bwd_dz_kernel
-from .kernels.patch_embed_fwd import _patch_embed_fwd_kernel
-from .op_args import COLUMN_SUMS, NO_NORM, STAT_ROWS, BwdArgs, FwdArgs, Grads, fwd_of
+from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .policy import LaunchPolicy
 from .reference import absent_grad, prefix_grads, prefix_rows, stats_dtype
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .op_args import NO_NORM, STAT_ROWS, BwdArgs, FwdArgs, Grads, fwd_of
+from ..kernels.contract import NO_NORM, STAT_ROWS
+from .args import BwdArgs, FwdArgs, Grads, fwd_of
 
 # vit-pytorch's image patch layout, as its Rearrange layer writes it.
 PATCHIFY = "b c (h p1) (w p2) -> b (h w) (p1 p2 c)"

@@ -16,18 +16,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-# Norm kinds of the op (the kernels' NORM constexprs take the same strings).
-NO_NORM = "none"
-LAYER_NORM = "layer_norm"
-NORM_KINDS = (NO_NORM, LAYER_NORM)
-# The forward's per-token row statistics, saved for the backward: a (len(STAT_ROWS), B*N)
-# buffer in the accumulation dtype (kernels/norms.py names the rows for the kernels).
-STAT_ROWS = ("mean1", "rstd1", "mean2", "rstd2", "mean3", "rstd3")
-# The backward's per-program column sums over D, summed by the launcher: rows of a
-# (len(COLUMN_SUMS), programs, D) buffer (dZ -> dbias, dT * ẑ -> dg2, dT -> db2, dY * t̂ -> dg3,
-# dY -> db3).
-COLUMN_SUMS = ("dz", "dg2", "db2", "dg3", "db3")
-
 
 class FwdArgs(NamedTuple):
     """Inputs of ``zeta_fused::patch_embed_fwd``, in schema order."""
@@ -35,7 +23,7 @@ class FwdArgs(NamedTuple):
     x: Tensor  # image (B, C, *spatial), any strides
     weight: Tensor  # (D, K) with K in (*patch, C) order, or a conv weight (D, C, *patch)
     bias: Tensor | None  # (D,)
-    pre_norm: str  # NORM_KINDS: the norm over each flattened patch (K)
+    pre_norm: str  # kernels/contract.py NORM_KINDS: the norm over each flattened patch (K)
     g1: Tensor | None  # its weight (K,) in (*patch, C) order; None: no affine weight
     b1: Tensor | None  # its bias (K,)
     post_norm: str  # NORM_KINDS: the norm over each token (D)

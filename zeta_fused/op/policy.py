@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .dispatch import interpreting
+from ..dispatch import interpreting
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
-from .module import _param, plain
-from .peers import _conv_semantics, patch_conv_problem
-from .reference import Stem
-from .stems import (
+from .. import dispatch
+from ..nn.patch_embed import _param, plain
+from ..op.reference import Stem
+from ._base import (
     FusedStem,
     StemKind,
     conv_stem,
@@ -37,6 +36,7 @@ from .stems import (
     register,
     swap,
 )
+from .convs import _conv_semantics, patch_conv_problem
 
 # (prefix rows (P, D) or None, patch position table (N, D) or None), or None: the tables do
 # not fit this call (the peer's forward raises its own error for that).

@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from . import dispatch
-from .checks import check_input, check_stem, checked_params, pad_to_patch
-from .functional import fused_patch_embed, op_inputs
-from .module import _param, norm_params, over, plain
-from .reference import NO_STEM, Stem
+from .. import dispatch
+from ..checks import check_input, check_stem, checked_params, pad_to_patch
+from ..functional import fused_patch_embed, op_inputs
+from ..nn.patch_embed import _param, norm_params, over, plain
+from ..op.reference import NO_STEM, Stem
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -15,11 +15,11 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from .functional import fused_dtypes
-from .module import _param, norm_params, plain
-from .peers import patch_conv_problem
-from .reference import Stem
-from .stems import FusedStem, StemKind, conv_stem, frozen_table, register, swap
+from ..functional import fused_dtypes
+from ..nn.patch_embed import _param, norm_params, plain
+from ..op.reference import Stem
+from ._base import FusedStem, StemKind, conv_stem, frozen_table, register, swap
+from .convs import patch_conv_problem
 
 _EMBEDDINGS = "diffusers.models.embeddings"
 

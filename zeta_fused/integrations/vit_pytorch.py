@@ -22,14 +22,10 @@ import sys
 
 from torch import Tensor, nn
 
-from . import (
-    dispatch,
-    stems,
-    stems_diffusion,  # noqa: F401 - registers diffusers' PatchEmbed with this family
-)
-from .checks import check_stem, checked_params
-from .functional import fused_dtypes, op_inputs
-from .module import (
+from .. import dispatch
+from ..checks import check_stem, checked_params
+from ..functional import fused_dtypes, op_inputs
+from ..nn.patch_embed import (
     SequentialPlan,
     _param,
     norm_params,
@@ -38,9 +34,10 @@ from .module import (
     plain,
     plan_eps,
 )
-from .peers import patch_conv_problem
-from .reference import Stem
-from .stems import FusedStem, StemKind, conv_stem, norm_of, register, swap
+from ..op.reference import Stem
+from . import _base as stems
+from ._base import FusedStem, StemKind, conv_stem, norm_of, register, swap
+from .convs import patch_conv_problem
 
 
 def peer_class(module: str, name: str) -> type | None:

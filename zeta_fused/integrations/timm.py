@@ -20,10 +20,11 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from . import dispatch, stems
-from .module import _param, plain
-from .peers import fused_timm_class, rebuild_fused, timm_problem
-from .reference import Stem
+from .. import dispatch
+from ..nn.patch_embed import _param, plain
+from ..op.reference import Stem
+from . import _base as stems
+from .convs import fused_timm_class, rebuild_fused, timm_problem
 
 _OWNER = "_zeta_owner"  # on the patch embedding, during the owner's forward
 _STEM_OUT = "_zeta_stem_out"  # on the owner: the whole stem's output, for _pos_embed
