@@ -54,6 +54,8 @@ def fused_path_calls(monkeypatch) -> list[int]:
         "zeta_fused.integrations.convs",
         "zeta_fused.functional",
         "zeta_fused.integrations._base",
+        "zeta_fused.integrations.timm",
+        "zeta_fused.integrations.vit_pytorch",
     ):
         monkeypatch.setattr(f"{where}.fused_patch_embed", lambda a: calls.append(1) or real(a))
     return calls

@@ -12,7 +12,8 @@ import torch
 from support import check_drop_in, randomise
 from torch import nn
 
-from zeta_fused.integrations._base import FusedStem, fuse_stems
+from zeta_fused import fuse_stems
+from zeta_fused.integrations._base import FusedStem
 from zeta_fused.integrations.convert import FusedPatchConv2d
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")

@@ -11,7 +11,8 @@ import torch
 from support import check_drop_in, randomise
 from torch import nn
 
-from zeta_fused.integrations._base import FusedStem, fuse_stems
+from zeta_fused import fuse_stems
+from zeta_fused.integrations._base import FusedStem
 from zeta_fused.nn.patch_embed import FusedPatchSequential
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}

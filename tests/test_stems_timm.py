@@ -11,7 +11,7 @@ import torch
 from support import check_drop_in, randomise
 from torch import nn
 
-from zeta_fused.integrations._base import fuse_stems
+from zeta_fused import fuse_stems
 
 timm = pytest.importorskip("timm")
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402

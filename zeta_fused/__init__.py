@@ -5,8 +5,7 @@ Importing this package never initialises CUDA and works without Triton installed
 
 from . import _legacy
 from .functional import patch_embed, patch_embed_rows
-from .integrations._base import fuse_stems
-from .integrations.convert import FuseSummary, fuse_patch_embeddings
+from .integrations.convert import FuseSummary, fuse_patch_embeddings, fuse_stems
 from .nn.patch_embed import FusedPatchSequential, PatchEmbeddings
 from .nn.vit_stem import ViTStem
 

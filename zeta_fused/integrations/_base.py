@@ -1,10 +1,10 @@
-"""Whole-stem conversion (docs/design.md, "Whole stems"): ``fuse_stems(model)`` fuses, in
-place, the patch embedding together with what the peer does right after it (prefix tokens,
-position embeddings, the pre-transformer LayerNorm) into one call of the fused op, and converts
-the remaining patch embeddings as :func:`~zeta_fused.convert.fuse_patch_embeddings` does.
+"""The framework of whole-stem conversion (docs/design.md, "Whole stems"), shared by the
+library modules: ``fuse_stems(model)`` (zeta_fused/integrations/convert.py) fuses, in place, the
+patch embedding together with what the peer does right after it (prefix tokens, position
+embeddings, the pre-transformer LayerNorm) into one call of the fused op.
 
-Each peer family lives in its own module (``stems_timm``, ``stems_hf``, ...) and registers a
-:class:`StemKind`: which modules it recognises, why one cannot be fused, and how it is
+Each library module (``timm``, ``transformers``, ...) lists its :class:`StemKind` s in
+``STEM_KINDS``: which modules it recognises, why one cannot be fused, and how it is
 converted. Conversion only swaps classes (a subclass of the module's own class with a fused
 forward, :func:`fused_class`): the same module objects, Parameters and state-dict keys. The
 fused forward runs the fused op when the call allows it (:meth:`FusedStem.zeta_fusable`) and the
@@ -21,7 +21,7 @@ the peer's stem returns.
 from __future__ import annotations
 
 import contextlib
-import importlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -33,11 +33,7 @@ from ..checks import check_input, check_stem, checked_params
 from ..functional import fused_patch_embed, op_inputs
 from ..nn.patch_embed import _param, plain
 from ..op.reference import Norm, Stem
-from .convert import FuseSummary, fuse_patch_embeddings
-from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem, rebuild_fused
-
-# The modules registering the stem families, imported by fuse_stems.
-FAMILIES = ("timm", "transformers", "vit_pytorch", "diffusers")
+from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem
 
 
 class StemKind(NamedTuple):
@@ -49,12 +45,42 @@ class StemKind(NamedTuple):
     convert: Callable[[nn.Module, str], None]  # swap the classes; (module, backend)
 
 
-KINDS: list[StemKind] = []
+def peer_class(module: str, name: str) -> type | None:
+    """A peer's class if its module is imported already (a model of it exists only then), so
+    recognising modules never imports a peer library."""
+    return getattr(sys.modules.get(module), name, None)
 
 
-def register(kind: StemKind) -> StemKind:
-    KINDS.append(kind)
-    return kind
+def is_instance(module: str, name: str) -> Callable[[nn.Module], bool]:
+    """A StemKind's ``matches``: an instance of the peer class ``module.name``."""
+
+    def matches(m: nn.Module) -> bool:
+        cls = peer_class(module, name)
+        return cls is not None and isinstance(m, cls)
+
+    return matches
+
+
+def overrides(m: nn.Module, cls: type, method: str) -> str | None:
+    """Why ``m``'s class is not ``cls`` as far as ``method`` goes (a subclass overriding it
+    computes something else), or None."""
+    if getattr(type(m), method) is not getattr(cls, method):
+        return f"{type(m).__name__} overrides {cls.__name__}.{method}"
+    return None
+
+
+def swapper(mixin: type) -> Callable[[nn.Module, str], None]:
+    """A StemKind's ``convert``: the class swap to ``mixin``'s fused class."""
+    return lambda m, backend: swap(m, mixin, backend)
+
+
+def rebuild_fused(cls: type, state: dict, make, *args) -> nn.Module:
+    """Unpickle a module whose fused class was made at run time: an instance of the peer's
+    ``cls`` with ``state``, its class then swapped to ``make(*args, cls)``."""
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    module.__class__ = make(*args, cls)
+    return module
 
 
 class FusedStem:
@@ -242,51 +268,4 @@ def frozen_table(owner: nn.Module, key: tuple, sources: tuple[Tensor, ...],
     return table
 
 
-# --- The conversion ----------------------------------------------------------------------------
-
-
-def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
-    """Fuse the whole ViT stems of a model in place, then its other patch embeddings.
-
-    Args:
-        model: any ``nn.Module``, walked recursively (the root included).
-        backend: "auto" | "triton" | "eager" for the converted modules (see the README).
-
-    Returns:
-        A :class:`~zeta_fused.convert.FuseSummary`: the stems converted (and the patch
-        embeddings :func:`~zeta_fused.convert.fuse_patch_embeddings` converted), those fused
-        already, and every candidate left alone with the reason.
-    """
-    dispatch.check_backend(backend)
-    for family in FAMILIES:
-        importlib.import_module(f".{family}", __package__)
-    summary = FuseSummary()
-    for name, m in list(model.named_modules()):
-        if isinstance(m, FusedStem) and not isinstance(m, _HandoffLayerNorm):
-            m.zeta_backend = backend
-            summary.already_fused.append((name, f"fused {type(m).__name__}, backend {backend!r}"))
-            continue
-        for kind in KINDS:
-            if kind.matches(m):
-                why = kind.problem(m)
-                if why is None:
-                    kind.convert(m, backend)
-                    summary.converted.append((name, f"whole stem: {kind.name}"))
-                else:
-                    summary.skipped.append((name, f"whole stem: {kind.name}: {why}"))
-                break
-    # Inside a stem converted now, the patch embedding is fused with it: neither "fused
-    # already" nor an unknown patch convolution.
-    stems_now = tuple(f"{name}." if name else "" for name, _ in summary.converted)
-
-    def outside(entries: list) -> list:
-        return [e for e in entries if not (stems_now and e[0].startswith(stems_now))]
-
-    inner = fuse_patch_embeddings(model, backend=backend)
-    summary.converted += inner.converted
-    summary.skipped += outside(inner.skipped)
-    summary.already_fused += outside(inner.already_fused)
-    return summary
-
-
-__all__ = ["FusedStem", "StemKind", "conv_stem", "fuse_stems", "register"]
+__all__ = ["FusedStem", "StemKind", "conv_stem", "peer_class", "swap"]

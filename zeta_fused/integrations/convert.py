@@ -1,15 +1,15 @@
-"""One-call conversion of existing models' patch embeddings to the fused op.
-
+"""One-call conversion of existing models: ``fuse_stems(model)`` fuses whole ViT stems (the kinds
+each library module lists in ``STEM_KINDS``), then the other patch embeddings;
 ``fuse_patch_embeddings(model)`` converts, in place:
 
 - vit-pytorch ``to_patch_embedding`` Sequentials (Rearrange, LayerNorm, Linear, LayerNorm, or
-  a subset) -> :class:`~zeta_fused.module.FusedPatchSequential`;
+  a subset) -> :class:`~zeta_fused.FusedPatchSequential`;
 - timm ``PatchEmbed`` (Conv2d with kernel = stride = patch, optional LayerNorm, any output
   format) -> a subclass of its own class with a fused forward;
 - transformers and diffusers patch convolutions (a Conv1d/2d/3d with kernel = stride kept as
   ``projection``, ``patch_embedding`` or ``proj``: ViT, DeiT, DINOv2, CLIP, SigLIP, VideoMAE,
   ViViT, V-JEPA 2, Qwen2/2.5/3-VL, Wan, HunyuanVideo, DiT, ...) -> the fused conv of the same
-  rank (:mod:`zeta_fused.peers`), so the model's own forward, signature and errors stay.
+  rank (``convs``), so the model's own forward, signature and errors stay.
 
 Conversion only changes the modules' classes: the same module objects, the same Parameters
 (no new Parameter is ever created: optimizers and tied weights keep working) and the same
@@ -28,16 +28,27 @@ from torch import nn
 
 from .. import dispatch
 from ..nn.patch_embed import FusedPatchSequential
+from . import diffusers, open_clip, segment_anything, timm, transformers, vit_pytorch
+from ._base import FusedStem, StemKind, _HandoffLayerNorm
 from .convs import (
     CONVS,
     FusedPatchConv1d,
     FusedPatchConv2d,
     FusedPatchConv3d,
+    _FusedPatchConv,
     fuse_conv,
-    fused_timm_class,
-    is_fused,
+    library_patch_conv,
     patch_conv_problem,
-    timm_problem,
+)
+
+# Every whole stem the converter knows, by library.
+STEM_KINDS: tuple[StemKind, ...] = (
+    *timm.STEM_KINDS,
+    *transformers.STEM_KINDS,
+    *vit_pytorch.STEM_KINDS,
+    *open_clip.STEM_KINDS,
+    *segment_anything.STEM_KINDS,
+    *diffusers.STEM_KINDS,
 )
 
 
@@ -63,43 +74,6 @@ class FuseSummary:
         return "\n".join(lines)
 
 
-def _is_timm_patch_embed(m: nn.Module) -> bool:
-    try:
-        from timm.layers import PatchEmbed
-    except ImportError:
-        return False
-    return isinstance(m, PatchEmbed)
-
-
-# The libraries whose modules keep their patch projection conv under one of these names: it
-# is converted wherever it is a patch conv (kernel = stride), the module's forward unchanged.
-CONV_LIBRARIES = ("transformers.", "diffusers.")
-PATCH_CONV_NAMES = ("projection", "patch_embedding", "proj")
-
-
-def _library_patch_conv(m: nn.Module) -> str | None:
-    """The attribute holding a transformers or diffusers module's projection conv, or None: a
-    patch conv (kernel = stride), or any conv of an embedding class (``*Embed*``), whose
-    overlap or padding the summary then reports."""
-    if not type(m).__module__.startswith(CONV_LIBRARIES):
-        return None
-    for attr in PATCH_CONV_NAMES:
-        conv = m._modules.get(attr)
-        if isinstance(conv, CONVS) and (
-            conv.kernel_size == conv.stride or "Embed" in type(m).__name__
-        ):
-            return attr
-    return None
-
-
-def _is_vit_pytorch_stem(m: nn.Module) -> bool:
-    """A plain Sequential starting with a Rearrange that cuts patches (it names their sizes)."""
-    if type(m) is not nn.Sequential or len(m) == 0:
-        return False
-    first = next(iter(m.children()))
-    return isinstance(first, Rearrange) and bool(first.axes_lengths)
-
-
 def fuse_patch_embeddings(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
     """Convert the patch embeddings of a vit-pytorch, timm or transformers model in place.
 
@@ -119,24 +93,24 @@ def fuse_patch_embeddings(model: nn.Module, *, backend: str = "auto") -> FuseSum
     for name, m in list(model.named_modules()):
         if id(m) in handled:
             continue
-        if isinstance(m, FusedPatchSequential) or is_fused(m):
+        if isinstance(m, FusedPatchSequential) or _is_fused(m):
             _already_fused(summary, name, m, backend)
             handled.update(id(c) for c in m.modules())
-        elif _is_vit_pytorch_stem(m):
+        elif vit_pytorch.is_patch_sequential(m):
             why = FusedPatchSequential.fuse_in_place(m, backend)
             _record(summary, name, "vit-pytorch to_patch_embedding", why)
             handled.update(id(c) for c in m.modules())
-        elif _is_timm_patch_embed(m):
-            kind, why = f"timm {type(m).__name__}", timm_problem(m, type(m))
+        elif timm.is_patch_embed(m):
+            kind, why = f"timm {type(m).__name__}", timm.timm_problem(m, type(m))
             if why is None:
-                m.__class__ = fused_timm_class(type(m))
+                m.__class__ = timm.fused_timm_class(type(m))
                 m.zeta_backend = backend
             _record(summary, name, kind, why)
             handled.update(id(c) for c in m.modules())
-        elif (attr := _library_patch_conv(m)) is not None:
+        elif (attr := library_patch_conv(m)) is not None:
             conv, conv_name = getattr(m, attr), f"{name}.{attr}" if name else attr
             handled.add(id(conv))
-            if is_fused(conv):
+            if _is_fused(conv):
                 _already_fused(summary, conv_name, conv, backend)
                 continue
             why = patch_conv_problem(conv)
@@ -146,6 +120,52 @@ def fuse_patch_embeddings(model: nn.Module, *, backend: str = "auto") -> FuseSum
             _record(summary, conv_name, f"{library} {type(m).__name__}", why)
     _report_unknown_stems(model, handled, summary)
     return summary
+
+
+def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
+    """Fuse the whole ViT stems of a model in place, then its other patch embeddings.
+
+    Args:
+        model: any ``nn.Module``, walked recursively (the root included).
+        backend: "auto" | "triton" | "eager" for the converted modules (see the README).
+
+    Returns:
+        A :class:`FuseSummary`: the stems converted (and the patch
+        embeddings :func:`fuse_patch_embeddings` converted), those fused
+        already, and every candidate left alone with the reason.
+    """
+    dispatch.check_backend(backend)
+    summary = FuseSummary()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FusedStem) and not isinstance(m, _HandoffLayerNorm):
+            m.zeta_backend = backend
+            summary.already_fused.append((name, f"fused {type(m).__name__}, backend {backend!r}"))
+            continue
+        for kind in STEM_KINDS:
+            if kind.matches(m):
+                why = kind.problem(m)
+                if why is None:
+                    kind.convert(m, backend)
+                    summary.converted.append((name, f"whole stem: {kind.name}"))
+                else:
+                    summary.skipped.append((name, f"whole stem: {kind.name}: {why}"))
+                break
+    # Inside a stem converted now, the patch embedding is fused with it: neither "fused
+    # already" nor an unknown patch convolution.
+    stems_now = tuple(f"{name}." if name else "" for name, _ in summary.converted)
+
+    def outside(entries: list) -> list:
+        return [e for e in entries if not (stems_now and e[0].startswith(stems_now))]
+
+    inner = fuse_patch_embeddings(model, backend=backend)
+    summary.converted += inner.converted
+    summary.skipped += outside(inner.skipped)
+    summary.already_fused += outside(inner.already_fused)
+    return summary
+
+
+def _is_fused(m: nn.Module) -> bool:
+    return isinstance(m, (_FusedPatchConv, timm._FusedTimmPatchEmbed))
 
 
 def _already_fused(summary: FuseSummary, name: str, m: nn.Module, backend: str) -> None:
@@ -188,6 +208,7 @@ def _record(summary: FuseSummary, name: str, kind: str, why: str | None) -> None
 
 __all__ = [
     "FuseSummary",
+    "fuse_stems",
     "FusedPatchConv1d",
     "FusedPatchConv2d",
     "FusedPatchConv3d",

@@ -1,6 +1,5 @@
-"""Whole stem of diffusers' ``PatchEmbed`` (DiT, PixArt-alpha/sigma, SD3; see
-:mod:`zeta_fused.stems`): the patch conv, the optional LayerNorm (no affine, eps 1e-6) and the
-sincos position table as one fused call.
+"""diffusers: whole stem of ``PatchEmbed`` (DiT, PixArt-alpha/sigma, SD3): the patch conv, the
+optional LayerNorm (no affine, eps 1e-6) and the sincos position table as one fused call.
 
 The table is the one the peer adds for that input: its buffer, the SD3 centre crop of it
 (``pos_embed_max_size``, through the peer's own ``cropped_pos_embed``), or the table the peer
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from ..functional import fused_dtypes
 from ..nn.patch_embed import _param, norm_params, plain
 from ..op.reference import Stem
-from ._base import FusedStem, StemKind, conv_stem, frozen_table, register, swap
+from ._base import FusedStem, StemKind, conv_stem, frozen_table, swapper
 from .convs import patch_conv_problem
 
 _EMBEDDINGS = "diffusers.models.embeddings"
@@ -109,5 +108,6 @@ def _matches(m: nn.Module) -> bool:
     return cls is not None and isinstance(m, cls)
 
 
-register(StemKind("diffusers PatchEmbed", _matches, _problem,
-                  lambda m, backend: swap(m, _FusedDiffusersPatchEmbed, backend)))  # fmt: skip
+STEM_KINDS = (
+    StemKind("diffusers PatchEmbed", _matches, _problem, swapper(_FusedDiffusersPatchEmbed)),
+)

@@ -1,13 +1,15 @@
-"""Whole stems of timm Vision Transformers (``VisionTransformer`` with class, register and
-distillation tokens, ``no_embed_class``, ``pre_norm``, ``dynamic_img_size``; DeiT distilled;
-the DINOv2 and ``*_reg4`` models): ``patch_embed`` -> ``_pos_embed`` -> ``patch_drop`` ->
-``norm_pre`` in one fused call (docs/design.md, "Whole stems").
+"""timm: the ``PatchEmbed`` family (a subclass of its own class, :func:`fused_timm_class`, with
+the same checks, padding and output formats, projection and LayerNorm fused) and whole stems of
+Vision Transformers (``VisionTransformer`` with class, register and distillation tokens,
+``no_embed_class``, ``pre_norm``, ``dynamic_img_size``; DeiT distilled; the DINOv2 and ``*_reg4``
+models): ``patch_embed`` -> ``_pos_embed`` -> ``patch_drop`` -> ``norm_pre`` in one fused call
+(docs/design.md, "Whole stems").
 
 timm's own ``forward_features`` and ``forward_intermediates`` run unchanged, inside a scope in
 which the patch embedding computes the whole stem: prefix rows (``cls (+ pos[:P])``, registers,
 distillation token), the position table (resampled by timm's own ``resample_abs_pos_embed`` for
 ``dynamic_img_size``) and ``norm_pre``. ``_pos_embed`` then passes that output on (through
-``pos_drop``), and ``norm_pre`` returns it as it is (the hand-off of zeta_fused.stems).
+``pos_drop``), and ``norm_pre`` returns it as it is (the hand-off of zeta_fused.integrations._base).
 ``norm_pre`` is fused only when ``pos_drop`` and ``patch_drop`` leave the tensor as it is for
 the call (eval, or rates of 0); otherwise it runs after them, as in timm. Called outside those
 methods, ``patch_embed`` and ``_pos_embed`` behave as timm's.
@@ -15,16 +17,144 @@ methods, ``patch_embed`` and ``_pos_embed`` behave as timm's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..nn.patch_embed import _param, plain
-from ..op.reference import Stem
+from ..checks import check_input, check_stem, checked_params, pad_to_patch
+from ..functional import fused_patch_embed, op_inputs
+from ..nn.patch_embed import _param, norm_params, over, plain
+from ..op.reference import NO_STEM, Stem
 from . import _base as stems
-from .convs import fused_timm_class, rebuild_fused, timm_problem
+from ._base import rebuild_fused
+from .convs import _conv_semantics, _crop_to_grid, _to_format, patch_conv_problem
+
+# --- PatchEmbed ---------------------------------------------------------------------------
+
+
+def is_patch_embed(m: nn.Module) -> bool:
+    """A timm ``PatchEmbed`` (or subclass); False when timm is not installed."""
+    try:
+        from timm.layers import PatchEmbed
+    except ImportError:
+        return False
+    return isinstance(m, PatchEmbed)
+
+
+def timm_format(m: nn.Module) -> str:
+    return "NLC" if m.flatten else m.output_fmt.value
+
+
+def timm_problem(m: nn.Module, cls: type) -> str | None:
+    """Why a timm ``PatchEmbed`` of class ``cls`` cannot be fused, or None."""
+    from timm.layers import PatchEmbed
+
+    if cls.forward is not PatchEmbed.forward:
+        return f"{cls.__name__} overrides PatchEmbed.forward"
+    why = patch_conv_problem(m.proj)
+    if why:
+        return why
+    if tuple(m.proj.kernel_size) != tuple(m.patch_size):
+        return f"conv kernel {m.proj.kernel_size} != patch_size {m.patch_size}"
+    if plain(m.norm, nn.Identity):
+        return None
+    if not plain(m.norm, nn.LayerNorm):
+        return f"norm is {type(m.norm).__name__}, not LayerNorm"
+    if tuple(m.norm.normalized_shape) != (m.proj.out_channels,):
+        return f"LayerNorm over {tuple(m.norm.normalized_shape)}, not the embedding dim"
+    if timm_format(m) not in ("NLC", "NHWC"):
+        return f"LayerNorm after output format {timm_format(m)} (not over the embedding dim)"
+    return None
+
+
+class _FusedTimmPatchEmbed:
+    """Mixed in front of a timm ``PatchEmbed`` class: the same checks, padding and output
+    format, with projection and LayerNorm fused."""
+
+    zeta_backend: str = "auto"
+    _zeta_base: type  # the timm class converted from
+
+    def _zeta_stem(self) -> tuple:
+        """(why not fusable or None, hook tables), bound to the current proj and norm."""
+        children = (self.proj, self.norm)
+        bound = self.__dict__.get("_zeta_bound")
+        if bound is None or bound[0] != children:
+            why = timm_problem(self, self._zeta_base)
+            bound = (children, why, dispatch.hook_dicts(*children))
+            self.__dict__["_zeta_bound"] = bound
+        return bound[1:]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_zeta_bound", None)  # bound to objects of this process: bound again on use
+        return state
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time: pickled as the timm class, converted again on load.
+        return rebuild_fused, (self._zeta_base, self.__getstate__(), fused_timm_class)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.zeta_call(x)
+        return super().forward(x) if y is None else y  # timm's own forward, its own errors
+
+    def zeta_call(self, x: Tensor, stem: Callable[[tuple[int, ...]], Stem] | None = None):
+        """The fused output in timm's output format, or None when timm's forward must run.
+        ``stem(grid)``: the rest of a whole stem (zeta_fused.stems_timm), output (B, P + N, D);
+        None from it: the stem cannot be fused for this input."""
+        why, hooks = self._zeta_stem()
+        proj, norm = self.proj, self.norm
+        is_norm, fmt = not plain(norm, nn.Identity), timm_format(self)
+        if (
+            why is not None
+            or any(hooks)
+            or patch_conv_problem(proj) is not None  # its stride, padding... may change in place
+            or (is_norm and fmt not in ("NLC", "NHWC"))  # a norm over another axis: eager
+            or not over(norm if is_norm else None, proj.out_channels)
+            or _conv_semantics(x, self.patch_size)
+            or not dispatch.use_fused(self.zeta_backend, x)
+        ):
+            return None
+        height, width = x.shape[-2:]
+        ph, pw = self.patch_size
+        if self.img_size is not None:
+            wrong_size = self.strict_img_size and (height, width) != tuple(self.img_size)
+            ragged = not self.dynamic_img_pad and (height % ph or width % pw)
+            if wrong_size or (ragged and not self.strict_img_size):
+                return None  # timm raises its own error
+        if self.dynamic_img_pad:
+            x = pad_to_patch(x, (ph, pw))
+        x = _crop_to_grid(x, (ph, pw))
+        check_input(x, proj.in_channels, (ph, pw), False)
+        parts = NO_STEM
+        if stem is not None:
+            parts = stem((x.shape[-2] // ph, x.shape[-1] // pw))
+            if parts is None:
+                return None
+            parts = check_stem(x, (ph, pw), proj.out_channels, *parts)
+        weight, bias = _param(proj, "weight"), _param(proj, "bias")
+        shape = (proj.out_channels, proj.in_channels, ph, pw)
+        post = norm_params(norm if is_norm else None)
+        bias, _, post = checked_params(x, weight, shape, bias, None, post)
+        eps = norm.eps if is_norm else 1e-5
+        y = fused_patch_embed(op_inputs(x, (ph, pw), weight, bias, None, post, eps, parts))
+        return y if stem is not None else _to_format(y, x, (ph, pw), fmt)
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fused_timm_class(cls: type) -> type:
+    """The fused subclass of a timm ``PatchEmbed`` class (one per class)."""
+    if cls not in _FUSED_CLASSES:
+        attrs = {"_zeta_base": cls, "__module__": __name__}
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (_FusedTimmPatchEmbed, cls), attrs)
+    return _FUSED_CLASSES[cls]
+
+
+# --- Whole stems ---------------------------------------------------------------------------
 
 _OWNER = "_zeta_owner"  # on the patch embedding, during the owner's forward
 _STEM_OUT = "_zeta_stem_out"  # on the owner: the whole stem's output, for _pos_embed
@@ -201,4 +331,4 @@ def _convert(m: nn.Module, backend: str) -> None:
     stems.swap(m, _FusedTimmViT, backend)
 
 
-stems.register(stems.StemKind("timm VisionTransformer", _matches, _problem, _convert))
+STEM_KINDS = (stems.StemKind("timm VisionTransformer", _matches, _problem, _convert),)

@@ -1,14 +1,14 @@
-"""Whole stems of transformers vision models (see :mod:`zeta_fused.stems`): ViT, DeiT, DINOv2,
-DINOv2 with registers, CLIP and SigLIP vision embeddings, each as one call of the fused op.
+"""transformers: whole stems of vision models: ViT, DeiT, DINOv2, DINOv2 with registers, CLIP and
+SigLIP vision embeddings, each as one call of the fused op.
 
 Every peer builds ``dropout(cat(prefix tokens, conv(x) tokens) + position table)`` (DINOv2 with
 registers splices its registers in after the class row, after the add; SigLIP has no prefix).
 The fused forward computes the prefix rows and the table with torch ops (the peer's own
 ``interpolate_pos_encoding`` or ``position_embedding`` call when the peer makes one), hands them
 to the op and applies the peer's dropout to its output. CLIP's ``pre_layrnorm``, which its
-owner applies right after the embeddings, is fused through the hand-off of
-:mod:`zeta_fused.stems`. Whatever a call does that the op does not (a mask token, an input the
-peer rejects, a hook on a module it would skip, unknown arguments) runs the peer's forward.
+owner applies right after the embeddings, is fused through the hand-off (``_base``). Whatever
+a call does that the op does not (a mask token, an input the peer rejects, a hook on a module
+it would skip, unknown arguments) runs the peer's forward.
 
 Classes are recognised by their module and name among the module's bases, so this module never
 imports transformers.
@@ -33,7 +33,6 @@ from ._base import (
     handoff_scope,
     norm_of,
     pending_norm,
-    register,
     swap,
 )
 from .convs import _conv_semantics, patch_conv_problem
@@ -43,7 +42,7 @@ from .convs import _conv_semantics, patch_conv_problem
 Rows = tuple[Tensor | None, Tensor | None] | None
 
 
-def peer_class(cls: type, module: str, name: str) -> type | None:
+def hf_class(cls: type, module: str, name: str) -> type | None:
     """The transformers class ``transformers.models.<module>.<name>`` among ``cls``'s bases
     (itself included), or None."""
     full = f"transformers.models.{module}"
@@ -130,7 +129,7 @@ class _FusedHFEmbeddings(FusedStem):
 def _patch_module_problem(m: nn.Module, module: str, name: str) -> str | None:
     """``m.patch_embeddings`` is the peer's own patch module (conv, flatten, transpose)."""
     patches = m._modules.get("patch_embeddings")
-    peer = None if patches is None else peer_class(type(patches), module, name)
+    peer = None if patches is None else hf_class(type(patches), module, name)
     if peer is None:
         return f"patch_embeddings is {type(patches).__name__}, not {name}"
     return _forward_problem(patches, peer) or _conv_problem(patches._modules.get("projection"))
@@ -241,7 +240,7 @@ class _FusedDinov2WithRegistersEmbeddings(_FusedDinov2Family):
 class _FusedConvEmbeddings(_FusedHFEmbeddings):
     """CLIP and SigLIP: the input cast to the conv's dtype, ``[cat(class_embedding, tokens)] +
     position_embedding(position_ids)`` or the peer's ``interpolate_pos_encoding``; no dropout.
-    CLIP's owner may hand its ``pre_layrnorm`` over (:func:`~zeta_fused.stems.handoff_scope`)."""
+    CLIP's owner may hand its ``pre_layrnorm`` over (``_base.handoff_scope``)."""
 
     _zeta_class_row: bool = True  # CLIP's class_embedding; SigLIP has no prefix row
 
@@ -309,7 +308,7 @@ def _embeddings_kind(module: str, name: str, mixin: type, patch_module: str | No
     is ``patch_embeddings.projection`` of class ``patch_module``, or ``patch_embedding``."""
 
     def problem(m: nn.Module) -> str | None:
-        why = _forward_problem(m, peer_class(type(m), module, name))
+        why = _forward_problem(m, hf_class(type(m), module, name))
         if why is None and patch_module is not None:
             why = _patch_module_problem(m, module, patch_module)
         elif why is None:
@@ -322,21 +321,10 @@ def _embeddings_kind(module: str, name: str, mixin: type, patch_module: str | No
         swap(m, mixin, backend)
 
     def matches(m: nn.Module) -> bool:
-        return peer_class(type(m), module, name) is not None
+        return hf_class(type(m), module, name) is not None
 
-    return register(StemKind(f"transformers {name}", matches, problem, convert))
+    return StemKind(f"transformers {name}", matches, problem, convert)
 
-
-_embeddings_kind("vit.modeling_vit", "ViTEmbeddings", _FusedViTEmbeddings, "ViTPatchEmbeddings")
-_embeddings_kind("deit.modeling_deit", "DeiTEmbeddings", _FusedDeiTEmbeddings,
-                 "DeiTPatchEmbeddings")  # fmt: skip
-_embeddings_kind("dinov2.modeling_dinov2", "Dinov2Embeddings", _FusedDinov2Embeddings,
-                 "Dinov2PatchEmbeddings")  # fmt: skip
-_embeddings_kind("dinov2_with_registers.modeling_dinov2_with_registers",
-                 "Dinov2WithRegistersEmbeddings", _FusedDinov2WithRegistersEmbeddings,
-                 "Dinov2WithRegistersPatchEmbeddings")  # fmt: skip
-_embeddings_kind("siglip.modeling_siglip", "SiglipVisionEmbeddings",
-                 _FusedSiglipVisionEmbeddings, None)  # fmt: skip
 
 _CLIP = "clip.modeling_clip"
 _CLIP_OWNERS = ("CLIPVisionModel", "CLIPVisionTransformer")
@@ -348,7 +336,7 @@ def _clip_owner(m: nn.Module) -> type | None:
     """The CLIP class of a module that owns the vision embeddings and ``pre_layrnorm``."""
     if "pre_layrnorm" not in m._modules or "embeddings" not in m._modules:
         return None
-    return next((c for n in _CLIP_OWNERS if (c := peer_class(type(m), _CLIP, n))), None)
+    return next((c for n in _CLIP_OWNERS if (c := hf_class(type(m), _CLIP, n))), None)
 
 
 def _clip_owner_problem(m: nn.Module) -> str | None:
@@ -372,8 +360,21 @@ def _convert_clip_owner(m: nn.Module, backend: str) -> None:
     handoff_class(m.pre_layrnorm)
 
 
-# The walk meets an owner before its embeddings: the owner's kind swaps the owner and its norm,
-# the embeddings' kind the embeddings.
-register(StemKind("transformers CLIP vision pre_layrnorm (hand-off)",
-                  lambda m: _clip_owner(m) is not None, _clip_owner_problem,
-                  _convert_clip_owner))  # fmt: skip
+# The walk meets a CLIP owner before its embeddings: the owner's kind swaps the owner and its
+# norm, the embeddings' kind the embeddings.
+STEM_KINDS = (
+    _embeddings_kind("vit.modeling_vit", "ViTEmbeddings", _FusedViTEmbeddings,
+                     "ViTPatchEmbeddings"),
+    _embeddings_kind("deit.modeling_deit", "DeiTEmbeddings", _FusedDeiTEmbeddings,
+                     "DeiTPatchEmbeddings"),
+    _embeddings_kind("dinov2.modeling_dinov2", "Dinov2Embeddings", _FusedDinov2Embeddings,
+                     "Dinov2PatchEmbeddings"),
+    _embeddings_kind("dinov2_with_registers.modeling_dinov2_with_registers",
+                     "Dinov2WithRegistersEmbeddings", _FusedDinov2WithRegistersEmbeddings,
+                     "Dinov2WithRegistersPatchEmbeddings"),
+    _embeddings_kind("siglip.modeling_siglip", "SiglipVisionEmbeddings",
+                     _FusedSiglipVisionEmbeddings, None),
+    _clip_embeddings,
+    StemKind("transformers CLIP vision pre_layrnorm (hand-off)",
+             lambda m: _clip_owner(m) is not None, _clip_owner_problem, _convert_clip_owner),
+)  # fmt: skip

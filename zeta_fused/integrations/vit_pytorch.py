@@ -1,13 +1,7 @@
-"""Whole stems of vit-pytorch, OpenCLIP and Segment Anything (see :mod:`zeta_fused.stems`);
-diffusers' ``PatchEmbed`` lives in :mod:`zeta_fused.stems_diffusion`, imported from here.
-
-- vit-pytorch ``ViT``: ``to_patch_embedding``, the class token, ``pos_embedding[:seq]``
-  (the model's forward, overridden: the stem is inline in it); ``SimpleViT``: its sincos
-  ``pos_embedding`` table added to the tokens.
-- OpenCLIP ``VisionTransformer``: ``_embeds`` (conv1, class and position embeddings, then
-  ``ln_pre``, fused while ``patch_dropout`` does nothing for the call; with patch dropout active,
-  or a hook on either, the two run on the fused tokens).
-- Segment Anything ``ImageEncoderViT``: ``patch_embed`` (NHWC) plus ``pos_embed``.
+"""vit-pytorch: whole stems of ``ViT`` (``to_patch_embedding``, the class token,
+``pos_embedding[:seq]``; the model's forward, overridden: the stem is inline in it) and
+``SimpleViT`` (its sincos ``pos_embedding`` table added to the tokens); the conversion of a bare
+``to_patch_embedding`` is ``FusedPatchSequential.fuse_in_place`` (zeta_fused/nn/patch_embed.py).
 
 Every fused method takes the peer's arguments and runs the peer's own code for any call it
 cannot compute exactly: a hook on a child it would not call, an input the peer would reject or
@@ -18,41 +12,22 @@ that cannot be fused.
 from __future__ import annotations
 
 import math
-import sys
 
+from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from .. import dispatch
 from ..checks import check_stem, checked_params
-from ..functional import fused_dtypes, op_inputs
+from ..functional import fused_dtypes, fused_patch_embed, op_inputs
 from ..nn.patch_embed import (
     SequentialPlan,
     _param,
     norm_params,
     norms_problem,
     parse_patch_sequential,
-    plain,
     plan_eps,
 )
 from ..op.reference import Stem
-from . import _base as stems
-from ._base import FusedStem, StemKind, conv_stem, norm_of, register, swap
-from .convs import patch_conv_problem
-
-
-def peer_class(module: str, name: str) -> type | None:
-    """A peer's class if its module is imported already (a model of it exists only then), so
-    recognising modules never imports a peer library."""
-    return getattr(sys.modules.get(module), name, None)
-
-
-def overrides(m: nn.Module, cls: type, method: str) -> str | None:
-    """Why ``m``'s class is not ``cls`` as far as ``method`` goes (a subclass overriding it
-    computes something else), or None."""
-    if getattr(type(m), method) is not getattr(cls, method):
-        return f"{type(m).__name__} overrides {cls.__name__}.{method}"
-    return None
-
+from ._base import FusedStem, StemKind, is_instance, overrides, peer_class, swapper
 
 # --- vit-pytorch ---------------------------------------------------------------------------
 
@@ -120,7 +95,7 @@ def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
     if parts is None:
         return None
     parts = check_stem(img, patch, dim, parts.pos, parts.prefix, parts.norm, parts.eps)
-    return stems.fused_patch_embed(op_inputs(img, patch, weight, bias, pre, post, eps, parts))
+    return fused_patch_embed(op_inputs(img, patch, weight, bias, pre, post, eps, parts))
 
 
 class _FusedViT(FusedStem):
@@ -200,138 +175,18 @@ def _simple_vit_problem(m: nn.Module) -> str | None:
     return why
 
 
-def _swapper(mixin: type):
-    """A StemKind's convert: the class swap to ``mixin``'s fused class."""
-    return lambda m, backend: swap(m, mixin, backend)
-
-
-def _is_instance(module: str, name: str):
-    def matches(m: nn.Module) -> bool:
-        cls = peer_class(module, name)
-        return cls is not None and isinstance(m, cls)
-
-    return matches
-
-
-register(StemKind("vit-pytorch ViT", _is_instance("vit_pytorch.vit", "ViT"), _vit_problem,
-                  _swapper(_FusedViT)))  # fmt: skip
-register(StemKind("vit-pytorch SimpleViT", _is_instance("vit_pytorch.simple_vit", "SimpleViT"),
-                  _simple_vit_problem, _swapper(_FusedSimpleViT)))  # fmt: skip
-
-
-# --- OpenCLIP ------------------------------------------------------------------------------
-
-_OPEN_CLIP = "open_clip.transformer"
-
-
-def _patch_dropout_off(drop: nn.Module) -> bool:
-    """OpenCLIP's patch dropout returns its input as it is in this call."""
-    if plain(drop, nn.Identity):
-        return True
-    cls = peer_class(_OPEN_CLIP, "PatchDropout")
-    return plain(drop, cls) and (not drop.training or drop.prob == 0.0)
-
-
-def _clip_norm_casts(norm: nn.Module, dim: int) -> bool | None:
-    """For a LayerNorm over ``dim`` the op computes: whether it casts its output back to its
-    input's dtype (OpenCLIP's ``LayerNorm`` and ``LayerNormFp32`` do); None for any other."""
-    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (dim,):
-        return None
-    if type(norm).forward is nn.LayerNorm.forward:
+def is_patch_sequential(m: nn.Module) -> bool:
+    """A plain Sequential starting with a Rearrange that cuts patches (it names their sizes):
+    vit-pytorch's ``to_patch_embedding``."""
+    if type(m) is not nn.Sequential or len(m) == 0:
         return False
-    casting = [peer_class(_OPEN_CLIP, name) for name in ("LayerNorm", "LayerNormFp32")]
-    return True if any(c is not None and plain(norm, c) for c in casting) else None
+    first = next(iter(m.children()))
+    return isinstance(first, Rearrange) and bool(first.axes_lengths)
 
 
-class _FusedOpenClipViT(FusedStem):
-    """OpenCLIP ``VisionTransformer`` whose ``_embeds`` (used by ``forward`` and
-    ``forward_intermediates``) runs conv1, class and position embeddings and ln_pre fused."""
-
-    def _embeds(self, x: Tensor) -> Tensor:
-        conv, drop, norm = self.conv1, self.patch_dropout, self.ln_pre
-        casts = None  # ln_pre is fused only where skipping it and patch_dropout is exact
-        if _patch_dropout_off(drop) and not any(dispatch.hook_dicts(drop, norm)):
-            casts = _clip_norm_casts(norm, conv.out_channels)
-        if x.ndim != 4 or not self.zeta_fusable(x, conv):
-            return super()._embeds(x)
-        dim, (ph, pw) = conv.out_channels, conv.kernel_size
-        cls, table = _param(self, "class_embedding"), _param(self, "positional_embedding")
-        tokens = (x.shape[2] // ph) * (x.shape[3] // pw)
-        if cls.shape != (dim,) or table.shape != (tokens + 1, dim):
-            return super()._embeds(x)  # the peer's add would not broadcast: its own error
-        # The peer casts both to the conv output's dtype before adding them.
-        token_dtype = fused_dtypes(x, _param(conv, "weight"), False)[1]
-        table = table.to(token_dtype)
-        prefix = (cls.to(token_dtype) + table[0]).unsqueeze(0)
-        stem_norm, eps = (None, 1e-5) if casts is None else (norm_of(norm), norm.eps)
-        y = conv_stem(x, conv, lambda _: Stem(table[1:], prefix, stem_norm, eps))
-        if y is None:
-            return super()._embeds(x)
-        if casts is None:  # patch dropout active, hooks, another norm: both run on the tokens
-            return norm(drop(y))
-        return y.to(token_dtype) if casts else y
-
-
-def _open_clip_problem(m: nn.Module) -> str | None:
-    cls = peer_class(_OPEN_CLIP, "VisionTransformer")
-    if not hasattr(cls, "_embeds"):
-        return "this open_clip release has no VisionTransformer._embeds (its stem is inline)"
-    why = overrides(m, cls, "_embeds") or patch_conv_problem(m.conv1)
-    if why:
-        return why
-    if not isinstance(m.positional_embedding, Tensor) or m.positional_embedding.ndim != 2:
-        return "positional_embedding is not an (N + 1, D) table"
-    return None
-
-
-register(StemKind("OpenCLIP VisionTransformer", _is_instance(_OPEN_CLIP, "VisionTransformer"),
-                  _open_clip_problem, _swapper(_FusedOpenClipViT)))  # fmt: skip
-
-
-# --- Segment Anything ----------------------------------------------------------------------
-
-_SAM = "segment_anything.modeling.image_encoder"
-
-
-class _FusedSamImageEncoder(FusedStem):
-    """Segment Anything ``ImageEncoderViT`` with patch_embed and pos_embed fused: the op's
-    (B, N, D) tokens viewed as the peer's (B, Hp, Wp, D)."""
-
-    def _zeta_tokens(self, x: Tensor) -> Tensor | None:
-        embed = self.patch_embed
-        if x.ndim != 4 or type(embed).forward is not peer_class(_SAM, "PatchEmbed").forward:
-            return None
-        conv = embed.proj
-        if patch_conv_problem(conv) is not None or not self.zeta_fusable(x, embed, conv):
-            return None  # (a proj replaced or changed in place: the peer's code)
-        grid = (x.shape[2] // conv.kernel_size[0], x.shape[3] // conv.kernel_size[1])
-        pos = _param(self, "pos_embed")  # (1, Hp, Wp, D) or None
-        if pos is not None:
-            if pos.ndim != 4 or tuple(pos.shape[:3]) != (1, *grid):
-                return None  # another grid: the peer broadcasts it or raises
-            pos = pos.flatten(0, 2)
-        y = conv_stem(x, conv, lambda _: Stem(pos, None, None, 1e-5))
-        return None if y is None else y.view(y.shape[0], *grid, y.shape[-1])
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self._zeta_tokens(x)
-        if tokens is None:
-            return super().forward(x)
-        # The rest of ImageEncoderViT.forward, as the peer writes it.
-        for blk in self.blocks:
-            tokens = blk(tokens)
-        return self.neck(tokens.permute(0, 3, 1, 2))
-
-
-def _sam_problem(m: nn.Module) -> str | None:
-    embed = getattr(m, "patch_embed", None)
-    why = overrides(m, peer_class(_SAM, "ImageEncoderViT"), "forward")
-    if why is None and embed is not None:
-        why = overrides(embed, peer_class(_SAM, "PatchEmbed"), "forward")
-    if why is None:
-        why = patch_conv_problem(embed.proj) if embed is not None else "no patch_embed"
-    return why
-
-
-register(StemKind("Segment Anything ImageEncoderViT", _is_instance(_SAM, "ImageEncoderViT"),
-                  _sam_problem, _swapper(_FusedSamImageEncoder)))  # fmt: skip
+STEM_KINDS = (
+    StemKind("vit-pytorch ViT", is_instance("vit_pytorch.vit", "ViT"), _vit_problem,
+             swapper(_FusedViT)),
+    StemKind("vit-pytorch SimpleViT", is_instance("vit_pytorch.simple_vit", "SimpleViT"),
+             _simple_vit_problem, swapper(_FusedSimpleViT)),
+)  # fmt: skip
