@@ -109,6 +109,8 @@ def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> di
     A failure is reported under ``failed``."""
     from zeta_fused import PatchEmbeddings
     from zeta_fused.functional import op_inputs
+    from zeta_fused.kernels.contract import LAYER_NORM
+    from zeta_fused.op.args import Norm
     from zeta_fused.op.launch import patch_embed_fwd
 
     progress(f"host overhead: {p.name}")
@@ -117,8 +119,8 @@ def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> di
         m = m.to(device, p.torch_dtype)
         x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
         ln1, proj, ln2 = m.embedding[1], m.embedding[2], m.embedding[3]
-        norms = (ln1.weight, ln1.bias), (ln2.weight, ln2.bias)
-        args = op_inputs(x, p.patch, proj.weight, proj.bias, *norms, m.eps)
+        norms = (Norm(LAYER_NORM, ln.weight, ln.bias, ln.eps) for ln in (ln1, ln2))
+        args = op_inputs(x, p.patch, proj.weight, proj.bias, *norms)
         with torch.no_grad():
             module_us = measure.host_us(lambda: m(x), device, calls)
             launch_us = measure.host_us(lambda: patch_embed_fwd(args), device, calls)

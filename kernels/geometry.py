@@ -23,26 +23,36 @@ def tokens_per_image(grid):
 
 @triton.jit
 def token_rows(m_start, M, grid, PATCH: tl.constexpr, stride_b, strides, BLOCK_M: tl.constexpr):
-    """Tokens m_start .. m_start + BLOCK_M: int64 index, mask, and the offset of each token's
-    first pixel in an operand with batch stride stride_b and element strides (c, *spatial).
-    Tokens run over the grid with its last dimension fastest. The token index is divided in
-    32 bits (the launcher keeps M < 2**31): a 64-bit division is a slow call."""
+    """Output rows m_start .. m_start + BLOCK_M of the patch tokens (row m: image m // N, N
+    rows per image) and the grid position each holds, here m % N (grid order, last dimension
+    fastest): int64 row index, mask, the offset of each token's first pixel in an operand with
+    batch stride stride_b and element strides (c, *spatial), and the int32 grid position (for
+    the position table). The row index is divided in 32 bits (the launcher keeps M < 2**31):
+    a 64-bit division is a slow call."""
     tok = m_start.to(tl.int32) + tl.arange(0, BLOCK_M)
     per_image = tokens_per_image(grid)
-    t = tok % per_image
-    row_off = (tok // per_image).to(tl.int64) * stride_b
+    position = tok % per_image
+    row_off = (tok // per_image).to(tl.int64) * stride_b + patch_origin(position, grid, PATCH,
+                                                                        strides)  # fmt: skip
+    offs_m = tok.to(tl.int64)
+    return offs_m, offs_m < M, row_off, position
+
+
+@triton.jit
+def patch_origin(position, grid, PATCH: tl.constexpr, strides):
+    """Offset, within its image, of the first pixel of the patch at each grid position."""
+    origin = tl.zeros(position.shape, dtype=tl.int64)
     for d in tl.static_range(len(PATCH)):
-        # Grid position along d: t // (patches in the dims inside it) % grid[d], the
+        # Grid position along d: position // (patches in the dims inside it) % grid[d], the
         # outermost unwrapped; the terms are added outermost first.
         inner = 1
         for e in tl.static_range(d + 1, len(PATCH)):
             inner = inner * grid[e]
-        pos = t // inner
+        along = position // inner
         if d > 0:
-            pos = pos % grid[d]
-        row_off += pos.to(tl.int64) * (PATCH[d] * strides[1 + d])
-    offs_m = tok.to(tl.int64)
-    return offs_m, offs_m < M, row_off
+            along = along % grid[d]
+        origin += along.to(tl.int64) * (PATCH[d] * strides[1 + d])
+    return origin
 
 
 @triton.jit

@@ -1,23 +1,25 @@
 """Norm math shared by every kernel (docs/design.md, "Norms"): the normalisation, its affine
-part, the merge of partial row statistics, the LayerNorm backward, and the layout of the row
+part, the merge of partial row statistics, the norm backward, and the layout of the row
 statistics the forward saves for the backward. Pure @triton.jit functions, no launches.
 
-A norm is a kind (the NORM constexprs, the op's strings) and a ``(weight, bias)`` tuple of
-pointers, either of them None (``nn.LayerNorm(bias=False)``, ``elementwise_affine=False``).
+A norm is a kind (the NORM constexprs, the op's strings: NO_NORM, LAYER_NORM, RMS_NORM) and a
+``(weight, bias)`` tuple of pointers, either of them None (``nn.LayerNorm(bias=False)``,
+``elementwise_affine=False``, an RMSNorm's absent bias). Every helper that differs between
+kinds takes the kind; kernels test only "a norm or none" (``NORM != NO_NORM``).
 """
 
 import triton
 import triton.language as tl
 
-from .contract import LAYER_NORM as _LAYER_NORM
-from .contract import NO_NORM as _NO_NORM
+from . import contract
 from .contract import STAT_ROWS
 
-NO_NORM = tl.constexpr(_NO_NORM)
-LAYER_NORM = tl.constexpr(_LAYER_NORM)
+NO_NORM = tl.constexpr(contract.NO_NORM)
+LAYER_NORM = tl.constexpr(contract.LAYER_NORM)
+RMS_NORM = tl.constexpr(contract.RMS_NORM)
 
 # Rows of the statistics buffer (STAT_ROWS, M), one value per token each; a norm that is off
-# stores mean 0 and rstd 1.
+# stores mean 0 and rstd 1, an RMSNorm mean 0.
 MEAN1 = tl.constexpr(STAT_ROWS.index("mean1"))
 RSTD1 = tl.constexpr(STAT_ROWS.index("rstd1"))
 MEAN2 = tl.constexpr(STAT_ROWS.index("mean2"))
@@ -27,9 +29,12 @@ RSTD3 = tl.constexpr(STAT_ROWS.index("rstd3"))
 
 
 @triton.jit
-def normalize(t, mean, rstd):
-    """t̂ = (t - mean) * rstd per row of a [rows, cols] tile: the one line every norm shares."""
-    return (t - mean[:, None]) * rstd[:, None]
+def normalize(t, mean, rstd, NORM: tl.constexpr):
+    """t̂ per row of a [rows, cols] tile, the one line every norm shares: (t - mean) * rstd; an
+    RMSNorm does not centre."""
+    if NORM == LAYER_NORM:
+        t = t - mean[:, None]
+    return t * rstd[:, None]
 
 
 @triton.jit
@@ -53,22 +58,37 @@ def affine(t_hat, params, offs, mask, ACC_DTYPE: tl.constexpr):
 def norm_apply(t, mean, rstd, params, offs, mask, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """The norm of kind NORM over the columns offs of a tile, with its (weight, bias) params
     (either None); NO_NORM gives t back."""
-    if NORM == LAYER_NORM:
-        t = affine(normalize(t, mean, rstd), params, offs, mask, ACC_DTYPE)
+    if NORM != NO_NORM:
+        t = affine(normalize(t, mean, rstd, NORM), params, offs, mask, ACC_DTYPE)
     return t
 
 
 @triton.jit
-def rstd_of(m2, n, eps):
-    """1 / std from a row's sum of squared deviations over n elements."""
-    return 1.0 / tl.sqrt(m2 / n + eps)
+def rstd_of(m2, n, eps, NORM: tl.constexpr):
+    """1 / std from a row's sum of squared deviations over n elements (squares for an
+    RMSNorm, whose mean is 0); 1 for no norm, whose eps is not one."""
+    rstd = tl.full(m2.shape, 1.0, m2.dtype)
+    if NORM != NO_NORM:
+        rstd = 1.0 / tl.sqrt(m2 / n + eps)
+    return rstd
 
 
 @triton.jit
-def chan_merge(mean, m2, chunk, n_mask, n0, N, BLOCK_N: tl.constexpr):
-    """Row mean and sum of squared deviations of columns 0 .. n0 + BLOCK_N, from those of
-    columns 0 .. n0 and the chunk n0 .. n0 + BLOCK_N (Chan et al.): chunk-centred sums keep
-    the variance accurate when |mean| >> std."""
+def norm_merge(mean, m2, chunk, n_mask, n0, N, NORM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row statistics of columns 0 .. n0 + BLOCK_N, from those of columns 0 .. n0 and the
+    chunk n0 .. n0 + BLOCK_N: a LayerNorm's mean and sum of squared deviations, merged as Chan
+    et al. do (chunk-centred sums keep the variance accurate when |mean| >> std); an RMSNorm's
+    sum of squares (its mean stays 0)."""
+    if NORM == LAYER_NORM:
+        mean, m2 = _chan_merge(mean, m2, chunk, n_mask, n0, N, BLOCK_N)
+    else:
+        squares = tl.where(n_mask[None, :], chunk * chunk, 0.0)
+        m2 += tl.sum(squares, axis=1)
+    return mean, m2
+
+
+@triton.jit
+def _chan_merge(mean, m2, chunk, n_mask, n0, N, BLOCK_N: tl.constexpr):
     # Counts in the statistics' dtype: fp32 ratios such as 32 / 96 would cost fp64 its digits.
     one = tl.full([], 1.0, mean.dtype)
     n_valid = tl.minimum(N - n0, BLOCK_N) * one
@@ -84,18 +104,22 @@ def chan_merge(mean, m2, chunk, n_mask, n0, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def layer_norm_bwd_sums(sum_g, sum_gt, g, t_hat):
-    """The two row reductions the LayerNorm backward needs, sums of g and g * t̂ (g = upstream
-    gradient times the norm's weight), accumulated over one more column chunk."""
+def norm_bwd_sums(sum_g, sum_gt, g, t_hat):
+    """The two row reductions a norm's backward needs, sums of g and g * t̂ (g = upstream
+    gradient times the norm's weight), accumulated over one more column chunk (an RMSNorm
+    needs only the second; the first is then unused and compiled away)."""
     sum_g += tl.sum(g, axis=1)
     sum_gt += tl.sum(g * t_hat, axis=1)
     return sum_g, sum_gt
 
 
 @triton.jit
-def layer_norm_bwd(g, t_hat, rstd, mean_g, mean_gt):
-    """Input gradient of a LayerNorm: rstd * (g - mean(g) - t̂ * mean(g * t̂))."""
-    return rstd[:, None] * (g - mean_g[:, None] - t_hat * mean_gt[:, None])
+def norm_bwd(g, t_hat, rstd, mean_g, mean_gt, NORM: tl.constexpr):
+    """Input gradient of a norm: rstd * (g - mean(g) - t̂ * mean(g * t̂)); an RMSNorm, which
+    does not centre, has no mean(g) term."""
+    if NORM == LAYER_NORM:
+        g = g - mean_g[:, None]
+    return rstd[:, None] * (g - t_hat * mean_gt[:, None])
 
 
 @triton.jit

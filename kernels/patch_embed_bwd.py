@@ -11,7 +11,7 @@ Three passes, all deterministic (per-program partial sums, no atomics):
 3. ``_bwd_dx_kernel`` (per token tile, only when the image needs a gradient): dA = dZ W, the
    pre-norm backward, scattered straight into the image layout (patches do not overlap).
 
-The dZ kernel also stores each token's image offset (RowOff), and its dZ row offset where rows
+The dZ kernel also stores each token's image offset (XRowOff), and its dZ row offset where rows
 are not evenly spaced (DZRowOff), so that the dW GEMM, which visits token tiles in a strided
 order, does not divide by the image geometry on every step. Each kernel walks K in the order
 its launch picks (CHANNELS_FIRST, see geometry.patch_cols); G is kept in the dW GEMM's order,
@@ -28,9 +28,9 @@ from .norms import (
     MEAN1,
     NO_NORM,
     RSTD1,
-    layer_norm_bwd,
-    layer_norm_bwd_sums,
     load_stat,
+    norm_bwd,
+    norm_bwd_sums,
     normalize,
     scale_cols,
 )
@@ -42,7 +42,7 @@ from .rounding import cast, mma
 def _bwd_dw_kernel(
     X, x_strides,  # image and its element strides (c, *spatial)
     Stats,
-    RowOff,  # (M,) int64 image offset of each token's first pixel (from the dZ kernel)
+    XRowOff,  # (M,) int64 image offset of each token's first pixel (from the dZ kernel)
     DZ, dz_strides,  # dZ (B, N, D) with strides (the DZ buffer, or dY without norms over D)
     DZRowOff,  # (M,) int64 offset of each token's dZ row (from the dZ kernel); None: m * n stride
     GPart,  # out: (S, D, K) ACC_DTYPE partials of G = dZ^T x̂ over token splits
@@ -68,7 +68,7 @@ def _bwd_dw_kernel(
     # next step is gathered at the end of this one (software prefetch, as in project_chunk).
     step = splits * BLOCK_M
     offs_next = pid_s * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_off = tl.load(RowOff + offs_next, mask=offs_next < M, other=0)
+    row_off = tl.load(XRowOff + offs_next, mask=offs_next < M, other=0)
     row_off = tl.multiple_of(row_off, ROW_ALIGN)
     k_mask = k0 + tl.arange(0, BLOCK_K) < K
     x_next = load_patches(
@@ -79,13 +79,13 @@ def _bwd_dw_kernel(
         m_mask = offs_m < M
         x_hat = x_next
         offs_next = offs_m + step
-        row_off = tl.load(RowOff + offs_next, mask=offs_next < M, other=0)
+        row_off = tl.load(XRowOff + offs_next, mask=offs_next < M, other=0)
         row_off = tl.multiple_of(row_off, ROW_ALIGN)
         if NORM1 != NO_NORM:
             mean1 = load_stat(Stats, MEAN1, offs_m, m_mask, M)
             rstd1 = load_stat(Stats, RSTD1, offs_m, m_mask, M)
             mask = m_mask[:, None] & k_mask[None, :]
-            x_hat = tl.where(mask, normalize(x_hat, mean1, rstd1), 0.0)
+            x_hat = tl.where(mask, normalize(x_hat, mean1, rstd1, NORM1), 0.0)
         if DZRowOff is not None:  # rows not evenly spaced (after prefix rows): no division
             dz_rows = tl.multiple_of(tl.load(DZRowOff + offs_m, mask=m_mask, other=0), DZ_ALIGN)
         else:
@@ -169,7 +169,8 @@ def _bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    offs_m, m_mask, row_off = token_rows(m_start, M, grid, PATCH, stride_xb, x_strides, BLOCK_M)
+    offs_m, m_mask, row_off, _ = token_rows(m_start, M, grid, PATCH, stride_xb, x_strides,
+                                            BLOCK_M)  # fmt: skip
     grad_off = token_rows(m_start, M, grid, PATCH, stride_dxb, dx_strides, BLOCK_M)[2]
     dz_rows = DZ + token_offsets(offs_m, tokens_per_image(grid), dz_strides, DZ_FLAT)
     mean1 = load_stat(Stats, MEAN1, offs_m, m_mask, M)
@@ -194,13 +195,14 @@ def _bwd_dx_kernel(
         if NORM1 != NO_NORM:
             x_tile = load_patches(X, x_strides, row_off, m_mask, k0, K, C, PATCH, CHANNELS_FIRST,
                                   ACC_DTYPE, BLOCK_K)  # fmt: skip
-            x_hat = normalize(x_tile[0], mean1, rstd1)
+            x_hat = normalize(x_tile[0], mean1, rstd1, NORM1)
             acc = tl.where(x_tile[3], scale_cols(acc, G1, offs_k, k_mask, ACC_DTYPE), 0.0)
-            sum_g, sum_gx = layer_norm_bwd_sums(sum_g, sum_gx, acc, x_hat)
+            sum_g, sum_gx = norm_bwd_sums(sum_g, sum_gx, acc, x_hat)
         store_patches(DX, dx_strides, grad_off, m_mask, acc, k0, K, C, PATCH, CHANNELS_FIRST,
                       EMULATE_BF16, BLOCK_K)  # fmt: skip
     if NORM1 != NO_NORM:
-        # Pass 2: dP = rstd1 * (g - mean(g) - x̂ * mean(g * x̂)), g read back from DX.
+        # Pass 2: dP = rstd1 * (g - mean(g) - x̂ * mean(g * x̂)), g read back from DX (no
+        # mean(g) term for an RMSNorm).
         mean_g = sum_g / K
         mean_gx = sum_gx / K
         tl.debug_barrier()
@@ -209,6 +211,6 @@ def _bwd_dx_kernel(
                              ACC_DTYPE, BLOCK_K)[0]  # fmt: skip
             g = load_patches(DX, dx_strides, grad_off, m_mask, k0, K, C, PATCH, CHANNELS_FIRST,
                              ACC_DTYPE, BLOCK_K, READ_BACK)[0]  # fmt: skip
-            dp = layer_norm_bwd(g, normalize(x, mean1, rstd1), rstd1, mean_g, mean_gx)
+            dp = norm_bwd(g, normalize(x, mean1, rstd1, NORM1), rstd1, mean_g, mean_gx, NORM1)
             store_patches(DX, dx_strides, grad_off, m_mask, dp, k0, K, C, PATCH, CHANNELS_FIRST,
                           EMULATE_BF16, BLOCK_K)  # fmt: skip

@@ -5,11 +5,18 @@ to dZ, per token tile, with per-program column partials for every vector gradien
     dT = rstd3 * (g3 - mean(g3) - t̂ * mean(g3 * t̂)),  g3 = dY * g3w   (dY without stem norm)
     dZ = rstd2 * (g2 - mean(g2) - ẑ * mean(g2 * ẑ)),  g2 = dT * g2w   (dT without post-norm)
 
-Z is recomputed with the forward's projection chunk; ẑ is kept in the DZ buffer between the
-passes (each program reads back what it wrote), t̂ = norm3(g2w ẑ + b2 + pos) recomputed from
-it. The kernel also stores each token's image offset (RowOff) so that the dW GEMM, which visits
-token tiles in a strided order, does not divide by the image geometry on every step. Device
-code only.
+(an RMSNorm has no mean(g) term). Passes over D, one helper each:
+
+1. ``_pass_normalised``: Z recomputed with the forward's projection chunk; the DZ buffer keeps
+   its normalised rows (ẑ with a post-norm, else t̂) for the later passes, each program reading
+   back what it wrote; the row sums of the last norm's backward (dY is its upstream gradient).
+2. ``_pass_post_sums``, both norms over D: dT, and the row sums of the post-norm's backward.
+3. ``_pass_dz``: dZ (dT recomputed rather than stored), over what DZ kept.
+
+Without a norm over D, dZ is dY itself (``_dy_column_sums``). t̂ = norm3(affine2(ẑ) + pos) is
+recomputed from ẑ where needed. The kernel also stores each token's image offset (XRowOff) so
+that the dW GEMM, which visits token tiles in a strided order, does not divide by the image
+geometry on every step. Device code only.
 """
 
 import triton
@@ -26,16 +33,16 @@ from .norms import (
     RSTD2,
     RSTD3,
     affine,
-    layer_norm_bwd,
-    layer_norm_bwd_sums,
     load_stat,
+    norm_bwd,
+    norm_bwd_sums,
     normalize,
     scale_cols,
 )
 from .patch_tiles import READ_BACK, add_pos, project_chunk
 from .rounding import cast
 
-# Rows of the column partials (op_args.COLUMN_SUMS).
+# Rows of the column partials (kernels/contract.py COLUMN_SUMS).
 PART_DZ = tl.constexpr(COLUMN_SUMS.index("dz"))
 PART_DG2 = tl.constexpr(COLUMN_SUMS.index("dg2"))
 PART_DB2 = tl.constexpr(COLUMN_SUMS.index("db2"))
@@ -44,14 +51,15 @@ PART_DB3 = tl.constexpr(COLUMN_SUMS.index("db3"))
 
 
 @triton.jit
-def _stem_input_hat(z_hat, offs_m, offs_n, n_mask, mask, norm2, Pos, per_image, D, mean3, rstd3,
-                    NORM2: tl.constexpr, ACC_DTYPE: tl.constexpr):  # fmt: skip
+def _stem_input_hat(z_hat, position, offs_n, n_mask, mask, norm2, Pos, D, mean3, rstd3,
+                    NORM2: tl.constexpr, NORM3: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr):  # fmt: skip
     """t̂ of the stem norm from ẑ (Z itself without a post-norm): T = norm2's affine(ẑ) + pos."""
     t = z_hat
     if NORM2 != NO_NORM:
         t = affine(z_hat, norm2, offs_n, n_mask, ACC_DTYPE)
-    t = add_pos(t, Pos, offs_m, per_image, D, offs_n, mask, ACC_DTYPE)
-    return tl.where(mask, normalize(t, mean3, rstd3), 0.0)
+    t = add_pos(t, Pos, position, D, offs_n, mask, ACC_DTYPE)
+    return tl.where(mask, normalize(t, mean3, rstd3, NORM3), 0.0)
 
 
 @triton.jit
@@ -60,18 +68,18 @@ def _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3: t
     """dT, the gradient of the stem norm's input (dY itself without a stem norm)."""
     if NORM3 != NO_NORM:
         g = scale_cols(dy, norm3[0], offs_n, n_mask, ACC_DTYPE)
-        dy = layer_norm_bwd(g, t_hat, rstd3, mean_g3, mean_gt3)
+        dy = norm_bwd(g, t_hat, rstd3, mean_g3, mean_gt3, NORM3)
     return dy
 
 
 @triton.jit
 def _norm_bwd_chunk(sum_g, sum_gt, up, t_hat, params, part, part_rows, ROW_W: tl.constexpr,
                     ROW_B: tl.constexpr, offs_n, n_mask, ACC_DTYPE: tl.constexpr):  # fmt: skip
-    """One column chunk of a LayerNorm's backward, upstream gradient ``up``: the row sums of
+    """One column chunk of a norm's backward, upstream gradient ``up``: the row sums of
     g = up * weight and g * t̂ so far, and this program's column sums up * t̂ (-> dweight) and
     up (-> dbias) in rows ROW_W, ROW_B of the partials, where those parameters exist."""
     g = scale_cols(up, params[0], offs_n, n_mask, ACC_DTYPE)
-    sum_g, sum_gt = layer_norm_bwd_sums(sum_g, sum_gt, g, t_hat)
+    sum_g, sum_gt = norm_bwd_sums(sum_g, sum_gt, g, t_hat)
     if params[0] is not None:
         tl.store(part + ROW_W * part_rows + offs_n, tl.sum(up * t_hat, axis=0), mask=n_mask)
     if params[1] is not None:
@@ -82,16 +90,127 @@ def _norm_bwd_chunk(sum_g, sum_gt, up, t_hat, params, part, part_rows, ROW_W: tl
 @triton.jit
 def _read_chunk(dz_rows, dy_rows, dy_strides, n0, m_mask, D, ACC_DTYPE: tl.constexpr,
                 BLOCK_N: tl.constexpr):  # fmt: skip
-    """Columns n0 .. n0 + BLOCK_N of a later pass: what DZ keeps (read back by the program that
-    wrote it) and dY, with their indices and masks."""
+    """Columns n0 .. n0 + BLOCK_N of a later pass: the normalised rows DZ keeps (read back by
+    the program that wrote them) and dY, with their indices and masks."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
     mask = m_mask[:, None] & n_mask[None, :]
-    kept = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0,
-                   cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
+    kept_hat = tl.load(dz_rows + offs_n[None, :], mask=mask, other=0.0,
+                       cache_modifier=READ_BACK).to(ACC_DTYPE)  # fmt: skip
     dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
                  other=0.0).to(ACC_DTYPE)  # fmt: skip
-    return kept, dy, offs_n, n_mask, mask
+    return kept_hat, dy, offs_n, n_mask, mask
+
+
+@triton.jit
+def _pass_normalised(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias,
+                     norm1, mean1, rstd1, norm2, mean2, rstd2, Pos, position, norm3, mean3,
+                     rstd3, dy_rows, dy_strides, dz_rows, part, part_rows, K, D,
+                     C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr,
+                     NORM2: tl.constexpr, NORM3: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                     EMULATE_BF16: tl.constexpr, W_FLAT: tl.constexpr,
+                     CHANNELS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Pass 1: Z recomputed chunk by chunk, its normalised rows kept in DZ (ẑ, or t̂ with the
+    stem norm alone), and the row sums of the last norm's backward, whose upstream gradient is
+    dY: the stem norm's if there is one, else the post-norm's."""
+    sum_g = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    sum_gt = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    for n0 in range(0, D, BLOCK_N):
+        z, offs_n, n_mask = project_chunk(
+            X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias, norm1,
+            mean1, rstd1, n0, K, D, C, PATCH, NORM1, COMPUTE_DTYPE, DOT_PRECISION, ACC_DTYPE,
+            EMULATE_BF16, W_FLAT, CHANNELS_FIRST, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        mask = m_mask[:, None] & n_mask[None, :]
+        dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
+                     other=0.0).to(ACC_DTYPE)  # fmt: skip
+        kept_hat = z
+        if NORM2 != NO_NORM:
+            kept_hat = tl.where(mask, normalize(z, mean2, rstd2, NORM2), 0.0)
+        if NORM3 != NO_NORM:
+            t_hat = _stem_input_hat(kept_hat, position, offs_n, n_mask, mask, norm2, Pos, D,
+                                    mean3, rstd3, NORM2, NORM3, ACC_DTYPE)  # fmt: skip
+            sum_g, sum_gt = _norm_bwd_chunk(sum_g, sum_gt, dy, t_hat, norm3, part, part_rows,
+                                            PART_DG3, PART_DB3, offs_n, n_mask,
+                                            ACC_DTYPE)  # fmt: skip
+            if NORM2 == NO_NORM:
+                kept_hat = t_hat
+        else:
+            sum_g, sum_gt = _norm_bwd_chunk(sum_g, sum_gt, dy, kept_hat, norm2, part, part_rows,
+                                            PART_DG2, PART_DB2, offs_n, n_mask,
+                                            ACC_DTYPE)  # fmt: skip
+        tl.store(dz_rows + offs_n[None, :], cast(kept_hat, COMPUTE_DTYPE, EMULATE_BF16),
+                 mask=mask)  # fmt: skip
+    return sum_g / D, sum_gt / D
+
+
+@triton.jit
+def _pass_post_sums(dz_rows, dy_rows, dy_strides, offs_m, m_mask, position, norm2, Pos, norm3,
+                    mean3, rstd3, mean_g3, mean_gt3, DT, part, part_rows, D,
+                    NORM2: tl.constexpr, NORM3: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Pass 2, both norms over D: dT from ẑ and dY (stored in DT for the position table's
+    gradient when there is one), and the row sums of the post-norm's backward."""
+    sum_g = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    sum_gz = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    for n0 in range(0, D, BLOCK_N):
+        z_hat, dy, offs_n, n_mask, mask = _read_chunk(dz_rows, dy_rows, dy_strides, n0, m_mask,
+                                                      D, ACC_DTYPE, BLOCK_N)  # fmt: skip
+        t_hat = _stem_input_hat(z_hat, position, offs_n, n_mask, mask, norm2, Pos, D, mean3,
+                                rstd3, NORM2, NORM3, ACC_DTYPE)  # fmt: skip
+        dt = tl.where(mask, _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3,
+                                    NORM3, ACC_DTYPE), 0.0)  # fmt: skip
+        if DT is not None:
+            tl.store(DT + offs_m[:, None] * D + offs_n[None, :],
+                     cast(dt, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)  # fmt: skip
+        sum_g, sum_gz = _norm_bwd_chunk(sum_g, sum_gz, dt, z_hat, norm2, part, part_rows,
+                                        PART_DG2, PART_DB2, offs_n, n_mask, ACC_DTYPE)  # fmt: skip
+    return sum_g / D, sum_gz / D
+
+
+@triton.jit
+def _pass_dz(dz_rows, dy_rows, dy_strides, m_mask, position, norm2, rstd2, mean_g2, mean_gz2,
+             Pos, norm3, mean3, rstd3, mean_g3, mean_gt3, part, part_rows, D,
+             NORM2: tl.constexpr, NORM3: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+             ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+             BLOCK_N: tl.constexpr):  # fmt: skip
+    """Last pass: dZ from the normalised rows DZ kept (ẑ, or t̂ without a post-norm) and dY,
+    written over them, with its column sums (-> dbias)."""
+    for n0 in range(0, D, BLOCK_N):
+        kept_hat, dy, offs_n, n_mask, mask = _read_chunk(dz_rows, dy_rows, dy_strides, n0,
+                                                         m_mask, D, ACC_DTYPE,
+                                                         BLOCK_N)  # fmt: skip
+        if NORM2 != NO_NORM:
+            dt = dy
+            if NORM3 != NO_NORM:
+                t_hat = _stem_input_hat(kept_hat, position, offs_n, n_mask, mask, norm2, Pos, D,
+                                        mean3, rstd3, NORM2, NORM3, ACC_DTYPE)  # fmt: skip
+                dt = _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3,
+                             ACC_DTYPE)  # fmt: skip
+            g = scale_cols(dt, norm2[0], offs_n, n_mask, ACC_DTYPE)
+            dz = norm_bwd(g, kept_hat, rstd2, mean_g2, mean_gz2, NORM2)
+        else:
+            dz = _grad_t(dy, kept_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3,
+                         ACC_DTYPE)  # fmt: skip
+        dz = tl.where(mask, dz, 0.0)
+        tl.store(part + PART_DZ * part_rows + offs_n, tl.sum(dz, axis=0), mask=n_mask)
+        tl.store(dz_rows + offs_n[None, :], cast(dz, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)
+
+
+@triton.jit
+def _dy_column_sums(dy_rows, dy_strides, m_mask, part, part_rows, D, ACC_DTYPE: tl.constexpr,
+                    BLOCK_N: tl.constexpr):  # fmt: skip
+    """No norm over D: dZ is dY itself, and only its column sums (-> dbias) are made here."""
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < D
+        mask = m_mask[:, None] & n_mask[None, :]
+        dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask, other=0.0)
+        tl.store(part + PART_DZ * part_rows + offs_n, tl.sum(dy.to(ACC_DTYPE), axis=0),
+                 mask=n_mask)  # fmt: skip
 
 
 @triton.jit
@@ -105,8 +224,8 @@ def _bwd_dz_kernel(
     DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE (only written with a norm over D)
     DT,  # out: (M, D) dT with both norms over D, for the position table's gradient; or None
     Partials,  # out: (len(COLUMN_SUMS), programs, D) ACC_DTYPE column sums per program
-    RowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
-    DYRowOff,  # out: (M,) int64 offset of each token's dY row, for the dW kernel when dZ is
+    XRowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
+    DZRowOff,  # out: (M,) int64 offset of each token's dZ row, for the dW kernel, when dZ is
     # dY (no norm over D) and its rows are not evenly spaced; else None
     M, K, D, grid,
     C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr, NORM2: tl.constexpr,
@@ -116,110 +235,48 @@ def _bwd_dz_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    offs_m, m_mask, row_off = token_rows(
+    offs_m, m_mask, row_off, position = token_rows(
         pid.to(tl.int64) * BLOCK_M, M, grid, PATCH, stride_xb, x_strides, BLOCK_M
     )
-    tl.store(RowOff + offs_m, row_off, mask=m_mask)
-    per_image = tokens_per_image(grid)
-    dy_off = token_offsets(offs_m, per_image, dy_strides, DY_FLAT)
+    tl.store(XRowOff + offs_m, row_off, mask=m_mask)
+    dy_off = token_offsets(offs_m, tokens_per_image(grid), dy_strides, DY_FLAT)
     dy_rows = DY + dy_off
     dz_rows = DZ + offs_m[:, None] * D
     part = Partials + pid * D
-    part_rows = programs * D  # between two rows of Partials
+    part_rows = tl.num_programs(0) * D  # between two rows of Partials
 
-    if NORM2 != NO_NORM or NORM3 != NO_NORM:
+    if NORM2 == NO_NORM and NORM3 == NO_NORM:
+        if DZRowOff is not None:
+            tl.store(DZRowOff + offs_m, dy_off, mask=m_mask)
+        _dy_column_sums(dy_rows, dy_strides, m_mask, part, part_rows, D, ACC_DTYPE, BLOCK_N)
+    else:
         mean1 = load_stat(Stats, MEAN1, offs_m, m_mask, M)
         rstd1 = load_stat(Stats, RSTD1, offs_m, m_mask, M)
         mean2 = load_stat(Stats, MEAN2, offs_m, m_mask, M)
         rstd2 = load_stat(Stats, RSTD2, offs_m, m_mask, M)
         mean3 = load_stat(Stats, MEAN3, offs_m, m_mask, M)
         rstd3 = load_stat(Stats, RSTD3, offs_m, m_mask, M)
-        # Row sums of g and g * t̂ for each norm's backward (g: its upstream gradient times
+        # Means over D of g and g * t̂ for each norm's backward (g: its upstream gradient times
         # its weight): the stem norm's (3) and the post-norm's (2).
-        sum_g3 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-        sum_gt3 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-        sum_g2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-        sum_gz2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-        # Pass 1: recompute Z chunk by chunk and keep ẑ in DZ (t̂ with the stem norm alone);
-        # reduce the rows of the last norm's backward (dY is its upstream gradient).
-        for n0 in range(0, D, BLOCK_N):
-            z, offs_n, n_mask = project_chunk(
-                X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias, norm1,
-                mean1, rstd1, n0, K, D, C, PATCH, NORM1, COMPUTE_DTYPE, DOT_PRECISION,
-                ACC_DTYPE, EMULATE_BF16, W_FLAT, CHANNELS_FIRST, BLOCK_M, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-            mask = m_mask[:, None] & n_mask[None, :]
-            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask,
-                         other=0.0).to(ACC_DTYPE)  # fmt: skip
-            kept = z
-            if NORM2 != NO_NORM:
-                kept = tl.where(mask, normalize(z, mean2, rstd2), 0.0)
-            if NORM3 != NO_NORM:
-                t_hat = _stem_input_hat(kept, offs_m, offs_n, n_mask, mask, norm2, Pos,
-                                        per_image, D, mean3, rstd3, NORM2, ACC_DTYPE)  # fmt: skip
-                sum_g3, sum_gt3 = _norm_bwd_chunk(sum_g3, sum_gt3, dy, t_hat, norm3, part,
-                                                  part_rows, PART_DG3, PART_DB3, offs_n, n_mask,
-                                                  ACC_DTYPE)  # fmt: skip
-                if NORM2 == NO_NORM:
-                    kept = t_hat
-            else:
-                sum_g2, sum_gz2 = _norm_bwd_chunk(sum_g2, sum_gz2, dy, kept, norm2, part,
-                                                  part_rows, PART_DG2, PART_DB2, offs_n, n_mask,
-                                                  ACC_DTYPE)  # fmt: skip
-            tl.store(dz_rows + offs_n[None, :], cast(kept, COMPUTE_DTYPE, EMULATE_BF16),
-                     mask=mask)  # fmt: skip
-        mean_g3 = sum_g3 / D
-        mean_gt3 = sum_gt3 / D
-        # Pass 2, both norms over D: dT from ẑ (read back by the program that wrote it) and
-        # dY, and the rows of the post-norm's backward.
+        mean_g, mean_gt = _pass_normalised(
+            X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias, norm1,
+            mean1, rstd1, norm2, mean2, rstd2, Pos, position, norm3, mean3, rstd3, dy_rows,
+            dy_strides, dz_rows, part, part_rows, K, D, C, PATCH, NORM1, NORM2, NORM3,
+            COMPUTE_DTYPE, DOT_PRECISION, ACC_DTYPE, EMULATE_BF16, W_FLAT, CHANNELS_FIRST,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        mean_g3, mean_gt3 = mean_g, mean_gt  # used only with a stem norm
+        mean_g2, mean_gz2 = mean_g, mean_gt  # the post-norm's, without a stem norm
         if NORM2 != NO_NORM and NORM3 != NO_NORM:
             tl.debug_barrier()
-            for n0 in range(0, D, BLOCK_N):
-                z_hat, dy, offs_n, n_mask, mask = _read_chunk(
-                    dz_rows, dy_rows, dy_strides, n0, m_mask, D, ACC_DTYPE, BLOCK_N
-                )
-                t_hat = _stem_input_hat(z_hat, offs_m, offs_n, n_mask, mask, norm2, Pos,
-                                        per_image, D, mean3, rstd3, NORM2, ACC_DTYPE)  # fmt: skip
-                dt = tl.where(mask, _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3,
-                                            mean_gt3, NORM3, ACC_DTYPE), 0.0)  # fmt: skip
-                if DT is not None:
-                    tl.store(DT + offs_m[:, None] * D + offs_n[None, :],
-                             cast(dt, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)  # fmt: skip
-                sum_g2, sum_gz2 = _norm_bwd_chunk(sum_g2, sum_gz2, dt, z_hat, norm2, part,
-                                                  part_rows, PART_DG2, PART_DB2, offs_n, n_mask,
-                                                  ACC_DTYPE)  # fmt: skip
-        mean_g2 = sum_g2 / D
-        mean_gz2 = sum_gz2 / D
-        # Last pass: dZ from what DZ keeps and dY (dT recomputed rather than stored).
+            mean_g2, mean_gz2 = _pass_post_sums(
+                dz_rows, dy_rows, dy_strides, offs_m, m_mask, position, norm2, Pos, norm3,
+                mean3, rstd3, mean_g3, mean_gt3, DT, part, part_rows, D, NORM2, NORM3,
+                COMPUTE_DTYPE, ACC_DTYPE, EMULATE_BF16, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
         tl.debug_barrier()
-        for n0 in range(0, D, BLOCK_N):
-            kept, dy, offs_n, n_mask, mask = _read_chunk(dz_rows, dy_rows, dy_strides, n0, m_mask,
-                                                         D, ACC_DTYPE, BLOCK_N)  # fmt: skip
-            if NORM2 != NO_NORM:
-                dt = dy
-                if NORM3 != NO_NORM:
-                    t_hat = _stem_input_hat(kept, offs_m, offs_n, n_mask, mask, norm2, Pos,
-                                            per_image, D, mean3, rstd3, NORM2,
-                                            ACC_DTYPE)  # fmt: skip
-                    dt = _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3,
-                                 NORM3, ACC_DTYPE)  # fmt: skip
-                g = scale_cols(dt, norm2[0], offs_n, n_mask, ACC_DTYPE)
-                dz = layer_norm_bwd(g, kept, rstd2, mean_g2, mean_gz2)
-            else:
-                dz = _grad_t(dy, kept, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3,
-                             ACC_DTYPE)  # fmt: skip
-            dz = tl.where(mask, dz, 0.0)
-            tl.store(part + PART_DZ * part_rows + offs_n, tl.sum(dz, axis=0), mask=n_mask)
-            tl.store(dz_rows + offs_n[None, :], cast(dz, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)
-    else:
-        # dZ is dY itself: only its column sums are needed here.
-        if DYRowOff is not None:
-            tl.store(DYRowOff + offs_m, dy_off, mask=m_mask)
-        for n0 in range(0, D, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < D
-            mask = m_mask[:, None] & n_mask[None, :]
-            dy = tl.load(dy_rows[:, None] + offs_n[None, :] * dy_strides[2], mask=mask, other=0.0)
-            tl.store(part + PART_DZ * part_rows + offs_n, tl.sum(dy.to(ACC_DTYPE), axis=0),
-                     mask=n_mask)  # fmt: skip
+        _pass_dz(
+            dz_rows, dy_rows, dy_strides, m_mask, position, norm2, rstd2, mean_g2, mean_gz2, Pos,
+            norm3, mean3, rstd3, mean_g3, mean_gt3, part, part_rows, D, NORM2, NORM3,
+            COMPUTE_DTYPE, ACC_DTYPE, EMULATE_BF16, BLOCK_N,
+        )  # fmt: skip

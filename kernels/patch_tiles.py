@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .geometry import patch_cols
-from .norms import norm_apply, rstd_of
+from .norms import LAYER_NORM, norm_apply, rstd_of
 from .rounding import cast, mma
 
 # The default cache policy of tl.load, as a constexpr object: Triton 3.6 cannot compile a call
@@ -44,23 +44,26 @@ def store_patches(DX, strides, row_off, m_mask, tile, k0, K, C: tl.constexpr,
 
 @triton.jit
 def patch_stats(X, strides, row_off, m_mask, K, C: tl.constexpr, PATCH: tl.constexpr,
-                CHANNELS_FIRST: tl.constexpr, eps, ACC_DTYPE: tl.constexpr,
+                CHANNELS_FIRST: tl.constexpr, NORM: tl.constexpr, eps, ACC_DTYPE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """Per-token mean and 1/std over the patch, exact two-pass (mean, then centred variance):
-    raw 0..255 pixels have |mean| >> std, where E[x^2] - E[x]^2 would cancel. Each pass adds
-    whole tiles and reduces across the K lanes once at its end, not on every K step."""
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC_DTYPE)
-    p_next = load_patches(
-        X, strides, row_off, m_mask, 0, K, C, PATCH, CHANNELS_FIRST, ACC_DTYPE, BLOCK_K
-    )[0]
-    for k0 in range(0, K, BLOCK_K):  # prefetching as project_chunk does
-        p = p_next
+    """Per-token mean and 1/std over the patch. A LayerNorm's are exact two-pass (mean, then
+    centred variance): raw 0..255 pixels have |mean| >> std, where E[x^2] - E[x]^2 would
+    cancel. An RMSNorm's mean is 0 and its second pass sums squares. Each pass adds whole
+    tiles and reduces across the K lanes once at its end, not on every K step."""
+    mean = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    if NORM == LAYER_NORM:
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC_DTYPE)
         p_next = load_patches(
-            X, strides, row_off, m_mask, k0 + BLOCK_K, K, C, PATCH, CHANNELS_FIRST, ACC_DTYPE,
-            BLOCK_K,
-        )[0]  # fmt: skip
-        acc += p
-    mean = tl.sum(acc, axis=1) / K
+            X, strides, row_off, m_mask, 0, K, C, PATCH, CHANNELS_FIRST, ACC_DTYPE, BLOCK_K
+        )[0]
+        for k0 in range(0, K, BLOCK_K):  # prefetching as project_chunk does
+            p = p_next
+            p_next = load_patches(
+                X, strides, row_off, m_mask, k0 + BLOCK_K, K, C, PATCH, CHANNELS_FIRST,
+                ACC_DTYPE, BLOCK_K,
+            )[0]  # fmt: skip
+            acc += p
+        mean = tl.sum(acc, axis=1) / K
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC_DTYPE)
     p_next = load_patches(
         X, strides, row_off, m_mask, 0, K, C, PATCH, CHANNELS_FIRST, ACC_DTYPE, BLOCK_K
@@ -74,7 +77,7 @@ def patch_stats(X, strides, row_off, m_mask, K, C: tl.constexpr, PATCH: tl.const
         )[0]  # fmt: skip
         centred = tl.where(valid, p - mean[:, None], 0.0)
         acc += centred * centred
-    return mean, rstd_of(tl.sum(acc, axis=1), K, eps)
+    return mean, rstd_of(tl.sum(acc, axis=1), K, eps, NORM)
 
 
 @triton.jit
@@ -121,9 +124,10 @@ def project_chunk(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_
 
 
 @triton.jit
-def add_pos(t, Pos, offs_m, per_image, D, offs_n, mask, ACC_DTYPE: tl.constexpr):
-    """t + the rows of the (N, D) position table (None: t) for the tokens offs_m of a tile."""
+def add_pos(t, Pos, position, D, offs_n, mask, ACC_DTYPE: tl.constexpr):
+    """t + the rows of the (N, D) position table (None: t) at the grid positions of a tile's
+    tokens (geometry.token_rows)."""
     if Pos is not None:
-        rows = (offs_m.to(tl.int32) % per_image).to(tl.int64) * D  # 32-bit, as token_rows
+        rows = position.to(tl.int64) * D
         t += tl.load(Pos + rows[:, None] + offs_n[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     return t

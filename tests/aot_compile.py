@@ -30,8 +30,13 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 import zeta_fused.op.launch as launch  # noqa: E402
 from zeta_fused import policy  # noqa: E402
 from zeta_fused.functional import op_inputs  # noqa: E402
-from zeta_fused.op.args import BwdArgs  # noqa: E402
-from zeta_fused.op.reference import NO_STEM, Stem  # noqa: E402
+from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM  # noqa: E402
+from zeta_fused.op.args import (  # noqa: E402
+    NO_STEM,
+    BwdArgs,  # noqa: E402
+    Norm,
+    Stem,
+)
 
 KERNELS = [
     "_patch_embed_fwd_kernel",
@@ -146,16 +151,18 @@ def record_all() -> None:
             run_case(x, dim, patch, pre, post, bias, conv)
 
 
-def run_case(x, dim, patch, pre, post, bias, conv, stem=None) -> None:
+def run_case(x, dim, patch, pre, post, bias, conv, stem=None, kind=LAYER_NORM) -> None:
     """Forward and backward launches for input x and a patch (an int: square) of its rank;
-    ``stem``: (prefix rows, position table, stem norm) of a whole-stem case."""
+    ``stem``: (prefix rows, position table, stem norm) of a whole-stem case; ``kind``: the
+    norms' kind."""
     dtype, chans = x.dtype, x.shape[1]
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     k = chans * math.prod(patch)
     w = torch.randn(dim, chans, *patch, dtype=dtype) if conv else torch.randn(dim, k, dtype=dtype)
     b = torch.randn(dim, dtype=dtype) if bias else None
-    g1 = (torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype)) if pre else None
-    g2 = (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if post else None
+    g1 = Norm(kind, torch.ones(k, dtype=dtype), torch.zeros(k, dtype=dtype), 1e-5)
+    g2 = Norm(kind, torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype), 1e-5)
+    g1, g2 = g1 if pre else None, g2 if post else None
     parts = NO_STEM
     if stem is not None:
         n_prefix, with_pos, with_norm = stem
@@ -163,10 +170,11 @@ def run_case(x, dim, patch, pre, post, bias, conv, stem=None) -> None:
         parts = Stem(
             torch.randn(tokens, dim, dtype=dtype) if with_pos else None,
             torch.randn(n_prefix, dim, dtype=dtype) if n_prefix else None,
-            (torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype)) if with_norm else None,
-            1e-5,
+            Norm(kind, torch.ones(dim, dtype=dtype), torch.zeros(dim, dtype=dtype), 1e-5)
+            if with_norm
+            else None,
         )
-    args = op_inputs(x, patch, w, b, g1, g2, 1e-5, parts)
+    args = op_inputs(x, patch, w, b, g1, g2, parts)
     y, stats = launch.patch_embed_fwd(args)
     launch.patch_embed_bwd(BwdArgs(y, stats, True, *args))
 
@@ -203,6 +211,10 @@ def record_stems() -> None:
     run_case(image, 768, 16, True, True, True, False, (5, True, True))
     tag = "stem all fp32"
     run_case(image.float(), 768, 16, True, True, True, False, (1, True, True))
+    tag = "stem rms"  # RMSNorms before and after the projection and over every row
+    run_case(image, 768, 16, True, True, True, False, (1, True, True), RMS_NORM)
+    tag = "stem rms one tile"
+    run_case(image, 64, 16, True, True, True, False, (1, True, True), RMS_NORM)
 
 
 def main() -> int:

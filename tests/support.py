@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from zeta_fused import PatchEmbeddings, fuse_patch_embeddings
 from zeta_fused.functional import op_inputs
-from zeta_fused.op.args import FwdArgs
+from zeta_fused.kernels.contract import LAYER_NORM
+from zeta_fused.op.args import FwdArgs, Norm
 
 ATOL = {
     torch.float64: 1e-10,
@@ -60,15 +61,22 @@ def make(C: int, D: int, patch, flags=(True, True, True)) -> PatchEmbeddings:
     return randomise(m, 0.2).double()
 
 
+def layer_norm(weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Norm:
+    """A LayerNorm as the op's norm value."""
+    return Norm(LAYER_NORM, weight, bias, eps)
+
+
 def module_op_inputs(m: PatchEmbeddings, x: Tensor) -> FwdArgs:
     """The fused op's inputs for ``m(x)`` outside autocast (its LayerNorms or Identities)."""
     e = m.embedding
 
     def norm(layer: nn.Module):
-        return (layer.weight, layer.bias) if isinstance(layer, nn.LayerNorm) else None
+        return (
+            layer_norm(layer.weight, layer.bias, m.eps) if isinstance(layer, nn.LayerNorm) else None
+        )
 
     proj = e[2]
-    return op_inputs(x, m.patch_size, proj.weight, proj.bias, norm(e[1]), norm(e[3]), m.eps)
+    return op_inputs(x, m.patch_size, proj.weight, proj.bias, norm(e[1]), norm(e[3]))
 
 
 def check(m: nn.Module, x: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:

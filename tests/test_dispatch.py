@@ -22,7 +22,7 @@ def spy(monkeypatch) -> list[str]:
         calls.append("fused")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("zeta_fused.nn.patch_embed.fused_patch_embed", fused)
+    monkeypatch.setattr(functional, "fused_patch_embed", fused)
     return calls
 
 

@@ -67,7 +67,10 @@ def test_wrong_sized_vectors_are_rejected(bad, match, backend, device) -> None:
 
 def test_a_norm_that_is_not_a_pair_is_rejected(device) -> None:
     x, w, b, g1, *_ = _vectors(device)
-    with pytest.raises(TypeError, match="pre_norm must be a LayerNorm's"):
+    with pytest.raises(
+        TypeError,
+        match=r"pre_norm must be a zeta_fused.Norm, a LayerNorm.s \(weight, bias\).*got Tensor",
+    ):
         patch_embed(x, 4, w, b, g1)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support import randomise
+from support import layer_norm, randomise
 from torch import nn
 
 from zeta_fused import PatchEmbeddings, patch_embed
@@ -87,8 +87,8 @@ def test_eager_matches_reference(B, C, H, W, patch, D, flags) -> None:
         (ph, pw),
         e[2].weight,
         e[2].bias,
-        (e[1].weight, e[1].bias) if pre else None,
-        (e[3].weight, e[3].bias) if post else None,
+        layer_norm(e[1].weight, e[1].bias) if pre else None,
+        layer_norm(e[3].weight, e[3].bias) if post else None,
     )
     torch.testing.assert_close(y, ref)
     fn = patch_embed(

@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 from einops.layers.torch import Rearrange
-from support import check, compare, randomise
+from support import check, compare, layer_norm, randomise
 from torch import nn
 
 from zeta_fused import FusedPatchSequential, fuse_patch_embeddings, patch_embed
@@ -89,7 +89,7 @@ def test_gradcheck_fp64(device) -> None:
     w, g2 = m[2].weight, m[3].weight
 
     def fn(x, w, g2):
-        args = op_inputs(x, (2, 3), w, m[2].bias, (None, None), (g2, None), 1e-5)
+        args = op_inputs(x, (2, 3), w, m[2].bias, layer_norm(None, None), layer_norm(g2, None))
         return torch.ops.zeta_fused.patch_embed_fwd(*args)[0]
 
     assert torch.autograd.gradcheck(fn, (x, w, g2))
@@ -98,7 +98,8 @@ def test_gradcheck_fp64(device) -> None:
 def test_opcheck(device) -> None:
     m = stem(3, 12, (4, 4), "no-affine", "no-bias").to(device, torch.float32)
     x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
-    args = op_inputs(x, (4, 4), m[2].weight, m[2].bias, (None, None), (m[3].weight, None), 1e-5)
+    post = layer_norm(m[3].weight, None)
+    args = op_inputs(x, (4, 4), m[2].weight, m[2].bias, layer_norm(None, None), post)
     torch.library.opcheck(torch.ops.zeta_fused.patch_embed_fwd.default, tuple(args))
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from support import layer_norm
 
 from zeta_fused.dispatch import interpreting
 from zeta_fused.functional import op_inputs
@@ -48,7 +49,7 @@ def test_fused_bf16_output_rounds_to_nearest(post_norm, device) -> None:
         torch.ones(64, device=device, dtype=torch.bfloat16),
         torch.zeros(64, device=device, dtype=torch.bfloat16),
     )
-    args = op_inputs(x, (4, 4), m.weight, m.bias, None, ln if post_norm else None, 1e-5)
+    args = op_inputs(x, (4, 4), m.weight, m.bias, None, layer_norm(*ln) if post_norm else None)
     y, _ = torch.ops.zeta_fused.patch_embed_fwd(*args)
     exact, _ = reference.forward_with_stats(
         FwdArgs(*(a.cpu().double() if isinstance(a, torch.Tensor) else a for a in args))._replace(

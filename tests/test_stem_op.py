@@ -1,6 +1,7 @@
-"""The whole stem in the fused op: position table, prefix rows and the stem LayerNorm, forward
-and every gradient against the fp64 reference (the accuracy rule), for every combination of
-prefix counts, table, norms and row widths that take different kernel passes."""
+"""The whole stem in the fused op: position table, prefix rows and the stem norm, forward and
+every gradient against the fp64 reference (the accuracy rule), for every combination of prefix
+counts, table, norm kinds (LayerNorm, RMSNorm, affine parts), an epsilon per norm, and row
+widths that take different kernel passes."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import torch
 import torch.nn.functional as F
 from support import assert_accurate
 
+from zeta_fused import Norm
 from zeta_fused.functional import op_inputs, patch_embed
-from zeta_fused.op.args import BwdArgs, FwdArgs, Grads
-from zeta_fused.op.reference import Stem, backward_from_stats, forward_with_stats
+from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM
+from zeta_fused.op.args import BwdArgs, FwdArgs, Grads, Stem
+from zeta_fused.op.reference import backward_from_stats, forward_with_stats
 
-# (prefix rows, position table, pre-norm, post-norm, stem norm); a norm is "ln" (weight and
-# bias), "no-affine", "no-bias" or None.
+# (prefix rows, position table, pre-norm, post-norm, stem norm); a norm is a LayerNorm "ln"
+# (weight and bias), "no-affine" or "no-bias", an RMSNorm "rms" (weight) or "rms-no-affine",
+# or None.
 CASES = {
     "vit (cls + pos)": (1, True, None, None, None),
     "clip (cls + pos, ln_pre)": (1, True, None, None, "ln"),
@@ -26,16 +30,22 @@ CASES = {
     "stem norm only": (0, False, None, None, "no-bias"),
     "vit-pytorch + ln_pre": (1, True, "ln", "ln", "ln"),
     "both norms over D, no table": (2, False, None, "ln", "no-affine"),
+    "rms everywhere (cls + pos)": (1, True, "rms", "rms", "rms"),
+    "aimv2 (rms post-norm + pos)": (0, True, None, "rms", None),
+    "rms pre, ln post, affine-free rms stem": (2, True, "rms", "ln", "rms-no-affine"),
 }
+# Each norm its own epsilon, so that a kernel taking the wrong one fails.
+EPS = {"pre_norm": 1e-5, "post_norm": 1e-4, "stem_norm": 1e-6}
 DIMS = {"one tile": 40, "wide rows": 300}  # 300: wider than any BLOCK_N, the extra passes
 
 
-def norm_params(kind, size, dtype):
+def norm_params(kind, size, dtype, eps):
     if kind is None:
         return None
-    weight = (1 + 0.3 * torch.randn(size, dtype=dtype)) if kind in ("ln", "no-bias") else None
+    weighted = kind in ("ln", "no-bias", "rms")
+    weight = (1 + 0.3 * torch.randn(size, dtype=dtype)) if weighted else None
     bias = 0.3 * torch.randn(size, dtype=dtype) if kind == "ln" else None
-    return weight, bias
+    return Norm(RMS_NORM if kind.startswith("rms") else LAYER_NORM, weight, bias, eps)
 
 
 def make_inputs(case, dim, batch=2, dtype=torch.float64):
@@ -50,17 +60,25 @@ def make_inputs(case, dim, batch=2, dtype=torch.float64):
         "prefix": torch.randn(n_prefix, dim, dtype=dtype) if n_prefix else None,
     }
     norms = {
-        "pre_norm": norm_params(pre, k, dtype),
-        "post_norm": norm_params(post, dim, dtype),
-        "stem_norm": norm_params(stem, dim, dtype),
+        "pre_norm": norm_params(pre, k, dtype, EPS["pre_norm"]),
+        "post_norm": norm_params(post, dim, dtype, EPS["post_norm"]),
+        "stem_norm": norm_params(stem, dim, dtype, EPS["stem_norm"]),
     }
     return tensors, norms
 
 
+def cast_norm(norm, cast):
+    """A norm value with its tensors passed through ``cast``."""
+    if norm is None:
+        return None
+    return norm._replace(weight=cast(norm.weight), bias=cast(norm.bias))
+
+
 def leaves(tensors, norms):
     out = {n: t for n, t in tensors.items() if t is not None}
-    for name, pair in norms.items():
-        for part, t in zip(("weight", "bias"), pair or (), strict=False):
+    for name, norm in norms.items():
+        for part in ("weight", "bias"):
+            t = None if norm is None else getattr(norm, part)
             if t is not None:
                 out[f"{name}.{part}"] = t
     return out
@@ -73,13 +91,13 @@ def run(tensors, norms, dtype, device, backend):
         return None if t is None else t.detach().to(device, dtype)
 
     cast = {n: on(t) for n, t in tensors.items()}
-    cast_norms = {n: None if p is None else tuple(map(on, p)) for n, p in norms.items()}
+    cast_norms = {n: cast_norm(norm, on) for n, norm in norms.items()}
     inputs = leaves(cast, cast_norms)
     for t in inputs.values():
         t.requires_grad_()
     y = patch_embed(cast["x"], 4, cast["weight"], cast["bias"], cast_norms["pre_norm"],
-                    cast_norms["post_norm"], 1e-5, pos=cast["pos"], prefix=cast["prefix"],
-                    stem_norm=cast_norms["stem_norm"], stem_eps=1e-6, backend=backend)  # fmt: skip
+                    cast_norms["post_norm"], pos=cast["pos"], prefix=cast["prefix"],
+                    stem_norm=cast_norms["stem_norm"], backend=backend)  # fmt: skip
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     grads = torch.autograd.grad(y, list(inputs.values()), dy.to(device, y.dtype))
     return {"y": y, **dict(zip(inputs, grads, strict=True))}
@@ -100,18 +118,23 @@ def test_stem_forward_and_gradients(case, dim, dtype, device) -> None:
         assert_accurate(fused[name], eager[name], ref[name], dtype, f"{case} {name}")
 
 
-def test_stem_gradcheck(device) -> None:
-    tensors, norms = make_inputs("vit-pytorch + ln_pre", 8)
+@pytest.mark.parametrize("case", ["vit-pytorch + ln_pre", "rms everywhere (cls + pos)"])
+def test_stem_gradcheck(case, device) -> None:
+    tensors, norms = make_inputs(case, 8)
     tensors["prefix"] = torch.randn(2, 8, dtype=torch.float64)
     inputs = leaves(tensors, norms)
     names = list(inputs)
 
     def fn(*values):
         v = dict(zip(names, values, strict=True))
-        pair = lambda n: (v[f"{n}.weight"], v[f"{n}.bias"])  # noqa: E731
-        return patch_embed(v["x"], 4, v["weight"], v["bias"], pair("pre_norm"),
-                           pair("post_norm"), pos=v["pos"], prefix=v["prefix"],
-                           stem_norm=pair("stem_norm"), backend="triton")  # fmt: skip
+
+        def norm(name):
+            n = norms[name]
+            return n and n._replace(weight=v.get(f"{name}.weight"), bias=v.get(f"{name}.bias"))
+
+        return patch_embed(v["x"], 4, v["weight"], v["bias"], norm("pre_norm"),
+                           norm("post_norm"), pos=v["pos"], prefix=v["prefix"],
+                           stem_norm=norm("stem_norm"), backend="triton")  # fmt: skip
 
     values = tuple(t.to(device).requires_grad_() for t in inputs.values())
     assert torch.autograd.gradcheck(fn, values, fast_mode=True)
@@ -121,11 +144,10 @@ def op_args(case, dim, device, requires_grad=True, dtype=torch.float32):
     tensors, norms = make_inputs(case, dim, dtype=dtype)
     t = {n: None if v is None else v.to(device).requires_grad_(requires_grad)
          for n, v in tensors.items()}  # fmt: skip
-    n = {k: None if p is None else tuple(None if v is None else v.to(device) for v in p)
-         for k, p in norms.items()}  # fmt: skip
-    stem = Stem(t["pos"], t["prefix"], n["stem_norm"], 1e-6)
-    return op_inputs(t["x"], (4, 4), t["weight"], t["bias"], n["pre_norm"], n["post_norm"],
-                     1e-5, stem)  # fmt: skip
+    n = {k: cast_norm(norm, lambda v: None if v is None else v.to(device))
+         for k, norm in norms.items()}  # fmt: skip
+    stem = Stem(t["pos"], t["prefix"], n["stem_norm"])
+    return op_inputs(t["x"], (4, 4), t["weight"], t["bias"], n["pre_norm"], n["post_norm"], stem)
 
 
 @pytest.mark.parametrize("dim", DIMS.values(), ids=DIMS.keys())
@@ -147,7 +169,9 @@ def test_kernels_match_the_ops_eager_math(case, dim, device) -> None:
         torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=field)
 
 
-@pytest.mark.parametrize("case", ["clip (cls + pos, ln_pre)", "vit-pytorch + ln_pre"])
+@pytest.mark.parametrize(
+    "case", ["clip (cls + pos, ln_pre)", "vit-pytorch + ln_pre", "rms everywhere (cls + pos)"]
+)
 def test_opcheck_stem(case, device) -> None:
     args = op_args(case, 40, device)
     torch.library.opcheck(torch.ops.zeta_fused.patch_embed_fwd.default, tuple(args))
@@ -163,7 +187,7 @@ def test_compile_fullgraph_stem(device, fused_calls) -> None:
     weight = tensors["weight"].to(device).requires_grad_()
     pos = tensors["pos"].to(device).requires_grad_()
     cls = tensors["prefix"].to(device).requires_grad_()
-    g3, b3 = (t.to(device).requires_grad_() for t in norms["stem_norm"])
+    g3, b3 = (t.to(device).requires_grad_() for t in norms["stem_norm"][1:3])
 
     def stem(x, backend):
         return patch_embed(x, 4, weight, None, pos=pos, prefix=cls, stem_norm=(g3, b3),
@@ -218,7 +242,7 @@ def test_wrong_table_sizes_name_the_sizes(backend, device) -> None:
 def test_autocast_dtypes_follow_eager(device) -> None:
     tensors, norms = make_inputs("clip (cls + pos, ln_pre)", 40, dtype=torch.float32)
     t = {n: None if v is None else v.to(device) for n, v in tensors.items()}
-    for stem_norm in (None, tuple(v.to(device) for v in norms["stem_norm"])):
+    for stem_norm in (None, tuple(v.to(device) for v in norms["stem_norm"][1:3])):
         outs = []
         for backend in ("eager", "triton"):
             with torch.autocast(device, dtype=torch.bfloat16):

@@ -57,13 +57,13 @@ def calls(monkeypatch) -> dict[str, list[int]]:
     import zeta_fused.functional as functional
 
     counts: dict[str, list[int]] = {"stem": [], "conv": []}
-    real = functional.fused_patch_embed
+    real = functional.fused_call
     for key, where in (
         ("stem", "zeta_fused.integrations._base"),
         ("conv", "zeta_fused.integrations.convs"),
     ):
-        monkeypatch.setattr(f"{where}.fused_patch_embed",
-                            lambda a, seen=counts[key]: seen.append(1) or real(a))  # fmt: skip
+        monkeypatch.setattr(f"{where}.fused_call",
+                            lambda *a, seen=counts[key]: seen.append(1) or real(*a))  # fmt: skip
     return counts
 
 
@@ -208,7 +208,7 @@ def test_unfusable_stems_reported(device) -> None:
     clip.pre_layrnorm = nn.Identity()
     reference = copy.deepcopy(clip)
     summary = fuse_stems(clip, backend="triton")
-    assert "pre_layrnorm is Identity" in dict(summary.skipped)[""], str(summary)
+    assert "pre_layrnorm: Identity is not a LayerNorm" in dict(summary.skipped)[""], str(summary)
     assert type(clip) is transformers.CLIPVisionModel
     # fused without the norm (and its conv)
     assert [n for n, _ in summary.converted] == ["embeddings", conv_name(clip)]

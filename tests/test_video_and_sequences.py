@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from einops.layers.torch import Rearrange
-from support import check, compare, randomise
+from support import check, compare, layer_norm, randomise
 from torch import nn
 
 from zeta_fused import FusedPatchSequential, patch_embed, patch_embed_rows
@@ -174,8 +174,8 @@ def test_opcheck(name, device) -> None:
     m = m.to(device, torch.float32)
     x = x.to(device, torch.float32).requires_grad_()
     pattern = m._plan().pattern
-    args = op_inputs(x, pattern.patch, m[2].weight, m[2].bias, (m[1].weight, m[1].bias),
-                     (m[3].weight, m[3].bias), 1e-5)  # fmt: skip
+    args = op_inputs(x, pattern.patch, m[2].weight, m[2].bias, layer_norm(m[1].weight, m[1].bias),
+                     layer_norm(m[3].weight, m[3].bias))  # fmt: skip
     torch.library.opcheck(torch.ops.zeta_fused.patch_embed_fwd.default, tuple(args))
 
 

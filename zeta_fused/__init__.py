@@ -8,6 +8,7 @@ from .functional import patch_embed, patch_embed_rows
 from .integrations.convert import FuseSummary, fuse_patch_embeddings, fuse_stems
 from .nn.patch_embed import FusedPatchSequential, PatchEmbeddings
 from .nn.vit_stem import ViTStem
+from .op.args import Norm
 
 _legacy.install()  # old module paths, for models pickled before the package was split
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "FuseSummary",
     "FusedPatchSequential",
+    "Norm",
     "PatchEmbeddings",
     "ViTStem",
     "fuse_patch_embeddings",

@@ -37,6 +37,8 @@ MOVED: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     "zeta_fused.stems_diffusion": ("zeta_fused.integrations.diffusers",),
 }
+# Names that changed with the move: (old module, old name) -> new name.
+RENAMED = {("zeta_fused.stems", "_HandoffLayerNorm"): "_HandoffNorm"}
 
 
 class _Moved(types.ModuleType):
@@ -45,11 +47,9 @@ class _Moved(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
+        name = RENAMED.get((self.__name__, name), name)
         for where in MOVED[self.__name__]:
-            try:
-                module = importlib.import_module(where)
-            except ModuleNotFoundError:
-                continue
+            module = importlib.import_module(where)
             if hasattr(module, name):
                 return getattr(module, name)
         raise AttributeError(f"module {self.__name__!r} (moved) has no attribute {name!r}")

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .op.reference import Norm, Stem
+from .kernels.contract import LAYER_NORM, RMS_NORM
+from .op.args import Norm, Stem
 
 PatchSize = int | tuple[int, ...]
 # The (weight, bias) of no norm, unpacked on the per-call path.
@@ -116,11 +117,25 @@ def check_weight(weight: Tensor, chans: int, patch: tuple[int, ...]) -> None:
     )
 
 
+def norm_arg(norm, eps: float, which: str) -> Norm | None:
+    """A norm argument of the functional API as a value: a :class:`~zeta_fused.Norm`, a
+    LayerNorm's ``(weight, bias)`` pair (either None) with the call's ``eps``, or None."""
+    if norm is None or isinstance(norm, Norm):
+        return norm
+    if isinstance(norm, (tuple, list)) and len(norm) == 2:
+        return Norm(LAYER_NORM, norm[0], norm[1], eps)
+    raise TypeError(
+        f"{which} must be a zeta_fused.Norm, a LayerNorm's (weight, bias) with either of them "
+        f"None, or None for no norm; got {type(norm).__name__}"
+    )
+
+
 def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
-                   bias: Tensor | None, pre_norm: Norm, post_norm: Norm,
-                   shapes_known: bool = False) -> tuple[Tensor | None, Norm, Norm]:  # fmt: skip
+                   bias: Tensor | None, pre_norm: Norm | None, post_norm: Norm | None,
+                   shapes_known: bool = False,
+                   ) -> tuple[Tensor | None, Norm | None, Norm | None]:  # fmt: skip
     """Every parameter of a fused call checked once, on the per-call path: the weight of
-    ``weight_shape``, the bias (D,) and the norms' (weight, bias) of their sizes (the kernels
+    ``weight_shape``, the bias (D,) and the norms' weight and bias of their sizes (the kernels
     would read past a short one), contiguous, all on the image's device and of its dtype
     (unless autocast decides). ``shapes_known``: these very tensors passed the shape checks
     before (a module's parameters): only devices and dtypes are checked. Returns the vectors,
@@ -128,8 +143,8 @@ def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
     the slow path, which names what is wrong."""
     dim = weight_shape[0]
     device, dtype = x.device, x.dtype
-    g1, b1 = NO_PARAMS if pre_norm is None else _norm(pre_norm, 0, "pre_norm", False)
-    g2, b2 = NO_PARAMS if post_norm is None else _norm(post_norm, 0, "post_norm", False)
+    g1, b1 = NO_PARAMS if pre_norm is None else pre_norm[1:3]
+    g2, b2 = NO_PARAMS if post_norm is None else post_norm[1:3]
     if shapes_known:
         fine = True
         for t in (weight, bias, g1, b1, g2, b2):
@@ -139,7 +154,13 @@ def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
     else:
         k_vector = (math.prod(weight_shape[1:]),)
         d_vector = (dim,)
-        fine = weight.shape == weight_shape and weight.device == device and weight.dtype is dtype
+        fine = (
+            weight.shape == weight_shape
+            and weight.device == device
+            and weight.dtype is dtype
+            and _known_kind(pre_norm)
+            and _known_kind(post_norm)
+        )
         for t, shape in ((bias, d_vector), (g1, k_vector), (b1, k_vector), (g2, d_vector),
                          (b2, d_vector)):  # fmt: skip
             if t is not None:
@@ -155,13 +176,23 @@ def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
             raise ValueError(f"weight must have shape {weight_shape}, got {tuple(weight.shape)}")
         patch_dim = math.prod(weight_shape[1:])
         bias, pre_norm, post_norm = check_vectors(bias, pre_norm, post_norm, patch_dim, dim)
-        check_params(x, [weight, bias, *(pre_norm or ()), *(post_norm or ())])
+        check_params(x, [weight, bias, *norm_tensors(pre_norm), *norm_tensors(post_norm)])
     return bias, pre_norm, post_norm
 
 
-def check_vectors(bias: Tensor | None, pre_norm: Norm, post_norm: Norm, patch_dim: int,
-                  dim: int) -> tuple[Tensor | None, Norm, Norm]:  # fmt: skip
-    """The bias (D,) and the norms' (weight, bias) of the sizes they need, a clear error
+def _known_kind(norm: Norm | None) -> bool:
+    return norm is None or norm.kind in (LAYER_NORM, RMS_NORM)
+
+
+def norm_tensors(norm: Norm | None) -> tuple[Tensor | None, ...]:
+    """A norm's weight and bias (either None); nothing for no norm."""
+    return () if norm is None else (norm.weight, norm.bias)
+
+
+def check_vectors(bias: Tensor | None, pre_norm: Norm | None, post_norm: Norm | None,
+                  patch_dim: int, dim: int,
+                  ) -> tuple[Tensor | None, Norm | None, Norm | None]:  # fmt: skip
+    """The bias (D,) and the norms' weight and bias of the sizes they need, a clear error
     otherwise (the kernels would read past a short one); a strided vector comes back
     contiguous (the kernels read them as runs)."""
     return (
@@ -171,18 +202,18 @@ def check_vectors(bias: Tensor | None, pre_norm: Norm, post_norm: Norm, patch_di
     )
 
 
-def _norm(norm, size: int, which: str, check: bool = True) -> Norm:
-    """A norm's (weight, bias), checked (``check``) or only unpacked; None for no norm."""
+def _norm(norm: Norm | None, size: int, which: str) -> Norm | None:
+    """A norm value checked: its kind, its epsilon, its vectors of ``size``."""
     if norm is None:
         return None
-    if not isinstance(norm, (tuple, list)) or len(norm) != 2:
-        raise TypeError(
-            f"{which} must be a LayerNorm's (weight, bias), either of them None, or None for "
-            f"no norm; got {type(norm).__name__}"
-        )
-    if not check:
-        return norm
-    return _vector(norm[0], size, f"{which} weight"), _vector(norm[1], size, f"{which} bias")
+    if not isinstance(norm, Norm):
+        raise TypeError(f"{which} must be a zeta_fused.Norm or None, got {type(norm).__name__}")
+    if norm.kind not in (LAYER_NORM, RMS_NORM):
+        raise ValueError(f"{which} kind must be {LAYER_NORM!r} or {RMS_NORM!r}, got {norm.kind!r}")
+    if not norm.eps >= 0:
+        raise ValueError(f"{which} eps must be a non-negative number, got {norm.eps!r}")
+    weight = _vector(norm.weight, size, f"{which} weight")
+    return norm._replace(weight=weight, bias=_vector(norm.bias, size, f"{which} bias"))
 
 
 def _vector(t: Tensor | None, size: int, name: str) -> Tensor | None:
@@ -219,17 +250,16 @@ def pad_to_patch(x: Tensor, patch: tuple[int, ...]) -> Tensor:
     return F.pad(x, [n for pad in reversed(pads) for n in (0, pad)])
 
 
-def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, pos: Tensor | None,
-               prefix: Tensor | None, stem_norm: Norm, eps: float) -> Stem:  # fmt: skip
+def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, stem: Stem) -> Stem:
     """The position table (N, D), the prefix rows (P, D) (each may have a leading 1) and the
     stem norm's (D,) vectors checked, on the image's device and of its dtype (unless autocast
     decides); the table comes back contiguous (the kernels read it as rows)."""
     tokens = math.prod([s // p for s, p in zip(x.shape[2:], patch, strict=True)])
-    pos = _rows(pos, tokens, dim, "pos", f"the {tokens} patch tokens")
-    prefix = _rows(prefix, None, dim, "prefix", "the prefix rows")
-    stem_norm = _norm(stem_norm, dim, "stem_norm")
-    check_params(x, [pos, prefix, *(stem_norm or ())])
-    return Stem(pos, prefix, stem_norm, eps)
+    pos = _rows(stem.pos, tokens, dim, "pos", f"the {tokens} patch tokens")
+    prefix = _rows(stem.prefix, None, dim, "prefix", "the prefix rows")
+    stem_norm = _norm(stem.norm, dim, "stem_norm")
+    check_params(x, [pos, prefix, *norm_tensors(stem_norm)])
+    return Stem(pos, prefix, stem_norm)
 
 
 def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) -> Tensor | None:

@@ -1,5 +1,6 @@
 """Functional API (``patch_embed`` for inputs of any spatial rank, ``patch_embed_rows`` for
-patches already cut), the dtype rule, and the one call of the fused op the modules share."""
+patches already cut), the dtype rule, and :func:`fused_call`, the one path by which every module
+and converted peer reaches the fused op."""
 
 from __future__ import annotations
 
@@ -11,18 +12,17 @@ from torch import Tensor
 
 from . import dispatch
 from .checks import (
-    NO_PARAMS,
     PatchSize,
     check_input,
     check_stem,
     check_weight,
     checked_params,
+    norm_arg,
     pad_to_patch,
     patch_tuple,
 )
-from .kernels.contract import LAYER_NORM, NO_NORM
-from .op.args import FwdArgs
-from .op.reference import NO_STEM, Norm, Stem, patch_embed_reference
+from .op.args import NO_STEM, FwdArgs, Norm, Stem, fwd_args
+from .op.reference import patch_embed_reference
 from .op.register import patch_embed_fwd
 
 
@@ -56,27 +56,31 @@ def op_inputs(
     patch: tuple[int, ...],
     weight: Tensor,
     bias: Tensor | None,
-    pre_norm: Norm,
-    post_norm: Norm,
-    eps: float,
+    pre_norm: Norm | None,
+    post_norm: Norm | None,
     stem: Stem = NO_STEM,
 ) -> FwdArgs:
     """The fused op's inputs for a validated, padded call; dtypes as the eager module's."""
-    pre_kind, (g1, b1) = (NO_NORM, NO_PARAMS) if pre_norm is None else (LAYER_NORM, pre_norm)
-    post_kind, (g2, b2) = (NO_NORM, NO_PARAMS) if post_norm is None else (LAYER_NORM, post_norm)
     if stem is NO_STEM:
         compute, out = fused_dtypes(x, weight, post_norm is not None)
-        pos = prefix = g3 = b3 = None
-        stem_kind, stem_eps = NO_NORM, eps
     else:
-        pos, prefix, stem_norm, stem_eps = stem
-        compute, out = fused_dtypes(x, weight, post_norm is not None, stem_norm is not None,
-                                    (pos, prefix))  # fmt: skip
-        stem_kind, (g3, b3) = (NO_NORM, NO_PARAMS) if stem_norm is None else (LAYER_NORM, stem_norm)
-    # tuple.__new__: FwdArgs' own __new__ is a Python function, on the per-call path.
-    return tuple.__new__(FwdArgs, (x, weight, bias, pre_kind, g1, b1, post_kind, g2, b2, pos,
-                                   prefix, stem_kind, g3, b3, tuple(patch), eps, stem_eps,
-                                   compute, out))  # fmt: skip
+        compute, out = fused_dtypes(x, weight, post_norm is not None, stem.norm is not None,
+                                    (stem.pos, stem.prefix))  # fmt: skip
+    return fwd_args(x, weight, bias, pre_norm, post_norm, stem, tuple(patch), compute, out)
+
+
+def fused_call(x: Tensor, patch: tuple[int, ...], weight: Tensor, weight_shape: tuple[int, ...],
+               bias: Tensor | None, pre_norm: Norm | None = None, post_norm: Norm | None = None,
+               stem: Stem = NO_STEM, shapes_known: bool = False) -> Tensor:  # fmt: skip
+    """The one path of every module and converted peer to the fused op, once it has decided
+    that the call runs fused (:func:`~zeta_fused.dispatch.use_fused`, no hooks) and read its
+    parameters: every parameter checked (:func:`~zeta_fused.checks.checked_params`), the stem
+    checked, the op called. ``x`` is validated (and padded or cropped) already."""
+    bias, pre_norm, post_norm = checked_params(x, weight, weight_shape, bias, pre_norm, post_norm,
+                                               shapes_known)  # fmt: skip
+    if stem is not NO_STEM:
+        stem = check_stem(x, patch, weight_shape[0], stem)
+    return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem))
 
 
 def fused_patch_embed(args: FwdArgs) -> Tensor:
@@ -105,19 +109,19 @@ def patch_embed(
     patch_size: PatchSize,
     weight: Tensor,
     bias: Tensor | None = None,
-    pre_norm: Norm = None,
-    post_norm: Norm = None,
+    pre_norm: Norm | tuple | None = None,
+    post_norm: Norm | tuple | None = None,
     eps: float = 1e-5,
     *,
     pos: Tensor | None = None,
     prefix: Tensor | None = None,
-    stem_norm: Norm = None,
+    stem_norm: Norm | tuple | None = None,
     stem_eps: float | None = None,
     dynamic_img_pad: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """Patchify -> LayerNorm_K -> Linear -> LayerNorm_D (-> + pos -> prefix rows -> stem
-    LayerNorm) as one fused op where possible.
+    """Patchify -> norm_K -> Linear -> norm_D (-> + pos -> prefix rows -> stem norm) as one
+    fused op where possible; each norm a LayerNorm or an RMSNorm.
 
     Args:
         x: input batch (B, C, *spatial): sequences (B, C, L), images (B, C, H, W), videos or
@@ -128,17 +132,19 @@ def patch_embed(
             ``(p1 p2 c)``, ``(pf p1 p2 c)``, ``(p c)``), or a conv weight (D, C, *patch) used as
             it is (no copy; its gradient keeps that shape).
         bias: projection bias (D,) or None.
-        pre_norm, post_norm: (weight, bias) of the LayerNorm over K / over D, either of them
-            None as ``F.layer_norm`` takes them; None instead of the pair: no norm.
-        eps: LayerNorm epsilon of pre_norm and post_norm.
+        pre_norm, post_norm: the norm over K / over D: a :class:`~zeta_fused.Norm` (kind
+            ``"layer_norm"`` or ``"rms_norm"``, weight, bias, eps; weight and bias either None),
+            or a LayerNorm's ``(weight, bias)`` pair (either None, as ``F.layer_norm`` takes
+            them) with ``eps``; None: no norm.
+        eps: the epsilon of norms given as pairs.
         pos: position table (N, D) (or (1, N, D)) added to every image's N patch tokens, after
             post_norm. A table that also covers the prefix rows is split by the caller: its
             first rows are added to the prefix (``prefix = cls + pos[:1]``).
         prefix: (P, D) (or (1, P, D)) rows put before every image's patch tokens: class,
             distillation and register tokens, with their position rows already added.
-        stem_norm: (weight, bias) of a LayerNorm over D of every output row, prefix rows
-            included (timm's ``norm_pre``, CLIP's ``ln_pre``); None: no such norm.
-        stem_eps: its epsilon (default: ``eps``).
+        stem_norm: the norm over D of every output row, prefix rows included (timm's
+            ``norm_pre``, CLIP's ``ln_pre``), as ``post_norm``; None: no such norm.
+        stem_eps: its epsilon when given as a pair (default: ``eps``).
         dynamic_img_pad: zero-pad the end of each spatial dimension to a multiple of the patch
             instead of raising.
         backend: "auto" | "triton" | "eager" (see the README).
@@ -150,24 +156,25 @@ def patch_embed(
     patch = patch_tuple(patch_size, x.ndim - 2 if isinstance(patch_size, int) else len(patch_size))
     check_input(x, None, patch, dynamic_img_pad)
     check_weight(weight, x.shape[1], patch)
+    pre_norm, post_norm = norm_arg(pre_norm, eps, "pre_norm"), norm_arg(post_norm, eps, "post_norm")
     bias, pre_norm, post_norm = checked_params(x, weight, weight.shape, bias, pre_norm, post_norm)
     if dynamic_img_pad:
         x = pad_to_patch(x, patch)
     stem = NO_STEM
     if pos is not None or prefix is not None or stem_norm is not None:
-        stem = check_stem(x, patch, weight.shape[0], pos, prefix, stem_norm,
-                          eps if stem_eps is None else stem_eps)  # fmt: skip
+        stem_norm = norm_arg(stem_norm, eps if stem_eps is None else stem_eps, "stem_norm")
+        stem = check_stem(x, patch, weight.shape[0], Stem(pos, prefix, stem_norm))
     if dispatch.use_fused(dispatch.check_backend(backend), x):
-        return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, eps, stem))
-    return patch_embed_reference(x, patch, weight, bias, pre_norm, post_norm, eps, stem)
+        return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem))
+    return patch_embed_reference(x, patch, weight, bias, pre_norm, post_norm, stem)
 
 
 def patch_embed_rows(
     rows: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
-    pre_norm: Norm = None,
-    post_norm: Norm = None,
+    pre_norm: Norm | tuple | None = None,
+    post_norm: Norm | tuple | None = None,
     eps: float = 1e-5,
     *,
     backend: str = "auto",

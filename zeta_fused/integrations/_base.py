@@ -29,10 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..checks import check_input, check_stem, checked_params
-from ..functional import fused_patch_embed, op_inputs
-from ..nn.patch_embed import _param, plain
-from ..op.reference import Norm, Stem
+from ..checks import check_input
+from ..functional import fused_call
+from ..nn.norms import norm_kind, norm_problem
+from ..nn.params import param
+from ..op.args import Norm, Stem
 from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem
 
 
@@ -138,8 +139,9 @@ _NEXT_NORM = "_zeta_next_norm"  # on the stem: the norm its owner applies next
 _DONE = "_zeta_done"  # on the norm: the tensor the stem normalised already
 
 
-class _HandoffLayerNorm(FusedStem):
-    """A LayerNorm that returns the stem's output as it is when the stem applied it already."""
+class _HandoffNorm(FusedStem):
+    """A norm (a LayerNorm or RMSNorm the op computes) that returns the stem's output as it is
+    when the stem applied it already."""
 
     def forward(self, x: Tensor) -> Tensor:
         done = self.__dict__.pop(_DONE, None)
@@ -156,27 +158,11 @@ class _HandoffLayerNorm(FusedStem):
         return x
 
 
-def is_layer_norm(m: nn.Module) -> bool:
-    """``m`` computes ``F.layer_norm`` over its ``normalized_shape``: a plain ``nn.LayerNorm``,
-    or timm's ``LayerNorm`` (the norm of every timm ViT) without its fast-norm option, which
-    computes in another precision under autocast."""
-    if plain(m, nn.LayerNorm):
-        return True
-    timm_norm = next(
-        (
-            c
-            for c in type(m).__mro__
-            if c.__name__ == "LayerNorm" and c.__module__ == "timm.layers.norm"
-        ),
-        None,
-    )
-    return timm_norm is not None and type(m).forward is timm_norm.forward and not m._fast_norm
-
-
 def handoff_class(norm: nn.Module) -> None:
-    """Make ``norm`` (a LayerNorm, :func:`is_layer_norm`) accept hand-offs."""
-    if is_layer_norm(norm):
-        swap(norm, _HandoffLayerNorm)
+    """Make ``norm`` (a norm the op computes, :func:`~zeta_fused.nn.norms.norm_kind`) accept
+    hand-offs."""
+    if norm_kind(norm) is not None:
+        swap(norm, _HandoffNorm)
 
 
 @contextlib.contextmanager
@@ -193,34 +179,29 @@ def handoff_scope(stem: nn.Module, norm: nn.Module | None) -> Iterator[None]:
         norm.__dict__.pop(_DONE, None)
 
 
-def pending_norm(stem: nn.Module) -> nn.LayerNorm | None:
+def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
     """The norm the stem may apply in this call: its owner's, within :func:`handoff_scope`,
-    when it is a hand-off LayerNorm over the last dimension without hooks."""
+    when it is a hand-off norm the op computes over the ``dim`` values of a token, without
+    hooks."""
     norm = stem.__dict__.get(_NEXT_NORM)
     if (
         norm is None
-        or type(norm).forward is not _HandoffLayerNorm.forward
-        or len(norm.normalized_shape) != 1
-        or getattr(norm, "_fast_norm", False)
+        or type(norm).forward is not _HandoffNorm.forward
+        or norm_problem(norm, dim) is not None
         or any(dispatch.hook_dicts(norm))
     ):
         return None
     return norm
 
 
-def hand_off(norm: nn.LayerNorm, y: Tensor) -> Tensor:
+def hand_off(norm: nn.Module, y: Tensor) -> Tensor:
     """Mark ``y`` as normalised by ``norm`` already (its next call returns it as it is)."""
     norm.__dict__[_DONE] = y
     return y
 
 
-def norm_of(norm: nn.LayerNorm | None) -> tuple | None:
-    """A LayerNorm's (weight, bias) for the op; None for no norm."""
-    return None if norm is None else (_param(norm, "weight"), _param(norm, "bias"))
-
-
 def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem],
-              post_norm: Norm = None, eps: float = 1e-5) -> Tensor | None:  # fmt: skip
+              post_norm: Norm | None = None) -> Tensor | None:  # fmt: skip
     """The whole stem over a patch conv (kernel = stride) as one fused call: (B, P + N, D).
     ``stem(grid)`` gives the prefix rows, the position table of that grid and the stem norm
     (the caller resamples a table for another size with the peer's own function). None: the
@@ -231,13 +212,10 @@ def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem
         return None
     x = _crop_to_grid(x, patch)
     check_input(x, conv.in_channels, patch, False)
-    weight, bias = _param(conv, "weight"), _param(conv, "bias")
+    weight, bias = param(conv, "weight"), param(conv, "bias")
     shape = (conv.out_channels, conv.in_channels, *patch)
-    bias, _, post_norm = checked_params(x, weight, shape, bias, None, post_norm)
     grid = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
-    parts = stem(grid)
-    parts = check_stem(x, patch, conv.out_channels, parts.pos, parts.prefix, parts.norm, parts.eps)
-    return fused_patch_embed(op_inputs(x, patch, weight, bias, None, post_norm, eps, parts))
+    return fused_call(x, patch, weight, shape, bias, None, post_norm, stem(grid))
 
 
 _TABLES = "_zeta_tables"  # on a fused stem: resampled tables, by key

@@ -29,7 +29,7 @@ from torch import nn
 from .. import dispatch
 from ..nn.patch_embed import FusedPatchSequential
 from . import diffusers, open_clip, segment_anything, timm, transformers, vit_pytorch
-from ._base import FusedStem, StemKind, _HandoffLayerNorm
+from ._base import FusedStem, StemKind, _HandoffNorm
 from .convs import (
     CONVS,
     FusedPatchConv1d,
@@ -137,7 +137,7 @@ def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
     dispatch.check_backend(backend)
     summary = FuseSummary()
     for name, m in list(model.named_modules()):
-        if isinstance(m, FusedStem) and not isinstance(m, _HandoffLayerNorm):
+        if isinstance(m, FusedStem) and not isinstance(m, _HandoffNorm):
             m.zeta_backend = backend
             summary.already_fused.append((name, f"fused {type(m).__name__}, backend {backend!r}"))
             continue

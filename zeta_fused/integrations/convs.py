@@ -15,9 +15,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..checks import check_input, checked_params
-from ..functional import fused_patch_embed, op_inputs
-from ..nn.patch_embed import _param, plain
+from ..checks import check_input
+from ..functional import fused_call
+from ..nn.params import param, plain
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -80,10 +80,9 @@ class _FusedPatchConv:
             return super().forward(x)
         x = _crop_to_grid(x, patch)
         check_input(x, self.in_channels, patch, False)
-        weight, bias = _param(self, "weight"), _param(self, "bias")
+        weight, bias = param(self, "weight"), param(self, "bias")
         shape = (self.out_channels, self.in_channels, *patch)
-        bias = checked_params(x, weight, shape, bias, None, None)[0]
-        y = fused_patch_embed(op_inputs(x, patch, weight, bias, None, None, 1e-5))
+        y = fused_call(x, patch, weight, shape, bias)
         return _to_format(y, x, patch, "NCHW")
 
 
@@ -111,7 +110,7 @@ def fuse_conv(conv: nn.Module, backend: str) -> None:
 # The libraries whose modules keep their patch projection conv under one of these names: it
 # is converted wherever it is a patch conv (kernel = stride), the module's forward unchanged.
 CONV_LIBRARIES = ("transformers.", "diffusers.")
-PATCH_CONV_NAMES = ("projection", "patch_embedding", "proj")
+PATCH_CONV_NAMES = ("projection", "patch_embedding", "proj", "patch_embed")
 
 
 def library_patch_conv(m: nn.Module) -> str | None:

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import fused_dtypes
-from ..nn.patch_embed import _param, norm_params, plain
-from ..op.reference import Stem
+from ..nn.norms import norm_problem, norm_value
+from ..nn.params import param
+from ..op.args import Stem
 from ._base import FusedStem, StemKind, conv_stem, frozen_table, swapper
 from .convs import patch_conv_problem
 
@@ -28,14 +29,12 @@ def _peer(name: str):
     return getattr(sys.modules.get(_EMBEDDINGS), name, None)
 
 
-def _norm(m: nn.Module) -> nn.LayerNorm | None | bool:
-    """The LayerNorm the peer applies (None: none), or False when it is not one over the
-    embedding dim that the op computes."""
+def _norm(m: nn.Module) -> nn.Module | None | bool:
+    """The norm the peer applies (None: none), or False when it is not one over the embedding
+    dim that the op computes."""
     if not m.layer_norm:
         return None
-    norm = m.norm
-    dim = m.proj.out_channels
-    return norm if plain(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (dim,) else False
+    return m.norm if norm_problem(m.norm, m.proj.out_channels) is None else False
 
 
 class _FusedDiffusersPatchEmbed(FusedStem):
@@ -75,12 +74,12 @@ class _FusedDiffusersPatchEmbed(FusedStem):
         if table is not None and table.shape != (1, grid[0] * grid[1], dim):
             return None  # the peer's add would not broadcast: its own error
         # The peer adds the (fp32) table to tokens of this dtype, then casts back to it.
-        token_dtype = fused_dtypes(latent, _param(conv, "weight"), norm is not None)[1]
+        token_dtype = fused_dtypes(latent, param(conv, "weight"), norm is not None)[1]
         if table is not None and not torch.is_autocast_enabled(latent.device.type):
             table = table.to(token_dtype)  # the op takes one dtype outside autocast
         pos = None if table is None else table[0]
-        eps = 1e-5 if norm is None else norm.eps
-        y = conv_stem(latent, conv, lambda _: Stem(pos, None, None, eps), norm_params(norm), eps)
+        post = norm_value(norm, latent.dtype)
+        y = conv_stem(latent, conv, lambda _: Stem(pos, None, None), post)
         return None if y is None else y.to(token_dtype)
 
     def forward(self, latent: Tensor) -> Tensor:

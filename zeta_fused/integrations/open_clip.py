@@ -10,18 +10,10 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..functional import fused_dtypes
-from ..nn.patch_embed import _param, plain
-from ..op.reference import Stem
-from ._base import (
-    FusedStem,
-    StemKind,
-    conv_stem,
-    is_instance,
-    norm_of,
-    overrides,
-    peer_class,
-    swapper,
-)
+from ..nn.norms import norm_problem, norm_value
+from ..nn.params import param, plain
+from ..op.args import Stem
+from ._base import FusedStem, StemKind, conv_stem, is_instance, overrides, peer_class, swapper
 from .convs import patch_conv_problem
 
 _OPEN_CLIP = "open_clip.transformer"
@@ -36,14 +28,12 @@ def _patch_dropout_off(drop: nn.Module) -> bool:
 
 
 def _clip_norm_casts(norm: nn.Module, dim: int) -> bool | None:
-    """For a LayerNorm over ``dim`` the op computes: whether it casts its output back to its
-    input's dtype (OpenCLIP's ``LayerNorm`` and ``LayerNormFp32`` do); None for any other."""
-    if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (dim,):
+    """For a norm over ``dim`` the op computes: whether it casts its output back to its input's
+    dtype (OpenCLIP's ``LayerNorm`` and ``LayerNormFp32`` do); None for any other module."""
+    if norm_problem(norm, dim) is not None:
         return None
-    if type(norm).forward is nn.LayerNorm.forward:
-        return False
     casting = [peer_class(_OPEN_CLIP, name) for name in ("LayerNorm", "LayerNormFp32")]
-    return True if any(c is not None and plain(norm, c) for c in casting) else None
+    return any(c is not None and isinstance(norm, c) for c in casting)
 
 
 class _FusedOpenClipViT(FusedStem):
@@ -58,16 +48,16 @@ class _FusedOpenClipViT(FusedStem):
         if x.ndim != 4 or not self.zeta_fusable(x, conv):
             return super()._embeds(x)
         dim, (ph, pw) = conv.out_channels, conv.kernel_size
-        cls, table = _param(self, "class_embedding"), _param(self, "positional_embedding")
+        cls, table = param(self, "class_embedding"), param(self, "positional_embedding")
         tokens = (x.shape[2] // ph) * (x.shape[3] // pw)
         if cls.shape != (dim,) or table.shape != (tokens + 1, dim):
             return super()._embeds(x)  # the peer's add would not broadcast: its own error
         # The peer casts both to the conv output's dtype before adding them.
-        token_dtype = fused_dtypes(x, _param(conv, "weight"), False)[1]
+        token_dtype = fused_dtypes(x, param(conv, "weight"), False)[1]
         table = table.to(token_dtype)
         prefix = (cls.to(token_dtype) + table[0]).unsqueeze(0)
-        stem_norm, eps = (None, 1e-5) if casts is None else (norm_of(norm), norm.eps)
-        y = conv_stem(x, conv, lambda _: Stem(table[1:], prefix, stem_norm, eps))
+        stem_norm = None if casts is None else norm_value(norm, x.dtype)
+        y = conv_stem(x, conv, lambda _: Stem(table[1:], prefix, stem_norm))
         if y is None:
             return super()._embeds(x)
         if casts is None:  # patch dropout active, hooks, another norm: both run on the tokens

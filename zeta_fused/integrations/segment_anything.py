@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nn.patch_embed import _param
-from ..op.reference import Stem
+from ..nn.params import param
+from ..op.args import Stem
 from ._base import FusedStem, StemKind, conv_stem, is_instance, overrides, peer_class, swapper
 from .convs import patch_conv_problem
 
@@ -26,12 +26,12 @@ class _FusedSamImageEncoder(FusedStem):
         if patch_conv_problem(conv) is not None or not self.zeta_fusable(x, embed, conv):
             return None  # (a proj replaced or changed in place: the peer's code)
         grid = (x.shape[2] // conv.kernel_size[0], x.shape[3] // conv.kernel_size[1])
-        pos = _param(self, "pos_embed")  # (1, Hp, Wp, D) or None
+        pos = param(self, "pos_embed")  # (1, Hp, Wp, D) or None
         if pos is not None:
             if pos.ndim != 4 or tuple(pos.shape[:3]) != (1, *grid):
                 return None  # another grid: the peer broadcasts it or raises
             pos = pos.flatten(0, 2)
-        y = conv_stem(x, conv, lambda _: Stem(pos, None, None, 1e-5))
+        y = conv_stem(x, conv, lambda _: Stem(pos, None, None))
         return None if y is None else y.view(y.shape[0], *grid, y.shape[-1])
 
     def forward(self, x: Tensor) -> Tensor:

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..checks import check_input, check_stem, checked_params, pad_to_patch
-from ..functional import fused_patch_embed, op_inputs
-from ..nn.patch_embed import _param, norm_params, over, plain
-from ..op.reference import NO_STEM, Stem
+from ..checks import check_input, pad_to_patch
+from ..functional import fused_call
+from ..nn.norms import norm_problem, norm_value
+from ..nn.params import bound, param, plain
+from ..op.args import NO_STEM, Stem
 from . import _base as stems
 from ._base import rebuild_fused
 from .convs import _conv_semantics, _crop_to_grid, _to_format, patch_conv_problem
@@ -61,35 +62,30 @@ def timm_problem(m: nn.Module, cls: type) -> str | None:
         return f"conv kernel {m.proj.kernel_size} != patch_size {m.patch_size}"
     if plain(m.norm, nn.Identity):
         return None
-    if not plain(m.norm, nn.LayerNorm):
-        return f"norm is {type(m.norm).__name__}, not LayerNorm"
-    if tuple(m.norm.normalized_shape) != (m.proj.out_channels,):
-        return f"LayerNorm over {tuple(m.norm.normalized_shape)}, not the embedding dim"
+    why = norm_problem(m.norm, m.proj.out_channels)
+    if why:
+        return f"norm: {why}"
     if timm_format(m) not in ("NLC", "NHWC"):
-        return f"LayerNorm after output format {timm_format(m)} (not over the embedding dim)"
+        return f"a norm after output format {timm_format(m)} (not over the embedding dim)"
     return None
 
 
 class _FusedTimmPatchEmbed:
     """Mixed in front of a timm ``PatchEmbed`` class: the same checks, padding and output
-    format, with projection and LayerNorm fused."""
+    format, with projection and norm fused."""
 
     zeta_backend: str = "auto"
     _zeta_base: type  # the timm class converted from
 
-    def _zeta_stem(self) -> tuple:
+    def _zeta_bound(self) -> tuple:
         """(why not fusable or None, hook tables), bound to the current proj and norm."""
         children = (self.proj, self.norm)
-        bound = self.__dict__.get("_zeta_bound")
-        if bound is None or bound[0] != children:
-            why = timm_problem(self, self._zeta_base)
-            bound = (children, why, dispatch.hook_dicts(*children))
-            self.__dict__["_zeta_bound"] = bound
-        return bound[1:]
+        return bound(self, "_zeta_binding", children, lambda: (
+            timm_problem(self, self._zeta_base), dispatch.hook_dicts(*children)))  # fmt: skip
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_zeta_bound", None)  # bound to objects of this process: bound again on use
+        state.pop("_zeta_binding", None)  # bound to objects of this process: bound again on use
         return state
 
     def __reduce_ex__(self, protocol):
@@ -102,9 +98,9 @@ class _FusedTimmPatchEmbed:
 
     def zeta_call(self, x: Tensor, stem: Callable[[tuple[int, ...]], Stem] | None = None):
         """The fused output in timm's output format, or None when timm's forward must run.
-        ``stem(grid)``: the rest of a whole stem (zeta_fused.stems_timm), output (B, P + N, D);
-        None from it: the stem cannot be fused for this input."""
-        why, hooks = self._zeta_stem()
+        ``stem(grid)``: the rest of a whole stem (below), output (B, P + N, D); None from it:
+        the stem cannot be fused for this input."""
+        why, hooks = self._zeta_bound()
         proj, norm = self.proj, self.norm
         is_norm, fmt = not plain(norm, nn.Identity), timm_format(self)
         if (
@@ -112,7 +108,7 @@ class _FusedTimmPatchEmbed:
             or any(hooks)
             or patch_conv_problem(proj) is not None  # its stride, padding... may change in place
             or (is_norm and fmt not in ("NLC", "NHWC"))  # a norm over another axis: eager
-            or not over(norm if is_norm else None, proj.out_channels)
+            or (is_norm and norm_problem(norm, proj.out_channels) is not None)
             or _conv_semantics(x, self.patch_size)
             or not dispatch.use_fused(self.zeta_backend, x)
         ):
@@ -133,13 +129,10 @@ class _FusedTimmPatchEmbed:
             parts = stem((x.shape[-2] // ph, x.shape[-1] // pw))
             if parts is None:
                 return None
-            parts = check_stem(x, (ph, pw), proj.out_channels, *parts)
-        weight, bias = _param(proj, "weight"), _param(proj, "bias")
+        weight, bias = param(proj, "weight"), param(proj, "bias")
         shape = (proj.out_channels, proj.in_channels, ph, pw)
-        post = norm_params(norm if is_norm else None)
-        bias, _, post = checked_params(x, weight, shape, bias, None, post)
-        eps = norm.eps if is_norm else 1e-5
-        y = fused_patch_embed(op_inputs(x, (ph, pw), weight, bias, None, post, eps, parts))
+        post = norm_value(norm, x.dtype) if is_norm else None
+        y = fused_call(x, (ph, pw), weight, shape, bias, None, post, parts)
         return y if stem is not None else _to_format(y, x, (ph, pw), fmt)
 
 
@@ -171,7 +164,7 @@ def _prefix_tokens(m: nn.Module) -> list[Tensor]:
     _, distilled = _timm()
     second = "dist_token" if isinstance(m, distilled) else "reg_token"
     names = ("cls_token", second)
-    return [t for t in (_param(m, n) for n in names) if t is not None]
+    return [t for t in (param(m, n) for n in names) if t is not None]
 
 
 def _keeps_tensor(m: nn.Module) -> bool:
@@ -222,7 +215,7 @@ class _FusedTimmViT(stems.FusedStem):
         tokens = _prefix_tokens(self)
         n_prefix = sum(t.shape[1] for t in tokens)
         prefix = torch.cat(tokens, 1) if len(tokens) > 1 else (tokens[0] if tokens else None)
-        pos = _param(self, "pos_embed")
+        pos = param(self, "pos_embed")
         if pos is not None:
             covers_prefix = not self.no_embed_class
             if self.dynamic_img_size:
@@ -241,12 +234,11 @@ class _FusedTimmViT(stems.FusedStem):
             if covers_prefix and n_prefix:
                 prefix = prefix + pos[:, :n_prefix]
                 pos = pos[:, n_prefix:]
-        norm = stems.pending_norm(self.patch_embed)
+        norm = stems.pending_norm(self.patch_embed, self.embed_dim)
         return Stem(
             None if pos is None else pos[0],
             None if prefix is None else prefix[0],
-            stems.norm_of(norm),
-            1e-5 if norm is None else norm.eps,
+            norm_value(norm, self.patch_embed.proj.weight.dtype) if norm else None,
         )
 
 
@@ -277,7 +269,7 @@ class _TimmStemPatchEmbed:
         y = self.zeta_call(x, owner._zeta_parts)
         if y is None:
             return super().forward(x)
-        norm = stems.pending_norm(self)
+        norm = stems.pending_norm(self, y.shape[-1])
         if norm is not None:
             stems.hand_off(norm, y)
         owner.__dict__[_STEM_OUT] = y

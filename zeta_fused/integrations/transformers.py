@@ -1,5 +1,5 @@
-"""transformers: whole stems of vision models: ViT, DeiT, DINOv2, DINOv2 with registers, CLIP and
-SigLIP vision embeddings, each as one call of the fused op.
+"""transformers: whole stems of vision models: ViT, DeiT, DINOv2, DINOv2 with registers, CLIP,
+SigLIP and AIMv2 vision embeddings, each as one call of the fused op.
 
 Every peer builds ``dropout(cat(prefix tokens, conv(x) tokens) + position table)`` (DINOv2 with
 registers splices its registers in after the class row, after the add; SigLIP has no prefix).
@@ -22,8 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..nn.patch_embed import _param, plain
-from ..op.reference import Stem
+from ..checks import norm_tensors
+from ..nn.norms import norm_problem, norm_value
+from ..nn.params import param
+from ..op.args import Stem
 from ._base import (
     FusedStem,
     StemKind,
@@ -31,7 +33,6 @@ from ._base import (
     hand_off,
     handoff_class,
     handoff_scope,
-    norm_of,
     pending_norm,
     swap,
 )
@@ -93,11 +94,12 @@ class _FusedHFEmbeddings(FusedStem):
     """Shared per-call path of the fused transformers embeddings."""
 
     def _zeta_rows(self, x: Tensor, conv: nn.Module, skipped: tuple[nn.Module, ...],
-                   rows: Callable[[int], Rows], norm: nn.LayerNorm | None = None,
-                   ) -> Tensor | None:  # fmt: skip
+                   rows: Callable[[int], Rows], norm: nn.Module | None = None,
+                   post: nn.Module | None = None) -> Tensor | None:  # fmt: skip
         """The fused (B, P + N, D) rows (``rows(N)`` gives the prefix and the patch table), or
         None: this call must run the peer's forward. ``skipped``: the modules the peer would
-        call and the fused path does not (their hooks make the call run the peer's)."""
+        call and the fused path does not (their hooks make the call run the peer's). ``norm``:
+        the stem norm (a hand-off), ``post``: a norm of the patch tokens before the table."""
         patch = tuple(conv.kernel_size)
         if (
             x.ndim != 4
@@ -107,7 +109,7 @@ class _FusedHFEmbeddings(FusedStem):
             or not self.zeta_fusable(x, *skipped)
         ):
             return None
-        if not _agrees(x, (_param(conv, "weight"), _param(conv, "bias"))):
+        if not _agrees(x, (param(conv, "weight"), param(conv, "bias"))):
             return None  # checked before rows(), which may call the peer's modules
         tokens = (x.shape[2] // patch[0]) * (x.shape[3] // patch[1])
         parts = rows(tokens)
@@ -116,11 +118,11 @@ class _FusedHFEmbeddings(FusedStem):
         prefix, pos = parts
         if pos is not None and pos.shape != (tokens, conv.out_channels):
             return None
-        stem_norm = norm_of(norm)
-        if not _agrees(x, (prefix, pos, *(stem_norm or ()))):
+        stem_norm, post_norm = norm_value(norm, x.dtype), norm_value(post, x.dtype)
+        if not _agrees(x, (prefix, pos, *norm_tensors(stem_norm), *norm_tensors(post_norm))):
             return None
-        stem = Stem(pos, prefix, stem_norm, 1e-5 if norm is None else norm.eps)
-        return conv_stem(x, conv, lambda _grid: stem)
+        stem = Stem(pos, prefix, stem_norm)
+        return conv_stem(x, conv, lambda _grid: stem, post_norm)
 
 
 # --- ViT, DeiT, DINOv2, DINOv2 with registers ------------------------------------------------
@@ -155,8 +157,8 @@ class _FusedViTFamily(_FusedHFEmbeddings):
             conv = patches.projection
 
             def rows(tokens: int) -> Rows:
-                prefix = torch.cat([_param(self, t).flatten(0, 1) for t in self._zeta_tokens])
-                table = _param(self, "position_embeddings")
+                prefix = torch.cat([param(self, t).flatten(0, 1) for t in self._zeta_tokens])
+                table = param(self, "position_embeddings")
                 if interpolate_pos_encoding:
                     stand_in = _stand_in(pixel_values, len(prefix) + tokens, prefix.shape[-1])
                     height, width = pixel_values.shape[-2:]
@@ -200,11 +202,11 @@ class _FusedDinov2Family(_FusedHFEmbeddings):
             and pixel_values.ndim == 4
             and pixel_values.shape[1] == patches.num_channels
         ):
-            x = pixel_values.to(_param(conv, "weight").dtype)  # as the peer's patch module does
+            x = pixel_values.to(param(conv, "weight").dtype)  # as the peer's patch module does
 
             def rows(tokens: int) -> Rows:
-                cls = _param(self, "cls_token").flatten(0, 1)
-                table = _param(self, "position_embeddings")
+                cls = param(self, "cls_token").flatten(0, 1)
+                table = param(self, "position_embeddings")
                 if table is None:  # the peer adds no positions then
                     prefix, pos = cls, None
                 else:
@@ -215,7 +217,7 @@ class _FusedDinov2Family(_FusedHFEmbeddings):
                         return None
                     prefix, pos = parts
                 if self._zeta_registers:  # spliced in after the position add: no positions
-                    prefix = torch.cat([prefix, _param(self, "register_tokens").flatten(0, 1)])
+                    prefix = torch.cat([prefix, param(self, "register_tokens").flatten(0, 1)])
                 return prefix, pos
 
             y = self._zeta_rows(x, conv, (patches, conv), rows)
@@ -257,10 +259,8 @@ class _FusedConvEmbeddings(_FusedHFEmbeddings):
             # The owner's norm is applied here only when this module has no hooks of its own:
             # a forward hook would see normalised rows instead of the embeddings.
             if not any(dispatch.hook_dicts(self)):
-                norm = pending_norm(self)
-                if norm is not None and tuple(norm.normalized_shape) != (conv.out_channels,):
-                    norm = None
-            x = pixel_values.to(_param(conv, "weight").dtype)  # as the peer does
+                norm = pending_norm(self, conv.out_channels)
+            x = pixel_values.to(param(conv, "weight").dtype)  # as the peer does
 
             def rows(tokens: int) -> Rows:
                 count = 1 if self._zeta_class_row else 0
@@ -272,7 +272,7 @@ class _FusedConvEmbeddings(_FusedHFEmbeddings):
                 if not count:
                     ok = table.shape == (1, tokens, conv.out_channels)
                     return (None, table[0]) if ok else None
-                return _first_rows(table, tokens, _param(self, "class_embedding")[None], 1)
+                return _first_rows(table, tokens, param(self, "class_embedding")[None], 1)
 
             y = self._zeta_rows(x, conv, (conv,), rows, norm)
         if y is None:
@@ -290,6 +290,31 @@ class _FusedSiglipVisionEmbeddings(_FusedConvEmbeddings):
     _zeta_class_row = False
 
 
+class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
+    """transformers ``Aimv2VisionEmbeddings``: conv -> RMSNorm -> + the learned position
+    table, fused. The native-resolution variant (a sincos table the peer builds per call) and
+    calls under autocast (where the peer's fp32 RMSNorm weight decides the dtype) run the
+    peer's forward."""
+
+    def forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
+        y = None
+        conv, norm = self.patch_embed, self.rms_norm
+        if (
+            not args
+            and not kwargs
+            and not self.config.is_native
+            and not torch.is_autocast_enabled(pixel_values.device.type)
+            and norm_problem(norm, conv.out_channels) is None
+        ):
+
+            def rows(tokens: int) -> Rows:
+                table = self.position_embedding(self.position_ids)
+                return (None, table[0]) if table.shape == (1, tokens, conv.out_channels) else None
+
+            y = self._zeta_rows(pixel_values, conv, (conv, norm), rows, post=norm)
+        return super().forward(pixel_values, *args, **kwargs) if y is None else y
+
+
 class _FusedCLIPVisionOwner(FusedStem):
     """The CLIP vision module owning ``embeddings`` and ``pre_layrnorm`` (``CLIPVisionModel``,
     ``CLIPVisionTransformer`` before transformers 5): its forward, with the norm handed over to
@@ -303,16 +328,22 @@ class _FusedCLIPVisionOwner(FusedStem):
 # --- The kinds ---------------------------------------------------------------------------------
 
 
-def _embeddings_kind(module: str, name: str, mixin: type, patch_module: str | None) -> StemKind:
+def _embeddings_kind(module: str, name: str, mixin: type, patch_module: str | None,
+                     conv: str = "patch_embedding",
+                     norm: str | None = None) -> StemKind:  # fmt: skip
     """The kind of the embeddings class ``name`` of ``transformers.models.<module>``; its conv
-    is ``patch_embeddings.projection`` of class ``patch_module``, or ``patch_embedding``."""
+    is ``patch_embeddings.projection`` of class ``patch_module``, or the child ``conv``; the
+    child ``norm``, if any, normalises its tokens."""
 
     def problem(m: nn.Module) -> str | None:
         why = _forward_problem(m, hf_class(type(m), module, name))
         if why is None and patch_module is not None:
             why = _patch_module_problem(m, module, patch_module)
         elif why is None:
-            why = _conv_problem(m._modules.get("patch_embedding"))
+            why = _conv_problem(m._modules.get(conv))
+        if why is None and norm is not None:
+            why = norm_problem(m._modules.get(norm), m._modules[conv].out_channels)
+            why = why and f"{norm}: {why}"
         return why
 
     def convert(m: nn.Module, backend: str) -> None:
@@ -346,10 +377,9 @@ def _clip_owner_problem(m: nn.Module) -> str | None:
         return why
     if not _clip_embeddings.matches(embeddings):
         return f"embeddings is {type(embeddings).__name__}, not CLIPVisionEmbeddings"
-    if not plain(norm, nn.LayerNorm):
-        return f"pre_layrnorm is {type(norm).__name__}, not LayerNorm"
-    if tuple(norm.normalized_shape) != (embeddings.embed_dim,):
-        return f"pre_layrnorm over {tuple(norm.normalized_shape)}, not the embedding dim"
+    why = norm_problem(norm, embeddings.embed_dim)
+    if why:
+        return f"pre_layrnorm: {why}"
     why = _clip_embeddings.problem(embeddings)
     return None if why is None else f"embeddings: {why}"
 
@@ -374,6 +404,8 @@ STEM_KINDS = (
                      "Dinov2WithRegistersPatchEmbeddings"),
     _embeddings_kind("siglip.modeling_siglip", "SiglipVisionEmbeddings",
                      _FusedSiglipVisionEmbeddings, None),
+    _embeddings_kind("aimv2.modeling_aimv2", "Aimv2VisionEmbeddings",
+                     _FusedAimv2VisionEmbeddings, None, conv="patch_embed", norm="rms_norm"),
     _clip_embeddings,
     StemKind("transformers CLIP vision pre_layrnorm (hand-off)",
              lambda m: _clip_owner(m) is not None, _clip_owner_problem, _convert_clip_owner),

@@ -16,17 +16,10 @@ import math
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from ..checks import check_stem, checked_params
-from ..functional import fused_dtypes, fused_patch_embed, op_inputs
-from ..nn.patch_embed import (
-    SequentialPlan,
-    _param,
-    norm_params,
-    norms_problem,
-    parse_patch_sequential,
-    plan_eps,
-)
-from ..op.reference import Stem
+from ..functional import fused_call, fused_dtypes
+from ..nn.params import bound, param
+from ..nn.patch_embed import SequentialPlan, norms_problem, parse_patch_sequential, plan_norms
+from ..op.args import Stem
 from ._base import FusedStem, StemKind, is_instance, overrides, peer_class, swapper
 
 # --- vit-pytorch ---------------------------------------------------------------------------
@@ -57,12 +50,8 @@ def _patch_plan(owner: nn.Module) -> SequentialPlan | None:
     """The fused owner's ``to_patch_embedding`` plan (None: not fusable), bound to its current
     children: read again when one is replaced, appended or deleted."""
     seq = owner.to_patch_embedding
-    children = tuple(seq._modules.values())
-    bound = owner.__dict__.get("_zeta_plan")
-    if bound is None or bound[0] is not seq or bound[1] != children:
-        bound = (seq, children, _read_plan(seq)[0])
-        owner.__dict__["_zeta_plan"] = bound  # the instance dict: not pickled (FusedStem)
-    return bound[2]
+    children = (seq, *seq._modules.values())
+    return bound(owner, "_zeta_plan", children, lambda: _read_plan(seq)[0])
 
 
 def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
@@ -80,22 +69,20 @@ def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
         or not img.is_floating_point()
         or any(s % p for s, p in zip(img.shape[2:], patch, strict=True))
         or getattr(seq, "dynamic_img_pad", False)  # a FusedPatchSequential that pads
-        or norms_problem(plan) is not None  # an eps or size changed in place
+        or norms_problem(plan) is not None  # a norm's size changed in place
         or not owner.zeta_fusable(img, seq, *seq._modules.values())
     ):
         return None
-    ln1, proj, ln2 = plan.ln1, plan.proj, plan.ln2
-    eps = plan_eps(plan)
-    weight, dim = _param(proj, "weight"), proj.out_features
-    bias, pre, post = checked_params(img, weight, (dim, plan.patch_dim), _param(proj, "bias"),
-                                     norm_params(ln1), norm_params(ln2))  # fmt: skip
+    proj = plan.proj
+    weight, dim = param(proj, "weight"), proj.out_features
+    pre, post = plan_norms(plan, img.dtype)
     tokens = math.prod(s // p for s, p in zip(img.shape[2:], patch, strict=True))
     # What to_patch_embedding would return has this dtype (autocast decides it for a norm).
     parts = stem_of(img, tokens, dim, fused_dtypes(img, weight, post is not None)[1])
     if parts is None:
         return None
-    parts = check_stem(img, patch, dim, parts.pos, parts.prefix, parts.norm, parts.eps)
-    return fused_patch_embed(op_inputs(img, patch, weight, bias, pre, post, eps, parts))
+    shape = (dim, plan.patch_dim)
+    return fused_call(img, patch, weight, shape, param(proj, "bias"), pre, post, parts)
 
 
 class _FusedViT(FusedStem):
@@ -104,7 +91,7 @@ class _FusedViT(FusedStem):
     def _zeta_stem(self, _img: Tensor, tokens: int, dim: int, _token_dtype) -> Stem | None:
         # The peer adds its parameters as they are (cat and + promote): no cast here.
         # (P, D) tokens and an (L, D) table; (1, 1, D) and (1, L, D) in older releases.
-        cls, table = _param(self, "cls_token"), _param(self, "pos_embedding")
+        cls, table = param(self, "cls_token"), param(self, "pos_embedding")
         if cls.shape[-1] != dim or table.shape[-1] != dim:
             return None
         cls, table = cls.reshape(-1, dim), table.reshape(-1, dim)
@@ -114,7 +101,7 @@ class _FusedViT(FusedStem):
         # The peer adds pos_embedding[:seq] to cat(cls, tokens): the first rows to the prefix.
         # An empty (0, D) class token (mean pooling) stays in: its gradient is an empty one.
         prefix = cls + table[:n_prefix]
-        return Stem(table[n_prefix : n_prefix + tokens], prefix, None, 1e-5)
+        return Stem(table[n_prefix : n_prefix + tokens], prefix, None)
 
     def forward(self, img: Tensor) -> Tensor:
         x = _sequential_stem(self, img, self._zeta_stem)
@@ -137,7 +124,7 @@ class _FusedSimpleViT(FusedStem):
         table = self.pos_embedding  # a plain tensor attribute, made for the model's image size
         if not isinstance(table, Tensor) or table.shape != (tokens, dim):
             return None  # the peer's in-place add would not broadcast: its own error
-        return Stem(table.to(img.device, dtype=token_dtype), None, None, 1e-5)
+        return Stem(table.to(img.device, dtype=token_dtype), None, None)
 
     def forward(self, img: Tensor) -> Tensor:
         x = _sequential_stem(self, img, self._zeta_stem)

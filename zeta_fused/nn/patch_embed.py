@@ -1,8 +1,8 @@
 """``PatchEmbeddings``: zeta's documented module, fused on CUDA, eager everywhere else.
 
 Its ``embedding`` is a :class:`FusedPatchSequential`: vit-pytorch's ``to_patch_embedding``
-Sequential (Rearrange, LayerNorm?, Linear, LayerNorm?) whose forward runs the fused op when the
-backend allows and is literally the Sequential otherwise.
+Sequential (Rearrange, norm?, Linear, norm?; each norm a LayerNorm or an RMSNorm) whose forward
+runs the fused op when the backend allows and is literally the Sequential otherwise.
 """
 
 from __future__ import annotations
@@ -16,56 +16,47 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..checks import (
-    NO_PARAMS,
     PatchSize,
     as_int,
     check_input,
     check_params,
-    check_stem,
-    checked_params,
     pad_to_patch,
     resolve_patch_size,
 )
-from ..functional import fused_patch_embed, op_inputs
+from ..functional import fused_call
+from ..op.args import NO_STEM, Stem
 from ..op.layout import PatchPattern, parse_patchify
-from ..op.reference import NO_STEM, PATCHIFY, Norm, Stem
-
-
-def _param(module: nn.Module, name: str) -> Tensor | None:
-    """``module.<name>`` without ``nn.Module.__getattr__`` (the per-call host path reads six);
-    anything not registered as a parameter (a parametrization's property) still goes through
-    ``getattr``. Each parameter is read once per call, as the eager modules read it."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name)
-
-
-def plain(module: nn.Module, cls: type) -> bool:
-    """``module`` computes what ``cls`` does: an instance whose class keeps ``cls.forward``
-    (a LoRA-style subclass that overrides it does not)."""
-    return isinstance(module, cls) and type(module).forward is cls.forward
-
-
-def raw_params(*modules: nn.Module | None) -> list[Tensor]:
-    """The registered parameters of ``modules``, read without running any parametrization."""
-    return [p for m in modules if m is not None for p in m._parameters.values() if p is not None]
+from ..op.reference import PATCHIFY
+from .norms import norm_kind, norm_problem, norm_value
+from .params import bound, forwarded, param, plain, raw_params
 
 
 class SequentialPlan(NamedTuple):
     """What a fusable patch-embedding Sequential computes, bound to its children."""
 
-    ln1: nn.LayerNorm | None
+    norm1: nn.Module | None  # a LayerNorm or RMSNorm over K
     proj: nn.Linear
-    ln2: nn.LayerNorm | None
+    norm2: nn.Module | None  # over D
     pattern: PatchPattern  # its Rearrange, read
     dim_in: int
     patch_dim: int  # K
     hooks: tuple[dict, ...]  # dispatch.hook_dicts of every child
 
 
+# Where the norms and the Linear sit among the layers after the Rearrange (Identity layers,
+# vit-pytorch's "no norm", left out): (norm1, proj, norm2) indices.
+_LAYOUTS = {
+    ("Linear",): (None, 0, None),
+    ("Norm", "Linear"): (0, 1, None),
+    ("Linear", "Norm"): (None, 0, 1),
+    ("Norm", "Linear", "Norm"): (0, 1, 2),
+}
+
+
 def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None, str | None]:
     """Read a vit-pytorch patch-embedding Sequential of any spatial rank (a patchifying
-    Rearrange, then LayerNorm?, Linear, LayerNorm?, nn.Identity in a norm's place); returns
-    (plan, None), or (None, why it cannot be fused)."""
+    Rearrange, then norm?, Linear, norm?, nn.Identity in a norm's place; each norm a LayerNorm
+    or RMSNorm, :mod:`.norms`); returns (plan, None), or (None, why it cannot be fused)."""
     mods = list(layers._modules.values())
     first = mods[0] if mods else None
     if not isinstance(first, Rearrange):
@@ -74,23 +65,17 @@ def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None
     if isinstance(pattern, str):
         return None, f"Rearrange {first.pattern!r}: {pattern}"
     rest = [m for m in mods[1:] if not plain(m, nn.Identity)]  # Identity: no norm
-    kinds = tuple("LayerNorm" if plain(m, nn.LayerNorm) else "Linear" if plain(m, nn.Linear)
+    kinds = tuple("Norm" if norm_kind(m) else "Linear" if plain(m, nn.Linear)
                   else type(m).__name__ for m in rest)  # fmt: skip
-    layouts = {
-        ("Linear",): (None, 0, None),
-        ("LayerNorm", "Linear"): (0, 1, None),
-        ("Linear", "LayerNorm"): (None, 0, 1),
-        ("LayerNorm", "Linear", "LayerNorm"): (0, 1, 2),
-    }
-    if kinds not in layouts:
+    if kinds not in _LAYOUTS:
         names = [type(m).__name__ for m in mods[1:]]
-        return None, f"layers after Rearrange are {names}, not LayerNorm?, Linear, LayerNorm?"
-    ln1, proj, ln2 = (None if i is None else rest[i] for i in layouts[kinds])
+        return None, f"layers after Rearrange are {names}, not norm?, Linear, norm?"
+    norm1, proj, norm2 = (None if i is None else rest[i] for i in _LAYOUTS[kinds])
     pixels = math.prod(pattern.patch)
     if proj.in_features % pixels:
         return None, f"Linear in_features {proj.in_features} is not a multiple of {pixels}"
-    plan = SequentialPlan(ln1, proj, ln2, pattern, proj.in_features // pixels, proj.in_features,
-                          dispatch.hook_dicts(*mods))  # fmt: skip
+    plan = SequentialPlan(norm1, proj, norm2, pattern, proj.in_features // pixels,
+                          proj.in_features, dispatch.hook_dicts(*mods))  # fmt: skip
     return plan, None
 
 
@@ -115,34 +100,18 @@ def _tokens_as(y: Tensor, x: Tensor, pattern: PatchPattern) -> Tensor:
     return tokens.reshape(y.shape[0], *sizes, y.shape[-1])
 
 
-def norm_params(ln: nn.LayerNorm | None) -> Norm:
-    """A LayerNorm's (weight, bias) for the op, or None for no norm."""
-    return None if ln is None else (_param(ln, "weight"), _param(ln, "bias"))
-
-
-def over(ln: nn.LayerNorm | None, size: int) -> bool:
-    """No norm, or a LayerNorm over ``size`` values (read before any parameter is)."""
-    return ln is None or ln.normalized_shape == (size,)
-
-
 def norms_problem(plan: SequentialPlan) -> str | None:
-    """Why the plan's LayerNorms are not what one fused call computes (checked per call: a
-    norm's eps or size may change in place), or None."""
-    ln1, ln2 = plan.ln1, plan.ln2
-    if ln1 is not None and ln2 is not None and ln1.eps != ln2.eps:
-        return f"its LayerNorms' eps differ ({ln1.eps} and {ln2.eps}): the op takes one"
-    if not (over(ln1, plan.patch_dim) and over(ln2, plan.proj.out_features)):
-        return "a LayerNorm over another size than the patch or the embedding"
+    """Why the plan's norms are not what one fused call computes (checked per call: a norm's
+    size may change in place), or None."""
+    for norm, size in ((plan.norm1, plan.patch_dim), (plan.norm2, plan.proj.out_features)):
+        if norm is not None and (why := norm_problem(norm, size)) is not None:
+            return why
     return None
 
 
-def plan_eps(plan: SequentialPlan) -> float:
-    """The one epsilon of the plan's LayerNorms (norms_problem: they agree)."""
-    ln = plan.ln1 if plan.ln1 is not None else plan.ln2
-    return 1e-5 if ln is None else ln.eps
-
-
-_NO_CHECKED = (object(),) * 6
+def plan_norms(plan: SequentialPlan, dtype: torch.dtype) -> tuple:
+    """The plan's norms as the op's values, read now, for an input of ``dtype``."""
+    return norm_value(plan.norm1, dtype), norm_value(plan.norm2, dtype)
 
 
 class FusedPatchSequential(nn.Sequential):
@@ -171,23 +140,24 @@ class FusedPatchSequential(nn.Sequential):
             seq.backend = dispatch.check_backend(backend)
         return why
 
-    def _plan(self) -> SequentialPlan | None:
+    def _parsed(self) -> tuple[SequentialPlan | None, str | None]:
+        """(plan, why not fusable), bound to the current children."""
         children = tuple(self._modules.values())
-        bound = self.__dict__.get("_zeta_bound")
-        if bound is None or bound[0] != children:
-            bound = (children, *parse_patch_sequential(self))
-            self.__dict__["_zeta_bound"] = bound
-        return bound[1]
+        return bound(self, "_zeta_plan", children, lambda: parse_patch_sequential(self))
+
+    def _plan(self) -> SequentialPlan | None:
+        return self._parsed()[0]
 
     @property
     def why_not_fused(self) -> str | None:
-        self._plan()
-        return self._zeta_bound[2]
+        """Why the current children cannot be fused (None: they can, unless a call's context
+        says otherwise: hooks, the backend, a PyTorch feature the op does not take part in)."""
+        plan, why = self._parsed()
+        return why if plan is None else norms_problem(plan)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_zeta_bound", None)  # bound to objects of this process: bound again on use
-        state.pop("_zeta_checked", None)
+        state.pop("_zeta_plan", None)  # bound to objects of this process: bound again on use
         return state
 
     def forward(self, x: Tensor) -> Tensor:
@@ -210,42 +180,27 @@ class FusedPatchSequential(nn.Sequential):
         check_input(x, plan.dim_in, patch, self.dynamic_img_pad)
         if self.dynamic_img_pad:
             x = pad_to_patch(x, patch)
-        ln1, proj, ln2 = plan.ln1, plan.proj, plan.ln2
-        eps = plan_eps(plan)
+        norm1, proj, norm2 = plan.norm1, plan.proj, plan.norm2
         if (
             norms_problem(plan) is not None
             or any(plan.hooks)
             or not dispatch.use_fused(self.backend, x)
         ):
-            check_params(x, raw_params(ln1, proj, ln2))
+            check_params(x, raw_params(norm1, proj, norm2))
             return None
-        weight, bias = _param(proj, "weight"), _param(proj, "bias")
-        pre, post = norm_params(ln1), norm_params(ln2)
-        # The shapes of parameters seen before are not checked again (their devices and dtypes
-        # are): a parameter replaced by another is; one resized in place through .data is not.
-        g1, b1 = pre or NO_PARAMS
-        g2, b2 = post or NO_PARAMS
-        seen = self.__dict__.get("_zeta_checked", _NO_CHECKED)
-        known = (
-            seen[0] is weight and seen[1] is bias and seen[2] is g1 and seen[3] is b1
-            and seen[4] is g2 and seen[5] is b2
-        )  # fmt: skip
-        if not known:  # (the instance dict: nn.Module.__setattr__ is slow)
-            self.__dict__["_zeta_checked"] = (weight, bias, g1, b1, g2, b2)
+        weight, bias = param(proj, "weight"), param(proj, "bias")
+        pre, post = plan_norms(plan, x.dtype)
         shape = (proj.out_features, plan.patch_dim)
-        bias, pre, post = checked_params(x, weight, shape, bias, pre, post, known)
         pattern = plan.pattern
         if pattern.flat:  # vit-pytorch's images: the op's tokens as they are
-            if stem is not NO_STEM:
-                stem = check_stem(x, patch, proj.out_features, *stem)
-            return fused_patch_embed(op_inputs(x, patch, weight, bias, pre, post, eps, stem))
+            return fused_call(x, patch, weight, shape, bias, pre, post, stem)
         x_ordered, op_patch = _patch_order_view(x, pattern)
-        y = fused_patch_embed(op_inputs(x_ordered, op_patch, weight, bias, pre, post, eps))
+        y = fused_call(x_ordered, op_patch, weight, shape, bias, pre, post)
         return _tokens_as(y, x, pattern)
 
 
 class PatchEmbeddings(nn.Module):
-    """Image (B, C, H, W) -> patches -> LayerNorm -> Linear -> LayerNorm -> tokens (B, N, D).
+    """Image (B, C, H, W) -> patches -> norm -> Linear -> norm -> tokens (B, N, D).
 
     Args:
         dim_in: image channels C.
@@ -254,14 +209,16 @@ class PatchEmbeddings(nn.Module):
             ``seq_len * dim_in``; without ``patch_size`` the patch is square with side
             ``isqrt(seq_len)``.
         patch_size: int or (ph, pw), instead of or consistent with ``seq_len``.
-        pre_norm / post_norm: LayerNorm over the flattened patch / over the output.
+        pre_norm / post_norm: a norm over the flattened patch / over the output.
         bias: projection bias.
-        eps: LayerNorm epsilon.
+        eps: the norms' epsilon.
+        norm_layer: the norms' class, called as ``norm_layer(size, eps=eps, device=...,
+            dtype=...)``: ``nn.LayerNorm`` (zeta's) or ``nn.RMSNorm``.
         dynamic_img_pad: zero-pad bottom/right to a multiple of the patch (as timm).
         backend: "auto" | "triton" | "eager"; ``ZETA_FUSED_BACKEND`` overrides "auto".
 
-    The parameters live in ``self.embedding`` (Rearrange, LayerNorm or Identity, Linear,
-    LayerNorm or Identity), so state-dict keys match zeta's ``PatchEmbeddings`` and a vit-pytorch
+    The parameters live in ``self.embedding`` (Rearrange, norm or Identity, Linear, norm or
+    Identity), so state-dict keys match zeta's ``PatchEmbeddings`` and a vit-pytorch
     ``to_patch_embedding`` state dict loads with an ``embedding.`` prefix.
     """
 
@@ -276,6 +233,7 @@ class PatchEmbeddings(nn.Module):
         post_norm: bool = True,
         bias: bool = True,
         eps: float = 1e-5,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
         dynamic_img_pad: bool = False,
         backend: str = "auto",
         device: torch.device | str | None = None,
@@ -288,9 +246,9 @@ class PatchEmbeddings(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.embedding = FusedPatchSequential(
             Rearrange(PATCHIFY, p1=ph, p2=pw),
-            nn.LayerNorm(patch_dim, eps=eps, **factory) if pre_norm else nn.Identity(),
+            norm_layer(patch_dim, eps=eps, **factory) if pre_norm else nn.Identity(),
             nn.Linear(patch_dim, dim_out, bias=bias, **factory),
-            nn.LayerNorm(dim_out, eps=eps, **factory) if post_norm else nn.Identity(),
+            norm_layer(dim_out, eps=eps, **factory) if post_norm else nn.Identity(),
             dynamic_img_pad=dynamic_img_pad,
             backend=backend,
         )
@@ -298,21 +256,9 @@ class PatchEmbeddings(nn.Module):
         self.patch_size = (ph, pw)
         self.eps = eps
 
-    @property
-    def backend(self) -> str:
-        return self.embedding.backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.embedding.backend = dispatch.check_backend(value)
-
-    @property
-    def dynamic_img_pad(self) -> bool:
-        return self.embedding.dynamic_img_pad
-
-    @dynamic_img_pad.setter
-    def dynamic_img_pad(self, value: bool) -> None:
-        self.embedding.dynamic_img_pad = value
+    # The settings live on the fused Sequential, which reads them per call.
+    backend = forwarded("embedding", "backend", dispatch.check_backend)
+    dynamic_img_pad = forwarded("embedding", "dynamic_img_pad")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embedding(x)

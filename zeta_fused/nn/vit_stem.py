@@ -2,7 +2,7 @@
 
     tokens = PatchEmbeddings(x)                     # patches -> [LN_K] -> Linear -> [LN_D]
     rows   = cat(prefix_tokens, tokens + pos_embed) # learned prefix rows and position table
-    out    = norm(rows)                             # [LN over D]: timm's norm_pre, CLIP's ln_pre
+    out    = norm(rows)                             # [norm over D]: timm's norm_pre, CLIP's ln_pre
 
 The prefix rows (class token, registers) carry no position row: being learned, they absorb
 one (timm's ``no_embed_class``; DINOv2 folds its class position into the class token the same
@@ -17,8 +17,10 @@ from torch import Tensor, nn
 
 from .. import dispatch
 from ..checks import PatchSize, as_int, pair
-from ..op.reference import Stem
-from .patch_embed import FusedPatchSequential, PatchEmbeddings, _param, plain
+from ..op.args import Stem
+from .norms import norm_problem, norm_value
+from .params import forwarded, param, plain
+from .patch_embed import FusedPatchSequential, PatchEmbeddings
 
 
 class ViTStem(nn.Module):
@@ -33,8 +35,9 @@ class ViTStem(nn.Module):
         num_prefix_tokens: learned rows before the patch tokens (1: a class token; 1 + R: with
             R registers; 0: none).
         pos_embed: a learned (1, N, D) position table for the patch tokens.
-        pre_norm, post_norm, bias, eps: as :class:`~zeta_fused.PatchEmbeddings`.
-        stem_norm: a LayerNorm over D of every output row (prefix rows included).
+        pre_norm, post_norm, bias, eps, norm_layer: as :class:`~zeta_fused.PatchEmbeddings`.
+        stem_norm: a norm over D of every output row (prefix rows included), of
+            ``norm_layer``.
         stem_eps: its epsilon.
         backend: "auto" | "triton" | "eager" (see the README).
     """
@@ -54,6 +57,7 @@ class ViTStem(nn.Module):
         stem_norm: bool = False,
         eps: float = 1e-5,
         stem_eps: float = 1e-6,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
         backend: str = "auto",
     ):
         super().__init__()
@@ -65,7 +69,7 @@ class ViTStem(nn.Module):
         num_prefix_tokens = as_int(num_prefix_tokens, "num_prefix_tokens")
         self.patches = PatchEmbeddings(dim_in, dim_out, patch_size=(ph, pw), pre_norm=pre_norm,
                                        post_norm=post_norm, bias=bias, eps=eps,
-                                       backend=backend)  # fmt: skip
+                                       norm_layer=norm_layer, backend=backend)  # fmt: skip
         self.grid = (height // ph, width // pw)
         tokens = self.grid[0] * self.grid[1]
         self.prefix_tokens = (
@@ -74,15 +78,9 @@ class ViTStem(nn.Module):
             else None
         )
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, tokens, dim_out)) if pos_embed else None
-        self.norm = nn.LayerNorm(dim_out, eps=stem_eps) if stem_norm else nn.Identity()
+        self.norm = norm_layer(dim_out, eps=stem_eps) if stem_norm else nn.Identity()
 
-    @property
-    def backend(self) -> str:
-        return self.patches.backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.patches.backend = value
+    backend = forwarded("patches", "backend")  # PatchEmbeddings checks the value
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pos_embed is not None and x.ndim == 4:
@@ -96,7 +94,7 @@ class ViTStem(nn.Module):
         if y is not None:
             return y
         tokens = self.patches(x)
-        pos, prefix = _param(self, "pos_embed"), _param(self, "prefix_tokens")
+        pos, prefix = param(self, "pos_embed"), param(self, "prefix_tokens")
         if pos is not None:
             tokens = tokens + pos
         if prefix is not None:
@@ -109,19 +107,18 @@ class ViTStem(nn.Module):
         is_norm = not plain(norm, nn.Identity)
         embedding = patches._modules.get("embedding")
         if (
-            (is_norm and not plain(norm, nn.LayerNorm))
+            (is_norm and norm_problem(norm, patches.dim_out) is not None)
             or not plain(patches, PatchEmbeddings)
             or not plain(embedding, FusedPatchSequential)
             # modules the fused call skips (their children's hooks: zeta_call)
             or any(dispatch.hook_dicts(patches, embedding, norm))
         ):
             return None
-        pos, prefix = _param(self, "pos_embed"), _param(self, "prefix_tokens")
+        pos, prefix = param(self, "pos_embed"), param(self, "prefix_tokens")
         stem = Stem(
             None if pos is None else pos[0],
             None if prefix is None else prefix[0],
-            (_param(norm, "weight"), _param(norm, "bias")) if is_norm else None,
-            norm.eps if is_norm else 1e-6,
+            norm_value(norm, x.dtype) if is_norm else None,
         )
         return embedding.zeta_call(x, stem)
 

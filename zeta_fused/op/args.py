@@ -2,10 +2,11 @@
 
 ``FwdArgs`` lists the forward's inputs in schema order; the backward's inputs (``BwdArgs``)
 and its outputs (``Grads``: one gradient per tensor input) are derived from it, and so are the
-``torch.library`` schema strings, which must stay flat. Every caller (custom ops, launchers,
-the eager reference, the functional API, the benchmark, the AOT-compile harness, the tests)
-builds and reads these tuples by field name. Adding an input: a field here, then the code
-that uses it.
+``torch.library`` schema strings, which must stay flat. Callers describe a call with values
+(:class:`Norm` for each norm, :class:`Stem` for the rest of a whole stem) and
+:func:`fwd_args` lays them out flat, the one place besides the class that knows the field order;
+code that reads the tuples reads them by field name (or as Norm values, :meth:`FwdArgs.norm`).
+Adding an input: a field here and its place in :func:`fwd_args`, then the code that uses it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,29 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ..kernels.contract import NO_NORM
+
+
+class Norm(NamedTuple):
+    """A norm over the last dimension, as a value (docs/design.md, "Norms"). None stands for no
+    norm wherever a Norm is expected."""
+
+    kind: str  # kernels/contract.py NORM_KINDS: LAYER_NORM or RMS_NORM
+    weight: Tensor | None  # None: no affine weight
+    bias: Tensor | None  # None: no affine bias (an RMSNorm has none)
+    eps: float
+
+
+class Stem(NamedTuple):
+    """What a whole ViT stem adds after the patch embedding (see ``patch_embed``)."""
+
+    pos: Tensor | None  # (N, D) position table of the patch tokens
+    prefix: Tensor | None  # (P, D) rows before every image's patch tokens
+    norm: Norm | None  # the stem norm, over D of every output row
+
+
+NO_STEM = Stem(None, None, None)
 
 
 class FwdArgs(NamedTuple):
@@ -26,19 +50,46 @@ class FwdArgs(NamedTuple):
     pre_norm: str  # kernels/contract.py NORM_KINDS: the norm over each flattened patch (K)
     g1: Tensor | None  # its weight (K,) in (*patch, C) order; None: no affine weight
     b1: Tensor | None  # its bias (K,)
+    pre_eps: float
     post_norm: str  # NORM_KINDS: the norm over each token (D)
     g2: Tensor | None  # (D,)
     b2: Tensor | None  # (D,)
+    post_eps: float
     pos: Tensor | None  # (N, D) position table added to every image's tokens after post_norm
     prefix: Tensor | None  # (P, D) rows put before every image's tokens (class, registers)
     stem_norm: str  # NORM_KINDS: the norm over D of every output row, prefix rows included
     g3: Tensor | None  # (D,)
     b3: Tensor | None  # (D,)
+    stem_eps: float
     patch: list[int]  # patch size per spatial dimension
-    eps: float  # pre_norm and post_norm
-    stem_eps: float  # stem_norm
     compute_dtype: torch.dtype  # GEMM operand dtype (fp32 accumulation, fp64 for fp64)
     out_dtype: torch.dtype
+
+    def norm(self, which: str) -> Norm | None:
+        """The "pre", "post" or "stem" norm as a value; None when it is off."""
+        kind, weight, bias, eps = (getattr(self, f) for f in _NORM_FIELDS[which])
+        return None if kind == NO_NORM else Norm(kind, weight, bias, eps)
+
+
+# The fields of each norm, in Norm's order.
+_NORM_FIELDS = {
+    "pre": ("pre_norm", "g1", "b1", "pre_eps"),
+    "post": ("post_norm", "g2", "b2", "post_eps"),
+    "stem": ("stem_norm", "g3", "b3", "stem_eps"),
+}
+# The flat fields of no norm (the eps is never read).
+_OFF = (NO_NORM, None, None, 0.0)
+
+
+def fwd_args(x: Tensor, weight: Tensor, bias: Tensor | None, pre: Norm | None,
+             post: Norm | None, stem: Stem, patch: tuple[int, ...] | list[int],
+             compute_dtype: torch.dtype, out_dtype: torch.dtype) -> FwdArgs:  # fmt: skip
+    """The op's flat inputs from values. Built with tuple.__new__: FwdArgs' own __new__ is a
+    Python function of keywords, on the per-call path."""
+    return tuple.__new__(FwdArgs, (
+        x, weight, bias, *(pre or _OFF), *(post or _OFF), stem.pos, stem.prefix,
+        *(stem.norm or _OFF), list(patch), compute_dtype, out_dtype,
+    ))  # fmt: skip
 
 
 class _BwdExtra(NamedTuple):

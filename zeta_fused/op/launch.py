@@ -1,4 +1,7 @@
-"""Launchers of the fused Triton kernels: shape checks, allocation and grids; no math.
+"""Launchers of the fused Triton kernels: shape checks, allocation, grids, and the small
+reductions around the kernels (the second, fixed-order stage of the column and token-split
+partial sums, the position table's batch sum, and the prefix rows' (P, D) problem, computed
+by :mod:`.reference`'s eager math).
 
 Layout decisions (strides, K order, alignment) come from :mod:`.layout`, block sizes and tunable
 decisions from :mod:`.policy`. Imported lazily (it imports Triton), only when a fused call runs.
@@ -125,7 +128,8 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
     _patch_embed_fwd_kernel[(_cdiv(geo.tokens, block_m),)](
         a.x, a.x.stride(0), a.x.stride()[1:], k.weight, k.weight.stride(0), k.w_strides,
         k.w_row_len, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, (a.g3, a.b3), tokens,
-        tokens.stride(), stats, geo.tokens, geo.patch_dim, dim, geo.grid, a.eps, a.stem_eps,
+        tokens.stride(), stats, geo.tokens, geo.patch_dim, dim, geo.grid, a.pre_eps, a.post_eps,
+        a.stem_eps,
         C=geo.chans, PATCH=geo.patch, NORM1=a.pre_norm, NORM2=a.post_norm, NORM3=a.stem_norm,
         Y_FLAT=n_prefix == 0, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
         TWO_PASS=row_norm and block_n < dim, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -164,7 +168,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     # partials of every vector gradient over D.
     dz_tiles = _cdiv(tokens, blocks.dz_m)
     partials = _scratch(x, (len(COLUMN_SUMS), max(dz_tiles, 1), dim), acc, zero=tokens == 0)
-    row_offsets = x.new_empty((tokens,), dtype=torch.int64)
+    x_row_offsets = x.new_empty((tokens,), dtype=torch.int64)
     shape = grad_tokens.shape
     dz = x.new_empty(shape, dtype=a.compute_dtype) if post or stem else grad_tokens
     # dT, the position table's per-token gradient: dY without a stem norm, dZ without a
@@ -182,7 +186,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     if tokens:
         _bwd_dz_kernel[(dz_tiles,)](
             x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
-            (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer, partials, row_offsets,
+            (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer, partials, x_row_offsets,
             dz_row_offsets, tokens, patch_dim, dim, geo.grid, NORM2=a.post_norm,
             NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
             BLOCK_M=blocks.dz_m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
@@ -202,7 +206,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     g_first = layout.rows_inner(x)
     if tokens:
         _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
-            x, x_strides, stats, row_offsets, dz, dz.stride(), dz_row_offsets, gpart, tokens,
+            x, x_strides, stats, x_row_offsets, dz, dz.stride(), dz_row_offsets, gpart, tokens,
             patch_dim, dim, CHANNELS_FIRST=g_first, ROW_ALIGN=layout.row_align(x, patch),
             DZ_ALIGN=1 if dz_row_offsets is None else layout.stride_align(*dz.stride()[:2]),
             BLOCK_M=blocks.dw_m, BLOCK_D=dw_d, BLOCK_K=blocks.dw_k, num_warps=blocks.warps,

@@ -1,0 +1,92 @@
+"""Norm modules as the op's norm values (docs/design.md, "Norms"): the one place that knows which
+module classes compute which norm kind, how to read their parameters and epsilon, and why one
+cannot be fused. Peers' classes are recognised by module and name, so nothing here imports a
+peer library.
+
+A module is a norm the op computes when its forward is the class's own (a subclass overriding
+it computes something else), it normalises over the last dimension only, and any option that
+changes its numerics (timm's fast-norm paths) is off.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.contract import LAYER_NORM, RMS_NORM
+from ..op.args import Norm
+from .params import param
+
+# Peers' norm classes by (module, class name): their kind, and the attribute holding the eps.
+# Each computes F.layer_norm / an RMSNorm over the last dimension as the op does (read from
+# their sources): timm's LayerNorm and RmsNorm without fast norm; OpenCLIP's LayerNorm and
+# LayerNormFp32 (in fp32, then cast back to the input's dtype: integrations/open_clip.py
+# keeps that cast); the T5-style RMSNorms of transformers' vision towers (fp32 statistics,
+# weight * x̂; no bias).
+_PEER_NORMS = {
+    ("timm.layers.norm", "LayerNorm"): (LAYER_NORM, "eps"),
+    ("timm.layers.norm", "RmsNorm"): (RMS_NORM, "eps"),
+    ("open_clip.transformer", "LayerNorm"): (LAYER_NORM, "eps"),
+    ("open_clip.transformer", "LayerNormFp32"): (LAYER_NORM, "eps"),
+    ("transformers.models.aimv2.modeling_aimv2", "Aimv2RMSNorm"): (RMS_NORM, "variance_epsilon"),
+    ("transformers.models.pixtral.modeling_pixtral", "PixtralRMSNorm"): (RMS_NORM,
+                                                                         "variance_epsilon"),
+    ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"): (RMS_NORM, "variance_epsilon"),
+}  # fmt: skip
+_TORCH_NORMS = ((nn.LayerNorm, LAYER_NORM), (nn.RMSNorm, RMS_NORM))
+
+
+def _peer_norm(cls: type) -> tuple[type, str, str] | None:
+    """(the peer class, kind, eps attribute) of a peer norm class ``cls`` derives from."""
+    for base in cls.__mro__:
+        known = _PEER_NORMS.get((base.__module__, base.__name__))
+        if known is not None:
+            return base, *known
+    return None
+
+
+def norm_kind(m: nn.Module | None) -> str | None:
+    """The kind of norm ``m`` computes (LAYER_NORM, RMS_NORM), or None when it is no norm the
+    op computes (any other module, a subclass that overrides forward, a fast-norm option). A
+    norm converted for a hand-off (integrations/_base.py) is judged by its peer's class."""
+    if m is None:
+        return None
+    cls = getattr(type(m), "_zeta_base", type(m))
+    peer = _peer_norm(cls)  # first: timm's and OpenCLIP's LayerNorms derive from nn.LayerNorm
+    if peer is None:
+        for torch_cls, kind in _TORCH_NORMS:
+            if issubclass(cls, torch_cls):
+                return kind if cls.forward is torch_cls.forward else None
+        return None
+    peer_cls, kind, _ = peer
+    plain_peer = cls.forward is peer_cls.forward
+    return kind if plain_peer and not getattr(m, "_fast_norm", False) else None
+
+
+def norm_problem(m: nn.Module, size: int) -> str | None:
+    """Why ``m`` is not a norm the op computes over ``size`` values, or None. Checked per call
+    by the modules (a norm's size can change in place)."""
+    if norm_kind(m) is None:
+        return f"{type(m).__name__} is not a LayerNorm or RMSNorm the fused op computes"
+    shape = getattr(m, "normalized_shape", None)
+    if shape is None:  # the transformers RMSNorms: over their weight's size
+        weight = param(m, "weight")
+        shape = None if weight is None else tuple(weight.shape)
+    if shape is not None and tuple(shape) != (size,):
+        return f"{type(m).__name__} over {tuple(shape)}, not over the {size} values it gets"
+    return None
+
+
+def norm_value(m: nn.Module | None, dtype: torch.dtype) -> Norm | None:
+    """The op's value of the norm module ``m`` (None: no norm) for an input of ``dtype``: its
+    kind, its parameters read now, its epsilon (``nn.RMSNorm(eps=None)`` uses ``dtype``'s
+    machine epsilon, as ``F.rms_norm`` does)."""
+    if m is None:
+        return None
+    kind = norm_kind(m)
+    peer = _peer_norm(type(m))
+    eps = getattr(m, "eps" if peer is None else peer[2])
+    if eps is None:
+        eps = torch.finfo(dtype).eps
+    bias = param(m, "bias") if "bias" in m._parameters else getattr(m, "bias", None)
+    return Norm(kind, param(m, "weight"), bias, float(eps))

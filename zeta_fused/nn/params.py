@@ -1,0 +1,56 @@
+"""Reading a module's children and parameters on the per-call path, as the eager modules read
+them: shared by the modules (``nn``) and the converted peers (``integrations``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import Tensor, nn
+
+T = TypeVar("T")
+
+
+def param(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` without ``nn.Module.__getattr__`` (the per-call host path reads
+    several); anything not registered as a parameter (a parametrization's property) still goes
+    through ``getattr``. Each parameter is read once per call, as the eager modules read it."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
+def plain(module: nn.Module, cls: type) -> bool:
+    """``module`` computes what ``cls`` does: an instance whose class keeps ``cls.forward``
+    (a LoRA-style subclass that overrides it does not)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def raw_params(*modules: nn.Module | None) -> list[Tensor]:
+    """The registered parameters of ``modules``, read without running any parametrization."""
+    return [p for m in modules if m is not None for p in m._parameters.values() if p is not None]
+
+
+def bound(owner: nn.Module, key: str, children: tuple, compute: Callable[[], T]) -> T:
+    """``compute()``, read again whenever ``children`` (the objects it depends on: child
+    modules, compared by identity) change: a child replaced, appended or deleted. Kept in the
+    instance dict under ``key`` (not pickled: the owners drop ``_zeta_*`` keys), so each
+    process binds again on first use."""
+    entry = owner.__dict__.get(key)
+    if (
+        entry is None
+        or len(entry[0]) != len(children)
+        or any(a is not b for a, b in zip(entry[0], children, strict=True))
+    ):
+        entry = (children, compute())
+        owner.__dict__[key] = entry
+    return entry[1]
+
+
+def forwarded(child: str, name: str, check: Callable | None = None) -> property:
+    """A property of a module that reads and writes ``name`` on its child module ``child``
+    (``check``: validates a value set)."""
+
+    def set_value(owner: nn.Module, value) -> None:
+        setattr(getattr(owner, child), name, value if check is None else check(value))
+
+    return property(lambda owner: getattr(getattr(owner, child), name), set_value)
