@@ -14,28 +14,25 @@ import triton.language as tl
 
 
 @triton.jit
-def tokens_per_image(grid):
-    n = grid[0]
-    for d in tl.static_range(1, len(grid)):
-        n = n * grid[d]
-    return n
-
-
-@triton.jit
-def token_rows(m_start, M, grid, PATCH: tl.constexpr, stride_b, strides, BLOCK_M: tl.constexpr):
-    """Output rows m_start .. m_start + BLOCK_M of the patch tokens (row m: image m // N, N
-    rows per image) and the grid position each holds, here m % N (grid order, last dimension
-    fastest): int64 row index, mask, the offset of each token's first pixel in an operand with
-    batch stride stride_b and element strides (c, *spatial), and the int32 grid position (for
-    the position table). The row index is divided in 32 bits (the launcher keeps M < 2**31):
-    a 64-bit division is a slow call."""
+def token_rows(m_start, M, rows, grid, Keep, PATCH: tl.constexpr, stride_b, strides,
+               BLOCK_M: tl.constexpr):  # fmt: skip
+    """Output rows m_start .. m_start + BLOCK_M of the patch tokens (row m: image m // rows)
+    and the grid position each holds: m % rows without Keep (every patch, in grid order, last
+    dimension fastest), else Keep's entry m (Keep: (B, rows) int64, contiguous). Returns the
+    int64 row index, its mask, the offset of each token's first pixel in an operand with batch
+    stride stride_b and element strides (c, *spatial), and the int32 grid position (for the
+    position table). The row index is divided in 32 bits (the launcher keeps M < 2**31): a
+    64-bit division is a slow call."""
     tok = m_start.to(tl.int32) + tl.arange(0, BLOCK_M)
-    per_image = tokens_per_image(grid)
-    position = tok % per_image
-    row_off = (tok // per_image).to(tl.int64) * stride_b + patch_origin(position, grid, PATCH,
-                                                                        strides)  # fmt: skip
     offs_m = tok.to(tl.int64)
-    return offs_m, offs_m < M, row_off, position
+    m_mask = offs_m < M
+    if Keep is None:
+        position = tok % rows
+    else:
+        position = tl.load(Keep + offs_m, mask=m_mask, other=0).to(tl.int32)
+    row_off = (tok // rows).to(tl.int64) * stride_b + patch_origin(position, grid, PATCH,
+                                                                   strides)  # fmt: skip
+    return offs_m, m_mask, row_off, position
 
 
 @triton.jit
@@ -56,15 +53,14 @@ def patch_origin(position, grid, PATCH: tl.constexpr, strides):
 
 
 @triton.jit
-def token_offsets(offs_m, per_image, strides, FLAT: tl.constexpr):
-    """Offsets of token rows in a (B, N, D) tensor with strides (b, n, d), stride 0 included.
-    FLAT: b stride == N * n stride (contiguous or fully expanded), so no division is needed."""
+def token_offsets(offs_m, rows, strides, FLAT: tl.constexpr):
+    """Offsets of token rows in a (B, rows, D) tensor with strides (b, n, d), stride 0
+    included. FLAT: b stride == rows * n stride (contiguous or fully expanded), so no division
+    is needed."""
     if FLAT:
         return offs_m * strides[1]
     tok = offs_m.to(tl.int32)  # 32-bit division, as token_rows
-    return (tok // per_image).to(tl.int64) * strides[0] + (tok % per_image).to(tl.int64) * strides[
-        1
-    ]
+    return (tok // rows).to(tl.int64) * strides[0] + (tok % rows).to(tl.int64) * strides[1]
 
 
 @triton.jit

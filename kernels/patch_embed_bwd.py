@@ -23,7 +23,7 @@ Device code only: the launch module allocates buffers and builds grids.
 import triton
 import triton.language as tl
 
-from .geometry import patch_cols, token_offsets, token_rows, tokens_per_image
+from .geometry import patch_cols, token_offsets, token_rows
 from .norms import (
     MEAN1,
     NO_NORM,
@@ -160,19 +160,26 @@ def _bwd_dx_kernel(
     X, stride_xb, x_strides, W, stride_wd, w_strides, w_row_len,
     G1,  # pre-norm weight (K,) in the K order, or None
     Stats,
-    DZ, dz_strides,  # dZ (B, N, D) with strides
-    DX, stride_dxb, dx_strides,  # out: image gradient with its own strides
-    M, K, D, grid,
+    DZ, dz_strides,  # dZ (B, rows, D) with strides
+    Keep,  # (B, rows) int64 grid positions embedded per image, or None
+    DX, stride_dxb, dx_strides,  # out: image gradient with its own strides, or with DX_ROWS
+    # a (M, C, *patch) buffer of per-token patch gradients: row stride, element strides
+    M, K, D, rows, grid,
     C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr, DZ_FLAT: tl.constexpr,
+    DX_ROWS: tl.constexpr,  # per-token rows (a Keep may repeat a patch): summed by the launcher
     COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     EMULATE_BF16: tl.constexpr, W_FLAT: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    offs_m, m_mask, row_off, _ = token_rows(m_start, M, grid, PATCH, stride_xb, x_strides,
-                                            BLOCK_M)  # fmt: skip
-    grad_off = token_rows(m_start, M, grid, PATCH, stride_dxb, dx_strides, BLOCK_M)[2]
-    dz_rows = DZ + token_offsets(offs_m, tokens_per_image(grid), dz_strides, DZ_FLAT)
+    offs_m, m_mask, row_off, _ = token_rows(m_start, M, rows, grid, Keep, PATCH, stride_xb,
+                                            x_strides, BLOCK_M)  # fmt: skip
+    if DX_ROWS:
+        grad_off = offs_m * stride_dxb
+    else:
+        grad_off = token_rows(m_start, M, rows, grid, Keep, PATCH, stride_dxb, dx_strides,
+                              BLOCK_M)[2]  # fmt: skip
+    dz_rows = DZ + token_offsets(offs_m, rows, dz_strides, DZ_FLAT)
     mean1 = load_stat(Stats, MEAN1, offs_m, m_mask, M)
     rstd1 = load_stat(Stats, RSTD1, offs_m, m_mask, M)
     sum_g = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .contract import COLUMN_SUMS
-from .geometry import token_offsets, token_rows, tokens_per_image
+from .geometry import token_offsets, token_rows
 from .norms import (
     MEAN1,
     MEAN2,
@@ -218,6 +218,7 @@ def _bwd_dz_kernel(
     X, stride_xb, x_strides, W, stride_wd, w_strides, w_row_len, Bias, norm1,  # as the forward
     norm2,  # (weight, bias) of the post-norm: the weight scales dT, the bias only says db2
     Pos,  # (N, D) position table or None
+    Keep,  # (B, rows) int64 grid positions embedded per image, or None
     norm3,  # (weight, bias) of the stem norm
     Stats,  # (len(STAT_ROWS), M): row statistics from the forward
     DY, dy_strides,  # upstream gradient of the patch tokens (B, N, D), any strides
@@ -227,7 +228,7 @@ def _bwd_dz_kernel(
     XRowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
     DZRowOff,  # out: (M,) int64 offset of each token's dZ row, for the dW kernel, when dZ is
     # dY (no norm over D) and its rows are not evenly spaced; else None
-    M, K, D, grid,
+    M, K, D, rows, grid,
     C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr, NORM2: tl.constexpr,
     NORM3: tl.constexpr, DY_FLAT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
@@ -236,10 +237,10 @@ def _bwd_dz_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_m, m_mask, row_off, position = token_rows(
-        pid.to(tl.int64) * BLOCK_M, M, grid, PATCH, stride_xb, x_strides, BLOCK_M
+        pid.to(tl.int64) * BLOCK_M, M, rows, grid, Keep, PATCH, stride_xb, x_strides, BLOCK_M
     )
     tl.store(XRowOff + offs_m, row_off, mask=m_mask)
-    dy_off = token_offsets(offs_m, tokens_per_image(grid), dy_strides, DY_FLAT)
+    dy_off = token_offsets(offs_m, rows, dy_strides, DY_FLAT)
     dy_rows = DY + dy_off
     dz_rows = DZ + offs_m[:, None] * D
     part = Partials + pid * D

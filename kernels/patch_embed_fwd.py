@@ -6,7 +6,7 @@ rows without another launch. Rows that fit one BLOCK_N tile are finished in regi
 projection pass; wider ones (TWO_PASS) are stored un-normalised and finished in place by one
 more pass per norm over D. Every store goes through ``_store_rows``; the stem norm is applied
 on the way by the epilogue, ``_store_tokens``. Output row m (image m // N, row m % N after the
-prefix) holds the token of grid position m % N (geometry.token_rows). The prefix
+prefix) holds the token of grid position m % N, or Keep's entry m (geometry.token_rows). The prefix
 rows, the same in every image, are written by the launcher. Device code only: the launch module
 allocates and builds the grid.
 """
@@ -14,7 +14,7 @@ allocates and builds the grid.
 import triton
 import triton.language as tl
 
-from .geometry import token_offsets, token_rows, tokens_per_image
+from .geometry import token_offsets, token_rows
 from .norms import NO_NORM, norm_apply, norm_merge, rstd_of, store_stats
 from .patch_tiles import READ_BACK, add_pos, patch_stats, project_chunk
 from .rounding import cast
@@ -65,10 +65,12 @@ def _patch_embed_fwd_kernel(
     norm1,  # (weight, bias) of the pre-norm (K,) in the K order; each may be None
     norm2,  # (weight, bias) of the post-norm (D,)
     Pos,  # (N, D) contiguous position table, or None
+    Keep,  # (B, rows) int64 grid positions embedded per image, or None: every patch
     norm3,  # (weight, bias) of the stem norm (D,)
     Y, y_strides,  # output tokens (B, N, D) with strides (b, n, d = 1): after the prefix rows
     Stats,  # (len(STAT_ROWS), M) in ACC_DTYPE, rows as kernels/norms.py names them
     M, K, D,
+    rows,  # patch tokens per image in Y: N, or Keep's L
     grid,  # patches along each spatial dimension
     eps1, eps2, eps3,  # the epsilons of norm1, norm2 and the stem norm
     C: tl.constexpr,  # channels and patch size are compile-time: the patch-column index math
@@ -90,10 +92,9 @@ def _patch_embed_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    offs_m, m_mask, row_off, position = token_rows(
-        m_start, M, grid, PATCH, stride_xb, x_strides, BLOCK_M
-    )
-    y_rows = Y + token_offsets(offs_m, tokens_per_image(grid), y_strides, Y_FLAT)
+    offs_m, m_mask, row_off, position = token_rows(m_start, M, rows, grid, Keep, PATCH,
+                                                   stride_xb, x_strides, BLOCK_M)  # fmt: skip
+    y_rows = Y + token_offsets(offs_m, rows, y_strides, Y_FLAT)
     mean1 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     rstd1 = tl.full([BLOCK_M], 1.0, dtype=ACC_DTYPE)
     if NORM1 != NO_NORM:

@@ -44,6 +44,7 @@ KERNELS = [
     "_bwd_dw_kernel",
     "_bwd_param_kernel",
     "_bwd_dx_kernel",
+    "_segment_sum_kernel",
 ]
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 launches: list[tuple] = []
@@ -151,10 +152,11 @@ def record_all() -> None:
             run_case(x, dim, patch, pre, post, bias, conv)
 
 
-def run_case(x, dim, patch, pre, post, bias, conv, stem=None, kind=LAYER_NORM) -> None:
+def run_case(x, dim, patch, pre, post, bias, conv, stem=None, kind=LAYER_NORM,
+             kept=None) -> None:  # fmt: skip
     """Forward and backward launches for input x and a patch (an int: square) of its rank;
     ``stem``: (prefix rows, position table, stem norm) of a whole-stem case; ``kind``: the
-    norms' kind."""
+    norms' kind; ``kept``: the patches each image embeds (a keep index), None: all."""
     dtype, chans = x.dtype, x.shape[1]
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     k = chans * math.prod(patch)
@@ -174,7 +176,11 @@ def run_case(x, dim, patch, pre, post, bias, conv, stem=None, kind=LAYER_NORM) -
             if with_norm
             else None,
         )
-    args = op_inputs(x, patch, w, b, g1, g2, parts)
+    keep = None
+    if kept is not None:
+        tokens = math.prod(s // q for s, q in zip(x.shape[2:], patch, strict=True))
+        keep = torch.stack([torch.randperm(tokens)[:kept] for _ in range(x.shape[0])])
+    args = op_inputs(x, patch, w, b, g1, g2, parts, keep)
     y, stats = launch.patch_embed_fwd(args)
     launch.patch_embed_bwd(BwdArgs(y, stats, True, *args))
 
@@ -215,6 +221,10 @@ def record_stems() -> None:
     run_case(image, 768, 16, True, True, True, False, (1, True, True), RMS_NORM)
     tag = "stem rms one tile"
     run_case(image, 64, 16, True, True, True, False, (1, True, True), RMS_NORM)
+    tag = "mae subset"  # MAE pretraining: a quarter of the patches, class token and table
+    run_case(image, 1024, 16, False, False, True, True, (1, True, False), kept=49)
+    tag = "mae subset, norms"
+    run_case(image, 768, 16, True, True, True, False, (1, True, True), kept=49)
 
 
 def main() -> int:

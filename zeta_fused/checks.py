@@ -132,45 +132,36 @@ def norm_arg(norm, eps: float, which: str) -> Norm | None:
 
 def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
                    bias: Tensor | None, pre_norm: Norm | None, post_norm: Norm | None,
-                   shapes_known: bool = False,
                    ) -> tuple[Tensor | None, Norm | None, Norm | None]:  # fmt: skip
-    """Every parameter of a fused call checked once, on the per-call path: the weight of
+    """Every parameter of a fused call checked, on the per-call path: the weight of
     ``weight_shape``, the bias (D,) and the norms' weight and bias of their sizes (the kernels
     would read past a short one), contiguous, all on the image's device and of its dtype
-    (unless autocast decides). ``shapes_known``: these very tensors passed the shape checks
-    before (a module's parameters): only devices and dtypes are checked. Returns the vectors,
-    a strided one as a contiguous copy (the kernels read them as runs). Anything unusual takes
-    the slow path, which names what is wrong."""
+    (unless autocast decides). Returns the vectors, a strided one as a contiguous copy (the
+    kernels read them as runs). Anything unusual takes the slow path, which names what is
+    wrong."""
     dim = weight_shape[0]
     device, dtype = x.device, x.dtype
     g1, b1 = NO_PARAMS if pre_norm is None else pre_norm[1:3]
     g2, b2 = NO_PARAMS if post_norm is None else post_norm[1:3]
-    if shapes_known:
-        fine = True
-        for t in (weight, bias, g1, b1, g2, b2):
-            if t is not None and not (t.device == device and t.dtype is dtype):
-                fine = False
-                break
-    else:
-        k_vector = (math.prod(weight_shape[1:]),)
-        d_vector = (dim,)
-        fine = (
-            weight.shape == weight_shape
-            and weight.device == device
-            and weight.dtype is dtype
-            and _known_kind(pre_norm)
-            and _known_kind(post_norm)
-        )
-        for t, shape in ((bias, d_vector), (g1, k_vector), (b1, k_vector), (g2, d_vector),
-                         (b2, d_vector)):  # fmt: skip
-            if t is not None:
-                fine = (
-                    fine
-                    and t.shape == shape
-                    and t.device == device
-                    and t.dtype is dtype
-                    and t.is_contiguous()
-                )
+    k_vector = (math.prod(weight_shape[1:]),)
+    d_vector = (dim,)
+    fine = (
+        weight.shape == weight_shape
+        and weight.device == device
+        and weight.dtype is dtype
+        and _known_kind(pre_norm)
+        and _known_kind(post_norm)
+    )
+    for t, shape in ((bias, d_vector), (g1, k_vector), (b1, k_vector), (g2, d_vector),
+                     (b2, d_vector)):  # fmt: skip
+        if t is not None:
+            fine = (
+                fine
+                and t.shape == shape
+                and t.device == device
+                and t.dtype is dtype
+                and t.is_contiguous()
+            )
     if not fine:  # the slow path: named errors, autocast's mixed dtypes, contiguous copies
         if weight.shape != weight_shape:
             raise ValueError(f"weight must have shape {weight_shape}, got {tuple(weight.shape)}")
@@ -271,3 +262,29 @@ def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) ->
         want = f"({'P' if rows is None else rows}, {dim})"
         raise ValueError(f"{name} must have shape {want} for {what}, got {tuple(t.shape)}")
     return table if table.is_contiguous() else table.contiguous()
+
+
+def check_keep(keep, x: Tensor, patch: tuple[int, ...]) -> Tensor:
+    """A keep index: (B, L) int64 grid positions in [0, N) on the image's device, the same L
+    for every image; returned contiguous. Out-of-range values raise here, before anything is
+    computed (a host sync; under torch.compile a device-side assert in the graph instead)."""
+    batch = x.shape[0]
+    tokens = math.prod([s // p for s, p in zip(x.shape[2:], patch, strict=True)])
+    if not isinstance(keep, Tensor):
+        raise TypeError(f"keep must be a (B, L) int64 tensor of patch indices, got {type(keep)}")
+    if keep.dtype != torch.int64:
+        raise TypeError(f"keep must hold int64 patch indices, got {keep.dtype}")
+    if keep.ndim != 2 or keep.shape[0] != batch:
+        raise ValueError(
+            f"keep must have shape (B, L) = ({batch}, L) for a batch of {batch}, got "
+            f"{tuple(keep.shape)}"
+        )
+    if keep.device != x.device:
+        raise RuntimeError(f"input is on {x.device} but keep is on {keep.device}: move one")
+    in_range = ((keep >= 0) & (keep < tokens)).all()
+    message = f"keep holds patch indices outside [0, {tokens}) for the {tokens} patches per image"
+    if torch.compiler.is_compiling():
+        torch._assert_async(in_range, message)
+    elif keep.numel() and not in_range:
+        raise ValueError(message)
+    return keep if keep.is_contiguous() else keep.contiguous()

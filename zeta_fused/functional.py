@@ -14,6 +14,7 @@ from . import dispatch
 from .checks import (
     PatchSize,
     check_input,
+    check_keep,
     check_stem,
     check_weight,
     checked_params,
@@ -59,6 +60,7 @@ def op_inputs(
     pre_norm: Norm | None,
     post_norm: Norm | None,
     stem: Stem = NO_STEM,
+    keep: Tensor | None = None,
 ) -> FwdArgs:
     """The fused op's inputs for a validated, padded call; dtypes as the eager module's."""
     if stem is NO_STEM:
@@ -66,21 +68,22 @@ def op_inputs(
     else:
         compute, out = fused_dtypes(x, weight, post_norm is not None, stem.norm is not None,
                                     (stem.pos, stem.prefix))  # fmt: skip
-    return fwd_args(x, weight, bias, pre_norm, post_norm, stem, tuple(patch), compute, out)
+    return fwd_args(x, weight, bias, pre_norm, post_norm, stem, keep, tuple(patch), compute, out)
 
 
 def fused_call(x: Tensor, patch: tuple[int, ...], weight: Tensor, weight_shape: tuple[int, ...],
                bias: Tensor | None, pre_norm: Norm | None = None, post_norm: Norm | None = None,
-               stem: Stem = NO_STEM, shapes_known: bool = False) -> Tensor:  # fmt: skip
+               stem: Stem = NO_STEM, keep: Tensor | None = None) -> Tensor:  # fmt: skip
     """The one path of every module and converted peer to the fused op, once it has decided
     that the call runs fused (:func:`~zeta_fused.dispatch.use_fused`, no hooks) and read its
     parameters: every parameter checked (:func:`~zeta_fused.checks.checked_params`), the stem
     checked, the op called. ``x`` is validated (and padded or cropped) already."""
-    bias, pre_norm, post_norm = checked_params(x, weight, weight_shape, bias, pre_norm, post_norm,
-                                               shapes_known)  # fmt: skip
+    bias, pre_norm, post_norm = checked_params(x, weight, weight_shape, bias, pre_norm, post_norm)
     if stem is not NO_STEM:
         stem = check_stem(x, patch, weight_shape[0], stem)
-    return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem))
+    if keep is not None:
+        keep = check_keep(keep, x, patch)
+    return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep))
 
 
 def fused_patch_embed(args: FwdArgs) -> Tensor:
@@ -117,6 +120,7 @@ def patch_embed(
     prefix: Tensor | None = None,
     stem_norm: Norm | tuple | None = None,
     stem_eps: float | None = None,
+    keep: Tensor | None = None,
     dynamic_img_pad: bool = False,
     backend: str = "auto",
 ) -> Tensor:
@@ -145,13 +149,18 @@ def patch_embed(
         stem_norm: the norm over D of every output row, prefix rows included (timm's
             ``norm_pre``, CLIP's ``ln_pre``), as ``post_norm``; None: no such norm.
         stem_eps: its epsilon when given as a pair (default: ``eps``).
+        keep: (B, L) int64 patch indices (grid order, last dimension fastest, as the peers
+            number patches and tubelets): only those patches are embedded, each image's in
+            the order given (repeats allowed), each with its own row of ``pos``; the output
+            has L patch tokens per image. Patches not kept get a zero image gradient; the
+            table's rows not kept get none.
         dynamic_img_pad: zero-pad the end of each spatial dimension to a multiple of the patch
             instead of raising.
         backend: "auto" | "triton" | "eager" (see the README).
 
     Returns:
         (B, P + N, D) tokens: the P prefix rows, then N = prod(spatial / patch) patch tokens
-        in grid order (last dimension fastest).
+        in grid order (last dimension fastest), or the L kept ones.
     """
     patch = patch_tuple(patch_size, x.ndim - 2 if isinstance(patch_size, int) else len(patch_size))
     check_input(x, None, patch, dynamic_img_pad)
@@ -164,9 +173,12 @@ def patch_embed(
     if pos is not None or prefix is not None or stem_norm is not None:
         stem_norm = norm_arg(stem_norm, eps if stem_eps is None else stem_eps, "stem_norm")
         stem = check_stem(x, patch, weight.shape[0], Stem(pos, prefix, stem_norm))
+    if keep is not None:
+        keep = check_keep(keep, x, patch)
     if dispatch.use_fused(dispatch.check_backend(backend), x):
-        return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem))
-    return patch_embed_reference(x, patch, weight, bias, pre_norm, post_norm, stem)
+        args = op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
+        return fused_patch_embed(args)
+    return patch_embed_reference(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
 
 
 def patch_embed_rows(

@@ -12,7 +12,7 @@ Adding an input: a field here and its place in :func:`fwd_args`, then the code t
 from __future__ import annotations
 
 import typing
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ class Stem(NamedTuple):
 
 NO_STEM = Stem(None, None, None)
 
+# Marks a tensor input that takes no gradient (an index): no slot in Grads.
+NO_GRAD = "no gradient"
+
 
 class FwdArgs(NamedTuple):
     """Inputs of ``zeta_fused::patch_embed_fwd``, in schema order."""
@@ -57,6 +60,9 @@ class FwdArgs(NamedTuple):
     post_eps: float
     pos: Tensor | None  # (N, D) position table added to every image's tokens after post_norm
     prefix: Tensor | None  # (P, D) rows put before every image's tokens (class, registers)
+    # (B, L) int64: the grid positions each image embeds, in output order (any order, repeats
+    # allowed); each token takes its position's table row. None: all N, in grid order.
+    keep: Annotated[Tensor | None, NO_GRAD]
     stem_norm: str  # NORM_KINDS: the norm over D of every output row, prefix rows included
     g3: Tensor | None  # (D,)
     b3: Tensor | None  # (D,)
@@ -82,19 +88,20 @@ _OFF = (NO_NORM, None, None, 0.0)
 
 
 def fwd_args(x: Tensor, weight: Tensor, bias: Tensor | None, pre: Norm | None,
-             post: Norm | None, stem: Stem, patch: tuple[int, ...] | list[int],
-             compute_dtype: torch.dtype, out_dtype: torch.dtype) -> FwdArgs:  # fmt: skip
+             post: Norm | None, stem: Stem, keep: Tensor | None,
+             patch: tuple[int, ...] | list[int], compute_dtype: torch.dtype,
+             out_dtype: torch.dtype) -> FwdArgs:  # fmt: skip
     """The op's flat inputs from values. Built with tuple.__new__: FwdArgs' own __new__ is a
     Python function of keywords, on the per-call path."""
     return tuple.__new__(FwdArgs, (
-        x, weight, bias, *(pre or _OFF), *(post or _OFF), stem.pos, stem.prefix,
-        *(stem.norm or _OFF), list(patch), compute_dtype, out_dtype,
+        x, weight, bias, *(pre or _OFF), *(post or _OFF), stem.pos, stem.prefix, keep,
+        *(stem.norm or _OFF), patch, compute_dtype, out_dtype,
     ))  # fmt: skip
 
 
 class _BwdExtra(NamedTuple):
-    grad_y: Tensor  # (B, P + N, D), any strides (stride 0 included)
-    stats: Tensor  # (len(STAT_ROWS), B*N) row statistics saved by the forward
+    grad_y: Tensor  # (B, P + L, D), any strides (stride 0 included); L = N without keep
+    stats: Tensor  # (len(STAT_ROWS), B*L) row statistics saved by the forward
     needs_x_grad: bool  # compute the image gradient (its own kernel)
 
 
@@ -106,14 +113,20 @@ BwdArgs.__doc__ = (
     "Inputs of ``zeta_fused::patch_embed_bwd``: grad_y, stats, needs_x_grad, then FwdArgs."
 )
 
+_HINTS = typing.get_type_hints(FwdArgs, include_extras=True)
+# Every tensor input (saved for the backward), and those that take a gradient.
 TENSOR_FIELDS = tuple(
     name
     for name, hint in typing.get_type_hints(FwdArgs).items()
     if Tensor in (hint, *typing.get_args(hint))
 )
-# The backward's outputs: a gradient per tensor input, an empty tensor where none is computed.
-Grads = NamedTuple("Grads", [(name, Tensor) for name in TENSOR_FIELDS])
-Grads.__doc__ = "Outputs of ``zeta_fused::patch_embed_bwd``: one per tensor field of FwdArgs."
+GRAD_FIELDS = tuple(
+    name for name in TENSOR_FIELDS if NO_GRAD not in getattr(_HINTS[name], "__metadata__", ())
+)
+# The backward's outputs: a gradient per differentiable tensor input, an empty tensor where
+# none is computed.
+Grads = NamedTuple("Grads", [(name, Tensor) for name in GRAD_FIELDS])
+Grads.__doc__ = "Outputs of ``zeta_fused::patch_embed_bwd``: one per differentiable tensor input."
 
 
 def fwd_of(args: BwdArgs) -> FwdArgs:

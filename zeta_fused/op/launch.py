@@ -19,6 +19,7 @@ from ..kernels.contract import COLUMN_SUMS, NO_NORM, STAT_ROWS
 from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param_kernel
 from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from ..kernels.patch_embed_fwd import _patch_embed_fwd_kernel
+from ..kernels.segment_sum import _segment_sum_kernel
 from . import layout, policy
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .policy import LaunchPolicy
@@ -97,39 +98,47 @@ def on_tensor_device(launcher):
     return on_device
 
 
+def _token_rows(a: FwdArgs, geo: layout.Geometry) -> tuple[int, int]:
+    """(patch tokens per image, tokens in the call): every patch, or the kept ones."""
+    if a.keep is None:
+        return geo.per_image, geo.tokens
+    return a.keep.shape[1], a.keep.numel()
+
+
 @on_tensor_device
 def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
     """Run the fused forward; returns y (B, P + N, D) and the row statistics."""
     geo = layout.geometry(a.x, a.patch)
     dim = a.weight.shape[0]
-    if geo.tokens >= MAX_TOKENS:
+    rows, tokens = _token_rows(a, geo)
+    if tokens >= MAX_TOKENS:
         raise ValueError(
-            f"{geo.tokens} tokens (batch {geo.batch} x {geo.per_image} patches): the fused "
-            f"kernels take at most {MAX_TOKENS - 1} per call; split the batch"
+            f"{tokens} tokens (batch {geo.batch} x {rows} patches): the fused kernels take at "
+            f"most {MAX_TOKENS - 1} per call; split the batch"
         )
     n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
-    y = a.x.new_empty((geo.batch, n_prefix + geo.per_image, dim), dtype=a.out_dtype)
+    y = a.x.new_empty((geo.batch, n_prefix + rows, dim), dtype=a.out_dtype)
     acc = stats_dtype(a.compute_dtype)
-    stats = a.x.new_empty((len(STAT_ROWS), geo.tokens), dtype=acc)
+    stats = a.x.new_empty((len(STAT_ROWS), tokens), dtype=acc)
     if n_prefix:
         # The same P rows in every image: computed once (P x D), broadcast into place.
         y[:, :n_prefix] = prefix_rows(a, acc)
-    if geo.tokens == 0:
+    if tokens == 0:
         return y, stats
-    tokens = y[:, n_prefix:] if n_prefix else y  # (a view costs host time on every call)
     pol = policy.current()
     blocks = pol.blocks(a.compute_dtype.itemsize)
     block_n = _block_n(dim, blocks.n)
     # Small batches: each program walks all of K and D in sequence, so with few programs the
     # call takes one program's latency; the smallest tensor-core tile spreads them wider.
-    block_m = blocks.m if _cdiv(geo.tokens, blocks.m) >= pol.small_grid else MIN_BLOCK
+    block_m = blocks.m if _cdiv(tokens, blocks.m) >= pol.small_grid else MIN_BLOCK
     k = layout.k_order(a.x, a.weight, a.g1, a.b1, geo, pol)
     row_norm = a.post_norm != NO_NORM or a.stem_norm != NO_NORM
-    _patch_embed_fwd_kernel[(_cdiv(geo.tokens, block_m),)](
+    patch_tokens = y[:, n_prefix:] if n_prefix else y  # (a view costs host time on every call)
+    _patch_embed_fwd_kernel[(_cdiv(tokens, block_m),)](
         a.x, a.x.stride(0), a.x.stride()[1:], k.weight, k.weight.stride(0), k.w_strides,
-        k.w_row_len, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, (a.g3, a.b3), tokens,
-        tokens.stride(), stats, geo.tokens, geo.patch_dim, dim, geo.grid, a.pre_eps, a.post_eps,
-        a.stem_eps,
+        k.w_row_len, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, a.keep, (a.g3, a.b3),
+        patch_tokens, patch_tokens.stride(), stats, tokens, geo.patch_dim, dim, rows, geo.grid,
+        a.pre_eps, a.post_eps, a.stem_eps,
         C=geo.chans, PATCH=geo.patch, NORM1=a.pre_norm, NORM2=a.post_norm, NORM3=a.stem_norm,
         Y_FLAT=n_prefix == 0, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
         TWO_PASS=row_norm and block_n < dim, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -144,13 +153,8 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     a, grad_y, stats = fwd_of(args), args.grad_y, args.stats
     x, weight = a.x, a.weight
     geo = layout.geometry(x, a.patch)
-    chans, patch, tokens, patch_dim, dim = (
-        geo.chans,
-        geo.patch,
-        geo.tokens,
-        geo.patch_dim,
-        weight.shape[0],
-    )
+    chans, patch, patch_dim, dim = geo.chans, geo.patch, geo.patch_dim, weight.shape[0]
+    rows, tokens = _token_rows(a, geo)
     pol = policy.current()
     blocks = pol.blocks(a.compute_dtype.itemsize)
     consts = dict(C=chans, PATCH=patch, NORM1=a.pre_norm, **numerics(a.compute_dtype, pol))
@@ -186,9 +190,10 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     if tokens:
         _bwd_dz_kernel[(dz_tiles,)](
             x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
-            (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer, partials, x_row_offsets,
-            dz_row_offsets, tokens, patch_dim, dim, geo.grid, NORM2=a.post_norm,
-            NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
+            a.keep, (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer, partials,
+            x_row_offsets, dz_row_offsets, tokens, patch_dim, dim, rows, geo.grid,
+            NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat,
+            CHANNELS_FIRST=k.channels_first,
             BLOCK_M=blocks.dz_m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
             num_warps=blocks.warps, **consts,
         )  # fmt: skip
@@ -231,16 +236,28 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     # 3. The image gradient, only when asked for.
     dx = None
     if args.needs_x_grad:
-        dx = x.new_empty(x.shape)
+        if a.keep is None:  # straight into the image
+            dx = out = x.new_empty(x.shape)
+            out_strides = layout.element_strides(dx, chans, patch)
+        else:
+            # Per-token patch gradients (a keep index may repeat a patch), summed into the
+            # patches below in a fixed order; patches not kept get zeros.
+            out = x.new_empty((tokens, chans, *patch), dtype=acc)
+            out_strides = out.stride()[1:]
         if tokens:
             dz_strides, dz_flat = layout.token_strides(dz)
             _bwd_dx_kernel[(_cdiv(tokens, blocks.m),)](
-                x, x.stride(0), x_strides, *w_operand, k.g1, stats, dz, dz_strides, dx,
-                dx.stride(0), layout.element_strides(dx, chans, patch), tokens, patch_dim, dim,
-                geo.grid, DZ_FLAT=dz_flat, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
-                BLOCK_M=blocks.m, BLOCK_D=blocks.dx_d, BLOCK_K=blocks.dx_k,
-                num_warps=blocks.warps, **consts,
+                x, x.stride(0), x_strides, *w_operand, k.g1, stats, dz, dz_strides, a.keep, out,
+                out.stride(0), out_strides, tokens, patch_dim, dim, rows, geo.grid,
+                DZ_FLAT=dz_flat, DX_ROWS=a.keep is not None, W_FLAT=k.w_flat,
+                CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.m, BLOCK_D=blocks.dx_d,
+                BLOCK_K=blocks.dx_k, num_warps=blocks.warps, **consts,
             )  # fmt: skip
+        if a.keep is not None:
+            image = torch.arange(geo.batch, device=x.device)[:, None] * geo.per_image
+            by_patch = _segment_sums(out.view(tokens, patch_dim), (image + a.keep).flatten(),
+                                     geo.tokens, x.dtype, pol)  # fmt: skip
+            dx = _patches_to_image(by_patch, geo)
 
     def column_sum(row: str, param: Tensor | None, prefix_part: Tensor | None = None):
         if param is None:
@@ -255,12 +272,49 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
         x=dx, weight=dw, bias=None if a.bias is None else dzsum.to(a.bias.dtype), g1=dg1, b1=db1,
         g2=column_sum("dg2", a.g2) if post else None,
         b2=column_sum("db2", a.b2) if post else None,
-        pos=None if a.pos is None else dt.sum(0, dtype=acc).to(a.pos.dtype),
+        pos=None if a.pos is None else _table_grad(dt, a, pol),
         prefix=None if dprefix is None else dprefix.to(a.prefix.dtype),
         g3=column_sum("dg3", a.g3, dg3_prefix) if stem else None,
         b3=column_sum("db3", a.b3, db3_prefix) if stem else None,
     )  # fmt: skip
     return Grads(*(absent_grad(weight) if g is None else g for g in grads))
+
+
+def _table_grad(dt: Tensor, a: FwdArgs, pol: LaunchPolicy) -> Tensor:
+    """The position table's gradient: dT summed over the batch, by kept position with a keep
+    index (a fixed-order sum, as every other)."""
+    if a.keep is None:
+        return dt.sum(0, dtype=stats_dtype(a.compute_dtype)).to(a.pos.dtype)
+    rows = dt.reshape(-1, dt.shape[-1])
+    return _segment_sums(rows, a.keep.flatten(), a.pos.shape[0], a.pos.dtype, pol)
+
+
+def _segment_sums(rows: Tensor, ids: Tensor, segments: int, dtype: torch.dtype,
+                  pol: LaunchPolicy) -> Tensor:  # fmt: skip
+    """(segments, W) sums of ``rows`` (R, W) by their ids (R,) in [0, segments), in ``dtype``:
+    each in a fixed order (a stable sort of the ids), accumulated in fp32 (fp64 for fp64)."""
+    order = ids.argsort(stable=True)
+    bounds = torch.searchsorted(ids[order], torch.arange(segments + 1, device=ids.device))
+    out = rows.new_empty((segments, rows.shape[1]), dtype=dtype)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    block = _block_n(rows.shape[1], 256)
+    acc = TL_DTYPES[torch.float64 if dtype == torch.float64 else torch.float32]
+    if segments:
+        _segment_sum_kernel[(segments, _cdiv(rows.shape[1], block))](
+            rows, rows.stride(0), order, bounds, out, out.stride(0), rows.shape[1],
+            ACC_DTYPE=acc, EMULATE_BF16=pol.emulate_bf16, BLOCK_W=block,
+        )  # fmt: skip
+    return out
+
+
+def _patches_to_image(patches: Tensor, geo: layout.Geometry) -> Tensor:
+    """(B * N, C * prod(patch)) patch rows in (c, *patch) order as the image (B, C, *spatial)."""
+    rank = len(geo.patch)
+    grid = patches.view(geo.batch, *geo.grid, geo.chans, *geo.patch)
+    order = [0, rank + 1] + [i for d in range(rank) for i in (1 + d, rank + 2 + d)]
+    spatial = [g * p for g, p in zip(geo.grid, geo.patch, strict=True)]
+    return grid.permute(order).reshape(geo.batch, geo.chans, *spatial)
 
 
 def _scratch(like: Tensor, shape: tuple, dtype: torch.dtype, zero: bool) -> Tensor:

@@ -1,6 +1,7 @@
 """Eager PyTorch reference of the patch embedding: the fallback path and the test oracle.
 
     P = patchify(x)              # (B, N, K), k in (*patch, c) order: vit-pytorch's (p1 p2 c)
+    P = P[:, keep]               (keep (B, L) optional: the patches each image embeds; pos too)
     A = norm1(P)                 (optional; a LayerNorm or RMSNorm over K, affine parts optional)
     Z = A @ W.T + bias           (bias optional)
     T = norm2(Z) + pos           (both optional)                   # (B, N, D)
@@ -49,6 +50,33 @@ def unpatchify(p: Tensor, patch, spatial) -> Tensor:
     return p.permute(order).reshape(batch, chans, *spatial)
 
 
+def kept(t: Tensor, keep: Tensor | None) -> Tensor:
+    """The rows ``keep`` (B, L) of each image's (B, N, ...) rows, or of one (N, ...) table for
+    every image: (B, L, ...); ``t`` itself without ``keep``."""
+    if keep is None:
+        return t
+    if t.ndim == 2:
+        return t[keep]
+    return t.gather(1, keep.view(*keep.shape, 1).expand(-1, -1, t.shape[-1]))
+
+
+def scattered(rows: Tensor, keep: Tensor | None, n: int) -> Tensor:
+    """The inverse of :func:`kept` for gradients: (B, L, W) rows summed into (B, N, W), zero at
+    positions not kept, repeats added."""
+    if keep is None:
+        return rows
+    out = rows.new_zeros(rows.shape[0], n, rows.shape[-1])
+    return out.scatter_add(1, keep.view(*keep.shape, 1).expand(-1, -1, rows.shape[-1]), rows)
+
+
+def position_sums(rows: Tensor, keep: Tensor | None, n: int) -> Tensor:
+    """The gradient of a table whose rows were added to ``rows`` (B, L, D): the rows summed
+    over the batch into the table's n rows (by ``keep``'s positions)."""
+    if keep is None:
+        return rows.sum(0)
+    return rows.new_zeros(n, rows.shape[-1]).index_add(0, keep.flatten(), rows.flatten(0, 1))
+
+
 def weight_matrix(weight: Tensor) -> Tensor:
     """The projection as (D, K) in (*patch, c) order; a conv weight (D, C, *patch) is permuted."""
     if weight.ndim == 2:
@@ -74,14 +102,15 @@ def patch_embed_reference(
     pre_norm: Norm | None = None,
     post_norm: Norm | None = None,
     stem: Stem = NO_STEM,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """The patch embedding in plain PyTorch ops (same dtype rules as the eager module)."""
-    a = apply_norm(patchify(x, patch_size), pre_norm)
+    a = apply_norm(kept(patchify(x, patch_size), keep), pre_norm)
     y = apply_norm(F.linear(a, weight_matrix(weight), bias), post_norm)
     if stem is NO_STEM:
         return y
     if stem.pos is not None:
-        y = y + stem.pos
+        y = y + kept(stem.pos, keep)
     if stem.prefix is not None:
         y = torch.cat([stem.prefix.expand(y.shape[0], -1, -1), y], 1)
     return apply_norm(y, stem.norm)
@@ -127,7 +156,7 @@ def _normed(t: Tensor, norm: Norm | None, acc: torch.dtype):
 def _projection(a: FwdArgs):
     """(A rounded to the GEMM dtype, x̂, mean1, rstd1, W rounded) in the accumulation dtype."""
     acc = stats_dtype(a.compute_dtype)
-    p = patchify(a.x, a.patch).to(acc)
+    p = kept(patchify(a.x, a.patch), a.keep).to(acc)
     act, x_hat, mean1, rstd1 = _normed(p, a.norm("pre"), acc)
     w = weight_matrix(a.weight).to(a.compute_dtype).to(acc)
     return act.to(a.compute_dtype).to(acc), x_hat, mean1, rstd1, w
@@ -136,12 +165,12 @@ def _projection(a: FwdArgs):
 def forward_with_stats(a: FwdArgs) -> tuple[Tensor, Tensor]:
     """What the fused kernel computes, in eager ops: LayerNorm statistics and the GEMM
     accumulation in fp32 (fp64 for fp64), GEMM operands rounded to ``compute_dtype``.
-    Returns ``(y, stats)``, stats = the STAT_ROWS of every patch token, (len(STAT_ROWS), B*N)."""
+    Returns ``(y, stats)``, stats = the STAT_ROWS of every patch token, (len(STAT_ROWS), B*L)."""
     act, _, mean1, rstd1, w = _projection(a)
     z = act @ w.T if a.bias is None else act @ w.T + a.bias
     t, _, mean2, rstd2 = _normed(z, a.norm("post"), z.dtype)
     if a.pos is not None:
-        t = t + a.pos.to(t.dtype)
+        t = t + kept(a.pos, a.keep).to(t.dtype)
     y, _, mean3, rstd3 = _normed(t, a.norm("stem"), t.dtype)
     stats = torch.stack([mean1, rstd1, mean2, rstd2, mean3, rstd3]).reshape(len(STAT_ROWS), -1)
     if a.prefix is not None:
@@ -203,7 +232,7 @@ def backward_from_stats(args: BwdArgs) -> Grads:
     mean1, rstd1, mean2, rstd2, mean3, rstd3 = args.stats.reshape(
         len(STAT_ROWS), a.x.shape[0], -1, 1
     )
-    p = patchify(a.x, a.patch).to(acc)
+    p = kept(patchify(a.x, a.patch), a.keep).to(acc)
     x_hat = (p - mean1) * rstd1
     act = p if pre is None else _affine(x_hat, a.g1, a.b1)
     act = act.to(a.compute_dtype).to(acc)
@@ -219,12 +248,12 @@ def backward_from_stats(args: BwdArgs) -> Grads:
         grads["prefix"] = dprefix.to(a.prefix.dtype)
     if stem is not None:
         t = z if post is None else _affine(z_hat, a.g2, a.b2)
-        t = t if a.pos is None else t + a.pos.to(acc)
+        t = t if a.pos is None else t + kept(a.pos, a.keep).to(acc)
         t_hat = (t - mean3) * rstd3
         grads["g3"], grads["b3"] = _norm_param_grads(dz, t_hat, a.g3, a.b3, prefix_parts)
         dz = norm_backward(dz, t_hat, rstd3, stem)
     if a.pos is not None:
-        grads["pos"] = dz.sum(0).to(a.pos.dtype)
+        grads["pos"] = position_sums(dz, a.keep, a.pos.shape[0]).to(a.pos.dtype)
     if post is not None:
         grads["g2"], grads["b2"] = _norm_param_grads(dz, z_hat, a.g2, a.b2)
         dz = norm_backward(dz, z_hat, rstd2, post)
@@ -241,5 +270,7 @@ def backward_from_stats(args: BwdArgs) -> Grads:
             da = norm_backward(da, x_hat, rstd1, pre)
         if args.needs_x_grad:
             # A fresh tensor: without norms da is grad_y itself, and outputs may not alias inputs.
+            n = math.prod(s // q for s, q in zip(a.x.shape[2:], a.patch, strict=True))
+            da = scattered(da, a.keep, n)
             grads["x"] = unpatchify(da, a.patch, a.x.shape[2:]).to(a.x.dtype, copy=True)
     return Grads(**{n: absent_grad(a.weight) if g is None else g for n, g in grads.items()})

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..dispatch import interpreting
 from ..kernels.contract import STAT_ROWS
 from . import reference as ref
-from .args import BwdArgs, FwdArgs, Grads, input_grads, schema
+from .args import TENSOR_FIELDS, BwdArgs, FwdArgs, Grads, input_grads, schema
 
 LIB = "zeta_fused"
 
@@ -59,7 +59,7 @@ patch_embed_bwd = _op("patch_embed_bwd", BwdArgs, len(Grads._fields), "patch_emb
 def _fwd_fake(*flat):
     a = FwdArgs(*flat)
     batch, grid = a.x.shape[0], [s // p for s, p in zip(a.x.shape[2:], a.patch, strict=True)]
-    tokens = math.prod(grid)
+    tokens = math.prod(grid) if a.keep is None else a.keep.shape[1]
     rows = tokens if a.prefix is None else a.prefix.shape[0] + tokens
     y = a.x.new_empty((batch, rows, a.weight.shape[0]), dtype=a.out_dtype)
     stats = a.x.new_empty((len(STAT_ROWS), batch * tokens), dtype=ref.stats_dtype(a.compute_dtype))
@@ -82,14 +82,14 @@ def _setup_context(ctx, inputs, output):
     # Saved: the inputs and the per-token statistics (STAT_ROWS); Z (B, N, D) is recomputed by the
     # backward's dZ kernel rather than kept (docs/design.md, "Memory").
     a = FwdArgs(*inputs)
-    ctx.save_for_backward(*(getattr(a, name) for name in Grads._fields), output[1])
-    ctx.others = {n: v for n, v in a._asdict().items() if n not in Grads._fields}
+    ctx.save_for_backward(*(getattr(a, name) for name in TENSOR_FIELDS), output[1])
+    ctx.others = {n: v for n, v in a._asdict().items() if n not in TENSOR_FIELDS}
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_y, _grad_stats):
     *tensors, stats = ctx.saved_tensors
-    inputs = FwdArgs(**dict(zip(Grads._fields, tensors, strict=True)), **ctx.others)
+    inputs = FwdArgs(**dict(zip(TENSOR_FIELDS, tensors, strict=True)), **ctx.others)
     needs_x_grad = ctx.needs_input_grad[0]
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         return _differentiable_backward(inputs, grad_y, ctx.needs_input_grad)
