@@ -4,7 +4,6 @@ patches already cut), the dtype rule, and the one call of the fused op the modul
 from __future__ import annotations
 
 import importlib
-import sys
 
 import torch
 from torch import Tensor
@@ -79,6 +78,18 @@ def op_inputs(
                                    compute, out))  # fmt: skip
 
 
+_launch = None  # zeta_fused.op.launch once imported completely (it imports Triton: lazily)
+
+
+def _import_launch():
+    """The launcher module, imported on the first fused call. ``import_module`` makes a thread
+    that arrives while another one is importing it wait for the complete module (sys.modules
+    holds the partly initialised one meanwhile); the global is set only once it is complete."""
+    global _launch
+    _launch = importlib.import_module(".op.launch", __package__)
+    return _launch
+
+
 def fused_patch_embed(args: FwdArgs) -> Tensor:
     """One call of the fused op (inputs from :func:`op_inputs`).
 
@@ -93,10 +104,7 @@ def fused_patch_embed(args: FwdArgs) -> Tensor:
         and type(x) is Tensor  # subclasses (FakeTensor, DTensor, ...) need the dispatcher
         and torch._C._len_torch_dispatch_stack() == 0  # so do dispatch modes
     ):
-        launch = sys.modules.get("zeta_fused.op.launch") or importlib.import_module(
-            ".op.launch", __package__
-        )
-        return launch.patch_embed_fwd(args)[0]
+        return (_launch or _import_launch()).patch_embed_fwd(args)[0]
     return patch_embed_fwd(*args)[0]
 
 
