@@ -248,20 +248,25 @@ def test_resampled_table_is_cached_only_while_frozen(device, monkeypatch) -> Non
 
 
 def test_handoff_norm_never_normalises_twice() -> None:
-    """The hand-off LayerNorm returns the stem's output as it is once, normalises anything
-    after that, and raises for another tensor while a hand-off is pending."""
+    """Within its owner's call, the hand-off LayerNorm returns the stem's output as it is once,
+    normalises anything after that, and raises for another tensor while a hand-off is pending;
+    outside one it is a LayerNorm."""
     from zeta_fused.integrations import _base as stems
 
-    norm = randomise(nn.LayerNorm(8))
+    owner, stem, norm = nn.Identity(), nn.Identity(), randomise(nn.LayerNorm(8))
     stems.handoff_class(norm)
     y = torch.randn(2, 3, 8)
-    stems.hand_off(norm, y)
-    assert norm(y) is y
     expected = torch.nn.functional.layer_norm(y, (8,), norm.weight, norm.bias, norm.eps)
+    with stems.handoff_scope(owner, stem, norm):
+        assert stems.pending_norm(stem) is norm
+        stems.hand_off(norm, y)
+        assert norm(y) is y
+        torch.testing.assert_close(norm(y), expected)
+        stems.hand_off(norm, y)
+        with pytest.raises(RuntimeError, match="another tensor than the stem's output"):
+            norm(y.clone())
+    assert stems.pending_norm(stem) is None
     torch.testing.assert_close(norm(y), expected)
-    stems.hand_off(norm, y)
-    with pytest.raises(RuntimeError, match="another tensor than the stem's output"):
-        norm(y.clone())
 
 
 def test_patch_embeddings_converted_first(device, fused_path_calls, norm_calls) -> None:

@@ -20,9 +20,9 @@ the peer's stem returns.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -99,7 +99,7 @@ class FusedStem:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         for key in [k for k in state if k.startswith("_zeta_")]:
-            del state[key]  # per-call state and caches (hand-offs, bindings, tables)
+            del state[key]  # caches (bindings, tables)
         return state
 
     def __reduce_ex__(self, protocol):
@@ -132,17 +132,62 @@ def swap(m: nn.Module, mixin: type, backend: str | None = None) -> None:
         m.zeta_backend = backend
 
 
-# --- Hand-off of a norm applied outside the stem's module --------------------------------------
+# --- Per-call state -----------------------------------------------------------------------
 
-_NEXT_NORM = "_zeta_next_norm"  # on the stem: the norm its owner applies next
-_DONE = "_zeta_done"  # on the norm: the tensor the stem normalised already
+
+class _CallState(threading.local):
+    """The per-call state of fused stems (the owner a stem computes for, the stem's output, the
+    norm it hands over), by module identity and per thread: one model called from several
+    threads at once keeps each call's state apart, as the unconverted model's locals are.
+    (torch.compile traces thread-local attributes; it does not trace ``ContextVar.set``.)"""
+
+    def __init__(self) -> None:
+        self.by_module: dict[int, dict] = {}
+
+
+_CALLS = _CallState()
+
+
+def call_state(module: nn.Module) -> dict | None:
+    """The state of the call ``module`` takes part in, in this thread; None outside one."""
+    return _CALLS.by_module.get(id(module))
+
+
+class call_scope:  # noqa: N801 - used as a context manager, like contextlib's
+    """``with call_scope(state, *modules)``: :func:`call_state` gives ``state`` for each of
+    ``modules`` in this thread until the block ends, however it ends; then what they had before
+    (a model running inside its own call) comes back."""
+
+    def __init__(self, state: dict, *modules: nn.Module):
+        self.state, self.ids = state, [id(m) for m in modules]
+
+    def __enter__(self) -> dict:
+        table = _CALLS.by_module
+        self.saved = [table.get(i) for i in self.ids]
+        for i in self.ids:
+            table[i] = self.state
+        return self.state
+
+    def __exit__(self, *exc) -> None:
+        table = _CALLS.by_module
+        for i, saved in zip(self.ids, self.saved, strict=True):
+            if saved is None:
+                table.pop(i, None)
+            else:
+                table[i] = saved
+
+
+# --- Hand-off of a norm applied outside the stem's module --------------------------------------
+# In the call's state: "norm", the norm the owner applies after the stem; "done", the tensor
+# the stem normalised with it already.
 
 
 class _HandoffLayerNorm(FusedStem):
     """A LayerNorm that returns the stem's output as it is when the stem applied it already."""
 
     def forward(self, x: Tensor) -> Tensor:
-        done = self.__dict__.pop(_DONE, None)
+        state = call_state(self)
+        done = None if state is None else state.pop("done", None)
         if done is None:
             return super().forward(x)
         if done is not x:
@@ -179,24 +224,18 @@ def handoff_class(norm: nn.Module) -> None:
         swap(norm, _HandoffLayerNorm)
 
 
-@contextlib.contextmanager
-def handoff_scope(stem: nn.Module, norm: nn.Module | None) -> Iterator[None]:
-    """While the owner's forward runs: the stem may apply ``norm`` and hand its output over."""
-    if norm is None:
-        yield
-        return
-    stem.__dict__[_NEXT_NORM] = norm
-    try:
-        yield
-    finally:
-        stem.__dict__.pop(_NEXT_NORM, None)
-        norm.__dict__.pop(_DONE, None)
+def handoff_scope(owner: nn.Module, stem: nn.Module, norm: nn.Module | None) -> call_scope:
+    """The scope of one call of the owner's forward: the stem computes for ``owner`` (the
+    call's state ``"owner"``) and may apply ``norm`` (None: none) and hand its output over."""
+    modules = (owner, stem) if norm is None else (owner, stem, norm)
+    return call_scope({"owner": owner, "norm": norm}, *modules)
 
 
 def pending_norm(stem: nn.Module) -> nn.LayerNorm | None:
     """The norm the stem may apply in this call: its owner's, within :func:`handoff_scope`,
     when it is a hand-off LayerNorm over the last dimension without hooks."""
-    norm = stem.__dict__.get(_NEXT_NORM)
+    state = call_state(stem)
+    norm = None if state is None else state.get("norm")
     if (
         norm is None
         or type(norm).forward is not _HandoffLayerNorm.forward
@@ -209,8 +248,9 @@ def pending_norm(stem: nn.Module) -> nn.LayerNorm | None:
 
 
 def hand_off(norm: nn.LayerNorm, y: Tensor) -> Tensor:
-    """Mark ``y`` as normalised by ``norm`` already (its next call returns it as it is)."""
-    norm.__dict__[_DONE] = y
+    """Mark ``y`` as normalised by ``norm`` already (its next call in this owner's call returns
+    it as it is)."""
+    call_state(norm)["done"] = y
     return y
 
 

@@ -156,9 +156,6 @@ def fused_timm_class(cls: type) -> type:
 
 # --- Whole stems ---------------------------------------------------------------------------
 
-_OWNER = "_zeta_owner"  # on the patch embedding, during the owner's forward
-_STEM_OUT = "_zeta_stem_out"  # on the owner: the whole stem's output, for _pos_embed
-
 
 def _timm():
     from timm.models import deit, vision_transformer
@@ -200,7 +197,8 @@ class _FusedTimmViT(stems.FusedStem):
             return super().forward_intermediates(x, *args, **kwargs)
 
     def _pos_embed(self, x: Tensor) -> Tensor:
-        if x is self.__dict__.pop(_STEM_OUT, None):  # the whole stem ran fused already
+        state = stems.call_state(self)
+        if state is not None and x is state.pop("out", None):  # the whole stem ran fused
             return self.pos_drop(x)
         return super()._pos_embed(x)
 
@@ -214,11 +212,12 @@ class _FusedTimmViT(stems.FusedStem):
         # norm_pre joins only when nothing between the stem and it changes the tensor.
         between = (self.pos_drop, self.patch_drop)
         fuse_norm = all(map(_keeps_tensor, between)) and not any(dispatch.hook_dicts(*between))
-        return _OwnerScope(self, pe, self.norm_pre if fuse_norm else None)
+        return stems.handoff_scope(self, pe, self.norm_pre if fuse_norm else None)
 
-    def _zeta_parts(self, grid: tuple[int, int]) -> Stem | None:
-        """The rest of the stem for a patch grid, as timm's ``_pos_embed`` computes it; None
-        when timm would not accept the table (timm then raises its own error)."""
+    def _zeta_parts(self, grid: tuple[int, int], norm: nn.LayerNorm | None) -> Stem | None:
+        """The rest of the stem for a patch grid, as timm's ``_pos_embed`` computes it, then
+        ``norm`` (``norm_pre`` handed off, or None); None when timm would not accept the table
+        (timm then raises its own error)."""
         tokens = _prefix_tokens(self)
         n_prefix = sum(t.shape[1] for t in tokens)
         prefix = torch.cat(tokens, 1) if len(tokens) > 1 else (tokens[0] if tokens else None)
@@ -241,7 +240,6 @@ class _FusedTimmViT(stems.FusedStem):
             if covers_prefix and n_prefix:
                 prefix = prefix + pos[:, :n_prefix]
                 pos = pos[:, n_prefix:]
-        norm = stems.pending_norm(self.patch_embed)
         return Stem(
             None if pos is None else pos[0],
             None if prefix is None else prefix[0],
@@ -250,37 +248,21 @@ class _FusedTimmViT(stems.FusedStem):
         )
 
 
-class _OwnerScope:
-    """Within one feature call: the patch embedding knows its owner, and the norm to hand off."""
-
-    def __init__(self, owner: nn.Module, pe: nn.Module, norm: nn.Module | None):
-        self.owner, self.pe, self.handoff = owner, pe, stems.handoff_scope(pe, norm)
-
-    def __enter__(self):
-        self.pe.__dict__[_OWNER] = self.owner
-        self.handoff.__enter__()
-
-    def __exit__(self, *exc):
-        self.pe.__dict__.pop(_OWNER, None)
-        self.owner.__dict__.pop(_STEM_OUT, None)
-        return self.handoff.__exit__(*exc)
-
-
 class _TimmStemPatchEmbed:
     """Mixed in front of a fused timm PatchEmbed: inside its owner's feature call it computes
     the whole stem (B, P + N, D); anywhere else it is the fused PatchEmbed."""
 
     def forward(self, x: Tensor) -> Tensor:
-        owner = self.__dict__.get(_OWNER)
-        if owner is None:
+        state = stems.call_state(self)
+        if state is None:
             return super().forward(x)
-        y = self.zeta_call(x, owner._zeta_parts)
+        norm = stems.pending_norm(self)  # read once: the norm the op applies is the one handed off
+        y = self.zeta_call(x, lambda grid: state["owner"]._zeta_parts(grid, norm))
         if y is None:
             return super().forward(x)
-        norm = stems.pending_norm(self)
         if norm is not None:
             stems.hand_off(norm, y)
-        owner.__dict__[_STEM_OUT] = y
+        state["out"] = y  # for the owner's _pos_embed
         return y
 
     def __reduce_ex__(self, protocol):
