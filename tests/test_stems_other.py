@@ -205,6 +205,26 @@ def test_diffusers_patch_embed(device, fused_path_calls, case) -> None:
     assert _converted(summary, "diffusers PatchEmbed") == [""]
 
 
+def test_diffusers_table_made_under_inference_mode_then_trained(device, fused_path_calls) -> None:
+    """PixArt at another latent size: the sincos table computed for a call under
+    inference_mode, then a training step: the peer's gradients (no inference tensor reaches
+    autograd), and tables on the device and in the dtype of each call."""
+    model = randomise(_diffusers_patch_embed(layer_norm=True, interpolation_scale=2)).to(device)
+    before = copy.deepcopy(model)
+    fuse_stems(model, backend="triton")
+    x = torch.randn(2, 4, 12, 20, device=device)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), before(x), **TOL)
+    model(x).square().sum().backward()
+    before(x).square().sum().backward()
+    for p, p_ref in zip(model.parameters(), before.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, **TOL)
+    model.double(), before.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.double()), before(x.double()), **TOL)
+    assert len(fused_path_calls) == 3
+
+
 def test_diffusers_sd3_transformer(device, fused_path_calls) -> None:
     """A whole (tiny) SD3 transformer, a non-square latent: its PatchEmbed fused in place."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is a test extra")

@@ -25,7 +25,6 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from .. import dispatch
@@ -99,7 +98,7 @@ class FusedStem:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         for key in [k for k in state if k.startswith("_zeta_")]:
-            del state[key]  # caches (bindings, tables)
+            del state[key]  # caches bound to this process's objects
         return state
 
     def __reduce_ex__(self, protocol):
@@ -278,34 +277,6 @@ def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem
     parts = stem(grid)
     parts = check_stem(x, patch, conv.out_channels, parts.pos, parts.prefix, parts.norm, parts.eps)
     return fused_patch_embed(op_inputs(x, patch, weight, bias, None, post_norm, eps, parts))
-
-
-_TABLES = "_zeta_tables"  # on a fused stem: resampled tables, by key
-_MAX_TABLES = 4  # input sizes kept per module
-
-
-def frozen_table(owner: nn.Module, key: tuple, sources: tuple[Tensor, ...],
-                 compute: Callable[[], Tensor]) -> Tensor:  # fmt: skip
-    """``compute()`` (a table resampled for another input size), cached per ``key`` where no
-    gradient can flow from it: its ``sources`` (the tensors it is computed from, none for a
-    fixed sincos table) need none, or autograd is off. A trainable table is never served
-    stale: while it needs a gradient the table is computed every call, and the key holds each
-    source's version (in-place updates), storage, dtype and shape (``.data`` replaced, the
-    module moved or cast). Under torch.compile the graph computes it."""
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-    ):
-        return compute()
-    full_key = (key, tuple((id(t), t._version, t.data_ptr(), t.dtype, t.shape) for t in sources))
-    cache = owner.__dict__.setdefault(_TABLES, {})
-    entry = cache.get(full_key)
-    if entry is not None and all(a is b for a, b in zip(entry[0], sources, strict=True)):
-        return entry[1]
-    table = compute()
-    if len(cache) >= _MAX_TABLES:
-        cache.pop(next(iter(cache)))
-    cache[full_key] = (sources, table)  # the sources kept: their ids cannot be reused
-    return table
 
 
 __all__ = ["FusedStem", "StemKind", "conv_stem", "peer_class", "swap"]

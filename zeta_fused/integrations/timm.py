@@ -227,14 +227,11 @@ class _FusedTimmViT(stems.FusedStem):
             if self.dynamic_img_size:
                 from timm.layers import resample_abs_pos_embed
 
-                table, old = pos, tuple(self.patch_embed.grid_size)
-                skip = n_prefix if covers_prefix else 0
-                pos = stems.frozen_table(
-                    self, ("pos_embed", grid, old, skip), (table,),
-                    lambda: resample_abs_pos_embed(
-                        table, new_size=grid, old_size=old, num_prefix_tokens=skip
-                    ),
-                )  # fmt: skip
+                # Resampled on every call, as timm does: a cache could not see every update
+                # of the table (through .data, by fused optimizers) nor inference mode.
+                old, skip = tuple(self.patch_embed.grid_size), n_prefix if covers_prefix else 0
+                pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old,
+                                             num_prefix_tokens=skip)  # fmt: skip
             if pos.shape[1] != grid[0] * grid[1] + (n_prefix if covers_prefix else 0):
                 return None
             if covers_prefix and n_prefix:
