@@ -122,6 +122,20 @@ def test_training_with_dropout_follows_timm(device, fused_path_calls, norm_calls
     torch.testing.assert_close(out, before.forward_features(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_no_table_no_pos_drop(pre_norm, device, fused_path_calls, norm_calls) -> None:
+    """pos_embed="none": timm returns from _pos_embed before pos_drop, so an active pos_drop
+    changes nothing, and norm_pre stays fused."""
+    model, before = converted(vit(pos_embed="none", pos_drop_rate=0.5, pre_norm=pre_norm), device)
+    model.train(), before.train()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    expected = before.forward_features(x)
+    eager_norms = len(norm_calls)
+    norm_calls.clear()
+    torch.testing.assert_close(model.forward_features(x), expected, rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1] and len(norm_calls) == eager_norms - pre_norm
+
+
 def test_hooks_keep_timm_semantics(device, fused_path_calls, norm_calls) -> None:
     model, before = converted(vit(pre_norm=True), device)
     x = torch.randn(2, 3, 32, 32, device=device)

@@ -199,7 +199,7 @@ class _FusedTimmViT(stems.FusedStem):
     def _pos_embed(self, x: Tensor) -> Tensor:
         state = stems.call_state(self)
         if state is not None and x is state.pop("out", None):  # the whole stem ran fused
-            return self.pos_drop(x)
+            return x if self.pos_embed is None else self.pos_drop(x)  # (timm: no table, no drop)
         return super()._pos_embed(x)
 
     def _zeta_scope(self, x: Tensor):
@@ -209,8 +209,9 @@ class _FusedTimmViT(stems.FusedStem):
         # embedding for this call.
         if not isinstance(pe, _TimmStemPatchEmbed) or not self.zeta_fusable(x, pe):
             return nullcontext()
-        # norm_pre joins only when nothing between the stem and it changes the tensor.
-        between = (self.pos_drop, self.patch_drop)
+        # norm_pre joins only when nothing between the stem and it changes the tensor (timm
+        # applies pos_drop only with a table).
+        between = (self.patch_drop,) if self.pos_embed is None else (self.pos_drop, self.patch_drop)
         fuse_norm = all(map(_keeps_tensor, between)) and not any(dispatch.hook_dicts(*between))
         return stems.handoff_scope(self, pe, self.norm_pre if fuse_norm else None)
 
