@@ -194,6 +194,36 @@ def test_unknown_subclass_is_reported() -> None:
     assert summary.converted == [("patch_embed", "timm PatchEmbed")]
 
 
+class MaeViT(VisionTransformer):
+    """The stem as the MAE repository's models_vit.py (widely copied) writes it: its own
+    forward_features calls patch_embed, then adds the class token and the table itself."""
+
+    def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # (timm's attn_mask)
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_subclass_building_its_own_stem(class_token, device, fused_path_calls) -> None:
+    """A subclass overriding forward_features keeps its stem: only its patch embedding is
+    fused, and the summary says why the whole stem is not."""
+    kw = {} if class_token else {"class_token": False, "global_pool": "avg"}
+    model = vit(MaeViT, **kw).to(device)
+    before = copy.deepcopy(model)
+    summary = fuse_stems(model, backend="triton")
+    assert summary.converted == [("patch_embed", "timm PatchEmbed")], str(summary)
+    assert any("overrides VisionTransformer.forward_features" in why
+               for _, why in summary.skipped), str(summary)  # fmt: skip
+    x = torch.randn(2, 3, 32, 32, device=device)
+    torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1]
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -294,6 +294,13 @@ def _problem(m: nn.Module) -> str | None:
     own = type(m)._pos_embed
     if own not in (vit._pos_embed, distilled._pos_embed):
         return f"{type(m).__name__} overrides _pos_embed"
+    # A class with its own feature methods (the MAE repository's models_vit.py) builds the
+    # stem itself around patch_embed: only the patch embedding can be fused there.
+    why = stems.overrides(m, vit, "forward_features") or stems.overrides(
+        m, vit, "forward_intermediates"
+    )
+    if why is not None:
+        return f"{why} (its own stem code): only its patch embedding is fused"
     pe = m.patch_embed
     base = getattr(pe, "_zeta_base", type(pe))
     why = timm_problem(pe, base) if hasattr(pe, "proj") else "no timm PatchEmbed"
