@@ -260,6 +260,30 @@ def test_compile_fullgraph_keeps_the_fused_stem(device, fused_calls) -> None:
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_compile_fullgraph_at_another_size(device, fused_calls) -> None:
+    """dynamic_img_size, compiled (fullgraph) and trained at two image sizes, as the unconverted
+    model compiled the same way: each size gets its own graph, as timm's PatchEmbed makes it (a
+    graph with symbolic sizes reaches a PyTorch bug in the backward of the table's antialiased
+    bicubic resampling)."""
+    model, before = converted(vit(dynamic_img_size=True), device)
+    graphs = {}
+    for name, m in (("timm", before), ("fused", model)):
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        for size in ((32, 32), (40, 24)):
+            x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1)).to(device)
+            m.zero_grad()
+            y = compiled(x)
+            y.square().sum().backward()
+            graphs[name, size] = (y, [p.grad for p in m.parameters()])
+    assert fused_calls  # the fused graphs call the op
+    for size in ((32, 32), (40, 24)):
+        (y, grads), (y_ref, grads_ref) = graphs["fused", size], graphs["timm", size]
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
 def _update_pos_embed(model: nn.Module, x: torch.Tensor, how: str) -> None:
     if how == "ema":  # a MoCo / BYOL / DINO teacher: through .data, which bumps no version
         model.pos_embed.data.mul_(0.5).add_(0.1)

@@ -17,6 +17,7 @@ methods, ``patch_embed`` and ``_pos_embed`` behave as timm's.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -68,6 +69,17 @@ def timm_problem(m: nn.Module, cls: type) -> str | None:
     if timm_format(m) not in ("NLC", "NHWC"):
         return f"LayerNorm after output format {timm_format(m)} (not over the embedding dim)"
     return None
+
+
+def _specialise(*sizes: int) -> None:
+    """Under torch.compile: make the graph specific to these sizes (``operator.index`` turns a
+    symbolic size into a constant, guarded). Where timm's ``PatchEmbed.forward`` checks the
+    image size (a fixed size, or multiples of the patch without padding) it formats the size
+    into its assertion messages, which does the same to timm's graph; a compiled fused stem
+    gets the same graphs. (With symbolic sizes, the backward of the table's antialiased bicubic
+    resampling for ``dynamic_img_size`` reaches a PyTorch bug.)"""
+    for size in sizes:
+        operator.index(size)
 
 
 class _FusedTimmPatchEmbed:
@@ -124,6 +136,8 @@ class _FusedTimmPatchEmbed:
             ragged = not self.dynamic_img_pad and (height % ph or width % pw)
             if wrong_size or (ragged and not self.strict_img_size):
                 return None  # timm raises its own error
+            if torch.compiler.is_compiling() and (self.strict_img_size or not self.dynamic_img_pad):
+                _specialise(height, width)
         if self.dynamic_img_pad:
             x = pad_to_patch(x, (ph, pw))
         x = _crop_to_grid(x, (ph, pw))
