@@ -82,7 +82,7 @@ def rebuild_fused(cls: type, state: dict, make, *args) -> nn.Module:
     return module
 
 
-class FusedStem:
+class FusedStem(dispatch.NotScriptable):
     """Base of every fused stem class (mixed before the peer's class): its backend, pickling
     as the peer's class, and the per-call decision."""
 

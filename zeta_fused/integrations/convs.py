@@ -63,7 +63,7 @@ def _to_format(y: Tensor, x: Tensor, patch: tuple[int, ...], fmt: str) -> Tensor
     return tokens if fmt == "NHWC" else tokens.movedim(-1, 1)
 
 
-class _FusedPatchConv:
+class _FusedPatchConv(dispatch.NotScriptable):
     """A ConvNd with kernel = stride = patch computed by the fused op. Returns the conv's values
     as a channels-last (B, D, *grid) tensor, so ``.flatten(2).transpose(1, 2)`` is free. Its own
     hooks run as for any module call."""

@@ -82,7 +82,7 @@ def _specialise(*sizes: int) -> None:
         operator.index(size)
 
 
-class _FusedTimmPatchEmbed:
+class _FusedTimmPatchEmbed(dispatch.NotScriptable):
     """Mixed in front of a timm ``PatchEmbed`` class: the same checks, padding and output
     format, with projection and LayerNorm fused."""
 

@@ -145,7 +145,7 @@ def plan_eps(plan: SequentialPlan) -> float:
 _NO_CHECKED = (object(),) * 6
 
 
-class FusedPatchSequential(nn.Sequential):
+class FusedPatchSequential(dispatch.NotScriptable, nn.Sequential):
     """A vit-pytorch patch-embedding Sequential with a fused forward (same children, same
     state-dict keys). Build it from layers, or convert an existing Sequential in place with
     :meth:`fuse_in_place`.
