@@ -10,7 +10,9 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import Parameter
 
+from .op.args import TENSOR_FIELDS, FwdArgs
 from .op.reference import Norm, Stem
 
 PatchSize = int | tuple[int, ...]
@@ -241,3 +243,21 @@ def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) ->
         want = f"({'P' if rows is None else rows}, {dim})"
         raise ValueError(f"{name} must have shape {want} for {what}, got {tuple(t.shape)}")
     return table if table.is_contiguous() else table.contiguous()
+
+
+_TENSOR_AT = tuple(FwdArgs._fields.index(name) for name in TENSOR_FIELDS)
+
+
+def wrapped_operand(args: FwdArgs) -> bool:
+    """Some tensor of the call is a wrapper tensor subclass (it has ``__tensor_flatten__``:
+    DTensor, torchao's quantized and float8 tensors): it holds no buffer the kernels can read,
+    and the op has no rule for it. The caller then runs the module's own code, which the
+    subclass implements. (FakeTensor and FunctionalTensor, which torch.compile and
+    torch.export trace with, are no wrappers: they go to the op.)"""
+    for i in _TENSOR_AT:
+        t = args[i]
+        if t is not None:
+            cls = type(t)
+            if cls is not Parameter and cls is not Tensor and hasattr(cls, "__tensor_flatten__"):
+                return True
+    return False

@@ -28,7 +28,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..checks import check_input, check_stem, checked_params
+from ..checks import check_input, check_stem, checked_params, wrapped_operand
 from ..functional import fused_patch_embed, op_inputs
 from ..nn.patch_embed import _param, plain
 from ..op.reference import Norm, Stem
@@ -276,7 +276,8 @@ def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem
     grid = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
     parts = stem(grid)
     parts = check_stem(x, patch, conv.out_channels, parts.pos, parts.prefix, parts.norm, parts.eps)
-    return fused_patch_embed(op_inputs(x, patch, weight, bias, None, post_norm, eps, parts))
+    args = op_inputs(x, patch, weight, bias, None, post_norm, eps, parts)
+    return None if wrapped_operand(args) else fused_patch_embed(args)
 
 
 __all__ = ["FusedStem", "StemKind", "conv_stem", "peer_class", "swap"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..checks import check_input, checked_params
+from ..checks import check_input, checked_params, wrapped_operand
 from ..functional import fused_patch_embed, op_inputs
 from ..nn.patch_embed import _param, plain
 
@@ -83,8 +83,10 @@ class _FusedPatchConv(dispatch.NotScriptable):
         weight, bias = _param(self, "weight"), _param(self, "bias")
         shape = (self.out_channels, self.in_channels, *patch)
         bias = checked_params(x, weight, shape, bias, None, None)[0]
-        y = fused_patch_embed(op_inputs(x, patch, weight, bias, None, None, 1e-5))
-        return _to_format(y, x, patch, "NCHW")
+        args = op_inputs(x, patch, weight, bias, None, None, 1e-5)
+        if wrapped_operand(args):
+            return super().forward(x)
+        return _to_format(fused_patch_embed(args), x, patch, "NCHW")
 
 
 class FusedPatchConv1d(_FusedPatchConv, nn.Conv1d):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..checks import check_input, check_stem, checked_params, pad_to_patch
+from ..checks import check_input, check_stem, checked_params, pad_to_patch, wrapped_operand
 from ..functional import fused_patch_embed, op_inputs
 from ..nn.patch_embed import _param, norm_params, over, plain
 from ..op.reference import NO_STEM, Stem
@@ -153,7 +153,10 @@ class _FusedTimmPatchEmbed(dispatch.NotScriptable):
         post = norm_params(norm if is_norm else None)
         bias, _, post = checked_params(x, weight, shape, bias, None, post)
         eps = norm.eps if is_norm else 1e-5
-        y = fused_patch_embed(op_inputs(x, (ph, pw), weight, bias, None, post, eps, parts))
+        args = op_inputs(x, (ph, pw), weight, bias, None, post, eps, parts)
+        if wrapped_operand(args):
+            return None
+        y = fused_patch_embed(args)
         return y if stem is not None else _to_format(y, x, (ph, pw), fmt)
 
 

@@ -16,7 +16,7 @@ import math
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from ..checks import check_stem, checked_params
+from ..checks import check_stem, checked_params, wrapped_operand
 from ..functional import fused_dtypes, fused_patch_embed, op_inputs
 from ..nn.patch_embed import (
     SequentialPlan,
@@ -95,7 +95,8 @@ def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
     if parts is None:
         return None
     parts = check_stem(img, patch, dim, parts.pos, parts.prefix, parts.norm, parts.eps)
-    return fused_patch_embed(op_inputs(img, patch, weight, bias, pre, post, eps, parts))
+    args = op_inputs(img, patch, weight, bias, pre, post, eps, parts)
+    return None if wrapped_operand(args) else fused_patch_embed(args)
 
 
 class _FusedViT(FusedStem):

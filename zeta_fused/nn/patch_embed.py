@@ -25,6 +25,7 @@ from ..checks import (
     checked_params,
     pad_to_patch,
     resolve_patch_size,
+    wrapped_operand,
 )
 from ..functional import fused_patch_embed, op_inputs
 from ..op.layout import PatchPattern, parse_patchify
@@ -74,8 +75,9 @@ def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None
     if isinstance(pattern, str):
         return None, f"Rearrange {first.pattern!r}: {pattern}"
     rest = [m for m in mods[1:] if not plain(m, nn.Identity)]  # Identity: no norm
+    # Any other class is "other", whatever its name (quantize_dynamic's Linear is "Linear" too).
     kinds = tuple("LayerNorm" if plain(m, nn.LayerNorm) else "Linear" if plain(m, nn.Linear)
-                  else type(m).__name__ for m in rest)  # fmt: skip
+                  else "other" for m in rest)  # fmt: skip
     layouts = {
         ("Linear",): (None, 0, None),
         ("LayerNorm", "Linear"): (0, 1, None),
@@ -238,10 +240,11 @@ class FusedPatchSequential(dispatch.NotScriptable, nn.Sequential):
         if pattern.flat:  # vit-pytorch's images: the op's tokens as they are
             if stem is not NO_STEM:
                 stem = check_stem(x, patch, proj.out_features, *stem)
-            return fused_patch_embed(op_inputs(x, patch, weight, bias, pre, post, eps, stem))
+            args = op_inputs(x, patch, weight, bias, pre, post, eps, stem)
+            return None if wrapped_operand(args) else fused_patch_embed(args)
         x_ordered, op_patch = _patch_order_view(x, pattern)
-        y = fused_patch_embed(op_inputs(x_ordered, op_patch, weight, bias, pre, post, eps))
-        return _tokens_as(y, x, pattern)
+        args = op_inputs(x_ordered, op_patch, weight, bias, pre, post, eps)
+        return None if wrapped_operand(args) else _tokens_as(fused_patch_embed(args), x, pattern)
 
 
 class PatchEmbeddings(nn.Module):
