@@ -118,14 +118,16 @@ PATCH_CONV_NAMES = ("projection", "patch_embedding", "proj")
 
 def library_patch_conv(m: nn.Module) -> str | None:
     """The attribute holding a transformers or diffusers module's projection conv, or None: a
-    patch conv (kernel = stride), or any conv of an embedding class (``*Embed*``), whose
-    overlap or padding the summary then reports."""
+    patch conv (kernel = stride, more than one pixel: the 1x1 ``projection`` convs of DPT,
+    Depth Anything and ZoeDepth necks map pixels), or any conv of an embedding class
+    (``*Embed*``), whose overlap or padding the summary then reports."""
     if not type(m).__module__.startswith(CONV_LIBRARIES):
         return None
     for attr in PATCH_CONV_NAMES:
         conv = m._modules.get(attr)
         if isinstance(conv, CONVS) and (
-            conv.kernel_size == conv.stride or "Embed" in type(m).__name__
+            (conv.kernel_size == conv.stride and max(conv.kernel_size) > 1)
+            or "Embed" in type(m).__name__
         ):
             return attr
     return None
