@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from support import check_drop_in, randomise
+from support import check_drop_in, randomise, same_outcome
 from torch import nn
 
 from zeta_fused import fuse_stems
@@ -165,6 +165,15 @@ def test_open_clip_patch_dropout_and_pickle(device, fused_path_calls) -> None:
     loaded.conv1.register_forward_hook(lambda *a: seen.append("conv1"))
     _same_output(loaded, before, x, fused_path_calls, expect_calls=0)  # the peer's _embeds
     assert seen == ["ln_pre", "conv1", "ln_pre"]
+
+
+def test_open_clip_empty_batch_as_the_peer(device, fused_path_calls) -> None:
+    """An empty batch runs OpenCLIP's own code (it raises for one)."""
+    model = randomise(_open_clip_vit()).eval().to(device)
+    before = copy.deepcopy(model)
+    fuse_stems(model, backend="triton")
+    same_outcome(model, before, torch.randn(0, 3, 16, 16, device=device))
+    assert fused_path_calls == []
 
 
 # ---------------------------------------------------------------- Segment Anything

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from support import check_drop_in, randomise
+from support import check_drop_in, randomise, same_outcome
 from torch import nn
 
 from zeta_fused import fuse_stems
@@ -78,6 +78,17 @@ def test_stem_matches_timm(name, device, fused_path_calls, norm_calls) -> None:
     # The fused stem applied norm_pre and the patch norm: each one layer norm fewer.
     fused_norms = cfg.get("pre_norm", False) + cfg.get("embed_layer_norm", False)
     assert len(norm_calls) == norms_eager - fused_norms
+
+
+@pytest.mark.parametrize("name", ["cls", "no_pos", "dynamic_img_size", "no_class_token"])
+def test_empty_batch_as_timm(name, device) -> None:
+    """An empty batch runs timm's own code (its patch embedding fused): an empty output, or
+    timm's error where it raises (dynamic_img_size, no prefix tokens and no table: its view of
+    0 elements)."""
+    cfg = {"dynamic_img_size": {"dynamic_img_size": True},
+           "no_pos": {"pos_embed": "none", "class_token": False, "global_pool": "avg"}}  # fmt: skip
+    model, before = converted(vit(**cfg.get(name, CONFIGS.get(name, {}))), device)
+    same_outcome(model, before, torch.randn(0, 3, 32, 32, device=device))
 
 
 def test_distilled_deit(device, fused_path_calls) -> None:

@@ -91,9 +91,15 @@ class FusedStem(dispatch.NotScriptable):
     _zeta_mixin: type
 
     def zeta_fusable(self, x: Tensor, *children: nn.Module) -> bool:
-        """This call may run fused: no hook on the children it would not call (the module's
-        own hooks run either way) and no global one, and the dispatcher agrees."""
-        return not any(dispatch.hook_dicts(*children)) and dispatch.use_fused(self.zeta_backend, x)
+        """This call may run fused: a non-empty input (for an empty batch some peers return an
+        empty result and some raise: their own code decides), no hook on the children it
+        would not call (the module's own hooks run either way) and no global one, and the
+        dispatcher agrees."""
+        return (
+            x.numel() != 0
+            and not any(dispatch.hook_dicts(*children))
+            and dispatch.use_fused(self.zeta_backend, x)
+        )
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
