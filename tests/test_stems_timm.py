@@ -271,12 +271,17 @@ def test_compile_fullgraph_keeps_the_fused_stem(device, fused_calls) -> None:
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_compile_fullgraph_at_another_size(device, fused_calls) -> None:
+@pytest.mark.parametrize("convert", ["fuse_stems", "fuse_patch_embeddings"])
+def test_compile_fullgraph_at_another_size(convert, device, fused_calls) -> None:
     """dynamic_img_size, compiled (fullgraph) and trained at two image sizes, as the unconverted
     model compiled the same way: each size gets its own graph, as timm's PatchEmbed makes it (a
     graph with symbolic sizes reaches a PyTorch bug in the backward of the table's antialiased
     bicubic resampling)."""
-    model, before = converted(vit(dynamic_img_size=True), device)
+    import zeta_fused
+
+    model = vit(dynamic_img_size=True).to(device)
+    before = copy.deepcopy(model)
+    getattr(zeta_fused, convert)(model, backend="triton")
     graphs = {}
     for name, m in (("timm", before), ("fused", model)):
         torch._dynamo.reset()
