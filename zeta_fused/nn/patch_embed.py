@@ -63,6 +63,14 @@ class SequentialPlan(NamedTuple):
     hooks: tuple[dict, ...]  # dispatch.hook_dicts of every child
 
 
+def _class_name(m: nn.Module) -> str:
+    """A layer's class, by its full name outside torch.nn: a quantized "Linear" is not one."""
+    cls = type(m)
+    if cls.__module__.startswith("torch.nn."):
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None, str | None]:
     """Read a vit-pytorch patch-embedding Sequential of any spatial rank (a patchifying
     Rearrange, then LayerNorm?, Linear, LayerNorm?, nn.Identity in a norm's place); returns
@@ -85,7 +93,7 @@ def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None
         ("LayerNorm", "Linear", "LayerNorm"): (0, 1, 2),
     }
     if kinds not in layouts:
-        names = [type(m).__name__ for m in mods[1:]]
+        names = [_class_name(m) for m in mods[1:]]
         return None, f"layers after Rearrange are {names}, not LayerNorm?, Linear, LayerNorm?"
     ln1, proj, ln2 = (None if i is None else rest[i] for i in layouts[kinds])
     pixels = math.prod(pattern.patch)
