@@ -145,3 +145,21 @@ def check_drop_in(model: nn.Module, x: torch.Tensor, device: str, calls: list, e
         if p_ref.grad is not None:
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
     return model, summary
+
+
+def same_outcome(model: nn.Module, before: nn.Module, x: torch.Tensor) -> None:
+    """``model(x)`` gives what ``before(x)`` gives: the same output, or the same error."""
+    outcomes = []
+    for m in (model, before):
+        try:
+            with torch.no_grad():
+                out = m(x)
+            outcomes.append(("output", getattr(out, "last_hidden_state", out)))
+        except Exception as exc:  # noqa: BLE001 - compared below
+            outcomes.append(("error", f"{type(exc).__name__}: {exc}"))
+    (kind, got), (kind_ref, want) = outcomes
+    assert kind == kind_ref, outcomes
+    if kind == "error":
+        assert got == want
+    else:
+        torch.testing.assert_close(got, want)

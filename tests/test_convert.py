@@ -167,6 +167,24 @@ def test_transformers_keeps_its_errors(device) -> None:
     assert str(after.value) == str(before.value)
 
 
+def test_one_by_one_convs_are_not_patch_embeddings() -> None:
+    """DPT's neck (as Depth Anything's and ZoeDepth's) keeps 1x1 convs named ``projection``:
+    kernel = stride = 1 maps pixels, not patches, so they are left alone and not listed."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+    config = transformers.DPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=16, image_size=32, patch_size=8,
+                                    backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 8],
+                                    fusion_hidden_size=8, head_in_index=-1)  # fmt: skip
+    model = transformers.DPTForDepthEstimation(config)
+    summary = fuse_patch_embeddings(model)
+    assert summary.converted == [
+        ("dpt.embeddings.patch_embeddings.projection", "transformers DPTViTPatchEmbeddings")
+    ], str(summary)
+    assert summary.skipped == [], str(summary)
+    neck_convs = [m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and "neck" in n]
+    assert neck_convs and all(type(m) is nn.Conv2d for m in neck_convs)
+
+
 def test_summary_text() -> None:
     summary = fuse_patch_embeddings(_timm_vit())
     assert "converted 1, skipped 0" in str(summary) and "patch_embed" in str(summary)

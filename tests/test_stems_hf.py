@@ -226,3 +226,23 @@ def test_fused_embeddings_compile_fullgraph(name, device, fused_calls) -> None:
     compiled = torch.compile(model.embeddings, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), model.embeddings(x))
     assert len(fused_calls) == 2  # traced into the compiled graph once, run eagerly once
+
+
+def test_clip_owner_compile_fullgraph(device) -> None:
+    """The owner's hand-off scope (per-thread call state) traces too: the whole CLIP vision
+    model compiles without graph breaks, with the op in the graph and pre_layrnorm in it."""
+    model, before = converted(hf("CLIPVision"), device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    graphs = []
+
+    def keep_graph(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    for m in (before, model):
+        torch._dynamo.reset()
+        out = torch.compile(m, fullgraph=True, backend=keep_graph)(x).last_hidden_state
+        torch.testing.assert_close(out, before(x).last_hidden_state, rtol=1e-4, atol=1e-5)
+    assert len(graphs) == 2 and "zeta_fused.patch_embed_fwd" in graphs[1]
+    norms = [g.count("target=torch.nn.functional.layer_norm]") for g in graphs]
+    assert norms[1] == norms[0] - 1, norms

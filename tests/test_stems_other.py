@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from support import check_drop_in, randomise
+from support import check_drop_in, randomise, same_outcome
 from torch import nn
 
 from zeta_fused import fuse_stems
@@ -167,6 +167,15 @@ def test_open_clip_patch_dropout_and_pickle(device, fused_path_calls) -> None:
     assert seen == ["ln_pre", "conv1", "ln_pre"]
 
 
+def test_open_clip_empty_batch_as_the_peer(device, fused_path_calls) -> None:
+    """An empty batch runs OpenCLIP's own code (it raises for one)."""
+    model = randomise(_open_clip_vit()).eval().to(device)
+    before = copy.deepcopy(model)
+    fuse_stems(model, backend="triton")
+    same_outcome(model, before, torch.randn(0, 3, 16, 16, device=device))
+    assert fused_path_calls == []
+
+
 # ---------------------------------------------------------------- Segment Anything
 
 
@@ -203,6 +212,26 @@ def test_diffusers_patch_embed(device, fused_path_calls, case) -> None:
                                fused_path_calls, expect=2, convert=fuse_stems,
                                expect_calls=1)  # fmt: skip
     assert _converted(summary, "diffusers PatchEmbed") == [""]
+
+
+def test_diffusers_table_made_under_inference_mode_then_trained(device, fused_path_calls) -> None:
+    """PixArt at another latent size: the sincos table computed for a call under
+    inference_mode, then a training step: the peer's gradients (no inference tensor reaches
+    autograd), and tables on the device and in the dtype of each call."""
+    model = randomise(_diffusers_patch_embed(layer_norm=True, interpolation_scale=2)).to(device)
+    before = copy.deepcopy(model)
+    fuse_stems(model, backend="triton")
+    x = torch.randn(2, 4, 12, 20, device=device)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), before(x), **TOL)
+    model(x).square().sum().backward()
+    before(x).square().sum().backward()
+    for p, p_ref in zip(model.parameters(), before.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, **TOL)
+    model.double(), before.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.double()), before(x.double()), **TOL)
+    assert len(fused_path_calls) == 3
 
 
 def test_diffusers_sd3_transformer(device, fused_path_calls) -> None:

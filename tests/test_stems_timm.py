@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from support import check_drop_in, randomise
+from support import check_drop_in, randomise, same_outcome
 from torch import nn
 
 from zeta_fused import fuse_stems
@@ -80,6 +80,17 @@ def test_stem_matches_timm(name, device, fused_path_calls, norm_calls) -> None:
     assert len(norm_calls) == norms_eager - fused_norms
 
 
+@pytest.mark.parametrize("name", ["cls", "no_pos", "dynamic_img_size", "no_class_token"])
+def test_empty_batch_as_timm(name, device) -> None:
+    """An empty batch runs timm's own code (its patch embedding fused): an empty output, or
+    timm's error where it raises (dynamic_img_size, no prefix tokens and no table: its view of
+    0 elements)."""
+    cfg = {"dynamic_img_size": {"dynamic_img_size": True},
+           "no_pos": {"pos_embed": "none", "class_token": False, "global_pool": "avg"}}  # fmt: skip
+    model, before = converted(vit(**cfg.get(name, CONFIGS.get(name, {}))), device)
+    same_outcome(model, before, torch.randn(0, 3, 32, 32, device=device))
+
+
 def test_distilled_deit(device, fused_path_calls) -> None:
     model, before = converted(vit(VisionTransformerDistilled), device)
     x = torch.randn(2, 3, 32, 32, device=device)
@@ -120,6 +131,20 @@ def test_training_with_dropout_follows_timm(device, fused_path_calls, norm_calls
     out = model.forward_features(x)
     before.pos_drop.p = 0.0
     torch.testing.assert_close(out, before.forward_features(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_no_table_no_pos_drop(pre_norm, device, fused_path_calls, norm_calls) -> None:
+    """pos_embed="none": timm returns from _pos_embed before pos_drop, so an active pos_drop
+    changes nothing, and norm_pre stays fused."""
+    model, before = converted(vit(pos_embed="none", pos_drop_rate=0.5, pre_norm=pre_norm), device)
+    model.train(), before.train()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    expected = before.forward_features(x)
+    eager_norms = len(norm_calls)
+    norm_calls.clear()
+    torch.testing.assert_close(model.forward_features(x), expected, rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1] and len(norm_calls) == eager_norms - pre_norm
 
 
 def test_hooks_keep_timm_semantics(device, fused_path_calls, norm_calls) -> None:
@@ -180,6 +205,36 @@ def test_unknown_subclass_is_reported() -> None:
     assert summary.converted == [("patch_embed", "timm PatchEmbed")]
 
 
+class MaeViT(VisionTransformer):
+    """The stem as the MAE repository's models_vit.py (widely copied) writes it: its own
+    forward_features calls patch_embed, then adds the class token and the table itself."""
+
+    def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # (timm's attn_mask)
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_subclass_building_its_own_stem(class_token, device, fused_path_calls) -> None:
+    """A subclass overriding forward_features keeps its stem: only its patch embedding is
+    fused, and the summary says why the whole stem is not."""
+    kw = {} if class_token else {"class_token": False, "global_pool": "avg"}
+    model = vit(MaeViT, **kw).to(device)
+    before = copy.deepcopy(model)
+    summary = fuse_stems(model, backend="triton")
+    assert summary.converted == [("patch_embed", "timm PatchEmbed")], str(summary)
+    assert any("overrides VisionTransformer.forward_features" in why
+               for _, why in summary.skipped), str(summary)  # fmt: skip
+    x = torch.randn(2, 3, 32, 32, device=device)
+    torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-5)
+    assert fused_path_calls == [1]
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -216,52 +271,97 @@ def test_compile_fullgraph_keeps_the_fused_stem(device, fused_calls) -> None:
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_resampled_table_is_cached_only_while_frozen(device, monkeypatch) -> None:
-    """dynamic_img_size at another size: the resampled table is computed once per size where
-    no gradient flows from it (no_grad, or a frozen table), every call otherwise, and again
-    after the table changes in place."""
-    import timm.layers
+@pytest.mark.parametrize("convert", ["fuse_stems", "fuse_patch_embeddings"])
+def test_compile_fullgraph_at_another_size(convert, device, fused_calls) -> None:
+    """dynamic_img_size, compiled (fullgraph) and trained at two image sizes, as the unconverted
+    model compiled the same way: each size gets its own graph, as timm's PatchEmbed makes it (a
+    graph with symbolic sizes reaches a PyTorch bug in the backward of the table's antialiased
+    bicubic resampling)."""
+    import zeta_fused
 
-    calls = []
-    real = timm.layers.resample_abs_pos_embed
-    monkeypatch.setattr(timm.layers, "resample_abs_pos_embed",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    model = vit(dynamic_img_size=True).to(device)
+    before = copy.deepcopy(model)
+    getattr(zeta_fused, convert)(model, backend="triton")
+    graphs = {}
+    for name, m in (("timm", before), ("fused", model)):
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        for size in ((32, 32), (40, 24)):
+            x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1)).to(device)
+            m.zero_grad()
+            y = compiled(x)
+            y.square().sum().backward()
+            graphs[name, size] = (y, [p.grad for p in m.parameters()])
+    assert fused_calls  # the fused graphs call the op
+    for size in ((32, 32), (40, 24)):
+        (y, grads), (y_ref, grads_ref) = graphs["fused", size], graphs["timm", size]
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def _update_pos_embed(model: nn.Module, x: torch.Tensor, how: str) -> None:
+    if how == "ema":  # a MoCo / BYOL / DINO teacher: through .data, which bumps no version
+        model.pos_embed.data.mul_(0.5).add_(0.1)
+    else:  # the fused optimizers do not bump the parameters' versions either
+        cls = torch.optim.AdamW if how == "adamw_fused" else torch.optim.Adam
+        optimizer = cls(model.parameters(), lr=0.1, fused=True)
+        model(x).square().sum().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("how", ["ema", "adam_fused", "adamw_fused"])
+def test_resampled_table_follows_every_update(how, device, fused_path_calls) -> None:
+    """dynamic_img_size at another size: the table resampled from pos_embed as it is now,
+    whatever updated it in place since the last call."""
     model, before = converted(vit(dynamic_img_size=True), device)
     x = torch.randn(2, 3, 40, 24, device=device)
-    with torch.no_grad():
-        for _ in range(3):
+    for step in range(2):
+        if step:
+            _update_pos_embed(model, x, how)
+            before.load_state_dict(model.state_dict())
+        with torch.no_grad():
             torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-5)
-        assert len(calls) == 1  # (timm's own module calls its own import, not counted)
-        for m in (model, before):
-            m.pos_embed.add_(0.5)  # an in-place update: the cache must not serve the old one
+    assert fused_path_calls
+
+
+def test_table_resampled_under_inference_mode_then_trained(device, fused_path_calls) -> None:
+    """A frozen table at another size, first under inference_mode, then in a training step:
+    the step gives timm's gradients (no inference tensor reaches autograd)."""
+    model, before = converted(vit(dynamic_img_size=True), device)
+    for m in (model, before):
+        m.pos_embed.requires_grad_(False)
+    x = torch.randn(2, 3, 40, 24, device=device)
+    with torch.inference_mode():
         torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-5)
-    calls.clear()
-    model(x).sum().backward()  # trainable, with autograd on: computed on every call
-    model(x).sum().backward()
-    assert len(calls) == 2 and model.pos_embed.grad is not None
-    model.pos_embed.requires_grad_(False)  # frozen: cached with autograd on too
-    with torch.no_grad():
-        model.pos_embed.mul_(0.9)
-    calls.clear()
-    model(x), model(x)
-    assert len(calls) == 1
+    model(x).square().sum().backward()
+    before(x).square().sum().backward()
+    for p, p_ref in zip(model.parameters(), before.parameters(), strict=True):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
+    assert len(fused_path_calls) == 2
 
 
 def test_handoff_norm_never_normalises_twice() -> None:
-    """The hand-off LayerNorm returns the stem's output as it is once, normalises anything
-    after that, and raises for another tensor while a hand-off is pending."""
+    """Within its owner's call, the hand-off LayerNorm returns the stem's output as it is once,
+    normalises anything after that, and raises for another tensor while a hand-off is pending;
+    outside one it is a LayerNorm."""
     from zeta_fused.integrations import _base as stems
 
-    norm = randomise(nn.LayerNorm(8))
+    owner, stem, norm = nn.Identity(), nn.Identity(), randomise(nn.LayerNorm(8))
     stems.handoff_class(norm)
     y = torch.randn(2, 3, 8)
-    stems.hand_off(norm, y)
-    assert norm(y) is y
     expected = torch.nn.functional.layer_norm(y, (8,), norm.weight, norm.bias, norm.eps)
+    with stems.handoff_scope(owner, stem, norm):
+        assert stems.pending_norm(stem, 8) is norm
+        stems.hand_off(norm, y)
+        assert norm(y) is y
+        torch.testing.assert_close(norm(y), expected)
+        stems.hand_off(norm, y)
+        with pytest.raises(RuntimeError, match="another tensor than the stem's output"):
+            norm(y.clone())
+    assert stems.pending_norm(stem, 8) is None
     torch.testing.assert_close(norm(y), expected)
-    stems.hand_off(norm, y)
-    with pytest.raises(RuntimeError, match="another tensor than the stem's output"):
-        norm(y.clone())
 
 
 def test_patch_embeddings_converted_first(device, fused_path_calls, norm_calls) -> None:

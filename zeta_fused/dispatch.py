@@ -167,3 +167,20 @@ def use_fused(backend: str, x: torch.Tensor) -> bool:
             f"got a tensor on {x.device}"
         )
     return not _eager_context(x)
+
+
+class NotScriptable:
+    """Mixed into every fused module class: ``torch.jit.script`` raises an error naming
+    zeta_fused. The fused forwards are Python that TorchScript does not compile, and scripting
+    the module's eager forward instead would need ``__prepare_scriptable__`` to return another
+    module, which ``torch.jit.script`` then puts in place of this one in its parent: the user's
+    model would silently lose its conversion."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"zeta_fused: torch.jit.script cannot compile {type(self).__name__}, a module "
+            f"converted or built by zeta_fused (its fused forward is not TorchScript). Script "
+            f"the model before converting it (fuse_stems and fuse_patch_embeddings convert in "
+            f"place: script a copy.deepcopy made before), or use torch.compile or torch.export, "
+            f"which keep the fused op."
+        )

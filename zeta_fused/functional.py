@@ -5,7 +5,6 @@ and converted peer reaches the fused op."""
 from __future__ import annotations
 
 import importlib
-import sys
 
 import torch
 from torch import Tensor
@@ -21,6 +20,7 @@ from .checks import (
     norm_arg,
     pad_to_patch,
     patch_tuple,
+    wrapped_operand,
 )
 from .op.args import NO_STEM, FwdArgs, Norm, Stem, fwd_args
 from .op.reference import patch_embed_reference
@@ -73,17 +73,32 @@ def op_inputs(
 
 def fused_call(x: Tensor, patch: tuple[int, ...], weight: Tensor, weight_shape: tuple[int, ...],
                bias: Tensor | None, pre_norm: Norm | None = None, post_norm: Norm | None = None,
-               stem: Stem = NO_STEM, keep: Tensor | None = None) -> Tensor:  # fmt: skip
+               stem: Stem = NO_STEM, keep: Tensor | None = None) -> Tensor | None:  # fmt: skip
     """The one path of every module and converted peer to the fused op, once it has decided
     that the call runs fused (:func:`~zeta_fused.dispatch.use_fused`, no hooks) and read its
     parameters: every parameter checked (:func:`~zeta_fused.checks.checked_params`), the stem
-    checked, the op called. ``x`` is validated (and padded or cropped) already."""
+    checked, the op called. ``x`` is validated (and padded or cropped) already. None: an
+    operand is a wrapper tensor subclass (:func:`~zeta_fused.checks.wrapped_operand`), and the
+    caller runs its own code."""
     bias, pre_norm, post_norm = checked_params(x, weight, weight_shape, bias, pre_norm, post_norm)
     if stem is not NO_STEM:
         stem = check_stem(x, patch, weight_shape[0], stem)
     if keep is not None:
         keep = check_keep(keep, x, patch)
-    return fused_patch_embed(op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep))
+    args = op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
+    return None if wrapped_operand(args) else fused_patch_embed(args)
+
+
+_launch = None  # zeta_fused.op.launch once imported completely (it imports Triton: lazily)
+
+
+def _import_launch():
+    """The launcher module, imported on the first fused call. ``import_module`` makes a thread
+    that arrives while another one is importing it wait for the complete module (sys.modules
+    holds the partly initialised one meanwhile); the global is set only once it is complete."""
+    global _launch
+    _launch = importlib.import_module(".op.launch", __package__)
+    return _launch
 
 
 def fused_patch_embed(args: FwdArgs) -> Tensor:
@@ -100,10 +115,7 @@ def fused_patch_embed(args: FwdArgs) -> Tensor:
         and type(x) is Tensor  # subclasses (FakeTensor, DTensor, ...) need the dispatcher
         and torch._C._len_torch_dispatch_stack() == 0  # so do dispatch modes
     ):
-        launch = sys.modules.get("zeta_fused.op.launch") or importlib.import_module(
-            ".op.launch", __package__
-        )
-        return launch.patch_embed_fwd(args)[0]
+        return (_launch or _import_launch()).patch_embed_fwd(args)[0]
     return patch_embed_fwd(*args)[0]
 
 
@@ -177,7 +189,8 @@ def patch_embed(
         keep = check_keep(keep, x, patch)
     if dispatch.use_fused(dispatch.check_backend(backend), x):
         args = op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
-        return fused_patch_embed(args)
+        if not wrapped_operand(args):
+            return fused_patch_embed(args)
     return patch_embed_reference(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
 
 

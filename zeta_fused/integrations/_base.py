@@ -20,12 +20,11 @@ the peer's stem returns.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from .. import dispatch
@@ -84,7 +83,7 @@ def rebuild_fused(cls: type, state: dict, make, *args) -> nn.Module:
     return module
 
 
-class FusedStem:
+class FusedStem(dispatch.NotScriptable):
     """Base of every fused stem class (mixed before the peer's class): its backend, pickling
     as the peer's class, and the per-call decision."""
 
@@ -93,14 +92,20 @@ class FusedStem:
     _zeta_mixin: type
 
     def zeta_fusable(self, x: Tensor, *children: nn.Module) -> bool:
-        """This call may run fused: no hook on the children it would not call (the module's
-        own hooks run either way) and no global one, and the dispatcher agrees."""
-        return not any(dispatch.hook_dicts(*children)) and dispatch.use_fused(self.zeta_backend, x)
+        """This call may run fused: a non-empty input (for an empty batch some peers return an
+        empty result and some raise: their own code decides), no hook on the children it
+        would not call (the module's own hooks run either way) and no global one, and the
+        dispatcher agrees."""
+        return (
+            x.numel() != 0
+            and not any(dispatch.hook_dicts(*children))
+            and dispatch.use_fused(self.zeta_backend, x)
+        )
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         for key in [k for k in state if k.startswith("_zeta_")]:
-            del state[key]  # per-call state and caches (hand-offs, bindings, tables)
+            del state[key]  # caches bound to this process's objects
         return state
 
     def __reduce_ex__(self, protocol):
@@ -133,10 +138,54 @@ def swap(m: nn.Module, mixin: type, backend: str | None = None) -> None:
         m.zeta_backend = backend
 
 
-# --- Hand-off of a norm applied outside the stem's module --------------------------------------
+# --- Per-call state -----------------------------------------------------------------------
 
-_NEXT_NORM = "_zeta_next_norm"  # on the stem: the norm its owner applies next
-_DONE = "_zeta_done"  # on the norm: the tensor the stem normalised already
+
+class _CallState(threading.local):
+    """The per-call state of fused stems (the owner a stem computes for, the stem's output, the
+    norm it hands over), by module identity and per thread: one model called from several
+    threads at once keeps each call's state apart, as the unconverted model's locals are.
+    (torch.compile traces thread-local attributes; it does not trace ``ContextVar.set``.)"""
+
+    def __init__(self) -> None:
+        self.by_module: dict[int, dict] = {}
+
+
+_CALLS = _CallState()
+
+
+def call_state(module: nn.Module) -> dict | None:
+    """The state of the call ``module`` takes part in, in this thread; None outside one."""
+    return _CALLS.by_module.get(id(module))
+
+
+class call_scope:  # noqa: N801 - used as a context manager, like contextlib's
+    """``with call_scope(state, *modules)``: :func:`call_state` gives ``state`` for each of
+    ``modules`` in this thread until the block ends, however it ends; then what they had before
+    (a model running inside its own call) comes back."""
+
+    def __init__(self, state: dict, *modules: nn.Module):
+        self.state, self.ids = state, [id(m) for m in modules]
+
+    def __enter__(self) -> dict:
+        table = _CALLS.by_module
+        self.saved = [table.get(i) for i in self.ids]
+        for i in self.ids:
+            table[i] = self.state
+        return self.state
+
+    def __exit__(self, *exc) -> None:
+        table = _CALLS.by_module
+        for i, saved in zip(self.ids, self.saved, strict=True):
+            if saved is None:
+                table.pop(i, None)
+            else:
+                table[i] = saved
+
+
+# --- Hand-off of a norm applied outside the stem's module --------------------------------------
+# In the call's state: "norm", the norm the owner applies after the stem; "done", the tensor
+# the stem normalised with it already.
 
 
 class _HandoffNorm(FusedStem):
@@ -144,7 +193,8 @@ class _HandoffNorm(FusedStem):
     when the stem applied it already."""
 
     def forward(self, x: Tensor) -> Tensor:
-        done = self.__dict__.pop(_DONE, None)
+        state = call_state(self)
+        done = None if state is None else state.pop("done", None)
         if done is None:
             return super().forward(x)
         if done is not x:
@@ -165,25 +215,19 @@ def handoff_class(norm: nn.Module) -> None:
         swap(norm, _HandoffNorm)
 
 
-@contextlib.contextmanager
-def handoff_scope(stem: nn.Module, norm: nn.Module | None) -> Iterator[None]:
-    """While the owner's forward runs: the stem may apply ``norm`` and hand its output over."""
-    if norm is None:
-        yield
-        return
-    stem.__dict__[_NEXT_NORM] = norm
-    try:
-        yield
-    finally:
-        stem.__dict__.pop(_NEXT_NORM, None)
-        norm.__dict__.pop(_DONE, None)
+def handoff_scope(owner: nn.Module, stem: nn.Module, norm: nn.Module | None) -> call_scope:
+    """The scope of one call of the owner's forward: the stem computes for ``owner`` (the
+    call's state ``"owner"``) and may apply ``norm`` (None: none) and hand its output over."""
+    modules = (owner, stem) if norm is None else (owner, stem, norm)
+    return call_scope({"owner": owner, "norm": norm}, *modules)
 
 
 def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
     """The norm the stem may apply in this call: its owner's, within :func:`handoff_scope`,
     when it is a hand-off norm the op computes over the ``dim`` values of a token, without
     hooks."""
-    norm = stem.__dict__.get(_NEXT_NORM)
+    state = call_state(stem)
+    norm = None if state is None else state.get("norm")
     if (
         norm is None
         or type(norm).forward is not _HandoffNorm.forward
@@ -195,8 +239,9 @@ def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
 
 
 def hand_off(norm: nn.Module, y: Tensor) -> Tensor:
-    """Mark ``y`` as normalised by ``norm`` already (its next call returns it as it is)."""
-    norm.__dict__[_DONE] = y
+    """Mark ``y`` as normalised by ``norm`` already (its next call in this owner's call returns
+    it as it is)."""
+    call_state(norm)["done"] = y
     return y
 
 
@@ -216,34 +261,6 @@ def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem
     shape = (conv.out_channels, conv.in_channels, *patch)
     grid = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
     return fused_call(x, patch, weight, shape, bias, None, post_norm, stem(grid))
-
-
-_TABLES = "_zeta_tables"  # on a fused stem: resampled tables, by key
-_MAX_TABLES = 4  # input sizes kept per module
-
-
-def frozen_table(owner: nn.Module, key: tuple, sources: tuple[Tensor, ...],
-                 compute: Callable[[], Tensor]) -> Tensor:  # fmt: skip
-    """``compute()`` (a table resampled for another input size), cached per ``key`` where no
-    gradient can flow from it: its ``sources`` (the tensors it is computed from, none for a
-    fixed sincos table) need none, or autograd is off. A trainable table is never served
-    stale: while it needs a gradient the table is computed every call, and the key holds each
-    source's version (in-place updates), storage, dtype and shape (``.data`` replaced, the
-    module moved or cast). Under torch.compile the graph computes it."""
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-    ):
-        return compute()
-    full_key = (key, tuple((id(t), t._version, t.data_ptr(), t.dtype, t.shape) for t in sources))
-    cache = owner.__dict__.setdefault(_TABLES, {})
-    entry = cache.get(full_key)
-    if entry is not None and all(a is b for a, b in zip(entry[0], sources, strict=True)):
-        return entry[1]
-    table = compute()
-    if len(cache) >= _MAX_TABLES:
-        cache.pop(next(iter(cache)))
-    cache[full_key] = (sources, table)  # the sources kept: their ids cannot be reused
-    return table
 
 
 __all__ = ["FusedStem", "StemKind", "conv_stem", "peer_class", "swap"]

@@ -63,7 +63,7 @@ def _to_format(y: Tensor, x: Tensor, patch: tuple[int, ...], fmt: str) -> Tensor
     return tokens if fmt == "NHWC" else tokens.movedim(-1, 1)
 
 
-class _FusedPatchConv:
+class _FusedPatchConv(dispatch.NotScriptable):
     """A ConvNd with kernel = stride = patch computed by the fused op. Returns the conv's values
     as a channels-last (B, D, *grid) tensor, so ``.flatten(2).transpose(1, 2)`` is free. Its own
     hooks run as for any module call."""
@@ -83,7 +83,7 @@ class _FusedPatchConv:
         weight, bias = param(self, "weight"), param(self, "bias")
         shape = (self.out_channels, self.in_channels, *patch)
         y = fused_call(x, patch, weight, shape, bias)
-        return _to_format(y, x, patch, "NCHW")
+        return super().forward(x) if y is None else _to_format(y, x, patch, "NCHW")
 
 
 class FusedPatchConv1d(_FusedPatchConv, nn.Conv1d):
@@ -115,14 +115,16 @@ PATCH_CONV_NAMES = ("projection", "patch_embedding", "proj", "patch_embed")
 
 def library_patch_conv(m: nn.Module) -> str | None:
     """The attribute holding a transformers or diffusers module's projection conv, or None: a
-    patch conv (kernel = stride), or any conv of an embedding class (``*Embed*``), whose
-    overlap or padding the summary then reports."""
+    patch conv (kernel = stride, more than one pixel: the 1x1 ``projection`` convs of DPT,
+    Depth Anything and ZoeDepth necks map pixels), or any conv of an embedding class
+    (``*Embed*``), whose overlap or padding the summary then reports."""
     if not type(m).__module__.startswith(CONV_LIBRARIES):
         return None
     for attr in PATCH_CONV_NAMES:
         conv = m._modules.get(attr)
         if isinstance(conv, CONVS) and (
-            conv.kernel_size == conv.stride or "Embed" in type(m).__name__
+            (conv.kernel_size == conv.stride and max(conv.kernel_size) > 1)
+            or "Embed" in type(m).__name__
         ):
             return attr
     return None

@@ -18,7 +18,7 @@ from ..functional import fused_dtypes
 from ..nn.norms import norm_problem, norm_value
 from ..nn.params import param
 from ..op.args import Stem
-from ._base import FusedStem, StemKind, conv_stem, frozen_table, swapper
+from ._base import FusedStem, StemKind, conv_stem, swapper
 from .convs import patch_conv_problem
 
 _EMBEDDINGS = "diffusers.models.embeddings"
@@ -48,13 +48,12 @@ class _FusedDiffusersPatchEmbed(FusedStem):
             return self.cropped_pos_embed(*latent.shape[-2:])  # raises the peer's errors
         if (self.height, self.width) == grid:
             return self.pos_embed
-        dim, device = self.pos_embed.shape[-1], latent.device
-        # A fixed sincos table of this size: computed once per size.
-        key = ("sincos", grid, dim, self.base_size, self.interpolation_scale, device)
-        return frozen_table(self, key, (), lambda: _peer("get_2d_sincos_pos_embed")(
-            embed_dim=dim, grid_size=grid, base_size=self.base_size,
-            interpolation_scale=self.interpolation_scale, device=device, output_type="pt",
-        ).float().unsqueeze(0))  # fmt: skip
+        # The sincos table of this size, computed on every call as the peer does (a cache
+        # would hand a table made under inference_mode to a training call).
+        return _peer("get_2d_sincos_pos_embed")(
+            embed_dim=self.pos_embed.shape[-1], grid_size=grid, base_size=self.base_size,
+            interpolation_scale=self.interpolation_scale, device=latent.device, output_type="pt",
+        ).float().unsqueeze(0)  # fmt: skip
 
     def _zeta_tokens(self, latent: Tensor) -> Tensor | None:
         conv = self.proj

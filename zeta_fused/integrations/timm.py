@@ -17,6 +17,7 @@ methods, ``patch_embed`` and ``_pos_embed`` behave as timm's.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -70,7 +71,18 @@ def timm_problem(m: nn.Module, cls: type) -> str | None:
     return None
 
 
-class _FusedTimmPatchEmbed:
+def _specialise(*sizes: int) -> None:
+    """Under torch.compile: make the graph specific to these sizes (``operator.index`` turns a
+    symbolic size into a constant, guarded). Where timm's ``PatchEmbed.forward`` checks the
+    image size (a fixed size, or multiples of the patch without padding) it formats the size
+    into its assertion messages, which does the same to timm's graph; a compiled fused stem
+    gets the same graphs. (With symbolic sizes, the backward of the table's antialiased bicubic
+    resampling for ``dynamic_img_size`` reaches a PyTorch bug.)"""
+    for size in sizes:
+        operator.index(size)
+
+
+class _FusedTimmPatchEmbed(dispatch.NotScriptable):
     """Mixed in front of a timm ``PatchEmbed`` class: the same checks, padding and output
     format, with projection and norm fused."""
 
@@ -120,6 +132,8 @@ class _FusedTimmPatchEmbed:
             ragged = not self.dynamic_img_pad and (height % ph or width % pw)
             if wrong_size or (ragged and not self.strict_img_size):
                 return None  # timm raises its own error
+            if torch.compiler.is_compiling() and (self.strict_img_size or not self.dynamic_img_pad):
+                _specialise(height, width)
         if self.dynamic_img_pad:
             x = pad_to_patch(x, (ph, pw))
         x = _crop_to_grid(x, (ph, pw))
@@ -133,6 +147,8 @@ class _FusedTimmPatchEmbed:
         shape = (proj.out_channels, proj.in_channels, ph, pw)
         post = norm_value(norm, x.dtype) if is_norm else None
         y = fused_call(x, (ph, pw), weight, shape, bias, None, post, parts)
+        if y is None:
+            return None
         return y if stem is not None else _to_format(y, x, (ph, pw), fmt)
 
 
@@ -148,9 +164,6 @@ def fused_timm_class(cls: type) -> type:
 
 
 # --- Whole stems ---------------------------------------------------------------------------
-
-_OWNER = "_zeta_owner"  # on the patch embedding, during the owner's forward
-_STEM_OUT = "_zeta_stem_out"  # on the owner: the whole stem's output, for _pos_embed
 
 
 def _timm():
@@ -193,8 +206,9 @@ class _FusedTimmViT(stems.FusedStem):
             return super().forward_intermediates(x, *args, **kwargs)
 
     def _pos_embed(self, x: Tensor) -> Tensor:
-        if x is self.__dict__.pop(_STEM_OUT, None):  # the whole stem ran fused already
-            return self.pos_drop(x)
+        state = stems.call_state(self)
+        if state is not None and x is state.pop("out", None):  # the whole stem ran fused
+            return x if self.pos_embed is None else self.pos_drop(x)  # (timm: no table, no drop)
         return super()._pos_embed(x)
 
     def _zeta_scope(self, x: Tensor):
@@ -204,14 +218,16 @@ class _FusedTimmViT(stems.FusedStem):
         # embedding for this call.
         if not isinstance(pe, _TimmStemPatchEmbed) or not self.zeta_fusable(x, pe):
             return nullcontext()
-        # norm_pre joins only when nothing between the stem and it changes the tensor.
-        between = (self.pos_drop, self.patch_drop)
+        # norm_pre joins only when nothing between the stem and it changes the tensor (timm
+        # applies pos_drop only with a table).
+        between = (self.patch_drop,) if self.pos_embed is None else (self.pos_drop, self.patch_drop)
         fuse_norm = all(map(_keeps_tensor, between)) and not any(dispatch.hook_dicts(*between))
-        return _OwnerScope(self, pe, self.norm_pre if fuse_norm else None)
+        return stems.handoff_scope(self, pe, self.norm_pre if fuse_norm else None)
 
-    def _zeta_parts(self, grid: tuple[int, int]) -> Stem | None:
-        """The rest of the stem for a patch grid, as timm's ``_pos_embed`` computes it; None
-        when timm would not accept the table (timm then raises its own error)."""
+    def _zeta_parts(self, grid: tuple[int, int], norm: nn.Module | None) -> Stem | None:
+        """The rest of the stem for a patch grid, as timm's ``_pos_embed`` computes it, then
+        ``norm`` (``norm_pre`` handed off, or None); None when timm would not accept the table
+        (timm then raises its own error)."""
         tokens = _prefix_tokens(self)
         n_prefix = sum(t.shape[1] for t in tokens)
         prefix = torch.cat(tokens, 1) if len(tokens) > 1 else (tokens[0] if tokens else None)
@@ -221,20 +237,16 @@ class _FusedTimmViT(stems.FusedStem):
             if self.dynamic_img_size:
                 from timm.layers import resample_abs_pos_embed
 
-                table, old = pos, tuple(self.patch_embed.grid_size)
-                skip = n_prefix if covers_prefix else 0
-                pos = stems.frozen_table(
-                    self, ("pos_embed", grid, old, skip), (table,),
-                    lambda: resample_abs_pos_embed(
-                        table, new_size=grid, old_size=old, num_prefix_tokens=skip
-                    ),
-                )  # fmt: skip
+                # Resampled on every call, as timm does: a cache could not see every update
+                # of the table (through .data, by fused optimizers) nor inference mode.
+                old, skip = tuple(self.patch_embed.grid_size), n_prefix if covers_prefix else 0
+                pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old,
+                                             num_prefix_tokens=skip)  # fmt: skip
             if pos.shape[1] != grid[0] * grid[1] + (n_prefix if covers_prefix else 0):
                 return None
             if covers_prefix and n_prefix:
                 prefix = prefix + pos[:, :n_prefix]
                 pos = pos[:, n_prefix:]
-        norm = stems.pending_norm(self.patch_embed, self.embed_dim)
         return Stem(
             None if pos is None else pos[0],
             None if prefix is None else prefix[0],
@@ -242,37 +254,22 @@ class _FusedTimmViT(stems.FusedStem):
         )
 
 
-class _OwnerScope:
-    """Within one feature call: the patch embedding knows its owner, and the norm to hand off."""
-
-    def __init__(self, owner: nn.Module, pe: nn.Module, norm: nn.Module | None):
-        self.owner, self.pe, self.handoff = owner, pe, stems.handoff_scope(pe, norm)
-
-    def __enter__(self):
-        self.pe.__dict__[_OWNER] = self.owner
-        self.handoff.__enter__()
-
-    def __exit__(self, *exc):
-        self.pe.__dict__.pop(_OWNER, None)
-        self.owner.__dict__.pop(_STEM_OUT, None)
-        return self.handoff.__exit__(*exc)
-
-
 class _TimmStemPatchEmbed:
     """Mixed in front of a fused timm PatchEmbed: inside its owner's feature call it computes
     the whole stem (B, P + N, D); anywhere else it is the fused PatchEmbed."""
 
     def forward(self, x: Tensor) -> Tensor:
-        owner = self.__dict__.get(_OWNER)
-        if owner is None:
+        state = stems.call_state(self)
+        if state is None:
             return super().forward(x)
-        y = self.zeta_call(x, owner._zeta_parts)
+        # Read once: the norm the op applies is the one handed off.
+        norm = stems.pending_norm(self, self.proj.out_channels)
+        y = self.zeta_call(x, lambda grid: state["owner"]._zeta_parts(grid, norm))
         if y is None:
             return super().forward(x)
-        norm = stems.pending_norm(self, y.shape[-1])
         if norm is not None:
             stems.hand_off(norm, y)
-        owner.__dict__[_STEM_OUT] = y
+        state["out"] = y  # for the owner's _pos_embed
         return y
 
     def __reduce_ex__(self, protocol):
@@ -306,6 +303,13 @@ def _problem(m: nn.Module) -> str | None:
     own = type(m)._pos_embed
     if own not in (vit._pos_embed, distilled._pos_embed):
         return f"{type(m).__name__} overrides _pos_embed"
+    # A class with its own feature methods (the MAE repository's models_vit.py) builds the
+    # stem itself around patch_embed: only the patch embedding can be fused there.
+    why = stems.overrides(m, vit, "forward_features") or stems.overrides(
+        m, vit, "forward_intermediates"
+    )
+    if why is not None:
+        return f"{why} (its own stem code): only its patch embedding is fused"
     pe = m.patch_embed
     base = getattr(pe, "_zeta_base", type(pe))
     why = timm_problem(pe, base) if hasattr(pe, "proj") else "no timm PatchEmbed"

@@ -321,7 +321,7 @@ class _FusedCLIPVisionOwner(FusedStem):
     the embeddings while it runs."""
 
     def forward(self, pixel_values: Tensor | None = None, *args, **kwargs):
-        with handoff_scope(self.embeddings, self.pre_layrnorm):
+        with handoff_scope(self, self.embeddings, self.pre_layrnorm):
             return super().forward(pixel_values, *args, **kwargs)
 
 

@@ -53,6 +53,14 @@ _LAYOUTS = {
 }
 
 
+def _class_name(m: nn.Module) -> str:
+    """A layer's class, by its full name outside torch.nn: a quantized "Linear" is not one."""
+    cls = type(m)
+    if cls.__module__.startswith("torch.nn."):
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None, str | None]:
     """Read a vit-pytorch patch-embedding Sequential of any spatial rank (a patchifying
     Rearrange, then norm?, Linear, norm?, nn.Identity in a norm's place; each norm a LayerNorm
@@ -65,10 +73,11 @@ def parse_patch_sequential(layers: nn.Sequential) -> tuple[SequentialPlan | None
     if isinstance(pattern, str):
         return None, f"Rearrange {first.pattern!r}: {pattern}"
     rest = [m for m in mods[1:] if not plain(m, nn.Identity)]  # Identity: no norm
-    kinds = tuple("Norm" if norm_kind(m) else "Linear" if plain(m, nn.Linear)
-                  else type(m).__name__ for m in rest)  # fmt: skip
+    # Any other class is "other", whatever its name (quantize_dynamic's Linear is "Linear" too).
+    kinds = tuple("Norm" if norm_kind(m) else "Linear" if plain(m, nn.Linear) else "other"
+                  for m in rest)  # fmt: skip
     if kinds not in _LAYOUTS:
-        names = [type(m).__name__ for m in mods[1:]]
+        names = [_class_name(m) for m in mods[1:]]
         return None, f"layers after Rearrange are {names}, not norm?, Linear, norm?"
     norm1, proj, norm2 = (None if i is None else rest[i] for i in _LAYOUTS[kinds])
     pixels = math.prod(pattern.patch)
@@ -114,7 +123,7 @@ def plan_norms(plan: SequentialPlan, dtype: torch.dtype) -> tuple:
     return norm_value(plan.norm1, dtype), norm_value(plan.norm2, dtype)
 
 
-class FusedPatchSequential(nn.Sequential):
+class FusedPatchSequential(dispatch.NotScriptable, nn.Sequential):
     """A vit-pytorch patch-embedding Sequential with a fused forward (same children, same
     state-dict keys). Build it from layers, or convert an existing Sequential in place with
     :meth:`fuse_in_place`.
@@ -196,7 +205,7 @@ class FusedPatchSequential(nn.Sequential):
             return fused_call(x, patch, weight, shape, bias, pre, post, stem)
         x_ordered, op_patch = _patch_order_view(x, pattern)
         y = fused_call(x_ordered, op_patch, weight, shape, bias, pre, post)
-        return _tokens_as(y, x, pattern)
+        return None if y is None else _tokens_as(y, x, pattern)
 
 
 class PatchEmbeddings(nn.Module):
