@@ -26,14 +26,25 @@ class _Stem:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def embedded(self) -> int:
+        """Patch tokens embedded per input: every patch of the grid (a subset preset: the kept
+        ones)."""
+        return self.tokens
+
     def flops(self) -> int:
-        """Forward GEMM flops: 2 * B * N * K * D."""
-        return 2 * self.batch * self.tokens * self.patch_dim * self.dim
+        """Forward GEMM flops: 2 * B * N * K * D, N the patch tokens embedded."""
+        return 2 * self.batch * self.embedded * self.patch_dim * self.dim
 
     @property
     def out_rows(self) -> int:
         """Rows written per input: its patch tokens (a whole stem adds its prefix rows)."""
-        return self.tokens
+        return self.embedded
+
+    def input_elems(self) -> int:
+        """Input elements a forward must read: the whole input (a subset preset: the pixels of
+        the kept patches only)."""
+        return self.batch * self.channels * math.prod(self.spatial)
 
     def table_elems(self) -> int:
         """Elements of the parameters and tables a forward reads once: the weight (a whole
@@ -44,8 +55,9 @@ class _Stem:
         """Forward compulsory traffic: input read, output rows written, weight (and tables)
         read once."""
         size = self.torch_dtype.itemsize
-        inputs = self.batch * self.channels * math.prod(self.spatial)
-        return size * (inputs + self.batch * self.out_rows * self.dim + self.table_elems())
+        return size * (
+            self.input_elems() + self.batch * self.out_rows * self.dim + self.table_elems()
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,8 +99,23 @@ class ConvPreset(_Stem):
     family = "conv"
 
 
+class _WholeStem(_Stem):
+    """Figures of a whole stem: its prefix rows, position table and norm vectors besides the
+    projection (fields prefix, pos_prefix, bias, stem_norm)."""
+
+    @property
+    def out_rows(self) -> int:
+        return self.prefix + self.embedded
+
+    def table_elems(self) -> int:
+        """Weight, bias, the whole position table, the prefix rows and the norm's vectors:
+        each read once, whatever the batch."""
+        rows = (self.pos_prefix + self.tokens) + self.prefix + (2 if self.stem_norm else 0)
+        return super().table_elems() + self.dim * (rows + self.bias)
+
+
 @dataclass(frozen=True)
-class StemPreset(_Stem):
+class StemPreset(_WholeStem):
     """A whole ViT stem of a real model (bench/model_stems.py): patch projection, position
     table, prefix rows and the LayerNorm over every row, against the model's own modules."""
 
@@ -111,16 +138,6 @@ class StemPreset(_Stem):
     @property
     def spatial(self) -> tuple[int, int]:
         return self.height, self.width
-
-    @property
-    def out_rows(self) -> int:
-        return self.prefix + self.tokens
-
-    def table_elems(self) -> int:
-        """Weight, bias, the whole position table, the prefix rows and the norm's vectors:
-        each read once, whatever the batch."""
-        rows = (self.pos_prefix + self.tokens) + self.prefix + (2 if self.stem_norm else 0)
-        return super().table_elems() + self.dim * (rows + self.bias)
 
 
 def _square(name, b, c, hw, p, d, dtype="bf16") -> Preset:
