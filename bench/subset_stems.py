@@ -9,8 +9,9 @@ and patch dropout):
 
 The kept patches are drawn once, from a fixed seed, as each model draws them (a per-image
 shuffle, a tube mask, the top of a normal draw), and held by the stem: every provider of a
-cell builds the same ones, and no draw is timed. Only the stem is built (no transformer
-blocks), as in bench/model_stems.py.
+cell builds the same ones, and no random draw is timed (what each model derives from its draw
+on every call is, on both sides: MAE's argsorts, VideoMAE's visible positions). Only the stem
+is built (no transformer blocks), as in bench/model_stems.py.
 """
 
 from __future__ import annotations

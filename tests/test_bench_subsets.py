@@ -113,10 +113,13 @@ def test_every_provider_keeps_the_same_patches(name) -> None:
     """Each provider builds its own stem: the kept patches come from a fixed seed, so all the
     providers of a cell embed the same ones; they differ per image and are in range."""
     first, second = build_peer(tiny(name, batch=3)), build_peer(tiny(name, batch=3))
-    for (key, a), (_, b) in zip(first.named_buffers(), second.named_buffers(), strict=True):
-        if a.dtype in (torch.int64, torch.bool):  # the index, not the tables
-            assert torch.equal(a, b), key
-            assert not torch.equal(a[0], a[1]), key
+    pairs = zip(first.named_buffers(), second.named_buffers(), strict=True)
+    # The index (noise ranks, mask, kept positions), not the tables.
+    indices = [(key, a, b) for (key, a), (_, b) in pairs if a.dtype in (torch.int64, torch.bool)]
+    assert len(indices) == 1, [key for key, _, _ in indices]
+    for key, a, b in indices:
+        assert torch.equal(a, b), key
+        assert not torch.equal(a[0], a[1]), key
 
 
 def test_tube_mask_is_the_same_in_every_frame() -> None:
