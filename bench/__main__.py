@@ -8,7 +8,15 @@ from pathlib import Path
 import torch
 
 from . import measure, model_stems, report, runner
-from .presets import ALL_MODES, CPU_PRESET, PRESETS, QUICK, parse_shape
+from .presets import (
+    ALL_MODES,
+    CPU_PRESET,
+    PRESETS,
+    QUICK,
+    SUBSET_MODES,
+    SUBSET_PRESETS,
+    parse_shape,
+)
 from .providers import CPU_DEFAULT, GPU_DEFAULT, PROVIDERS
 
 
@@ -17,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--preset",
         action="append",
-        help=f"quick | all | one of {', '.join(PRESETS)} (repeatable; GPU default: quick)",
+        help=f"quick | all | subset | one of {', '.join(PRESETS)} (repeatable; GPU default: quick)",
     )
     ap.add_argument("--shape", action="append", default=[], help="B,C,H,W,patch,D[,dtype]")
     ap.add_argument("--modes", default=None, help=f"comma list of {', '.join(ALL_MODES)}")
@@ -36,15 +44,21 @@ def plan_for(args: argparse.Namespace, device: str) -> list:
     for name in args.preset or ([] if args.shape or device != "cuda" else ["quick"]):
         if name == "quick":
             plan += [(PRESETS[n], modes or ms) for n, ms in QUICK]
+        elif name == "subset":  # the token-subset presets, forward and training step
+            plan += [(PRESETS[n], modes or SUBSET_MODES) for n in SUBSET_PRESETS]
         elif name == "all":
             plan += [(p, modes or ALL_MODES) for p in PRESETS.values()]
         elif name in PRESETS:
             plan.append((PRESETS[name], modes or ALL_MODES))
         else:
-            raise SystemExit(f"unknown preset {name!r}; choose quick, all or {', '.join(PRESETS)}")
+            raise SystemExit(
+                f"unknown preset {name!r}; choose quick, all, subset or {', '.join(PRESETS)}"
+            )
     plan += [(parse_shape(s), modes or ALL_MODES) for s in args.shape]
-    if not plan:  # no GPU and nothing asked: a small eager preset on the CPU
-        plan = [(CPU_PRESET, modes or ALL_MODES)]
+    if not plan:
+        # No GPU and nothing asked: a small eager preset on the CPU, and the subset presets with
+        # no mode (none of their cells timed: only their modelled figures are reported).
+        plan = [(CPU_PRESET, modes or ALL_MODES)] + [(PRESETS[n], ()) for n in SUBSET_PRESETS]
     return plan
 
 
@@ -68,18 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     meta = measure.device_info(device)
     plan = plan_for(args, device)
-    if any(p.family == "stem" for p, _ in plan):  # whole stems: the models' packages measured
+    if any(p.family in ("stem", "subset") and ms for p, ms in plan):  # the models measured
         meta["peers"] = model_stems.versions()
+    modelled = runner.modelled(plan)
     rows, peaks, host = runner.run(
         plan,
         providers,
         device,
         checkpoint=lambda rows, peaks, host: report.write_json(
-            rows, meta, peaks, host, args.out, complete=False
+            rows, meta, peaks, host, args.out, complete=False, modelled=modelled
         ),
     )
-    print(report.terminal(rows, meta, host))
-    written = report.write(rows, meta, peaks, host, args.out)
+    print(report.terminal(rows, meta, host, modelled))
+    written = report.write(rows, meta, peaks, host, args.out, modelled)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -37,10 +37,11 @@ DISTRIBUTIONS = {
     "transformers": "transformers",
     "segment_anything": "segment-anything",
     "diffusers": "diffusers",
+    "open_clip": "open-clip-torch",
 }
 
 
-def _need(module: str):
+def need(module: str):
     """Import ``module`` of a peer package, or raise :class:`MissingPeer` saying what to carry
     (the package is missing, too old to have the module, or lacks one of its imports)."""
     try:
@@ -69,21 +70,23 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _heads(dim: int) -> int:
+def heads(dim: int) -> int:
     """Heads of 64, as ViT-L's 16 (one head for a tiny test width). The config checks that
     they divide the width; without layers they are never used."""
     return dim // 64 if dim % 64 == 0 else 1
 
 
-def _conv_patch(conv: nn.Conv2d) -> tuple[int, int]:
-    """The patch of a patchifying conv (kernel = stride, no padding), checked: the fused op
-    knows no other conv."""
-    if conv.stride != conv.kernel_size or conv.padding != (0, 0) or conv.dilation != (1, 1):
+def conv_patch(conv: nn.Conv2d | nn.Conv3d) -> tuple[int, ...]:
+    """The patch of a patchifying conv of any rank (kernel = stride, no padding), checked: the
+    fused op knows no other conv."""
+    rank = len(conv.kernel_size)
+    plain = conv.padding == (0,) * rank and conv.dilation == (1,) * rank
+    if conv.stride != conv.kernel_size or not plain:
         raise ValueError(f"not a patchifying conv: {conv}")
     return conv.kernel_size
 
 
-def _affine(norm: nn.LayerNorm) -> tuple[tuple[torch.Tensor | None, torch.Tensor | None], float]:
+def affine(norm: nn.LayerNorm) -> tuple[tuple[torch.Tensor | None, torch.Tensor | None], float]:
     return (norm.weight, norm.bias), norm.eps
 
 
@@ -101,7 +104,7 @@ class TimmViT(PeerStem):
 
     def __init__(self, p: StemPreset) -> None:
         super().__init__()
-        timm = _need("timm")
+        timm = need("timm")
         # One head: with no blocks it is never used, and any width then builds (tiny tests).
         vit = timm.create_model(
             "vit_base_patch16_224",
@@ -131,7 +134,7 @@ class TimmViT(PeerStem):
         stem_norm, stem_eps = _optional_norm(v.norm_pre)
         return patch_embed(
             x,
-            _conv_patch(proj),
+            conv_patch(proj),
             proj.weight,
             proj.bias,
             post_norm=post_norm,
@@ -158,7 +161,7 @@ def _optional_norm(norm: nn.Module):
         return None, 1e-5
     if type(norm) is not nn.LayerNorm:
         raise ValueError(f"the fused op has no {type(norm).__name__}")
-    return _affine(norm)
+    return affine(norm)
 
 
 class CLIPVision(PeerStem):
@@ -167,14 +170,14 @@ class CLIPVision(PeerStem):
 
     def __init__(self, p: StemPreset) -> None:
         super().__init__()
-        transformers = _need("transformers")
+        transformers = need("transformers")
         config = transformers.CLIPVisionConfig(
             hidden_size=p.dim,
             image_size=p.height,
             patch_size=p.patch[0],
             num_channels=p.channels,
             num_hidden_layers=0,
-            num_attention_heads=_heads(p.dim),
+            num_attention_heads=heads(p.dim),
         )
         model = transformers.CLIPVisionModel(config)
         vision = getattr(model, "vision_model", model)  # transformers 4 wraps it once more
@@ -186,10 +189,10 @@ class CLIPVision(PeerStem):
     def fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         e = self.embeddings
         conv, pos = e.patch_embedding, e.position_embedding.weight
-        stem_norm, stem_eps = _affine(self.pre_layrnorm)
+        stem_norm, stem_eps = affine(self.pre_layrnorm)
         return patch_embed(
             x,
-            _conv_patch(conv),
+            conv_patch(conv),
             conv.weight,
             pos=pos[1:],
             prefix=e.class_embedding[None] + pos[:1],
@@ -208,15 +211,15 @@ class Dinov2Registers(PeerStem):
     def __init__(self, p: StemPreset) -> None:
         super().__init__()
         # The module first: a transformers older than it raises MissingPeer, not AttributeError.
-        dino = _need("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers")
-        config = _need("transformers").Dinov2WithRegistersConfig(
+        dino = need("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers")
+        config = need("transformers").Dinov2WithRegistersConfig(
             hidden_size=p.dim,
             image_size=p.height,
             patch_size=p.patch[0],
             num_channels=p.channels,
             num_register_tokens=p.prefix - 1,
             num_hidden_layers=0,
-            num_attention_heads=_heads(p.dim),
+            num_attention_heads=heads(p.dim),
         )
         self.embeddings = dino.Dinov2WithRegistersEmbeddings(config)
         _check_no_dropout(self.embeddings.dropout)
@@ -231,7 +234,7 @@ class Dinov2Registers(PeerStem):
         prefix = torch.cat([e.cls_token[0] + pos[:1], e.register_tokens[0]])
         return patch_embed(
             x,
-            _conv_patch(conv),
+            conv_patch(conv),
             conv.weight,
             conv.bias,
             pos=pos[1:],
@@ -246,7 +249,7 @@ class SamViT(PeerStem):
 
     def __init__(self, p: StemPreset) -> None:
         super().__init__()
-        sam = _need("segment_anything.modeling.image_encoder")
+        sam = need("segment_anything.modeling.image_encoder")
         encoder = sam.ImageEncoderViT(
             img_size=p.height,
             patch_size=p.patch[0],
@@ -267,7 +270,7 @@ class SamViT(PeerStem):
         grid = pos.shape[1:3]
         tokens = patch_embed(
             x,
-            _conv_patch(conv),
+            conv_patch(conv),
             conv.weight,
             conv.bias,
             pos=pos.view(-1, pos.shape[-1]),
@@ -284,7 +287,7 @@ class DiT(PeerStem):
 
     def __init__(self, p: StemPreset) -> None:
         super().__init__()
-        emb = _need("diffusers.models.embeddings")
+        emb = need("diffusers.models.embeddings")
         self.pos_embed = emb.PatchEmbed(
             height=p.height,
             width=p.width,
@@ -300,7 +303,7 @@ class DiT(PeerStem):
         conv = self.pos_embed.proj
         return patch_embed(
             x,
-            _conv_patch(conv),
+            conv_patch(conv),
             conv.weight,
             conv.bias,
             pos=self.pos_embed.pos_embed,

@@ -26,14 +26,25 @@ class _Stem:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def embedded(self) -> int:
+        """Patch tokens embedded per input: every patch of the grid (a subset preset: the kept
+        ones)."""
+        return self.tokens
+
     def flops(self) -> int:
-        """Forward GEMM flops: 2 * B * N * K * D."""
-        return 2 * self.batch * self.tokens * self.patch_dim * self.dim
+        """Forward GEMM flops: 2 * B * N * K * D, N the patch tokens embedded."""
+        return 2 * self.batch * self.embedded * self.patch_dim * self.dim
 
     @property
     def out_rows(self) -> int:
         """Rows written per input: its patch tokens (a whole stem adds its prefix rows)."""
-        return self.tokens
+        return self.embedded
+
+    def input_elems(self) -> int:
+        """Input elements a forward must read: the whole input (a subset preset: the pixels of
+        the kept patches only)."""
+        return self.batch * self.channels * math.prod(self.spatial)
 
     def table_elems(self) -> int:
         """Elements of the parameters and tables a forward reads once: the weight (a whole
@@ -44,8 +55,9 @@ class _Stem:
         """Forward compulsory traffic: input read, output rows written, weight (and tables)
         read once."""
         size = self.torch_dtype.itemsize
-        inputs = self.batch * self.channels * math.prod(self.spatial)
-        return size * (inputs + self.batch * self.out_rows * self.dim + self.table_elems())
+        return size * (
+            self.input_elems() + self.batch * self.out_rows * self.dim + self.table_elems()
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,8 +99,23 @@ class ConvPreset(_Stem):
     family = "conv"
 
 
+class _WholeStem(_Stem):
+    """Figures of a whole stem: its prefix rows, position table and norm vectors besides the
+    projection (fields prefix, pos_prefix, bias, stem_norm)."""
+
+    @property
+    def out_rows(self) -> int:
+        return self.prefix + self.embedded
+
+    def table_elems(self) -> int:
+        """Weight, bias, the whole position table, the prefix rows and the norm's vectors:
+        each read once, whatever the batch."""
+        rows = (self.pos_prefix + self.tokens) + self.prefix + (2 if self.stem_norm else 0)
+        return super().table_elems() + self.dim * (rows + self.bias)
+
+
 @dataclass(frozen=True)
-class StemPreset(_Stem):
+class StemPreset(_WholeStem):
     """A whole ViT stem of a real model (bench/model_stems.py): patch projection, position
     table, prefix rows and the LayerNorm over every row, against the model's own modules."""
 
@@ -112,15 +139,72 @@ class StemPreset(_Stem):
     def spatial(self) -> tuple[int, int]:
         return self.height, self.width
 
-    @property
-    def out_rows(self) -> int:
-        return self.prefix + self.tokens
 
-    def table_elems(self) -> int:
-        """Weight, bias, the whole position table, the prefix rows and the norm's vectors:
-        each read once, whatever the batch."""
-        rows = (self.pos_prefix + self.tokens) + self.prefix + (2 if self.stem_norm else 0)
-        return super().table_elems() + self.dim * (rows + self.bias)
+@dataclass(frozen=True)
+class SubsetPreset(_WholeStem):
+    """A masked-pretraining or token-dropping stem (bench/subset_stems.py): the model embeds
+    every patch, adds its table and gathers the kept tokens; the fused op embeds the kept
+    patches only (``patch_embed(..., keep=ids)``). Its roofline is the fused path's work;
+    :meth:`modelled` sets it beside the model's."""
+
+    name: str
+    peer: str  # the key of its model in bench.subset_stems.PEERS
+    batch: int
+    channels: int
+    spatial: tuple[int, ...]
+    patch: tuple[int, ...]
+    dim: int
+    drop: float  # the share of patches the model is configured to drop (its mask ratio)
+    kept: int  # patch tokens it keeps per input, L, rounded as the model rounds
+    prefix: int = 0
+    pos_prefix: int = 0
+    bias: bool = True
+    stem_norm: bool = False
+    layout: str = "channels_first"  # or "frames_first": (B, T, C, H, W), VideoMAE's input
+    dtype: str = "bf16"
+    e2e = False
+    family = "subset"
+
+    @property
+    def embedded(self) -> int:
+        return self.kept
+
+    def input_elems(self) -> int:
+        return self.batch * self.kept * self.patch_dim
+
+    def gather_bytes(self) -> int:
+        """The least any embed-everything-then-gather moves: every pixel read and every patch
+        token written (the projection is a GEMM or conv of its own), the kept tokens read back,
+        the output rows written, the tables read once."""
+        size = self.torch_dtype.itemsize
+        tokens = self.batch * (self.tokens + self.kept + self.out_rows) * self.dim
+        return size * (super().input_elems() + tokens + self.table_elems())
+
+    def gather_flops(self) -> int:
+        """Its GEMM: every patch projected."""
+        return 2 * self.batch * self.tokens * self.patch_dim * self.dim
+
+    def modelled(self) -> dict:
+        """Compulsory bytes and GEMM flops of both paths and their ratios (machine-free
+        arithmetic: what a run without a GPU reports for this preset)."""
+        return {
+            "tokens": self.tokens,
+            "kept": self.kept,
+            "gather_bytes": self.gather_bytes(),
+            "subset_bytes": self.bytes(),
+            "bytes_ratio": self.gather_bytes() / self.bytes(),
+            "gather_flops": self.gather_flops(),
+            "subset_flops": self.flops(),
+            "flops_ratio": self.gather_flops() / self.flops(),
+        }
+
+
+def _subset(name, peer, b, spatial, patch, d, drop, kept, cls=False, bias=True, norm=False,
+            layout="channels_first") -> SubsetPreset:  # fmt: skip
+    """An RGB subset preset; cls: a class token with its own row of the table ("cat then
+    add"); norm: the LayerNorm over every row."""
+    return SubsetPreset(name, peer, b, 3, spatial, patch, d, drop, kept, int(cls), int(cls),
+                        bias, norm, layout)  # fmt: skip
 
 
 def _square(name, b, c, hw, p, d, dtype="bf16") -> Preset:
@@ -163,6 +247,42 @@ PRESETS = {
         _stem("sam_b16_1024_stem", "sam_vit", 4, 3, 1024, 16, 768),
         # DiT-XL/2 on 256 px images (4x32x32 latents): conv + fixed sincos table, no norm.
         _stem("dit_xl2_256_stem", "dit", 64, 4, 32, 2, 1152),
+        # Token subsets, each against its model's embed-then-gather and its torch.compile, at
+        # the per-GPU batch of the paper's pretraining (name, model, B, C, spatial, patch, D,
+        # drop ratio, patches kept per input as the model rounds them).
+        # MAE ViT-L/16 (64 per GPU x 64 GPUs): fixed sincos table, class token, keep
+        # int(196 x 0.25) = 49.
+        _subset("mae_l16_subset", "mae", 64, (224, 224), (16, 16), 1024, 0.75, 49, cls=True),
+        # VideoMAE ViT-B, 16 frames (32 per GPU, its pretraining script): tubelets 2x16x16,
+        # fixed sincos table, no class token; tube masking drops int(0.9 x 196) = 176 of each
+        # frame's 196 positions, the same in all 8 tubelet frames: 8 x 20 = 160 kept of 1568.
+        _subset(
+            "videomae_b16_subset",
+            "videomae",
+            32,
+            (16, 224, 224),
+            (2, 16, 16),
+            768,
+            0.9,
+            160,
+            layout="frames_first",
+        ),
+        # FLIP ViT-B/16 as OpenCLIP trains it (patch_dropout 0.5): no-bias conv, class token,
+        # learned table over it, ln_pre; keep int(196 x 0.5) = 98. B 256 per GPU is an
+        # assumption (FLIP's batch is 32k; the per-device share depends on the cluster).
+        _subset(
+            "flip_b16_subset",
+            "flip",
+            256,
+            (224, 224),
+            (16, 16),
+            768,
+            0.5,
+            98,
+            cls=True,
+            bias=False,
+            norm=True,
+        ),
     ]
 }
 # The small eager-only preset used when there is no GPU.
@@ -171,6 +291,10 @@ CPU_PRESET = _square("cpu_small", 8, 3, 64, 8, 128, "fp32")
 ALL_MODES = ("fwd", "train", "train_x")
 CONV_PRESETS = ("videomae_b16", "qwen2_5_vl_rows", "wan_latents", "series")
 STEM_PRESETS = tuple(n for n, p in PRESETS.items() if p.family == "stem")
+SUBSET_PRESETS = tuple(n for n, p in PRESETS.items() if p.family == "subset")
+# `--preset subset`: every subset preset, forward and training step (pretraining needs no
+# image gradient). The quick run leaves them out (its share of gpu-check's window is full).
+SUBSET_MODES = ("fwd", "train")
 # Quick run (make gpu-check): every stem preset's inference forward, training on two of them
 # (vit_b16 with the image gradient too: each training goal of the fused backward), and the
 # end-to-end timm ViT-B/16 training step.

@@ -18,7 +18,7 @@ from torch import nn
 from zeta_fused import PatchEmbeddings
 from zeta_fused.op.reference import PATCHIFY
 
-from . import conv_stems, model_stems
+from . import conv_stems, model_stems, subset_stems
 from .presets import Preset
 
 Step = Callable[[], object]
@@ -69,7 +69,7 @@ def _timm_stem(p: Preset) -> nn.Module:
 
 
 def make_input(p: Preset, device: str, mode: str, channels_last: bool = False) -> torch.Tensor:
-    if p.family == "conv":
+    if p.family in ("conv", "subset"):  # any rank, VideoMAE's (B, T, C, H, W) layout
         return conv_stems.make_input(p, device, mode)
     x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
     if channels_last:
@@ -98,7 +98,7 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Step:
 
 
 # Preset families whose peer is the model's own convolution.
-PEER_CONVS = ("conv", "stem")
+PEER_CONVS = ("conv", "stem", "subset")
 
 
 def _module_provider(factory, channels_last=False, compile_mode=None, cudnn_benchmark=False):
@@ -153,14 +153,17 @@ def _zeta(backend: str):
             return conv_stems.fused(p, backend)
         if p.family == "stem":  # the model's own parameters straight into the fused op
             return model_stems.fused(p, backend)
+        if p.family == "subset":  # the same, with the model's kept patches
+            return subset_stems.fused(p, backend)
         return PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend=backend)
 
     return factory
 
 
 def _peer(factory):
-    """The image presets' peer, or for a conv or whole-stem preset the model's own stem."""
-    own = {"conv": conv_stems.ConvStem, "stem": model_stems.peer}
+    """The image presets' peer, or for a conv, whole-stem or subset preset the model's own
+    stem."""
+    own = {"conv": conv_stems.ConvStem, "stem": model_stems.peer, "subset": subset_stems.peer}
     return lambda p: own.get(p.family, factory)(p)
 
 
@@ -172,7 +175,7 @@ PROVIDERS = {
         Provider(
             "eager",
             _module_provider(_peer(_vit_sequential), cudnn_benchmark="conv"),
-            note="vit-pytorch Sequential (conv, stem presets: the model's own)",
+            note="vit-pytorch Sequential (conv, stem, subset presets: the model's own)",
         ),
         Provider(
             "compile",
@@ -213,8 +216,8 @@ EAGER = "eager"  # the peak-memory reference: the vit-pytorch Sequential
 E2E = ["timm-vit-fused", "timm-vit"]
 # The conv presets' providers: the fused conv, the model's conv, its compile, the GEMM rewrite.
 CONV = ["zeta-fused", "eager", "linear-rewrite", "compile"]
-# The whole-stem presets' providers: the fused op on the model's parameters, the model's own
-# stem and its torch.compile.
+# The whole-stem and subset presets' providers: the fused op on the model's parameters, the
+# model's own stem (a subset preset's: embed everything, then gather) and its torch.compile.
 STEM = ["zeta-fused", "eager", "compile"]
 GPU_DEFAULT = ["zeta-fused", "zeta-eager", "eager", "compile", "timm-conv", "timm-conv-cl"]
 CPU_DEFAULT = ["zeta-eager", "eager", "timm-conv", "timm-conv-cl"]

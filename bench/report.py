@@ -44,6 +44,22 @@ def host_lines(host: dict) -> list[str]:
     ]
 
 
+def modelled_lines(modelled: dict | None) -> list[str]:
+    """The subset presets' modelled forward figures: arithmetic from their sizes, no timing."""
+    if not modelled:
+        return []
+    lines = ["Token subsets, modelled, not measured (one forward's compulsory bytes and GEMM "
+             "flops: embed every patch then gather / the fused subset):"]  # fmt: skip
+    for name, m in modelled.items():
+        lines.append(
+            f"{name} ({m['kept']} of {m['tokens']} patches kept): bytes "
+            f"{m['gather_bytes'] / 1e6:.1f} MB / {m['subset_bytes'] / 1e6:.1f} MB = "
+            f"{m['bytes_ratio']:.2f}x, flops {m['gather_flops'] / 1e9:.1f} GFLOP / "
+            f"{m['subset_flops'] / 1e9:.1f} GFLOP = {m['flops_ratio']:.2f}x"
+        )
+    return lines
+
+
 def goal_lines(rows: list[dict], host: dict) -> list[str]:
     """The performance goals judged on this run's figures (none when nothing fused was timed)."""
     verdicts = goals.judge(rows, host)
@@ -52,7 +68,7 @@ def goal_lines(rows: list[dict], host: dict) -> list[str]:
     return ["Goals, judged on this run:"] + [v.line() for v in verdicts]
 
 
-def terminal(rows: list[dict], meta: dict, host: dict) -> str:
+def terminal(rows: list[dict], meta: dict, host: dict, modelled: dict | None = None) -> str:
     cells = table(rows)
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
     lines = [_title(meta)]
@@ -61,10 +77,12 @@ def terminal(rows: list[dict], meta: dict, host: dict) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("x fused: the provider's time over zeta-fused's (above 1: zeta-fused is faster).")
-    return "\n".join(lines + host_lines(host) + goal_lines(rows, host))
+    return "\n".join(lines + host_lines(host) + modelled_lines(modelled) + goal_lines(rows, host))
 
 
-def markdown(rows: list[dict], meta: dict, peaks: dict, host: dict) -> str:
+def markdown(
+    rows: list[dict], meta: dict, peaks: dict, host: dict, modelled: dict | None = None
+) -> str:
     cells = table(rows)
     out = [f"**{_title(meta)}**", ""]
     if peaks:
@@ -73,6 +91,8 @@ def markdown(rows: list[dict], meta: dict, peaks: dict, host: dict) -> str:
     out.append("|" + "---|" * len(cells[0]))
     out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
     out += [""] + host_lines(host) if host else []
+    subsets = modelled_lines(modelled)
+    out += ["", subsets[0], "", *(f"- {line}" for line in subsets[1:])] if subsets else []
     verdicts = goal_lines(rows, host)
     out += ["", verdicts[0], "", *(f"- {v.strip()}" for v in verdicts[1:])] if verdicts else []
     return "\n".join(out) + "\n"
@@ -125,23 +145,25 @@ def chart(rows: list[dict], path: Path) -> str | None:
     return None
 
 
-def write_json(
-    rows: list[dict], meta: dict, peaks: dict, host: dict, out: Path, complete: bool = True
-) -> Path:
-    """bench.json; ``complete=False`` while the run is still going (raw timings only)."""
+def write_json(rows: list[dict], meta: dict, peaks: dict, host: dict, out: Path,
+               complete: bool = True, modelled: dict | None = None) -> Path:  # fmt: skip
+    """bench.json; ``complete=False`` while the run is still going (raw timings only);
+    ``modelled``: the subset presets' modelled figures."""
     out.mkdir(parents=True, exist_ok=True)
     verdicts = [asdict(v) for v in goals.judge(rows, host)] if complete else []
     doc = {"meta": meta, "complete": complete, "roofline": peaks, "host_overhead": host}
     doc["goals"] = verdicts
+    doc["modelled"] = modelled or {}
     path = out / "bench.json"
     path.write_text(json.dumps(doc | {"results": rows}, indent=2) + "\n")
     return path
 
 
-def write(rows: list[dict], meta: dict, peaks: dict, host: dict, out: Path) -> list[str]:
+def write(rows: list[dict], meta: dict, peaks: dict, host: dict, out: Path,
+          modelled: dict | None = None) -> list[str]:  # fmt: skip
     """Write bench.json, bench.md and (with fused timings) bench.png under ``out``."""
-    write_json(rows, meta, peaks, host, out)
-    (out / "bench.md").write_text(markdown(rows, meta, peaks, host))
+    write_json(rows, meta, peaks, host, out, modelled=modelled)
+    (out / "bench.md").write_text(markdown(rows, meta, peaks, host, modelled))
     written = [str(out / "bench.json"), str(out / "bench.md")]
     note = chart(rows, out / "bench.png")
     return written + [f"(chart: {note})" if note else str(out / "bench.png")]

@@ -100,6 +100,12 @@ def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
             r["pct_eager_mib"] = 100 * r["peak_extra_mib"] / eager_mib[(r["preset"], r["mode"])]
 
 
+def modelled(plan: list[tuple[Preset, tuple[str, ...]]]) -> dict:
+    """The modelled figures of the plan's subset presets (bytes and flops of embedding every
+    patch then gathering vs the fused subset), whether or not their cells are timed."""
+    return {p.name: p.modelled() for p, _ in plan if p.family == "subset"}
+
+
 # Presets whose per-call host overhead is measured (small batches, where it matters).
 HOST_PRESETS = ("b1_latency_b16",)
 
@@ -133,13 +139,13 @@ def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> di
 
 def _providers_of(p: Preset, providers: list[str]) -> list[str]:
     """The whole-model providers for an end-to-end preset, the conv ones (on a GPU; the eager
-    ones on a CPU) for a conv preset, the chosen ones of the whole-stem providers for a stem
-    preset, the chosen ones otherwise."""
+    ones on a CPU) for a conv preset, the chosen ones of the whole-stem providers for a stem or
+    subset preset, the chosen ones otherwise."""
     if p.e2e:
         return E2E
     if p.family == "conv":
         return [n for n in CONV if n in providers or n == "linear-rewrite"]
-    if p.family == "stem":
+    if p.family in ("stem", "subset"):
         return [n for n in STEM if n in providers]
     return [n for n in providers if n not in E2E]
 
