@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .contract import COLUMN_SUMS
-from .geometry import token_offsets, token_rows
+from .geometry import table_rows, token_offsets, token_rows
 from .norms import (
     MEAN1,
     MEAN2,
@@ -51,14 +51,14 @@ PART_DB3 = tl.constexpr(COLUMN_SUMS.index("db3"))
 
 
 @triton.jit
-def _stem_input_hat(z_hat, position, offs_n, n_mask, mask, norm2, Pos, D, mean3, rstd3,
+def _stem_input_hat(z_hat, pos_rows, offs_n, n_mask, mask, norm2, Pos, D, mean3, rstd3,
                     NORM2: tl.constexpr, NORM3: tl.constexpr,
                     ACC_DTYPE: tl.constexpr):  # fmt: skip
     """t̂ of the stem norm from ẑ (Z itself without a post-norm): T = norm2's affine(ẑ) + pos."""
     t = z_hat
     if NORM2 != NO_NORM:
         t = affine(z_hat, norm2, offs_n, n_mask, ACC_DTYPE)
-    t = add_pos(t, Pos, position, D, offs_n, mask, ACC_DTYPE)
+    t = add_pos(t, Pos, pos_rows, D, offs_n, mask, ACC_DTYPE)
     return tl.where(mask, normalize(t, mean3, rstd3, NORM3), 0.0)
 
 
@@ -104,7 +104,7 @@ def _read_chunk(dz_rows, dy_rows, dy_strides, n0, m_mask, D, ACC_DTYPE: tl.const
 
 @triton.jit
 def _pass_normalised(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias,
-                     norm1, mean1, rstd1, norm2, mean2, rstd2, Pos, position, norm3, mean3,
+                     norm1, mean1, rstd1, norm2, mean2, rstd2, Pos, pos_rows, norm3, mean3,
                      rstd3, dy_rows, dy_strides, dz_rows, part, part_rows, K, D,
                      C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr,
                      NORM2: tl.constexpr, NORM3: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
@@ -130,7 +130,7 @@ def _pass_normalised(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_r
         if NORM2 != NO_NORM:
             kept_hat = tl.where(mask, normalize(z, mean2, rstd2, NORM2), 0.0)
         if NORM3 != NO_NORM:
-            t_hat = _stem_input_hat(kept_hat, position, offs_n, n_mask, mask, norm2, Pos, D,
+            t_hat = _stem_input_hat(kept_hat, pos_rows, offs_n, n_mask, mask, norm2, Pos, D,
                                     mean3, rstd3, NORM2, NORM3, ACC_DTYPE)  # fmt: skip
             sum_g, sum_gt = _norm_bwd_chunk(sum_g, sum_gt, dy, t_hat, norm3, part, part_rows,
                                             PART_DG3, PART_DB3, offs_n, n_mask,
@@ -147,7 +147,7 @@ def _pass_normalised(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_r
 
 
 @triton.jit
-def _pass_post_sums(dz_rows, dy_rows, dy_strides, offs_m, m_mask, position, norm2, Pos, norm3,
+def _pass_post_sums(dz_rows, dy_rows, dy_strides, offs_m, m_mask, pos_rows, norm2, Pos, norm3,
                     mean3, rstd3, mean_g3, mean_gt3, DT, part, part_rows, D,
                     NORM2: tl.constexpr, NORM3: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
@@ -159,7 +159,7 @@ def _pass_post_sums(dz_rows, dy_rows, dy_strides, offs_m, m_mask, position, norm
     for n0 in range(0, D, BLOCK_N):
         z_hat, dy, offs_n, n_mask, mask = _read_chunk(dz_rows, dy_rows, dy_strides, n0, m_mask,
                                                       D, ACC_DTYPE, BLOCK_N)  # fmt: skip
-        t_hat = _stem_input_hat(z_hat, position, offs_n, n_mask, mask, norm2, Pos, D, mean3,
+        t_hat = _stem_input_hat(z_hat, pos_rows, offs_n, n_mask, mask, norm2, Pos, D, mean3,
                                 rstd3, NORM2, NORM3, ACC_DTYPE)  # fmt: skip
         dt = tl.where(mask, _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3,
                                     NORM3, ACC_DTYPE), 0.0)  # fmt: skip
@@ -172,7 +172,7 @@ def _pass_post_sums(dz_rows, dy_rows, dy_strides, offs_m, m_mask, position, norm
 
 
 @triton.jit
-def _pass_dz(dz_rows, dy_rows, dy_strides, m_mask, position, norm2, rstd2, mean_g2, mean_gz2,
+def _pass_dz(dz_rows, dy_rows, dy_strides, m_mask, pos_rows, norm2, rstd2, mean_g2, mean_gz2,
              Pos, norm3, mean3, rstd3, mean_g3, mean_gt3, part, part_rows, D,
              NORM2: tl.constexpr, NORM3: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
              ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
@@ -186,7 +186,7 @@ def _pass_dz(dz_rows, dy_rows, dy_strides, m_mask, position, norm2, rstd2, mean_
         if NORM2 != NO_NORM:
             dt = dy
             if NORM3 != NO_NORM:
-                t_hat = _stem_input_hat(kept_hat, position, offs_n, n_mask, mask, norm2, Pos, D,
+                t_hat = _stem_input_hat(kept_hat, pos_rows, offs_n, n_mask, mask, norm2, Pos, D,
                                         mean3, rstd3, NORM2, NORM3, ACC_DTYPE)  # fmt: skip
                 dt = _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3,
                              ACC_DTYPE)  # fmt: skip
@@ -219,6 +219,7 @@ def _bwd_dz_kernel(
     norm2,  # (weight, bias) of the post-norm: the weight scales dT, the bias only says db2
     Pos,  # (N, D) position table or None
     Keep,  # (B, rows) int64 grid positions embedded per image, or None
+    PosIndex,  # (B, rows) int64 table row of each token, or None
     norm3,  # (weight, bias) of the stem norm
     Stats,  # (len(STAT_ROWS), M): row statistics from the forward
     DY, dy_strides,  # upstream gradient of the patch tokens (B, N, D), any strides
@@ -240,6 +241,7 @@ def _bwd_dz_kernel(
         pid.to(tl.int64) * BLOCK_M, M, rows, grid, Keep, PATCH, stride_xb, x_strides, BLOCK_M
     )
     tl.store(XRowOff + offs_m, row_off, mask=m_mask)
+    pos_rows = table_rows(position, PosIndex, offs_m, m_mask)
     dy_off = token_offsets(offs_m, rows, dy_strides, DY_FLAT)
     dy_rows = DY + dy_off
     dz_rows = DZ + offs_m[:, None] * D
@@ -261,7 +263,7 @@ def _bwd_dz_kernel(
         # its weight): the stem norm's (3) and the post-norm's (2).
         mean_g, mean_gt = _pass_normalised(
             X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_len, Bias, norm1,
-            mean1, rstd1, norm2, mean2, rstd2, Pos, position, norm3, mean3, rstd3, dy_rows,
+            mean1, rstd1, norm2, mean2, rstd2, Pos, pos_rows, norm3, mean3, rstd3, dy_rows,
             dy_strides, dz_rows, part, part_rows, K, D, C, PATCH, NORM1, NORM2, NORM3,
             COMPUTE_DTYPE, DOT_PRECISION, ACC_DTYPE, EMULATE_BF16, W_FLAT, CHANNELS_FIRST,
             BLOCK_M, BLOCK_N, BLOCK_K,
@@ -271,13 +273,13 @@ def _bwd_dz_kernel(
         if NORM2 != NO_NORM and NORM3 != NO_NORM:
             tl.debug_barrier()
             mean_g2, mean_gz2 = _pass_post_sums(
-                dz_rows, dy_rows, dy_strides, offs_m, m_mask, position, norm2, Pos, norm3,
+                dz_rows, dy_rows, dy_strides, offs_m, m_mask, pos_rows, norm2, Pos, norm3,
                 mean3, rstd3, mean_g3, mean_gt3, DT, part, part_rows, D, NORM2, NORM3,
                 COMPUTE_DTYPE, ACC_DTYPE, EMULATE_BF16, BLOCK_M, BLOCK_N,
             )  # fmt: skip
         tl.debug_barrier()
         _pass_dz(
-            dz_rows, dy_rows, dy_strides, m_mask, position, norm2, rstd2, mean_g2, mean_gz2, Pos,
+            dz_rows, dy_rows, dy_strides, m_mask, pos_rows, norm2, rstd2, mean_g2, mean_gz2, Pos,
             norm3, mean3, rstd3, mean_g3, mean_gt3, part, part_rows, D, NORM2, NORM3,
             COMPUTE_DTYPE, ACC_DTYPE, EMULATE_BF16, BLOCK_N,
         )  # fmt: skip

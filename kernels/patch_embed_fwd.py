@@ -14,7 +14,7 @@ allocates and builds the grid.
 import triton
 import triton.language as tl
 
-from .geometry import token_offsets, token_rows
+from .geometry import table_rows, token_offsets, token_rows
 from .norms import NO_NORM, norm_apply, norm_merge, rstd_of, store_stats
 from .patch_tiles import READ_BACK, add_pos, patch_stats, project_chunk
 from .rounding import cast
@@ -44,13 +44,13 @@ def _read_back(y_rows, offs_n, n_mask, m_mask, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _tokens_chunk(z, mean2, rstd2, norm2, Pos, position, offs_n, n_mask, m_mask,
+def _tokens_chunk(z, mean2, rstd2, norm2, Pos, pos_rows, offs_n, n_mask, m_mask,
                   mean3, m3, n0, D, NORM2: tl.constexpr, NORM3: tl.constexpr,
                   ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """T = norm2(Z) + pos for one column chunk of Z, and the stem norm's row statistics
     merged over it."""
     t = norm_apply(z, mean2, rstd2, norm2, offs_n, n_mask, NORM2, ACC_DTYPE)
-    t = add_pos(t, Pos, position, D, offs_n, m_mask[:, None] & n_mask[None, :], ACC_DTYPE)
+    t = add_pos(t, Pos, pos_rows, D, offs_n, m_mask[:, None] & n_mask[None, :], ACC_DTYPE)
     if NORM3 != NO_NORM:
         mean3, m3 = norm_merge(mean3, m3, t, n_mask, n0, D, NORM3, BLOCK_N)
     return t, mean3, m3
@@ -66,6 +66,7 @@ def _patch_embed_fwd_kernel(
     norm2,  # (weight, bias) of the post-norm (D,)
     Pos,  # (N, D) contiguous position table, or None
     Keep,  # (B, rows) int64 grid positions embedded per image, or None: every patch
+    PosIndex,  # (B, rows) int64 table row of each token, or None: its grid position's
     norm3,  # (weight, bias) of the stem norm (D,)
     Y, y_strides,  # output tokens (B, N, D) with strides (b, n, d = 1): after the prefix rows
     Stats,  # (len(STAT_ROWS), M) in ACC_DTYPE, rows as kernels/norms.py names them
@@ -94,6 +95,7 @@ def _patch_embed_fwd_kernel(
     m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
     offs_m, m_mask, row_off, position = token_rows(m_start, M, rows, grid, Keep, PATCH,
                                                    stride_xb, x_strides, BLOCK_M)  # fmt: skip
+    pos_rows = table_rows(position, PosIndex, offs_m, m_mask)
     y_rows = Y + token_offsets(offs_m, rows, y_strides, Y_FLAT)
     mean1 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     rstd1 = tl.full([BLOCK_M], 1.0, dtype=ACC_DTYPE)
@@ -123,7 +125,7 @@ def _patch_embed_fwd_kernel(
         else:
             # No post-norm, or the whole row is in registers: T now.
             t, mean3, m3 = _tokens_chunk(
-                z, mean2, rstd_of(m2, D, eps2, NORM2), norm2, Pos, position, offs_n, n_mask,
+                z, mean2, rstd_of(m2, D, eps2, NORM2), norm2, Pos, pos_rows, offs_n, n_mask,
                 m_mask, mean3, m3, n0, D, NORM2, NORM3, ACC_DTYPE, BLOCK_N,
             )  # fmt: skip
             if TWO_PASS:
@@ -144,7 +146,7 @@ def _patch_embed_fwd_kernel(
             n_mask = offs_n < D
             z = _read_back(y_rows, offs_n, n_mask, m_mask, ACC_DTYPE)
             t, mean3, m3 = _tokens_chunk(
-                z, mean2, rstd2, norm2, Pos, position, offs_n, n_mask, m_mask, mean3,
+                z, mean2, rstd2, norm2, Pos, pos_rows, offs_n, n_mask, m_mask, mean3,
                 m3, n0, D, NORM2, NORM3, ACC_DTYPE, BLOCK_N,
             )  # fmt: skip
             _store_rows(Y, y_rows, t, offs_n, n_mask, m_mask, EMULATE_BF16)

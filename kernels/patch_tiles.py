@@ -124,10 +124,10 @@ def project_chunk(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_
 
 
 @triton.jit
-def add_pos(t, Pos, position, D, offs_n, mask, ACC_DTYPE: tl.constexpr):
-    """t + the rows of the (N, D) position table (None: t) at the grid positions of a tile's
-    tokens (geometry.token_rows)."""
+def add_pos(t, Pos, pos_rows, D, offs_n, mask, ACC_DTYPE: tl.constexpr):
+    """t + the rows pos_rows (geometry.table_rows) of the position table (None: t) for a
+    tile's tokens."""
     if Pos is not None:
-        rows = position.to(tl.int64) * D
+        rows = pos_rows.to(tl.int64) * D
         t += tl.load(Pos + rows[:, None] + offs_n[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     return t

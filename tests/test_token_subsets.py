@@ -187,7 +187,7 @@ def test_bad_indices_name_the_sizes(backend, device, fused_calls) -> None:
     cases = {
         r"outside \[0, 12\) for the 12 patches": keep.masked_fill(keep == keep[0, 0], 12),
         r"outside \[0, 12\)": keep - 20,
-        "int64 patch indices, got torch.int32": keep.int(),
+        "keep must hold int64 indices, got torch.int32": keep.int(),
         r"shape \(B, L\) = \(3, L\) for a batch of 3, got \(2, 6\)": keep[:2],
         r"shape \(B, L\) = \(3, L\).*got \(18,\)": keep.flatten(),
     }

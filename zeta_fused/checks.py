@@ -242,16 +242,27 @@ def pad_to_patch(x: Tensor, patch: tuple[int, ...]) -> Tensor:
     return F.pad(x, [n for pad in reversed(pads) for n in (0, pad)])
 
 
-def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, stem: Stem) -> Stem:
-    """The position table (N, D), the prefix rows (P, D) (each may have a leading 1) and the
-    stem norm's (D,) vectors checked, on the image's device and of its dtype (unless autocast
-    decides); the table comes back contiguous (the kernels read it as rows)."""
+def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, stem: Stem,
+               rows: int | None = None) -> Stem:  # fmt: skip
+    """The position table (N, D) ((T, D) with a table index), the prefix rows (P, D) (each may
+    have a leading 1), the table index (B, rows) and the stem norm's (D,) vectors checked, on
+    the image's device and of its dtype (unless autocast decides); the table comes back
+    contiguous (the kernels read it as rows). ``rows``: patch tokens per image (N by
+    default)."""
     tokens = math.prod([s // p for s, p in zip(x.shape[2:], patch, strict=True)])
-    pos = _rows(stem.pos, tokens, dim, "pos", f"the {tokens} patch tokens")
+    index = stem.pos_index
+    if index is None:
+        pos = _rows(stem.pos, tokens, dim, "pos", f"the {tokens} patch tokens")
+    else:
+        pos = _rows(stem.pos, None, dim, "pos", "a table index")
+        if pos is None:
+            raise ValueError("pos_index needs a position table pos")
+        index = _index(index, "pos_index", x, tokens if rows is None else rows, pos.shape[0],
+                       f"the {pos.shape[0]} rows of pos")  # fmt: skip
     prefix = _rows(stem.prefix, None, dim, "prefix", "the prefix rows")
     stem_norm = _norm(stem.norm, dim, "stem_norm")
     check_params(x, [pos, prefix, *norm_tensors(stem_norm)])
-    return Stem(pos, prefix, stem_norm)
+    return Stem(pos, prefix, stem_norm, index)
 
 
 def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) -> Tensor | None:
@@ -267,28 +278,35 @@ def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) ->
 
 def check_keep(keep, x: Tensor, patch: tuple[int, ...]) -> Tensor:
     """A keep index: (B, L) int64 grid positions in [0, N) on the image's device, the same L
-    for every image; returned contiguous. Out-of-range values raise here, before anything is
-    computed (a host sync; under torch.compile a device-side assert in the graph instead)."""
-    batch = x.shape[0]
+    for every image; returned contiguous."""
     tokens = math.prod([s // p for s, p in zip(x.shape[2:], patch, strict=True)])
-    if not isinstance(keep, Tensor):
-        raise TypeError(f"keep must be a (B, L) int64 tensor of patch indices, got {type(keep)}")
-    if keep.dtype != torch.int64:
-        raise TypeError(f"keep must hold int64 patch indices, got {keep.dtype}")
-    if keep.ndim != 2 or keep.shape[0] != batch:
+    return _index(keep, "keep", x, None, tokens, f"the {tokens} patches per image")
+
+
+def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str) -> Tensor:
+    """A (B, rows) int64 index (rows None: any L) with values in [0, bound), on the image's
+    device; returned contiguous. Out-of-range values raise here, before anything is computed
+    (a host sync; under torch.compile a device-side assert in the graph instead)."""
+    batch = x.shape[0]
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{name} must be a (B, L) int64 tensor of indices, got {type(index)}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"{name} must hold int64 indices, got {index.dtype}")
+    want = "L" if rows is None else rows
+    if index.ndim != 2 or index.shape[0] != batch or (rows is not None and index.shape[1] != rows):
         raise ValueError(
-            f"keep must have shape (B, L) = ({batch}, L) for a batch of {batch}, got "
-            f"{tuple(keep.shape)}"
+            f"{name} must have shape (B, L) = ({batch}, {want}) for a batch of {batch}, got "
+            f"{tuple(index.shape)}"
         )
-    if keep.device != x.device:
-        raise RuntimeError(f"input is on {x.device} but keep is on {keep.device}: move one")
-    in_range = ((keep >= 0) & (keep < tokens)).all()
-    message = f"keep holds patch indices outside [0, {tokens}) for the {tokens} patches per image"
+    if index.device != x.device:
+        raise RuntimeError(f"input is on {x.device} but {name} is on {index.device}: move one")
+    in_range = ((index >= 0) & (index < bound)).all()
+    message = f"{name} holds indices outside [0, {bound}) for {what}"
     if torch.compiler.is_compiling():
         torch._assert_async(in_range, message)
-    elif keep.numel() and not in_range:
+    elif index.numel() and not in_range:
         raise ValueError(message)
-    return keep if keep.is_contiguous() else keep.contiguous()
+    return index if index.is_contiguous() else index.contiguous()
 
 
 _TENSOR_AT = tuple(FwdArgs._fields.index(name) for name in TENSOR_FIELDS)

@@ -81,10 +81,10 @@ def fused_call(x: Tensor, patch: tuple[int, ...], weight: Tensor, weight_shape: 
     operand is a wrapper tensor subclass (:func:`~zeta_fused.checks.wrapped_operand`), and the
     caller runs its own code."""
     bias, pre_norm, post_norm = checked_params(x, weight, weight_shape, bias, pre_norm, post_norm)
-    if stem is not NO_STEM:
-        stem = check_stem(x, patch, weight_shape[0], stem)
     if keep is not None:
         keep = check_keep(keep, x, patch)
+    if stem is not NO_STEM:
+        stem = check_stem(x, patch, weight_shape[0], stem, None if keep is None else keep.shape[1])
     args = op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
     return None if wrapped_operand(args) else fused_patch_embed(args)
 
@@ -133,6 +133,7 @@ def patch_embed(
     stem_norm: Norm | tuple | None = None,
     stem_eps: float | None = None,
     keep: Tensor | None = None,
+    pos_index: Tensor | None = None,
     dynamic_img_pad: bool = False,
     backend: str = "auto",
 ) -> Tensor:
@@ -166,6 +167,9 @@ def patch_embed(
             the order given (repeats allowed), each with its own row of ``pos``; the output
             has L patch tokens per image. Patches not kept get a zero image gradient; the
             table's rows not kept get none.
+        pos_index: (B, L) int64: the row of ``pos`` (then any (T, D) table) each patch token
+            takes, instead of its grid position's (variable-resolution images with a table
+            resized per image, packed rows: see :func:`patch_embed_rows`).
         dynamic_img_pad: zero-pad the end of each spatial dimension to a multiple of the patch
             instead of raising.
         backend: "auto" | "triton" | "eager" (see the README).
@@ -181,12 +185,13 @@ def patch_embed(
     bias, pre_norm, post_norm = checked_params(x, weight, weight.shape, bias, pre_norm, post_norm)
     if dynamic_img_pad:
         x = pad_to_patch(x, patch)
-    stem = NO_STEM
-    if pos is not None or prefix is not None or stem_norm is not None:
-        stem_norm = norm_arg(stem_norm, eps if stem_eps is None else stem_eps, "stem_norm")
-        stem = check_stem(x, patch, weight.shape[0], Stem(pos, prefix, stem_norm))
     if keep is not None:
         keep = check_keep(keep, x, patch)
+    stem = NO_STEM
+    if pos is not None or prefix is not None or stem_norm is not None or pos_index is not None:
+        stem_norm = norm_arg(stem_norm, eps if stem_eps is None else stem_eps, "stem_norm")
+        stem = check_stem(x, patch, weight.shape[0], Stem(pos, prefix, stem_norm, pos_index),
+                          None if keep is None else keep.shape[1])  # fmt: skip
     if dispatch.use_fused(dispatch.check_backend(backend), x):
         args = op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
         if not wrapped_operand(args):
@@ -202,6 +207,8 @@ def patch_embed_rows(
     post_norm: Norm | tuple | None = None,
     eps: float = 1e-5,
     *,
+    pos: Tensor | None = None,
+    pos_index: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """The patch embedding of patches already cut: rows (L, K) -> tokens (L, D).
@@ -215,6 +222,10 @@ def patch_embed_rows(
         rows: (L, K), floating point.
         weight: (D, K), or a conv weight (D, C, *patch) with C * prod(patch) = K.
         bias, pre_norm, post_norm, eps, backend: as :func:`patch_embed`.
+        pos: a (T, D) position table; with ``pos_index`` (L,) int64, row ``pos_index[i]`` is
+            added to token i (packed rows of several images, each with its own rows of a
+            table resized for it: SigLIP2 NaFlex, Idefics3 / SmolVLM bucketed positions);
+            without it, T = L and row i goes to token i.
 
     Returns:
         (L, D) tokens.
@@ -230,5 +241,18 @@ def patch_embed_rows(
     # One patch per "input": a conv weight sees (L, C, *patch), a Linear one (L, K, 1).
     cut = weight.shape[1:] if weight.ndim > 2 else (width, 1)
     x = rows.unflatten(1, cut) if rows.stride(1) == 1 else rows.reshape(-1, *cut)
-    y = patch_embed(x, cut[1:], weight, bias, pre_norm, post_norm, eps, backend=backend)
+    if pos is not None and pos_index is None:
+        if pos.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"pos must have a row per row of patches, ({rows.shape[0]}, D), got "
+                f"{tuple(pos.shape)}; or give pos_index"
+            )
+        pos_index = torch.arange(rows.shape[0], device=rows.device)
+    if pos_index is not None:
+        if not isinstance(pos_index, Tensor) or pos_index.shape != (rows.shape[0],):
+            shape = tuple(pos_index.shape) if isinstance(pos_index, Tensor) else pos_index
+            raise ValueError(f"pos_index must have shape (L,) = ({rows.shape[0]},), got {shape}")
+        pos_index = pos_index.view(-1, 1)  # one token per "input"
+    y = patch_embed(x, cut[1:], weight, bias, pre_norm, post_norm, eps, pos=pos,
+                    pos_index=pos_index, backend=backend)  # fmt: skip
     return y.view(rows.shape[0], -1)

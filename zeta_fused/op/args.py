@@ -33,9 +33,12 @@ class Norm(NamedTuple):
 class Stem(NamedTuple):
     """What a whole ViT stem adds after the patch embedding (see ``patch_embed``)."""
 
-    pos: Tensor | None  # (N, D) position table of the patch tokens
+    pos: Tensor | None  # (N, D) position table of the patch tokens; (T, D) with pos_index
     prefix: Tensor | None  # (P, D) rows before every image's patch tokens
     norm: Norm | None  # the stem norm, over D of every output row
+    # (B, rows) int64: the table row of each patch token (packed or variable-resolution
+    # rows); None: the row of its grid position.
+    pos_index: Tensor | None = None
 
 
 NO_STEM = Stem(None, None, None)
@@ -63,6 +66,8 @@ class FwdArgs(NamedTuple):
     # (B, L) int64: the grid positions each image embeds, in output order (any order, repeats
     # allowed); each token takes its position's table row. None: all N, in grid order.
     keep: Annotated[Tensor | None, NO_GRAD]
+    # (B, rows) int64: the table row of each patch token; None: its grid position's row.
+    pos_index: Annotated[Tensor | None, NO_GRAD]
     stem_norm: str  # NORM_KINDS: the norm over D of every output row, prefix rows included
     g3: Tensor | None  # (D,)
     b3: Tensor | None  # (D,)
@@ -95,6 +100,7 @@ def fwd_args(x: Tensor, weight: Tensor, bias: Tensor | None, pre: Norm | None,
     Python function of keywords, on the per-call path."""
     return tuple.__new__(FwdArgs, (
         x, weight, bias, *(pre or _OFF), *(post or _OFF), stem.pos, stem.prefix, keep,
+        stem.pos_index,
         *(stem.norm or _OFF), patch, compute_dtype, out_dtype,
     ))  # fmt: skip
 

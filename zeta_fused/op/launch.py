@@ -136,7 +136,7 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
     patch_tokens = y[:, n_prefix:] if n_prefix else y  # (a view costs host time on every call)
     _patch_embed_fwd_kernel[(_cdiv(tokens, block_m),)](
         a.x, a.x.stride(0), a.x.stride()[1:], k.weight, k.weight.stride(0), k.w_strides,
-        k.w_row_len, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, a.keep, (a.g3, a.b3),
+        k.w_row_len, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, a.keep, a.pos_index, (a.g3, a.b3),
         patch_tokens, patch_tokens.stride(), stats, tokens, geo.patch_dim, dim, rows, geo.grid,
         a.pre_eps, a.post_eps, a.stem_eps,
         C=geo.chans, PATCH=geo.patch, NORM1=a.pre_norm, NORM2=a.post_norm, NORM3=a.stem_norm,
@@ -190,7 +190,8 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
     if tokens:
         _bwd_dz_kernel[(dz_tiles,)](
             x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
-            a.keep, (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer, partials,
+            a.keep, a.pos_index, (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer,
+            partials,
             x_row_offsets, dz_row_offsets, tokens, patch_dim, dim, rows, geo.grid,
             NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat,
             CHANNELS_FIRST=k.channels_first,
@@ -281,12 +282,13 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
 
 
 def _table_grad(dt: Tensor, a: FwdArgs, pol: LaunchPolicy) -> Tensor:
-    """The position table's gradient: dT summed over the batch, by kept position with a keep
-    index (a fixed-order sum, as every other)."""
-    if a.keep is None:
+    """The position table's gradient: dT summed over the batch, by table row with a keep or a
+    table index (a fixed-order sum, as every other)."""
+    index = a.keep if a.pos_index is None else a.pos_index
+    if index is None:
         return dt.sum(0, dtype=stats_dtype(a.compute_dtype)).to(a.pos.dtype)
     rows = dt.reshape(-1, dt.shape[-1])
-    return _segment_sums(rows, a.keep.flatten(), a.pos.shape[0], a.pos.dtype, pol)
+    return _segment_sums(rows, index.flatten(), a.pos.shape[0], a.pos.dtype, pol)
 
 
 def _segment_sums(rows: Tensor, ids: Tensor, segments: int, dtype: torch.dtype,

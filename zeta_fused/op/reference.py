@@ -69,12 +69,18 @@ def scattered(rows: Tensor, keep: Tensor | None, n: int) -> Tensor:
     return out.scatter_add(1, keep.view(*keep.shape, 1).expand(-1, -1, rows.shape[-1]), rows)
 
 
-def position_sums(rows: Tensor, keep: Tensor | None, n: int) -> Tensor:
+def table_rows(pos: Tensor, keep: Tensor | None, pos_index: Tensor | None) -> Tensor:
+    """The table rows added to the patch tokens: ``pos[pos_index]`` (B, rows, D), or the rows
+    of their grid positions (the table itself without ``keep``)."""
+    return pos[pos_index] if pos_index is not None else kept(pos, keep)
+
+
+def position_sums(rows: Tensor, index: Tensor | None, n: int) -> Tensor:
     """The gradient of a table whose rows were added to ``rows`` (B, L, D): the rows summed
-    over the batch into the table's n rows (by ``keep``'s positions)."""
-    if keep is None:
+    over the batch into the table's n rows, by ``index`` (B, L) (None: row l of every image)."""
+    if index is None:
         return rows.sum(0)
-    return rows.new_zeros(n, rows.shape[-1]).index_add(0, keep.flatten(), rows.flatten(0, 1))
+    return rows.new_zeros(n, rows.shape[-1]).index_add(0, index.flatten(), rows.flatten(0, 1))
 
 
 def weight_matrix(weight: Tensor) -> Tensor:
@@ -110,7 +116,7 @@ def patch_embed_reference(
     if stem is NO_STEM:
         return y
     if stem.pos is not None:
-        y = y + kept(stem.pos, keep)
+        y = y + table_rows(stem.pos, keep, stem.pos_index)
     if stem.prefix is not None:
         y = torch.cat([stem.prefix.expand(y.shape[0], -1, -1), y], 1)
     return apply_norm(y, stem.norm)
@@ -170,7 +176,7 @@ def forward_with_stats(a: FwdArgs) -> tuple[Tensor, Tensor]:
     z = act @ w.T if a.bias is None else act @ w.T + a.bias
     t, _, mean2, rstd2 = _normed(z, a.norm("post"), z.dtype)
     if a.pos is not None:
-        t = t + kept(a.pos, a.keep).to(t.dtype)
+        t = t + table_rows(a.pos, a.keep, a.pos_index).to(t.dtype)
     y, _, mean3, rstd3 = _normed(t, a.norm("stem"), t.dtype)
     stats = torch.stack([mean1, rstd1, mean2, rstd2, mean3, rstd3]).reshape(len(STAT_ROWS), -1)
     if a.prefix is not None:
@@ -248,12 +254,13 @@ def backward_from_stats(args: BwdArgs) -> Grads:
         grads["prefix"] = dprefix.to(a.prefix.dtype)
     if stem is not None:
         t = z if post is None else _affine(z_hat, a.g2, a.b2)
-        t = t if a.pos is None else t + kept(a.pos, a.keep).to(acc)
+        t = t if a.pos is None else t + table_rows(a.pos, a.keep, a.pos_index).to(acc)
         t_hat = (t - mean3) * rstd3
         grads["g3"], grads["b3"] = _norm_param_grads(dz, t_hat, a.g3, a.b3, prefix_parts)
         dz = norm_backward(dz, t_hat, rstd3, stem)
     if a.pos is not None:
-        grads["pos"] = position_sums(dz, a.keep, a.pos.shape[0]).to(a.pos.dtype)
+        index = a.keep if a.pos_index is None else a.pos_index
+        grads["pos"] = position_sums(dz, index, a.pos.shape[0]).to(a.pos.dtype)
     if post is not None:
         grads["g2"], grads["b2"] = _norm_param_grads(dz, z_hat, a.g2, a.b2)
         dz = norm_backward(dz, z_hat, rstd2, post)
