@@ -84,19 +84,20 @@ def on_tensor_device(launcher):
     allow) switches to their device for its duration instead of faulting."""
 
     @functools.wraps(launcher)
-    def on_device(args):
+    def on_device(args, *rest):
         x = args.x
         if x.is_cuda and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
-                return launcher(args)
-        return launcher(args)
+                return launcher(args, *rest)
+        return launcher(args, *rest)
 
     return on_device
 
 
 @on_tensor_device
-def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
-    """Run the fused forward; returns y (B, P + N, D) and the row statistics."""
+def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None) -> tuple[Tensor, Tensor]:
+    """Run the fused forward; returns y (B, P + N, D) and the row statistics. ``pol``: the
+    launch policy (default: the device's)."""
     geo = layout.geometry(a.x, a.patch)
     dim = a.weight.shape[0]
     if geo.tokens >= MAX_TOKENS:
@@ -114,7 +115,7 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
     if geo.tokens == 0:
         return y, stats
     tokens = y[:, n_prefix:] if n_prefix else y  # (a view costs host time on every call)
-    pol = policy.current()
+    pol = pol or policy.for_tensor(a.x)
     blocks = pol.blocks(a.compute_dtype.itemsize)
     block_n = _block_n(dim, blocks.n)
     # Small batches: each program walks all of K and D in sequence, so with few programs the
@@ -129,14 +130,16 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
         C=geo.chans, PATCH=geo.patch, NORM1=a.pre_norm, NORM2=a.post_norm, NORM3=a.stem_norm,
         Y_FLAT=n_prefix == 0, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
         TWO_PASS=row_norm and block_n < dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=blocks.k, num_warps=blocks.warps, **numerics(a.compute_dtype, pol),
+        BLOCK_K=blocks.k, num_warps=blocks.warps, num_stages=blocks.stages,
+        **numerics(a.compute_dtype, pol),
     )  # fmt: skip
     return y, stats
 
 
 @on_tensor_device
-def patch_embed_bwd(args: BwdArgs) -> Grads:
-    """Run the fused backward; returns every gradient, absent ones empty."""
+def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
+    """Run the fused backward; returns every gradient, absent ones empty. ``pol``: as for
+    :func:`patch_embed_fwd`."""
     a, grad_y, stats = fwd_of(args), args.grad_y, args.stats
     x, weight = a.x, a.weight
     geo = layout.geometry(x, a.patch)
@@ -147,7 +150,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
         geo.patch_dim,
         weight.shape[0],
     )
-    pol = policy.current()
+    pol = pol or policy.for_tensor(a.x)
     blocks = pol.blocks(a.compute_dtype.itemsize)
     consts = dict(C=chans, PATCH=patch, NORM1=a.pre_norm, **numerics(a.compute_dtype, pol))
     k = layout.k_order(x, weight, a.g1, a.b1, geo, pol)  # for the dZ and image-gradient kernels
@@ -186,7 +189,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
             dz_row_offsets, tokens, patch_dim, dim, geo.grid, NORM2=a.post_norm,
             NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
             BLOCK_M=blocks.dz_m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
-            num_warps=blocks.warps, **consts,
+            num_warps=blocks.warps, num_stages=blocks.stages, **consts,
         )  # fmt: skip
     # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
     dzsum = partials[COLUMN_SUMS.index("dz")].sum(0)
@@ -206,7 +209,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
             patch_dim, dim, CHANNELS_FIRST=g_first, ROW_ALIGN=layout.row_align(x, patch),
             DZ_ALIGN=1 if dz_row_offsets is None else layout.stride_align(*dz.stride()[:2]),
             BLOCK_M=blocks.dw_m, BLOCK_D=dw_d, BLOCK_K=blocks.dw_k, num_warps=blocks.warps,
-            **consts,
+            num_stages=blocks.stages, **consts,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     dg1, db1 = (None if p is None else torch.empty_like(p) for p in (a.g1, a.b1))
@@ -235,7 +238,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
                 dx.stride(0), layout.element_strides(dx, chans, patch), tokens, patch_dim, dim,
                 geo.grid, DZ_FLAT=dz_flat, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
                 BLOCK_M=blocks.m, BLOCK_D=blocks.dx_d, BLOCK_K=blocks.dx_k,
-                num_warps=blocks.warps, **consts,
+                num_warps=blocks.warps, num_stages=blocks.stages, **consts,
             )  # fmt: skip
 
     def column_sum(row: str, param: Tensor | None, prefix_part: Tensor | None = None):
