@@ -10,7 +10,7 @@ OUT ?= bench_out
 ALT_TRITON_VERSION := 3.6.0
 ALT_TRITON := .triton-$(ALT_TRITON_VERSION)
 
-.PHONY: install test lint bench gpu-check gpu-tune gpu-sanitize clean
+.PHONY: install test lint bench aot-matrix gpu-check gpu-tune gpu-sanitize clean
 
 # --system-site-packages reuses an existing (CUDA) torch; editable install with test + bench extras.
 $(STAMP): pyproject.toml
@@ -33,6 +33,22 @@ test: lint $(ALT_TRITON)/.stamp
 
 bench: $(STAMP)
 	$(PY) -m bench --out $(OUT)
+
+# The full compile matrix, no GPU needed: every kernel variant for every architecture of
+# zeta_fused/op/devices.py (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, gfx942) under its own
+# launch policy, each variant's shared memory checked against that architecture's per-block
+# limit, with the venv's Triton and the GPU image's side by side (about 10 minutes on 2 cores).
+# Logs and per-variant JSON go to $(OUT)/aot-matrix-<triton>.{txt,json}; `make test` compiles
+# sm_90 with both and a representative subset of the others.
+AOT_RUN = env -u TRITON_INTERPRET $(PY) tests/aot_compile.py --target all
+aot-matrix: $(STAMP) $(ALT_TRITON)/.stamp
+	mkdir -p $(OUT)
+	$(AOT_RUN) --json $(OUT)/aot-matrix-venv.json > $(OUT)/aot-matrix-venv.txt 2>&1 & venv=$$!; \
+	PYTHONPATH=$(CURDIR)/$(ALT_TRITON) $(AOT_RUN) --json $(OUT)/aot-matrix-$(ALT_TRITON_VERSION).json \
+		> $(OUT)/aot-matrix-$(ALT_TRITON_VERSION).txt 2>&1 & alt=$$!; \
+	wait $$venv; venv_rc=$$?; wait $$alt; alt_rc=$$?; \
+	grep -h -e "^Triton" -e "kernel variants" -e "^FAIL" $(OUT)/aot-matrix-*.txt; \
+	exit $$(( venv_rc || alt_rc ))
 
 # For a CUDA machine with torch + triton preinstalled and no network: no venv, no dependencies.
 # Runs the whole suite natively on the GPU (gpu-marked tests included), then the quick benchmark
