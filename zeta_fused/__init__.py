@@ -8,6 +8,7 @@ from .functional import patch_embed, patch_embed_rows
 from .integrations.convert import FuseSummary, fuse_patch_embeddings, fuse_stems
 from .nn.patch_embed import FusedPatchSequential, PatchEmbeddings
 from .nn.vit_stem import ViTStem
+from .op.tuning import tuning
 
 _legacy.install()  # old module paths, for models pickled before the package was split
 
@@ -21,5 +22,6 @@ __all__ = [
     "fuse_stems",
     "patch_embed",
     "patch_embed_rows",
+    "tuning",
     "__version__",
 ]

@@ -21,8 +21,9 @@ from .checks import (
     patch_tuple,
 )
 from .kernels.contract import LAYER_NORM, NO_NORM
+from .op import tuning
 from .op.args import FwdArgs
-from .op.reference import NO_STEM, Norm, Stem, patch_embed_reference
+from .op.reference import NO_STEM, Norm, Stem, patch_embed_reference, reference_call
 from .op.register import patch_embed_fwd
 
 
@@ -84,8 +85,15 @@ def fused_patch_embed(args: FwdArgs) -> Tensor:
 
     With autograd off, outside torch.compile, on a plain tensor and with no dispatch mode
     active, the kernel is launched directly: the custom-op dispatcher adds host time to every
-    call (docs/design.md, "Host path"), which small batches would feel.
+    call (docs/design.md, "Host path"), which small batches would feel. With tuning on
+    (``zeta_fused.tuning``), calls of a kind the eager path ran faster run it instead.
     """
+    if (
+        not torch.compiler.is_compiling()
+        and tuning.tuning()
+        and tuning.path_for(args) == tuning.EAGER
+    ):
+        return reference_call(args)
     x = args.x
     if (
         not torch.is_grad_enabled()

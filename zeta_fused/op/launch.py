@@ -16,7 +16,7 @@ from ..kernels.contract import COLUMN_SUMS, NO_NORM, STAT_ROWS
 from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param_kernel
 from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from ..kernels.patch_embed_fwd import _patch_embed_fwd_kernel
-from . import layout, policy
+from . import layout, policy, tuning
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .policy import LaunchPolicy
 from .reference import absent_grad, prefix_grads, prefix_rows, stats_dtype
@@ -78,6 +78,14 @@ def _block_n(dim: int, cap: int) -> int:
     return min(max(_next_power_of_2(dim), MIN_BLOCK), cap)
 
 
+def policy_of(a: FwdArgs, phase: str) -> LaunchPolicy:
+    """The launch policy of a call (``phase``: tuning.bwd_phase or "fwd"): its device's, or
+    the block sizes tuning chose for calls like it (a lookup: launchers never time)."""
+    if tuning.tuning():
+        return tuning.chosen_policy(a, phase)
+    return policy.for_tensor(a.x)
+
+
 def on_tensor_device(launcher):
     """Triton launches on the current CUDA device and its stream. A call whose tensors live on
     another GPU (``model.to("cuda:1")`` without ``torch.cuda.set_device``, as eager torch ops
@@ -97,7 +105,7 @@ def on_tensor_device(launcher):
 @on_tensor_device
 def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None) -> tuple[Tensor, Tensor]:
     """Run the fused forward; returns y (B, P + N, D) and the row statistics. ``pol``: the
-    launch policy (default: the device's)."""
+    launch policy (default: the device's, or the one tuning chose for this call)."""
     geo = layout.geometry(a.x, a.patch)
     dim = a.weight.shape[0]
     if geo.tokens >= MAX_TOKENS:
@@ -115,7 +123,7 @@ def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None) -> tuple[Tensor
     if geo.tokens == 0:
         return y, stats
     tokens = y[:, n_prefix:] if n_prefix else y  # (a view costs host time on every call)
-    pol = pol or policy.for_tensor(a.x)
+    pol = pol or policy_of(a, "fwd")
     blocks = pol.blocks(a.compute_dtype.itemsize)
     block_n = _block_n(dim, blocks.n)
     # Small batches: each program walks all of K and D in sequence, so with few programs the
@@ -150,7 +158,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
         geo.patch_dim,
         weight.shape[0],
     )
-    pol = pol or policy.for_tensor(a.x)
+    pol = pol or policy_of(a, tuning.bwd_phase(args.needs_x_grad))
     blocks = pol.blocks(a.compute_dtype.itemsize)
     consts = dict(C=chans, PATCH=patch, NORM1=a.pre_norm, **numerics(a.compute_dtype, pol))
     k = layout.k_order(x, weight, a.g1, a.b1, geo, pol)  # for the dZ and image-gradient kernels

@@ -98,6 +98,20 @@ def patch_embed_reference(
     return layer_norm(y, stem.norm, stem.eps)
 
 
+def reference_call(a: FwdArgs) -> Tensor:
+    """The eager path of a call of the op (what ``backend="eager"`` runs): its inputs through
+    :func:`patch_embed_reference`, differentiable by autograd."""
+
+    def norm(kind: str, weight: Tensor | None, bias: Tensor | None) -> Norm:
+        return None if kind == NO_NORM else (weight, bias)
+
+    stem = NO_STEM
+    if a.pos is not None or a.prefix is not None or a.stem_norm != NO_NORM:
+        stem = Stem(a.pos, a.prefix, norm(a.stem_norm, a.g3, a.b3), a.stem_eps)
+    return patch_embed_reference(a.x, a.patch, a.weight, a.bias, norm(a.pre_norm, a.g1, a.b1),
+                                 norm(a.post_norm, a.g2, a.b2), a.eps, stem)  # fmt: skip
+
+
 # --- The op's eager implementation (CPU without the interpreter), with the saved statistics ----
 
 
