@@ -18,6 +18,7 @@ needs into its own locals, so modules shared between threads keep no per-call st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -175,7 +176,12 @@ def driver_version() -> str:
 
 
 def device_name(x: Tensor) -> str:
-    return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu-interpreter"
+    return _gpu_name(x.get_device()) if x.is_cuda else "cpu-interpreter"
+
+
+@functools.cache
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def identity(name: str) -> dict:
