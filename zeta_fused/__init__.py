@@ -9,6 +9,7 @@ from .integrations.convert import FuseSummary, fuse_patch_embeddings, fuse_stems
 from .nn.patch_embed import FusedPatchSequential, PatchEmbeddings
 from .nn.vit_stem import ViTStem
 from .op.tuning import tuning
+from .op.warmup import WarmupReport, warmup
 
 _legacy.install()  # old module paths, for models pickled before the package was split
 
@@ -18,10 +19,12 @@ __all__ = [
     "FusedPatchSequential",
     "PatchEmbeddings",
     "ViTStem",
+    "WarmupReport",
     "fuse_patch_embeddings",
     "fuse_stems",
     "patch_embed",
     "patch_embed_rows",
     "tuning",
+    "warmup",
     "__version__",
 ]
