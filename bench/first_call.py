@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("vit_b16", "vit_l14", "b1_latency_b16", "seed_doc_example", "vit_b16_stem",
            "videomae_b16")  # fmt: skip
 MODES = ("fwd", "train")
+CELL_S = 300  # a cell that takes longer (a hung compile) is reported as failed
 
 
 def cell(name: str, mode: str) -> dict:
@@ -57,19 +58,29 @@ def cell(name: str, mode: str) -> dict:
     return row
 
 
-def gpu_rows(presets: list[str]) -> list[dict]:
+def gpu_rows(presets: list[str], checkpoint=None) -> list[dict]:
+    """Every (preset, mode) cell, each in a fresh process with an empty Triton cache (with
+    ZETA_FUSED_TUNING=1 in the environment each also tunes, saving to ZETA_FUSED_CACHE_DIR);
+    ``checkpoint(rows)`` after each, so a run cut short keeps what it measured."""
     rows = []
     for name in presets:
         for mode in MODES:
             with tempfile.TemporaryDirectory() as cache:
                 env = os.environ | {"TRITON_CACHE_DIR": cache}
                 command = [sys.executable, "-m", "bench.first_call", "--cell", name, mode]
-                r = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-            lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-            failed = {"preset": name, "mode": mode, "status": "failed", "error": r.stderr[-300:]}
+                try:
+                    r = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                                       timeout=CELL_S)  # fmt: skip
+                    out, err = r.stdout, r.stderr[-300:]
+                except subprocess.TimeoutExpired:
+                    out, err = "", f"no result within {CELL_S} s"
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            failed = {"preset": name, "mode": mode, "status": "failed", "error": err}
             rows.append(json.loads(lines[-1]) if lines else failed)
             print(f"{name} {mode}: {rows[-1].get('first_call_s', rows[-1].get('error'))}",
                   file=sys.stderr, flush=True)  # fmt: skip
+            if checkpoint is not None:
+                checkpoint(rows)
     return rows
 
 
@@ -132,9 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .measure import device_info
 
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(meta: dict, rows: list[dict], complete: bool) -> None:
+        doc = {"meta": meta, "complete": complete, "rows": rows}
+        (args.out / "first_call.json").write_text(json.dumps(doc, indent=1))
+
     if torch.cuda.is_available():
-        meta = device_info("cuda") | {"method": "JIT on the GPU, empty Triton cache per cell"}
-        rows = gpu_rows(args.preset or list(PRESETS))
+        tuned = os.environ.get("ZETA_FUSED_TUNING", "0") not in ("", "0")
+        meta = device_info("cuda") | {
+            "method": "JIT on the GPU, empty Triton cache per cell"
+            + (", tuning on (its timings included)" if tuned else "")
+        }
+        rows = gpu_rows(args.preset or list(PRESETS), lambda rows: write(meta, rows, False))
         text = gpu_table(rows)
     else:
         rows, triton_line = cpu_rows(args.target)
@@ -143,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Triton cache (tests/aot_compile.py cases; no module load); {triton_line}"
         }
         text = cpu_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "first_call.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write(meta, rows, True)
     (args.out / "first_call.md").write_text(f"{meta['method']}\n\n{text}\n")
     print(f"{meta['method']}\n\n{text}")
     return 0

@@ -283,3 +283,23 @@ def test_candidates_that_do_not_fit_are_not_timed(monkeypatch) -> None:
         assert max(devices.policy_estimates(cand, "blocks_16bit", "gfx942").values()) <= 65536
     assert "stages+1" not in names  # 3 stages of fp32 weight tiles overflow 64 KiB
     assert "n/2" in names
+
+
+@pytest.mark.gpu
+def test_no_timing_during_cuda_graph_capture(tuned) -> None:
+    """A kind of call met first inside CUDA-graph capture runs fused, untimed (compiled
+    beforehand with tuning off: Triton cannot load a module during capture)."""
+    _, timed = tuned
+    x, w, b = (t.cuda() for t in inputs()[:3])
+    norm = (torch.ones(D, device="cuda"), torch.zeros(D, device="cuda"))
+    tuning.tuning(False)
+    with torch.no_grad():
+        want = call(x, w, b, norm)
+    tuning.tuning(True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = call(x, w, b, norm)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert timed == []
+    torch.testing.assert_close(out, want)
