@@ -143,6 +143,46 @@ def test_training_times_forward_backward_and_eager(tuned) -> None:
     assert any(t.startswith("bwd+x ") for t in timed) and "path:training+x eager" in timed
 
 
+def test_candidates_that_fail_are_skipped(tuned, monkeypatch) -> None:
+    """A candidate that cannot run (an OutOfResources the estimate missed) is not chosen; with
+    no fused candidate left the call runs eager, and works."""
+    times, timed = tuned
+    times["fwd n/2"] = 0.1
+    real = tuning._time_ms
+
+    def failing(label, fn, cuda):
+        if label in ("fwd n/2", "fwd k*2"):
+            raise RuntimeError("out of resources: shared memory")
+        return real(label, fn, cuda)
+
+    monkeypatch.setattr(tuning, "_time_ms", failing)
+    x, w, b, norm = inputs()
+    with torch.no_grad():
+        call(x, w, b, norm)
+    name, key = tuning.device_name(x), tuning.call_key(tuning_args(x, w, b, norm))
+    assert tuning._choices[(name, "fwd", key)] not in ("n/2", "k*2")
+    doc = json.loads(tuning.cache_file(tuning.identity(name)).read_text())
+    assert set(doc["choices"][f"fwd {key}"]["failed"]) == {"n/2", "k*2"}
+
+    monkeypatch.setattr(tuning, "_choices", {})
+    monkeypatch.setattr(tuning, "_loaded", set())
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tuning.cache_dir() / "other"))
+
+    def all_fail(label, fn, cuda):
+        if not label.endswith(tuning.EAGER):
+            raise RuntimeError("no kernel runs here")
+        return real(label, fn, cuda)
+
+    monkeypatch.setattr(tuning, "_time_ms", all_fail)
+    w.requires_grad_(True)
+    y = call(x, w, b, norm)
+    assert tuning._choices[(name, "path:training", key)] == tuning.EAGER
+    (grad,) = torch.autograd.grad(y.sum(), w)
+    ref_w = w.detach().requires_grad_(True)
+    (want,) = torch.autograd.grad(call(x, ref_w, b, norm, "eager").sum(), ref_w)
+    torch.testing.assert_close(grad, want)
+
+
 def test_choices_persist_per_gpu_driver_torch_and_triton(tuned, monkeypatch, tmp_path) -> None:
     times, timed = tuned
     times["fwd k*2"] = 0.2

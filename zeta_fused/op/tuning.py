@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -329,7 +330,9 @@ def path_for(a: FwdArgs) -> str:
 
 
 def _tune(a: FwdArgs, name: str, mode: str, key: str) -> str:
-    """Time the call's candidates and the eager path; record and save the choices."""
+    """Time the call's candidates and the eager path; record and save the choices. A candidate
+    that fails (an estimate that missed, a compile error) is reported in the file and not
+    chosen; with no fused candidate left, the call runs eager."""
     from . import launch
     from .reference import reference_call
 
@@ -337,41 +340,45 @@ def _tune(a: FwdArgs, name: str, mode: str, key: str) -> str:
     base = policy.for_tensor(a.x)
     measured: dict[tuple[str, str], dict] = {}
 
-    def best(phase: str, run: Callable[[LaunchPolicy], object]) -> tuple[str, float]:
+    def best(phase: str, run: Callable[[LaunchPolicy], object]) -> tuple[str | None, float]:
         known = _choices.get((name, phase, key))
-        names = [known] if known else candidates(base, itemsize, phase[:3], a.x)
-        ms = {
-            n: _time_ms(f"{phase} {n}", lambda n=n: run(candidate_policy(base, itemsize, n,
-                                                                        phase[:3])), cuda)
-            for n in names
-        }  # fmt: skip
-        choice = min(ms, key=ms.get)
+        ms, failed = {}, {}
+        for n in [known] if known else candidates(base, itemsize, phase[:3], a.x):
+            pol = candidate_policy(base, itemsize, n, phase[:3])
+            try:
+                ms[n] = _time_ms(f"{phase} {n}", lambda pol=pol: run(pol), cuda)
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is not chosen
+                failed[n] = f"{type(exc).__name__}: {exc}"[:300]
+        choice = min(ms, key=ms.get) if ms else None
         if not known:
-            _choices[(name, phase, key)] = choice
-            measured[(phase, key)] = {"choice": choice, "ms": ms}
-        return choice, ms[choice]
+            if choice is not None:
+                _choices[(name, phase, key)] = choice
+            measured[(phase, key)] = {"choice": choice, "ms": ms, "failed": failed}
+        return choice, ms.get(choice, math.inf)
 
-    training = mode != "inference"
+    training, grad_y = mode != "inference", None
     with torch.no_grad():
         fwd, fused_ms = best("fwd", lambda pol: launch.patch_embed_fwd(a, pol))
-        if training:
+        if training and fwd is not None:
             y, stats = launch.patch_embed_fwd(a, candidate_policy(base, itemsize, fwd, "fwd"))
             grad_y = torch.ones_like(y)
             bwd_args = BwdArgs(grad_y, stats, mode == "training+x", *a)
-            fused_ms += best(
-                bwd_phase(mode == "training+x"), lambda pol: launch.patch_embed_bwd(bwd_args, pol)
-            )[1]
+            phase = bwd_phase(mode == "training+x")
+            fused_ms += best(phase, lambda pol: launch.patch_embed_bwd(bwd_args, pol))[1]
+        elif training:  # no fused forward ran: the eager backward still needs a gradient
+            grad_y = torch.ones_like(reference_call(a))
 
     def eager() -> None:
         with torch.set_grad_enabled(training):
-            y = reference_call(a)
+            out = reference_call(a)
             if training:
                 inputs = [t for t in a if isinstance(t, Tensor) and t.requires_grad]
-                torch.autograd.grad(y, inputs, grad_y)
+                torch.autograd.grad(out, inputs, grad_y)
 
     eager_ms = _time_ms(f"path:{mode} {EAGER}", eager, cuda)
     path = EAGER if eager_ms < fused_ms else "fused"
     _choices[(name, f"path:{mode}", key)] = path
-    measured[(f"path:{mode}", key)] = {"choice": path, "ms": {"fused": fused_ms, EAGER: eager_ms}}
+    fused = None if math.isinf(fused_ms) else fused_ms
+    measured[(f"path:{mode}", key)] = {"choice": path, "ms": {"fused": fused, EAGER: eager_ms}}
     _save(name, measured)
     return path
