@@ -67,22 +67,22 @@ KERNEL_TILES: dict[str, tuple] = {
         (("W", "BLOCK_K", "BLOCK_N"),),
         ("BLOCK_M", "BLOCK_K"),
         ("BLOCK_M", "BLOCK_N"),
-    ),  # fmt: skip
+    ),
     "_bwd_dz_kernel": (
         (("W", "BLOCK_K", "BLOCK_N"),),
         ("BLOCK_M", "BLOCK_K"),
         ("BLOCK_M", "BLOCK_N"),
-    ),  # fmt: skip
+    ),
     "_bwd_dw_kernel": (
         (("DZ", "BLOCK_M", "BLOCK_D"),),
         ("BLOCK_M", "BLOCK_K"),
         ("BLOCK_D", "BLOCK_K"),
-    ),  # fmt: skip
+    ),
     "_bwd_dx_kernel": (
         (("DZ", "BLOCK_M", "BLOCK_D"), ("W", "BLOCK_D", "BLOCK_K")),
         None,
         ("BLOCK_M", "BLOCK_K"),
-    ),  # fmt: skip
+    ),
 }
 # The Blocks field behind each of those constexprs, as the launchers (op/launch.py) pass them;
 # each is an upper bound of what a call launches (narrow rows take smaller BLOCK_N / BLOCK_D).
@@ -143,7 +143,8 @@ def policy_estimates(pol: LaunchPolicy, field: str, arch: str) -> dict[str, int]
 def fit_blocks(pol: LaunchPolicy, field: str, arch: str, smem: int) -> Blocks:
     """``pol``'s Blocks table ``field`` with its tiles shrunk until every GEMM kernel's estimate
     fits ``smem`` bytes: the largest block dimension of an overflowing kernel is halved first
-    (the pipeline keeps hiding latency); a kernel already at the smallest tiles loses a stage."""
+    (the pipeline keeps hiding latency); once that kernel's tiles are all at the smallest, the
+    table loses a stage."""
     while True:
         over = [k for k, e in policy_estimates(pol, field, arch).items() if e > smem]
         blocks = getattr(pol, field)
@@ -188,7 +189,8 @@ def for_target(name: str) -> LaunchPolicy:
 
 
 def arch_of(props) -> str:
-    """ "sm_90" from a CUDA device's properties, "gfx942" from a ROCm one's."""
+    """The architecture's name: sm_XY from a CUDA device's properties, gfxNNN from a ROCm
+    one's (its gcnArchName without the feature flags)."""
     import torch
 
     if torch.version.hip is not None:
