@@ -37,7 +37,8 @@ bench: $(STAMP)
 # The full compile matrix, no GPU needed: every kernel variant for every architecture of
 # zeta_fused/op/devices.py (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, gfx942) under its own
 # launch policy, each variant's shared memory checked against that architecture's per-block
-# limit, with the venv's Triton and the GPU image's side by side (about 10 minutes on 2 cores).
+# limit, with the venv's Triton and the GPU image's side by side (14 minutes on 2 cores from an
+# empty Triton cache).
 # Logs and per-variant JSON go to $(OUT)/aot-matrix-<triton>.{txt,json}; `make test` compiles
 # sm_90 with both and a representative subset of the others.
 AOT_RUN = env -u TRITON_INTERPRET $(PY) tests/aot_compile.py --target all
