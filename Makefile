@@ -10,7 +10,7 @@ OUT ?= bench_out
 ALT_TRITON_VERSION := 3.6.0
 ALT_TRITON := .triton-$(ALT_TRITON_VERSION)
 
-.PHONY: install test lint bench gpu-check gpu-tune gpu-sanitize clean
+.PHONY: install test lint bench aot-matrix gpu-check gpu-tune gpu-first-call gpu-sanitize clean
 
 # --system-site-packages reuses an existing (CUDA) torch; editable install with test + bench extras.
 $(STAMP): pyproject.toml
@@ -33,6 +33,23 @@ test: lint $(ALT_TRITON)/.stamp
 
 bench: $(STAMP)
 	$(PY) -m bench --out $(OUT)
+
+# The full compile matrix, no GPU needed: every kernel variant for every architecture of
+# zeta_fused/op/devices.py (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, gfx942) under its own
+# launch policy, each variant's shared memory checked against that architecture's per-block
+# limit, with the venv's Triton and the GPU image's side by side (14 minutes on 2 cores from an
+# empty Triton cache).
+# Logs and per-variant JSON go to $(OUT)/aot-matrix-<triton>.{txt,json}; `make test` compiles
+# sm_90 with both and a representative subset of the others.
+AOT_RUN = env -u TRITON_INTERPRET $(PY) tests/aot_compile.py --target all
+aot-matrix: $(STAMP) $(ALT_TRITON)/.stamp
+	mkdir -p $(OUT)
+	$(AOT_RUN) --json $(OUT)/aot-matrix-venv.json > $(OUT)/aot-matrix-venv.txt 2>&1 & venv=$$!; \
+	PYTHONPATH=$(CURDIR)/$(ALT_TRITON) $(AOT_RUN) --json $(OUT)/aot-matrix-$(ALT_TRITON_VERSION).json \
+		> $(OUT)/aot-matrix-$(ALT_TRITON_VERSION).txt 2>&1 & alt=$$!; \
+	wait $$venv; venv_rc=$$?; wait $$alt; alt_rc=$$?; \
+	grep -h -e "^Triton" -e "kernel variants" -e "^FAIL" $(OUT)/aot-matrix-*.txt; \
+	exit $$(( venv_rc || alt_rc ))
 
 # For a CUDA machine with torch + triton preinstalled and no network: no venv, no dependencies.
 # Runs the whole suite natively on the GPU (gpu-marked tests included), then the quick benchmark
@@ -78,6 +95,22 @@ gpu-tune:
 	mkdir -p $(OUT)
 	set -o pipefail; export PYTHONUNBUFFERED=1; \
 	timeout $(GPU_TUNE_S) python3 -m bench.tune --out $(OUT) $(TUNE) 2>&1 | tee $(OUT)/tune.log
+
+# First-call cost on a CUDA machine (no venv, as gpu-check): python -m bench.first_call, each
+# (preset, mode) cell in a fresh process with an empty Triton cache (first call, each variant's
+# JIT compile time, a warm call), for at most a third of GPU_FIRST_CALL_S; then the same with
+# tuning on, which fills the tuning table: $(OUT)/tuning holds the file a later run on the same
+# GPU, driver, torch and Triton reads. first_call.json is rewritten after every cell.
+GPU_FIRST_CALL_S ?= 540
+gpu-first-call:
+	python3 -m pip install -q -e . --no-deps --no-build-isolation
+	mkdir -p $(OUT)
+	set -o pipefail; export PYTHONUNBUFFERED=1; start=$$(date +%s); \
+	timeout $$(( $(GPU_FIRST_CALL_S) / 3 )) python3 -m bench.first_call --out $(OUT) 2>&1 \
+		| tee $(OUT)/first_call.log; \
+	left=$$(( $(GPU_FIRST_CALL_S) - $$(date +%s) + start )); \
+	ZETA_FUSED_TUNING=1 ZETA_FUSED_CACHE_DIR=$(OUT)/tuning timeout $$left \
+		python3 -m bench.first_call --out $(OUT)/tuned 2>&1 | tee $(OUT)/first_call_tuned.log
 
 # Out-of-bounds and race checks of the fused kernels on a GPU, with compute-sanitizer (it works
 # on Firecracker machines, not on gVisor ones): torch's caching allocator is off so that every

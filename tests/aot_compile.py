@@ -1,22 +1,35 @@
-"""Compile every kernel variant the launchers produce for a Hopper GPU, without a GPU.
+"""Compile every kernel variant the launchers produce for a GPU architecture, without a GPU.
 
-Run as a script (``python tests/aot_compile.py``) in a process where TRITON_INTERPRET is unset:
-the launchers run on CPU tensors with the kernels swapped for recorders, then each recorded
-launch is compiled with ``triton.compile`` for sm_90 (ptxas included), so code-generation
-errors that the interpreter cannot see fail here. Prints one line per kernel variant with the
-registers, spill bytes and shared memory reported by cuobjdump. With ``--tune``, compiles the
-variants that ``python -m bench.tune`` times instead (its presets, under each alternative), so a
-GPU run spends no time on one that cannot compile.
+Run as a script (``python tests/aot_compile.py --target sm_90``) in a process where
+TRITON_INTERPRET is unset: the launchers run on CPU tensors under the launch policy of the
+target (``zeta_fused.op.devices.for_target``: its grid targets, pipeline depth and the tiles
+fitted to its shared memory) with the kernels swapped for recorders, then each recorded launch
+is compiled with ``triton.compile`` for that target (ptxas or the AMD backend included), so
+code-generation errors that the interpreter cannot see fail here. Targets: the architectures of
+``devices.TARGETS`` (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, gfx942), repeatable, or
+``all``; default sm_90.
+
+Prints one line per kernel variant: registers, stack and spills (cuobjdump; AMD: the amdgcn
+report), the shared memory Triton reports against the target's per-block limit and against
+``devices.smem_estimate`` (the bound the policy fits), the kind of tensor-core instruction, the
+SASS instruction count of every innermost loop, and the compile time. Exits non-zero if a
+variant fails to compile, needs more shared memory than the target has or than the estimate,
+or lacks the divisibility hints a GPU launch would pass. With ``--tune``, compiles the variants
+that ``python -m bench.tune`` times instead (its presets, under each alternative), so a GPU run
+spends no time on one that cannot compile. ``--json PATH`` writes every variant's figures.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET first"
@@ -28,15 +41,10 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import zeta_fused.op.launch as launch  # noqa: E402
-from zeta_fused import policy  # noqa: E402
 from zeta_fused.functional import op_inputs  # noqa: E402
 from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM  # noqa: E402
-from zeta_fused.op.args import (  # noqa: E402
-    NO_STEM,
-    BwdArgs,  # noqa: E402
-    Norm,
-    Stem,
-)
+from zeta_fused.op import devices, policy  # noqa: E402
+from zeta_fused.op.args import NO_STEM, BwdArgs, Norm, Stem  # noqa: E402
 
 KERNELS = [
     "_patch_embed_fwd_kernel",
@@ -46,9 +54,16 @@ KERNELS = [
     "_bwd_dx_kernel",
     "_segment_sum_kernel",
 ]
-TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 launches: list[tuple] = []
-tag = ""  # the bench.tune variant being recorded (--tune)
+tag = ""  # the case or bench.tune variant being recorded
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+
+
+def gpu_target(name: str) -> GPUTarget:
+    """Triton's target of a devices.TARGETS architecture ("sm_90" -> cuda 90, "gfx942")."""
+    if name.startswith("gfx"):
+        return GPUTarget("hip", name, 64)
+    return GPUTarget("cuda", int(name.removeprefix("sm_")), 32)
 
 
 class Recorder:
@@ -59,12 +74,13 @@ class Recorder:
         return lambda *args, **kwargs: launches.append((tag, self.kernel, args, kwargs))
 
 
-def specialise(kernel, args, kwargs) -> tuple[dict, dict, dict, dict]:
+def specialise(kernel, args, kwargs, target: GPUTarget) -> tuple[dict, dict, dict, dict]:
     """Signature, constants, attributes and options exactly as the JIT derives them from real
     arguments (Triton's own binder: an int equal to 1 becomes a constant, ints and pointers
     divisible by 16 get a divisibility hint, None and tuples as a launch passes them), so the
-    compiled code is the code a GPU launch would compile."""
-    backend = make_backend(TARGET)
+    compiled code is the code a GPU launch would compile: without the hints the loads are not
+    vectorised, no asynchronous copies are emitted and their shared memory is missed."""
+    backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, sig, const, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
@@ -79,8 +95,9 @@ def resource_usage(cubin: bytes) -> str:
         out = subprocess.run(
             [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
         ).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    return "REG:{} STACK:{} SHARED:{} LOCAL:{}".format(*m.groups()) if m else "usage: n/a"
+    # (cuobjdump's SHARED is the static part only: the tiles are dynamic, see SMEM)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return "REG:{} STACK:{} LOCAL:{}".format(*m.groups()) if m else "usage: n/a"
 
 
 def loop_sizes(cubin: bytes) -> list[int]:
@@ -126,37 +143,54 @@ def record_tune_variants() -> None:
                 run_case(x, p.dim, p.patch[0], True, True, True, False)
 
 
-def record_all() -> None:
-    # (dtype, D, patch, pre, post, bias, conv): D 64 fits one tile, wider rows take the second
-    # pass; patch 14 (vit_l14, K = 588) gives other compile-time index arithmetic; a Conv2d
-    # weight (timm, transformers) puts the kernels that read it in the (c, i, j) K order.
-    cases = [
-        (torch.bfloat16, 768, 16, True, True, True, False),
-        (torch.bfloat16, 64, 16, True, True, True, False),
-        (torch.bfloat16, 64, 4, True, True, True, False),  # seed_doc_example: K = 48
-        (torch.bfloat16, 1024, 14, True, True, True, False),
-        (torch.bfloat16, 768, 16, False, True, True, True),
-        (torch.bfloat16, 768, 16, True, True, True, True),
-        (torch.float16, 1024, 16, False, True, True, False),
-        (torch.float32, 768, 16, True, True, True, False),
-        (torch.bfloat16, 768, 16, False, False, False, False),
-        (torch.float64, 64, 16, True, True, True, False),  # gradcheck, fp64 tests run on GPUs too
-    ]
+# (dtype, D, patch, pre, post, bias, conv): D 64 fits one tile, wider rows take the second
+# pass; patch 14 (vit_l14, K = 588) gives other compile-time index arithmetic; a Conv2d weight
+# (timm, transformers) puts the kernels that read it in the (c, i, j) K order.
+CASES = [
+    (torch.bfloat16, 768, 16, True, True, True, False),
+    (torch.bfloat16, 64, 16, True, True, True, False),
+    (torch.bfloat16, 64, 4, True, True, True, False),  # seed_doc_example: K = 48
+    (torch.bfloat16, 1024, 14, True, True, True, False),
+    (torch.bfloat16, 768, 16, False, True, True, True),
+    (torch.bfloat16, 768, 16, True, True, True, True),
+    (torch.float16, 1024, 16, False, True, True, False),
+    (torch.float32, 768, 16, True, True, True, False),
+    (torch.bfloat16, 768, 16, False, False, False, False),
+    (torch.float64, 64, 16, True, True, True, False),  # gradcheck, fp64 tests run on GPUs too
+]
+# make test's representative subset for the targets other than sm_90: the cases with the widest
+# tiles of each table (vit_b16 in bf16, fp32, fp64: its image-gradient tiles take the most shared
+# memory on mma.sync parts), autocast's fp32 operand tiles and the whole stem with every norm;
+# the other cases change index arithmetic or take smaller tiles (batch 1), not wider ones.
+CORE_CASES = (0, 7, 9)
+CORE_STEMS = ("stem vit autocast", "stem all", "stem rms", "mae subset, norms")
+
+
+def record_all(core: bool = False) -> None:
+    """The cases above (``core``: CORE_CASES only) and the autocast one."""
     global tag
-    for i, (dtype, dim, patch, pre, post, bias, conv) in enumerate(cases):
+    for i, (dtype, dim, patch, pre, post, bias, conv) in enumerate(CASES):
+        if core and i not in CORE_CASES:
+            continue
         # A vit_b16-sized batch: several token splits in the dW GEMM, as on a real run; the
         # first case also runs at batch 1, where the forward takes smaller token tiles.
-        for batch in (16, 1) if i == 0 else (16,):
+        for batch in (16, 1) if i == 0 and not core else (16,):
             tag = f"case {i} b{batch}"
             x = torch.randn(batch, 3, 224, 224, dtype=dtype)
             run_case(x, dim, patch, pre, post, bias, conv)
+    # CUDA autocast: fp32 tensors, bf16 GEMM, an fp32 output after the post-norm. The kernels
+    # load fp32 weight tiles, whose pipeline takes twice the shared memory of bf16 ones.
+    tag = "autocast"
+    run_case(torch.randn(16, 3, 224, 224), 768, 16, True, True, True, False, autocast=True)
 
 
-def run_case(x, dim, patch, pre, post, bias, conv, stem=None, kind=LAYER_NORM,
-             kept=None) -> None:  # fmt: skip
+def run_case(x, dim, patch, pre, post, bias, conv, stem=None, kind=LAYER_NORM, kept=None,
+             autocast=False) -> None:  # fmt: skip
     """Forward and backward launches for input x and a patch (an int: square) of its rank;
     ``stem``: (prefix rows, position table, stem norm) of a whole-stem case; ``kind``: the
-    norms' kind; ``kept``: the patches each image embeds (a keep index), None: all."""
+    norms' kind; ``kept``: the patches each image embeds (a keep index), None: all;
+    ``autocast``: the GEMM in bf16 on these tensors, with the output dtype CUDA autocast gives
+    (functional.fused_dtypes)."""
     dtype, chans = x.dtype, x.shape[1]
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     k = chans * math.prod(patch)
@@ -181,6 +215,11 @@ def run_case(x, dim, patch, pre, post, bias, conv, stem=None, kind=LAYER_NORM,
         tokens = math.prod(s // q for s, q in zip(x.shape[2:], patch, strict=True))
         keep = torch.stack([torch.randperm(tokens)[:kept] for _ in range(x.shape[0])])
     args = op_inputs(x, patch, w, b, g1, g2, parts, keep)
+    if autocast:
+        norm_out = post or (stem is not None and stem[2])
+        added = parts.pos is not None or parts.prefix is not None
+        out = torch.float32 if norm_out or added else torch.bfloat16
+        args = args._replace(compute_dtype=torch.bfloat16, out_dtype=out)
     y, stats = launch.patch_embed_fwd(args)
     launch.patch_embed_bwd(BwdArgs(y, stats, True, *args))
 
@@ -199,47 +238,60 @@ def record_other_ranks() -> None:
     run_case(video.contiguous(), 768, (2, 16, 16), True, True, True, False)
 
 
-def record_stems() -> None:
+def record_stems(core: bool = False) -> None:
     """Whole stems (prefix rows, position table, stem norm) as the benchmark's presets run them:
-    timm ViT-B/16 (class token + pos), CLIP ViT-L/14 (no-bias conv, ln_pre), DiT-XL/2 (affine-free
-    post-norm + pos on latents), and every norm over D at once in bf16 and fp32 (the dZ kernel's
-    middle pass)."""
+    timm ViT-B/16 (class token + pos; under autocast its fp32 table makes dY and the dW GEMM's
+    tiles fp32), CLIP ViT-L/14 (no-bias conv, ln_pre), DiT-XL/2 (affine-free post-norm + pos on
+    latents), and every norm over D at once in bf16 and fp32 (the dZ kernel's middle pass).
+    ``core``: CORE_STEMS only."""
     global tag
     image = torch.randn(16, 3, 224, 224, dtype=torch.bfloat16)
-    tag = "stem vit"
-    run_case(image, 768, 16, False, False, True, True, (1, True, False))
-    tag = "stem clip"
-    run_case(image, 1024, 14, False, False, False, True, (1, True, True))
-    tag = "stem dit"
     latents = torch.randn(16, 4, 32, 32, dtype=torch.bfloat16)
-    run_case(latents, 1152, 2, False, True, True, True, (0, True, False))
-    tag = "stem all"
-    run_case(image, 768, 16, True, True, True, False, (5, True, True))
-    tag = "stem all fp32"
-    run_case(image.float(), 768, 16, True, True, True, False, (1, True, True))
-    tag = "stem rms"  # RMSNorms before and after the projection and over every row
-    run_case(image, 768, 16, True, True, True, False, (1, True, True), RMS_NORM)
-    tag = "stem rms one tile"
-    run_case(image, 64, 16, True, True, True, False, (1, True, True), RMS_NORM)
-    tag = "mae subset"  # MAE pretraining: a quarter of the patches, class token and table
-    run_case(image, 1024, 16, False, False, True, True, (1, True, False), kept=49)
-    tag = "mae subset, norms"
-    run_case(image, 768, 16, True, True, True, False, (1, True, True), kept=49)
+    stems = {
+        "stem vit": lambda: run_case(image, 768, 16, False, False, True, True, (1, True, False)),
+        "stem vit autocast": lambda: run_case(image.float(), 768, 16, False, False, True, True,
+                                              (1, True, False), autocast=True),
+        "stem clip": lambda: run_case(image, 1024, 14, False, False, False, True, (1, True, True)),
+        "stem dit": lambda: run_case(latents, 1152, 2, False, True, True, True, (0, True, False)),
+        "stem all": lambda: run_case(image, 768, 16, True, True, True, False, (5, True, True)),
+        "stem all fp32": lambda: run_case(image.float(), 768, 16, True, True, True, False,
+                                          (1, True, True)),
+        # RMSNorms before and after the projection and over every row.
+        "stem rms": lambda: run_case(image, 768, 16, True, True, True, False, (1, True, True),
+                                     RMS_NORM),
+        "stem rms one tile": lambda: run_case(image, 64, 16, True, True, True, False,
+                                              (1, True, True), RMS_NORM),
+        # MAE pretraining: a quarter of the patches, class token and table (keep index).
+        "mae subset": lambda: run_case(image, 1024, 16, False, False, True, True,
+                                       (1, True, False), kept=49),
+        "mae subset, norms": lambda: run_case(image, 768, 16, True, True, True, False,
+                                              (1, True, True), kept=49),
+    }  # fmt: skip
+    for name, record in stems.items():
+        if not core or name in CORE_STEMS:
+            tag = name
+            record()
 
 
-def main() -> int:
-    print(f"Triton {triton.__version__} from {Path(triton.__file__).resolve().parent.parent}")
-    install_recorders()
-    if "--tune" in sys.argv[1:]:
-        record_tune_variants()
-    else:
-        record_all()
-        record_other_ranks()
-        record_stems()
+def compile_target(name: str, cases: str, records: list[dict]) -> int:
+    """Record the launches under ``name``'s policy, compile each variant for it, print and
+    check its figures; returns the number of failures."""
+    target, limit = gpu_target(name), devices.TARGETS[name].smem_per_block
+    launches.clear()
+    with policy.override(base=devices.for_target(name)):
+        if cases == "tune":
+            record_tune_variants()
+        else:
+            record_all(core=cases == "core")
+            if cases == "all":
+                record_other_ranks()
+            record_stems(core=cases == "core")
+    print(f"== {name}: shared memory per block {limit} bytes; {len(launches)} launches")
     results, failures = {}, 0
     for variant, kernel, args, kwargs in launches:
-        sig, const, attrs, options = specialise(kernel, args, kwargs)
-        key = (kernel.fn.__name__, str(sig), str(const), str(attrs), options["num_warps"])
+        sig, const, attrs, options = specialise(kernel, args, kwargs, target)
+        key = (kernel.fn.__name__, str(sig), str(const), str(attrs), options["num_warps"],
+               options["num_stages"])  # fmt: skip
         names = kernel.arg_names
         label = f"[{variant}] " if variant else ""
         label += f"{kernel.fn.__name__} {sig.get('X', sig.get('G'))} " + " ".join(
@@ -250,18 +302,99 @@ def main() -> int:
         if key in results:  # the same variant from another case: compiled once
             print(f"{results[key]} {label} (as above)")
             continue
+        record = {"target": name, "triton": triton.__version__, "case": variant,
+                  "kernel": kernel.fn.__name__, "label": label, "limit": limit,
+                  "warps": options["num_warps"], "stages": options["num_stages"]}  # fmt: skip
+        problems = []
+        if not any("tt.divisibility" in str(hints) for hints in attrs.values()):
+            problems.append("no divisibility hints: not what a GPU launch compiles")
         try:
-            compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=TARGET,
+            start = time.perf_counter()
+            compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=target,
                                       options=options)  # fmt: skip
-            cubin = compiled.asm["cubin"]
-            loops = ",".join(map(str, loop_sizes(cubin)))
-            results[key] = f"ok   {resource_usage(cubin)} LOOPS:{loops}"
-            print(f"{results[key]} {label} warps={options['num_warps']}")
+            record["compile_s"] = round(time.perf_counter() - start, 3)
+            shared = record["shared"] = compiled.metadata.shared
+            bound = estimate(kernel.fn.__name__, sig, const, names, name, options["num_stages"])
+            record["estimate"] = bound
+            if shared > limit:
+                problems.append(f"needs {shared} bytes of shared memory, {name} has {limit}")
+            if bound is not None and shared > bound:
+                problems.append(f"needs {shared} bytes of shared memory, estimated {bound}")
+            figures = f"{machine_code(compiled, target)} SMEM:{shared}/{limit}"
+            figures += "" if bound is None else f" EST:{bound}"
+            results[key] = f"{'FAIL' if problems else 'ok  '} {figures}"
+            print(f"{results[key]} {label} warps={options['num_warps']} "
+                  f"stages={options['num_stages']} {record['compile_s']:.2f}s")  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - report every failing variant
-            failures += 1
+            problems.append(f"{type(exc).__name__}: {str(exc)[:1500]}")
             results[key] = "FAIL"
-            print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:1500]}")
-    print(f"{len(results)} kernel variants, {failures} failed")
+        if problems:
+            failures += 1
+            print(f"FAIL {label}: " + "; ".join(problems))
+        record["problems"] = problems
+        records.append(record)
+    print(f"{name}: {len(results)} kernel variants, {failures} failed")
+    return failures
+
+
+def estimate(kernel: str, sig: dict, const: dict, names: list[str], arch: str,
+             stages: int) -> int | None:  # fmt: skip
+    """devices.smem_estimate of a GEMM kernel's launch (None for the others), from its BLOCK_*
+    constexprs and the dtypes of its arguments."""
+    if kernel not in devices.KERNEL_TILES:
+        return None
+    blocks = {names[p[0]]: v for p, v in const.items() if len(p) == 1}
+    loaded = {
+        arg: DTYPE_BYTES[sig[arg].lstrip("*")] if sig.get(arg, "").startswith("*") else 0
+        for arg in ("W", "DZ")
+    }
+    compute = DTYPE_BYTES[str(blocks["COMPUTE_DTYPE"]).removeprefix("tl.")]
+    acc = DTYPE_BYTES[str(blocks["ACC_DTYPE"]).removeprefix("tl.")]
+    return devices.smem_estimate(kernel, blocks, loaded, compute, acc, arch, stages)
+
+
+def machine_code(compiled, target: GPUTarget) -> str:
+    """Registers, stack and spills, the tensor-core instruction and the innermost loops."""
+    if target.backend == "hip":
+        amdgcn = compiled.asm["amdgcn"]
+        report = dict(re.findall(r"; (TotalNumVgprs|NumSgprs|ScratchSize): (\d+)", amdgcn))
+        mma = "mfma" if "v_mfma" in amdgcn else "none"
+        return (f"VGPR:{report.get('TotalNumVgprs')} SGPR:{report.get('NumSgprs')} "
+                f"SCRATCH:{report.get('ScratchSize')} MMA:{mma}")  # fmt: skip
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    kinds = ("tcgen05.mma", "wgmma.mma_async", "mma.sync", "fma.rn.f64")
+    mma = next((k.split(".")[0] for k in kinds if k in ptx), "none")
+    return f"{resource_usage(cubin)} MMA:{mma} LOOPS:{','.join(map(str, loop_sizes(cubin)))}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--target",
+        action="append",
+        help=f"{', '.join(devices.TARGETS)} or all (repeatable; default sm_90)",
+    )
+    ap.add_argument("--tune", action="store_true", help="the variants bench.tune times")
+    ap.add_argument(
+        "--core",
+        action="store_true",
+        help="the representative subset of cases (make test's other targets)",
+    )
+    ap.add_argument("--json", type=Path, help="write every variant's figures there")
+    args = ap.parse_args(argv)  # fmt: skip
+    names = args.target or ["sm_90"]
+    names = list(devices.TARGETS) if "all" in names else names
+    unknown = [n for n in names if n not in devices.TARGETS]
+    if unknown:
+        ap.error(f"unknown target(s) {unknown}: choose from {', '.join(devices.TARGETS)}, all")
+    print(f"Triton {triton.__version__} from {Path(triton.__file__).resolve().parent.parent}")
+    install_recorders()
+    records: list[dict] = []
+    cases = "tune" if args.tune else "core" if args.core else "all"
+    failures = sum(compile_target(n, cases, records) for n in names)
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
+    print(f"{len(records)} kernel variants on {len(names)} target(s), {failures} failed")
     return 1 if failures else 0
 
 

@@ -9,6 +9,8 @@ from .integrations.convert import FuseSummary, fuse_patch_embeddings, fuse_stems
 from .nn.patch_embed import FusedPatchSequential, PatchEmbeddings
 from .nn.vit_stem import ViTStem
 from .op.args import Norm
+from .op.tuning import tuning
+from .op.warmup import WarmupReport, warmup
 
 _legacy.install()  # old module paths, for models pickled before the package was split
 
@@ -19,9 +21,12 @@ __all__ = [
     "Norm",
     "PatchEmbeddings",
     "ViTStem",
+    "WarmupReport",
     "fuse_patch_embeddings",
     "fuse_stems",
     "patch_embed",
     "patch_embed_rows",
+    "tuning",
+    "warmup",
     "__version__",
 ]

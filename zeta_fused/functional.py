@@ -22,8 +22,9 @@ from .checks import (
     patch_tuple,
     wrapped_operand,
 )
+from .op import tuning
 from .op.args import NO_STEM, FwdArgs, Norm, Stem, fwd_args
-from .op.reference import patch_embed_reference
+from .op.reference import patch_embed_reference, reference_call
 from .op.register import patch_embed_fwd
 
 
@@ -106,8 +107,15 @@ def fused_patch_embed(args: FwdArgs) -> Tensor:
 
     With autograd off, outside torch.compile, on a plain tensor and with no dispatch mode
     active, the kernel is launched directly: the custom-op dispatcher adds host time to every
-    call (docs/design.md, "Host path"), which small batches would feel.
+    call (docs/design.md, "Host path"), which small batches would feel. With tuning on
+    (``zeta_fused.tuning``), calls of a kind the eager path ran faster run it instead.
     """
+    if (
+        not torch.compiler.is_compiling()
+        and tuning.tuning()
+        and tuning.path_for(args) == tuning.EAGER
+    ):
+        return reference_call(args)
     x = args.x
     if (
         not torch.is_grad_enabled()

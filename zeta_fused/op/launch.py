@@ -20,7 +20,7 @@ from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param
 from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from ..kernels.patch_embed_fwd import _patch_embed_fwd_kernel
 from ..kernels.segment_sum import _segment_sum_kernel
-from . import layout, policy
+from . import layout, policy, tuning
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .policy import LaunchPolicy
 from .reference import absent_grad, prefix_grads, prefix_rows, stats_dtype
@@ -82,18 +82,26 @@ def _block_n(dim: int, cap: int) -> int:
     return min(max(_next_power_of_2(dim), MIN_BLOCK), cap)
 
 
+def policy_of(a: FwdArgs, phase: str) -> LaunchPolicy:
+    """The launch policy of a call (``phase``: tuning.bwd_phase or "fwd"): its device's, or
+    the block sizes tuning chose for calls like it (a lookup: launchers never time)."""
+    if tuning.tuning():
+        return tuning.chosen_policy(a, phase)
+    return policy.for_tensor(a.x)
+
+
 def on_tensor_device(launcher):
     """Triton launches on the current CUDA device and its stream. A call whose tensors live on
     another GPU (``model.to("cuda:1")`` without ``torch.cuda.set_device``, as eager torch ops
     allow) switches to their device for its duration instead of faulting."""
 
     @functools.wraps(launcher)
-    def on_device(args):
+    def on_device(args, *rest):
         x = args.x
         if x.is_cuda and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
-                return launcher(args)
-        return launcher(args)
+                return launcher(args, *rest)
+        return launcher(args, *rest)
 
     return on_device
 
@@ -106,8 +114,9 @@ def _token_rows(a: FwdArgs, geo: layout.Geometry) -> tuple[int, int]:
 
 
 @on_tensor_device
-def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
-    """Run the fused forward; returns y (B, P + N, D) and the row statistics."""
+def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None) -> tuple[Tensor, Tensor]:
+    """Run the fused forward; returns y (B, P + N, D) and the row statistics. ``pol``: the
+    launch policy (default: the device's, or the one tuning chose for this call)."""
     geo = layout.geometry(a.x, a.patch)
     dim = a.weight.shape[0]
     rows, tokens = _token_rows(a, geo)
@@ -125,7 +134,7 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
         y[:, :n_prefix] = prefix_rows(a, acc)
     if tokens == 0:
         return y, stats
-    pol = policy.current()
+    pol = pol or policy_of(a, "fwd")
     blocks = pol.blocks(a.compute_dtype.itemsize)
     block_n = _block_n(dim, blocks.n)
     # Small batches: each program walks all of K and D in sequence, so with few programs the
@@ -142,20 +151,22 @@ def patch_embed_fwd(a: FwdArgs) -> tuple[Tensor, Tensor]:
         C=geo.chans, PATCH=geo.patch, NORM1=a.pre_norm, NORM2=a.post_norm, NORM3=a.stem_norm,
         Y_FLAT=n_prefix == 0, W_FLAT=k.w_flat, CHANNELS_FIRST=k.channels_first,
         TWO_PASS=row_norm and block_n < dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=blocks.k, num_warps=blocks.warps, **numerics(a.compute_dtype, pol),
+        BLOCK_K=blocks.k, num_warps=blocks.warps, num_stages=blocks.stages,
+        **numerics(a.compute_dtype, pol),
     )  # fmt: skip
     return y, stats
 
 
 @on_tensor_device
-def patch_embed_bwd(args: BwdArgs) -> Grads:
-    """Run the fused backward; returns every gradient, absent ones empty."""
+def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
+    """Run the fused backward; returns every gradient, absent ones empty. ``pol``: as for
+    :func:`patch_embed_fwd`."""
     a, grad_y, stats = fwd_of(args), args.grad_y, args.stats
     x, weight = a.x, a.weight
     geo = layout.geometry(x, a.patch)
     chans, patch, patch_dim, dim = geo.chans, geo.patch, geo.patch_dim, weight.shape[0]
     rows, tokens = _token_rows(a, geo)
-    pol = policy.current()
+    pol = pol or policy_of(a, tuning.bwd_phase(args.needs_x_grad))
     blocks = pol.blocks(a.compute_dtype.itemsize)
     consts = dict(C=chans, PATCH=patch, NORM1=a.pre_norm, **numerics(a.compute_dtype, pol))
     k = layout.k_order(x, weight, a.g1, a.b1, geo, pol)  # for the dZ and image-gradient kernels
@@ -196,7 +207,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
             NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat,
             CHANNELS_FIRST=k.channels_first,
             BLOCK_M=blocks.dz_m, BLOCK_N=_block_n(dim, blocks.dz_n), BLOCK_K=blocks.k,
-            num_warps=blocks.warps, **consts,
+            num_warps=blocks.warps, num_stages=blocks.stages, **consts,
         )  # fmt: skip
     # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
     dzsum = partials[COLUMN_SUMS.index("dz")].sum(0)
@@ -216,7 +227,7 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
             patch_dim, dim, CHANNELS_FIRST=g_first, ROW_ALIGN=layout.row_align(x, patch),
             DZ_ALIGN=1 if dz_row_offsets is None else layout.stride_align(*dz.stride()[:2]),
             BLOCK_M=blocks.dw_m, BLOCK_D=dw_d, BLOCK_K=blocks.dw_k, num_warps=blocks.warps,
-            **consts,
+            num_stages=blocks.stages, **consts,
         )  # fmt: skip
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     dg1, db1 = (None if p is None else torch.empty_like(p) for p in (a.g1, a.b1))
@@ -252,7 +263,8 @@ def patch_embed_bwd(args: BwdArgs) -> Grads:
                 out.stride(0), out_strides, tokens, patch_dim, dim, rows, geo.grid,
                 DZ_FLAT=dz_flat, DX_ROWS=a.keep is not None, W_FLAT=k.w_flat,
                 CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.m, BLOCK_D=blocks.dx_d,
-                BLOCK_K=blocks.dx_k, num_warps=blocks.warps, **consts,
+                BLOCK_K=blocks.dx_k, num_warps=blocks.warps, num_stages=blocks.stages,
+                **consts,
             )  # fmt: skip
         if a.keep is not None:
             image = torch.arange(geo.batch, device=x.device)[:, None] * geo.per_image

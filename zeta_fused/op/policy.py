@@ -1,7 +1,9 @@
 """Launch settings as data: block sizes and the launchers' tunable decisions, in one frozen
 object (docs/design.md, "Launch policy").
 
-The launchers read :func:`current` once per call. Tests and ``bench.tune`` change it for a
+The launchers read :func:`for_tensor` once per call: on a GPU the policy derived from that
+device's properties (``devices.for_device``: grid targets from its SM count, tiles fitted to its
+shared memory), on the CPU interpreter :data:`DEFAULT`. Tests and ``bench.tune`` change it for a
 while with :func:`override`, never by patching module globals. The defaults were chosen from the
 sm_90 (H100/H200) machine code (``python tests/aot_compile.py`` prints registers, spills and the
 instructions of every loop); ``python -m bench.tune`` times alternatives on a GPU.
@@ -37,6 +39,9 @@ class Blocks:
     # K columns per parameter-gradient program: narrow, so that even K = 768 spreads over 48
     # programs (each loops over all D rows of G and W for the column sums dg1, db1).
     param_k: int = 16
+    # Software-pipeline depth of the GEMM kernels' loops (Triton's num_stages): shared memory
+    # grows with it (devices.smem_estimate). 3 is Triton's own default on NVIDIA GPUs.
+    stages: int = 3
 
 
 # eq=False: compared and hashed by identity (it keys the launchers' caches; each override is
@@ -48,8 +53,8 @@ class LaunchPolicy:
                                   dw_k=64, dx_d=64, dx_k=64)  # fmt: skip
     blocks_32bit: Blocks = Blocks(m=64, k=16, n=64, dz_n=32, dz_m=64, dw_m=16, dw_d=64,
                                   dw_k=64, dx_d=64, dx_k=16)  # fmt: skip
-    # Forward grids of fewer `m`-token programs than this (a quarter of an H100/H200's 132 SMs)
-    # use 16-token programs: the b1 preset (196 tokens) runs on 13 SMs instead of 4.
+    # Forward grids of fewer `m`-token programs than this (a quarter of the SMs: 33 of an
+    # H100/H200's 132) use 16-token programs: the b1 preset (196 tokens) runs on 13 SMs, not 4.
     small_grid: int = 33
     # Calls with at least this many tokens (the 64-token programs of small_grid) re-lay the
     # weight and the pre-norm parameters for the kernels (layout.k_order): up to three small
@@ -58,8 +63,9 @@ class LaunchPolicy:
     # The kernels that read the weight walk K channels-first only for power-of-two innermost
     # patch widths, whose pixel runs vectorise (bench.tune times the alternative for patch 14).
     channels_first_any_width: bool = False
-    # Programs wanted for the dW GEMM (reduction over all tokens): about two waves on the 132
-    # SMs of an H100/H200, one 256-row program resident per SM. More splits only add partials.
+    # Programs wanted for the dW GEMM (reduction over all tokens): about two waves (twice the
+    # SMs: 264 on an H100/H200), one 256-row program resident per SM. More splits only add
+    # partials.
     dw_target_programs: int = 264
     # Cap of the dW partial buffer (token splits x D x K in fp32).
     dw_partial_bytes: int = 64 << 20
@@ -75,25 +81,55 @@ class LaunchPolicy:
         return self.blocks_16bit if itemsize <= 2 else self.blocks_32bit
 
 
+# The H100/H200 policy (132 SMs, 227 KiB per block), and the CPU interpreter's.
 DEFAULT = LaunchPolicy()
-_current = DEFAULT
+# Active override() blocks, innermost last: (replacement base or None, field changes, the
+# policies made from each base, by identity).
+_overrides: list[tuple[LaunchPolicy | None, dict, dict]] = []
+# Device index -> its policy (devices.device_policy), filled on first use.
+_by_device: dict[int, LaunchPolicy] = {}
 
 
 def current() -> LaunchPolicy:
-    return _current
+    """The policy of calls on the CPU interpreter (DEFAULT, under any active override)."""
+    return _overridden(DEFAULT) if _overrides else DEFAULT
+
+
+def for_tensor(x) -> LaunchPolicy:
+    """The policy of a call on ``x``'s device: that GPU's own (computed from its properties
+    once per device), DEFAULT on the CPU interpreter; under any active override."""
+    if x.is_cuda:
+        index = x.get_device()
+        base = _by_device.get(index)
+        if base is None:
+            from .devices import device_policy
+
+            base = _by_device[index] = device_policy(index)
+    else:
+        base = DEFAULT
+    return _overridden(base) if _overrides else base
+
+
+def _overridden(pol: LaunchPolicy) -> LaunchPolicy:
+    for replacement, changes, made in _overrides:
+        base = pol if replacement is None else replacement
+        if base not in made:  # one object per base and block: the launchers' caches key on it
+            made[base] = dataclasses.replace(base, **{
+                name: dataclasses.replace(getattr(base, name), **v) if isinstance(v, dict) else v
+                for name, v in changes.items()
+            })  # fmt: skip
+        pol = made[base]
+    return pol
 
 
 @contextlib.contextmanager
-def override(**changes) -> Iterator[LaunchPolicy]:
-    """Run the enclosed calls under the current policy with ``changes`` (field=value; a Blocks
-    field may be given as a dict of its own changes)."""
-    global _current
-    saved = _current
-    for name, value in changes.items():
-        if isinstance(value, dict):
-            changes[name] = dataclasses.replace(getattr(saved, name), **value)
-    _current = dataclasses.replace(saved, **changes)
+def override(base: LaunchPolicy | None = None, **changes) -> Iterator[LaunchPolicy]:
+    """Run the enclosed calls under their device's policy (or ``base`` instead, on every
+    device: the compile matrix uses a target's policy) with ``changes`` (field=value; a Blocks
+    field may be given as a dict of its own changes). Yields the policy of CPU calls. Process
+    wide: for tests, benchmarks and the compile harness, not for concurrent callers."""
+    _overrides.append((base, changes, {}))
     try:
-        yield _current
+        yield current()
     finally:
-        _current = saved
+        _overrides.pop()

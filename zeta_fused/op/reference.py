@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.contract import LAYER_NORM, STAT_ROWS
+from ..kernels.contract import LAYER_NORM, NO_NORM, STAT_ROWS
 from .args import NO_STEM, BwdArgs, FwdArgs, Grads, Norm, Stem, fwd_of
 
 # vit-pytorch's image patch layout, as its Rearrange layer writes it.
@@ -120,6 +120,16 @@ def patch_embed_reference(
     if stem.prefix is not None:
         y = torch.cat([stem.prefix.expand(y.shape[0], -1, -1), y], 1)
     return apply_norm(y, stem.norm)
+
+
+def reference_call(a: FwdArgs) -> Tensor:
+    """The eager path of a call of the op (what ``backend="eager"`` runs): its inputs through
+    :func:`patch_embed_reference`, differentiable by autograd."""
+    stem = NO_STEM
+    if (a.pos, a.prefix, a.pos_index) != (None, None, None) or a.stem_norm != NO_NORM:
+        stem = Stem(a.pos, a.prefix, a.norm("stem"), a.pos_index)
+    return patch_embed_reference(a.x, a.patch, a.weight, a.bias, a.norm("pre"), a.norm("post"),
+                                 stem, a.keep)  # fmt: skip
 
 
 # --- The op's eager implementation (CPU without the interpreter), with the saved statistics ----

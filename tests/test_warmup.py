@@ -1,0 +1,119 @@
+"""zeta_fused.warmup: runs the model's calls ahead of time without changing the model, its
+gradients or the random stream, and reports Triton's compiles (its hooks are driven by hand
+on the CPU, where the interpreter compiles nothing; the GPU test checks real compiles)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import zeta_fused
+from zeta_fused import PatchEmbeddings, warmup
+
+warmup_mod = pytest.importorskip("zeta_fused.op.warmup")
+triton = pytest.importorskip("triton")
+
+
+class WithStats(nn.Module):
+    """A fused stem, then a batch norm over tokens and dropout: buffers and RNG in play."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.embed = PatchEmbeddings(3, 16, patch_size=4, backend="triton", device=device)
+        self.norm = nn.BatchNorm1d(16, device=device)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = self.embed(x)
+        return {"tokens": self.drop(self.norm(y.transpose(1, 2))), "raw": y}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_warmup_runs_the_calls_and_changes_nothing(device, fused_path_calls, training) -> None:
+    model = WithStats(device).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, small = torch.randn(2, 3, 16, 16, device=device), torch.randn(1, 3, 8, 8, device=device)
+    torch.manual_seed(7)
+    expected_rng = torch.rand(3)
+    torch.manual_seed(7)
+    report = warmup(model, x, (small,), training=training)
+    assert torch.equal(torch.rand(3), expected_rng)  # the random stream is where it was
+    assert len(fused_path_calls) == 2  # both examples ran the fused op
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # parameters and batch-norm statistics
+    assert all(p.grad is None for p in model.parameters())
+    assert isinstance(report, zeta_fused.WarmupReport) and report.seconds > 0
+    if device == "cpu":
+        assert report.compiled == []  # the interpreter compiles nothing
+    assert "warm-up" in str(report)
+
+
+def test_warmup_needs_an_example() -> None:
+    with pytest.raises(ValueError, match="example"):
+        warmup(nn.Identity())
+
+
+def test_warmup_tunes_when_tuning_is_on(monkeypatch, tmp_path) -> None:
+    tuning = pytest.importorskip("zeta_fused.op.tuning")
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(tuning, "_choices", {})
+    monkeypatch.setattr(tuning, "_loaded", set())
+    monkeypatch.setattr(tuning, "_enabled", True)
+    timed = []
+    monkeypatch.setattr(tuning, "_time_ms", lambda label, fn, cuda: (fn(), timed.append(label))
+                        and 1.0 or 1.0)  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = PatchEmbeddings(3, 16, patch_size=4, backend="triton", device=device)
+    warmup(model, torch.randn(2, 3, 16, 16, device=device), training=True)
+    assert any(t.startswith("fwd") for t in timed) and any(t.startswith("bwd") for t in timed)
+    timed.clear()
+    model(torch.randn(2, 3, 16, 16, device=device)).sum().backward()
+    assert timed == []  # the real call finds its choices
+
+
+def hook_call(hook, name: str, key: str):
+    fn = SimpleNamespace(name=name, module="zeta_fused.kernels.x", jit_function=None)
+    return hook(key=key, repr=f"{name}[num_warps=8, num_stages=3](X: *bf16)", fn=fn,
+                compile={}, is_manual_warmup=False, already_compiled=False)  # fmt: skip
+
+
+def test_compile_times_come_from_tritons_hooks() -> None:
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "jit_post_compile_hook"):
+        pytest.skip("this Triton has no JIT compile hooks")
+    seen = []
+    user_pre = lambda **kw: seen.append(("pre", kw["fn"].name))  # noqa: E731
+    user_post = lambda **kw: seen.append(("post", kw["fn"].name))  # noqa: E731
+    saved = runtime.jit_cache_hook, runtime.jit_post_compile_hook
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook = user_pre, user_post
+    try:
+        with warmup_mod.recording() as compiled:
+            assert not hook_call(runtime.jit_cache_hook, "_fwd", "k1")  # never skips a compile
+            hook_call(runtime.jit_cache_hook, "_bwd", "k2")
+            hook_call(runtime.jit_post_compile_hook, "_bwd", "k2")
+            hook_call(runtime.jit_post_compile_hook, "_fwd", "k1")
+        assert [c.kernel for c in compiled] == ["_bwd", "_fwd"]
+        assert all(c.seconds >= 0 for c in compiled)
+        assert compiled[0].variant == "[num_warps=8, num_stages=3](X: *bf16)"
+        assert seen == [("pre", "_fwd"), ("pre", "_bwd"), ("post", "_bwd"), ("post", "_fwd")]
+        assert (runtime.jit_cache_hook, runtime.jit_post_compile_hook) == (user_pre, user_post)
+    finally:
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook = saved
+
+
+@pytest.mark.gpu
+def test_warmup_compiles_what_the_first_call_would(tmp_path, monkeypatch) -> None:
+    """After warmup, the same call compiles nothing (a fresh Triton cache and a patch no other
+    test uses, which the kernels are specialised on: real compiles)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    model = PatchEmbeddings(2, 40, patch_size=(5, 3), backend="triton", device="cuda")
+    x = torch.randn(3, 2, 20, 21, device="cuda")
+    report = warmup(model, x, training=True)
+    names = {c.kernel for c in report.compiled}
+    assert {"_patch_embed_fwd_kernel", "_bwd_dz_kernel", "_bwd_dw_kernel"} <= names, names
+    with warmup_mod.recording() as compiled:
+        model(x).sum().backward()
+    assert compiled == []
