@@ -104,6 +104,7 @@ def patch_cols(k0, K, C: tl.constexpr, PATCH: tl.constexpr, strides, FLAT: tl.co
 def table_rows(position, PosIndex, offs_m, m_mask):
     """The position-table row of each token: its grid position, or PosIndex's entry for its
     output row (PosIndex: (B, rows) int64, contiguous; packed and variable-resolution rows)."""
-    if PosIndex is None:
-        return position
-    return tl.load(PosIndex + offs_m, mask=m_mask, other=0).to(tl.int32)
+    rows = position
+    if PosIndex is not None:
+        rows = tl.load(PosIndex + offs_m, mask=m_mask, other=0).to(tl.int32)
+    return rows
