@@ -29,7 +29,7 @@ from torch import nn
 from .. import dispatch
 from ..nn.patch_embed import FusedPatchSequential
 from . import diffusers, open_clip, segment_anything, timm, transformers, vit_pytorch
-from ._base import FusedStem, StemKind, _HandoffNorm
+from ._base import FusedStem, StemKind, _HandoffNorm, _HandoffTokenDrop
 from .convs import (
     CONVS,
     FusedPatchConv1d,
@@ -137,7 +137,8 @@ def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
     dispatch.check_backend(backend)
     summary = FuseSummary()
     for name, m in list(model.named_modules()):
-        if isinstance(m, FusedStem) and not isinstance(m, _HandoffNorm):
+        # Norms and token drops that a stem took over are part of that stem's conversion.
+        if isinstance(m, FusedStem) and not isinstance(m, (_HandoffNorm, _HandoffTokenDrop)):
             m.zeta_backend = backend
             summary.already_fused.append((name, f"fused {type(m).__name__}, backend {backend!r}"))
             continue
