@@ -1,4 +1,4 @@
-"""Token dropping in converted stems: timm's ``patch_drop``
+"""Token dropping in converted stems: timm's ``patch_drop`` and OpenCLIP's ``patch_dropout``
 active (training): the stem draws the patches to keep as the peer draws them, so a seeded run
 gives the peer's outputs, gradients and random-number consumption, and embeds only the kept
 patches (no full-length token tensor is built)."""
@@ -131,3 +131,61 @@ def test_timm_op_declining_after_the_draw(device, monkeypatch, fused_path_calls)
     monkeypatch.setattr(integration, "fused_call", lambda *args: None)
     same_random_run(model, before, torch.randn(*IMAGE, device=device), fused_path_calls,
                     expect_calls=0)  # fmt: skip
+
+
+# ---------------------------------------------------------------- OpenCLIP
+
+
+def clip_model(**kw) -> nn.Module:
+    transformer = pytest.importorskip("open_clip.transformer", reason="open_clip is a test extra")
+    args = dict(image_size=32, patch_size=8, width=24, layers=1, heads=2, mlp_ratio=2.0,
+                output_dim=16, patch_dropout=0.5, output_tokens=True)  # fmt: skip
+    return transformer.VisionTransformer(**(args | kw))
+
+
+def test_open_clip_patch_dropout_draws_as_open_clip(device, fused_path_calls, norm_calls):
+    model, before = converted(clip_model(), device)
+    x = torch.randn(*IMAGE, device=device)
+    pooled, tokens = same_random_run(model, before, x, fused_path_calls, parts=list)
+    assert tokens.shape[1] == 8
+    counts = []
+    for m in (before, model):
+        norm_calls.clear()
+        m.train()(x)
+        counts.append(len(norm_calls))
+    assert counts[1] == counts[0] - 1  # ln_pre applied by the stem
+
+
+def test_open_clip_patch_dropout_builds_only_kept_tokens(device) -> None:
+    model, before = converted(clip_model(), device)
+    x = torch.randn(*IMAGE, device=device)
+    seen = no_full_length_tokens(model.train(), x, "_embeds", 16, 24, 1)
+    assert (2, 1 + 8, 24) in seen
+    with pytest.raises(AssertionError, match="full-length"):
+        no_full_length_tokens(before.train(), x, "_embeds", 16, 24, 1)
+
+
+@pytest.mark.parametrize("case", ["hook_on_ln_pre", "hook_on_patch_dropout", "first_token_too"])
+def test_open_clip_patch_dropout_that_runs_itself(case, device, fused_path_calls) -> None:
+    """A hook on ln_pre: it runs on the kept tokens; on patch_dropout, or without
+    exclude_first_token (the class row may be dropped): patch_dropout runs on every token."""
+    model, before = converted(clip_model(), device)
+    seen = []
+    for m in (model, before):
+        if case == "first_token_too":
+            m.patch_dropout.exclude_first_token = False
+        else:
+            module = m.ln_pre if case == "hook_on_ln_pre" else m.patch_dropout
+            module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    same_random_run(model, before, torch.randn(*IMAGE, device=device), fused_path_calls,
+                    parts=list)  # fmt: skip
+    assert seen == {"hook_on_ln_pre": [9, 9], "hook_on_patch_dropout": [17, 17]}.get(case, [])
+
+
+def test_open_clip_op_declining_after_the_draw(device, monkeypatch, fused_path_calls) -> None:
+    import zeta_fused.integrations._base as base
+
+    model, before = converted(clip_model(), device)
+    monkeypatch.setattr(base, "fused_call", lambda *args: None)
+    same_random_run(model, before, torch.randn(*IMAGE, device=device), fused_path_calls,
+                    expect_calls=0, parts=list)  # fmt: skip

@@ -290,10 +290,14 @@ def handoff_drop_class(drop: nn.Module, peer: type | None) -> None:
 
 
 def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem],
-              post_norm: Norm | None = None) -> Tensor | None:  # fmt: skip
+              post_norm: Norm | None = None,
+              keep: Callable[[tuple[int, ...]], Tensor] | None = None,
+              ) -> Tensor | None:  # fmt: skip
     """The whole stem over a patch conv (kernel = stride) as one fused call: (B, P + N, D).
     ``stem(grid)`` gives the prefix rows, the position table of that grid and the stem norm
-    (the caller resamples a table for another size with the peer's own function). None: the
+    (the caller resamples a table for another size with the peer's own function); ``keep(grid)``
+    the (B, L) patches to embed (output (B, P + L, D)), called once the call is known to run
+    fused but for a wrapper operand, so that a peer's random draw is made only then. None: the
     conv must run itself (unbatched or too small an input, a conv changed in place); the
     caller then runs the peer's code."""
     patch = tuple(conv.kernel_size)
@@ -304,7 +308,9 @@ def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem
     weight, bias = param(conv, "weight"), param(conv, "bias")
     shape = (conv.out_channels, conv.in_channels, *patch)
     grid = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
-    return fused_call(x, patch, weight, shape, bias, None, post_norm, stem(grid))
+    parts = stem(grid)
+    return fused_call(x, patch, weight, shape, bias, None, post_norm, parts,
+                      None if keep is None else keep(grid))  # fmt: skip
 
 
 __all__ = ["FusedStem", "StemKind", "conv_stem", "peer_class", "swap"]
