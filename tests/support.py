@@ -202,7 +202,8 @@ def same_random_run(model: nn.Module, before: nn.Module, x: Tensor, calls: list,
 
 class OutputShapes(TorchDispatchMode):
     """While active, records the shape of every tensor each op returns (the fused op included:
-    under a dispatch mode it goes through its custom op)."""
+    under a dispatch mode it goes through its custom op), but for expanded views (a zero
+    stride: the peers' shape-only stand-ins), which hold no values of their own."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -210,5 +211,18 @@ class OutputShapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.shapes.update(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, Tensor))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and 0 not in t.stride():
+                self.shapes.add(tuple(t.shape))
         return out
+
+
+def no_full_length_tokens(model: nn.Module, x: Tensor, method: str, tokens: int, dim: int,
+                          prefix: int, **kw) -> set:  # fmt: skip
+    """Runs ``model.<method>(x, **kw)`` recording every op's output shapes; asserts that none is
+    a full-length (B, N, D) or (B, P + N, D) token tensor. Returns the shapes seen."""
+    with OutputShapes() as seen:
+        getattr(model, method)(x, **kw)
+    full = {(x.shape[0], tokens, dim), (x.shape[0], prefix + tokens, dim)}
+    assert not full & seen.shapes, f"a full-length token tensor was built: {full & seen.shapes}"
+    return seen.shapes

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from support import OutputShapes, randomise, same_random_run
+from support import no_full_length_tokens, randomise, same_random_run
 from torch import nn
 
 from zeta_fused import fuse_stems
@@ -25,17 +25,6 @@ def converted(model: nn.Module, device: str) -> tuple[nn.Module, nn.Module]:
     summary = fuse_stems(model, backend="triton")
     assert len(summary.converted) == 1 and not summary.already_fused, str(summary)
     return model, before
-
-
-def no_full_length_tokens(model: nn.Module, x: torch.Tensor, method: str, tokens: int,
-                          dim: int, prefix: int) -> set:  # fmt: skip
-    """Runs ``model.<method>(x)`` recording every op's output shapes; asserts that none is a
-    full-length (B, N, D) or (B, P + N, D) token tensor. Returns the shapes seen."""
-    with OutputShapes() as seen:
-        getattr(model, method)(x)
-    full = {(x.shape[0], tokens, dim), (x.shape[0], prefix + tokens, dim)}
-    assert not full & seen.shapes, f"a full-length token tensor was built: {full & seen.shapes}"
-    return seen.shapes
 
 
 # ---------------------------------------------------------------- timm

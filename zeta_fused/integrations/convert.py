@@ -28,7 +28,15 @@ from torch import nn
 
 from .. import dispatch
 from ..nn.patch_embed import FusedPatchSequential
-from . import diffusers, open_clip, segment_anything, timm, transformers, vit_pytorch
+from . import (
+    diffusers,
+    open_clip,
+    segment_anything,
+    timm,
+    transformers,
+    transformers_masked,
+    vit_pytorch,
+)
 from ._base import FusedStem, StemKind, _HandoffNorm, _HandoffTokenDrop
 from .convs import (
     CONVS,
@@ -45,6 +53,7 @@ from .convs import (
 STEM_KINDS: tuple[StemKind, ...] = (
     *timm.STEM_KINDS,
     *transformers.STEM_KINDS,
+    *transformers_masked.STEM_KINDS,
     *vit_pytorch.STEM_KINDS,
     *open_clip.STEM_KINDS,
     *segment_anything.STEM_KINDS,
