@@ -1,6 +1,6 @@
 """Masked-pretraining stems of transformers converted in place
-(zeta_fused.integrations.transformers_masked): ViTMAE embeds only the patches it
-keeps, in one fused call: the peer's outputs (ViTMAE's mask and ids_restore too), gradients and
+(zeta_fused.integrations.transformers_masked): ViTMAE and VideoMAE embed only the patches they
+keep, in one fused call: the peer's outputs (ViTMAE's mask and ids_restore too), gradients and
 random-number consumption for the same seed, no full-length token tensor, the peer's code for
 what the op does not do."""
 
@@ -135,3 +135,88 @@ def test_vit_mae_own_masking_is_reported() -> None:
     summary = fuse_stems(model)
     assert ("embeddings", "whole stem: transformers ViTMAEEmbeddings: OwnMasking overrides "
             "ViTMAEEmbeddings.random_masking") in summary.skipped, str(summary)  # fmt: skip
+
+
+# ---------------------------------------------------------------- VideoMAE
+
+VIDEO = (2, 4, 3, 16, 16)  # (B, T, C, H, W): 2 x 4 x 4 tubelets of 2 x 4 x 4
+
+
+def video_mae(cls: str = "VideoMAEModel") -> nn.Module:
+    config = transformers.VideoMAEConfig(image_size=16, patch_size=4, num_frames=4,
+                                         tubelet_size=2, **(TINY | DECODER))  # fmt: skip
+    return getattr(transformers, cls)(config)
+
+
+def random_mask(batch: int, masked: int, tokens: int = 32) -> torch.Tensor:
+    """VideoMAE's masks: ``masked`` random tubelets of each video."""
+    rows = [torch.randperm(tokens)[:masked] for _ in range(batch)]
+    mask = torch.zeros(batch, tokens, dtype=torch.bool)
+    mask[torch.arange(batch)[:, None], torch.stack(rows)] = True
+    return mask
+
+
+@pytest.mark.parametrize("cls", ["VideoMAEModel", "VideoMAEForPreTraining"])
+def test_video_mae_keeps_the_visible_tubelets(cls, device, fused_path_calls) -> None:
+    model, before = converted(video_mae(cls), device)
+    mask = random_mask(2, 24).to(device)
+    parts = (lambda out: [out.loss, out.logits]) if "Pre" in cls else None
+    same_random_run(model, before, torch.randn(*VIDEO, device=device), fused_path_calls,
+                    parts=parts, bool_masked_pos=mask)  # fmt: skip
+
+
+def test_video_mae_builds_only_visible_tokens(device) -> None:
+    model, before = converted(video_mae(), device)
+    x, mask = torch.randn(*VIDEO, device=device), random_mask(2, 24).to(device)
+    assert (2, 8, 16) in no_full_length_tokens(model, x, "forward", 32, 16, 0, bool_masked_pos=mask)
+    with pytest.raises(AssertionError, match="full-length"):
+        no_full_length_tokens(before, x, "forward", 32, 16, 0, bool_masked_pos=mask)
+
+
+def test_video_mae_without_mask_is_one_fused_stem(device, fused_path_calls) -> None:
+    model, before = converted(video_mae(), device)
+    same_random_run(model, before, torch.randn(*VIDEO, device=device), fused_path_calls)
+
+
+@pytest.mark.parametrize("visible", [(8, 9), (7, 9)], ids=["peer_raises", "peer_mixes_videos"])
+def test_video_mae_counts_differing_between_videos(visible, device, fused_path_calls) -> None:
+    """The peer's reshape raises when the total is not a multiple of the batch, and mixes the
+    videos' tokens when it is; the converted model raises naming the counts, before any
+    patch is embedded."""
+    model, before = converted(video_mae(), device)
+    x = torch.randn(*VIDEO, device=device)
+    mask = torch.stack([random_mask(1, 32 - n)[0] for n in visible]).to(device)
+    if sum(visible) % 2:
+        with pytest.raises(RuntimeError, match="is invalid for input of size"):
+            before(x, bool_masked_pos=mask)
+    convs = []
+    conv = model.embeddings.patch_embeddings.projection
+    conv.forward = lambda t, real=conv.forward: convs.append(1) or real(t)
+    with pytest.raises(RuntimeError, match=rf"leaves \[{visible[0]}, {visible[1]}\] patches"):
+        model(x, bool_masked_pos=mask)
+    assert fused_path_calls == [] and convs == []
+
+
+@pytest.mark.filterwarnings("ignore:indexing with dtype torch.uint8")
+@pytest.mark.parametrize("case", ["all_masked", "byte_mask", "hook", "wrong_frames"])
+def test_video_mae_runs_the_peer(case, device, fused_path_calls) -> None:
+    """Every tubelet masked, a mask of another dtype, a hook on the patch module, or a video
+    of another length (the table does not fit): the peer's forward, its outcome."""
+    model, before = converted(video_mae(), device)
+    x = torch.randn(2, 2 if case == "wrong_frames" else 4, 3, 16, 16, device=device)
+    mask = random_mask(2, 32 if case == "all_masked" else 16).to(device)
+    if case == "byte_mask":
+        mask = mask.to(torch.uint8)  # the peer's ~ and indexing treat it as integers
+    if case == "hook":
+        for m in (model, before):
+            m.embeddings.patch_embeddings.register_forward_hook(lambda *a: None)
+    outcomes = []
+    for m in (before, model):
+        try:
+            outcomes.append(m(x, bool_masked_pos=mask).last_hidden_state)
+        except Exception as exc:  # noqa: BLE001 - compared below
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+    if isinstance(outcomes[0], str):
+        assert outcomes[1] == outcomes[0]
+    else:
+        torch.testing.assert_close(outcomes[1], outcomes[0], rtol=1e-4, atol=1e-5)

@@ -1,12 +1,13 @@
 """transformers: whole stems of masked pretraining models, which embed only the patches they
-keep: ``ViTMAEEmbeddings`` (``ViTMAEModel``, ``ViTMAEForPreTraining``), as one call of the fused
-op over the kept patches (docs/design.md, "Token subsets"); the peer embeds every patch, then
-selects.
+keep: ``ViTMAEEmbeddings`` (``ViTMAEModel``, ``ViTMAEForPreTraining``) and ``VideoMAEEmbeddings``
+(``VideoMAEModel``, ``VideoMAEForPreTraining``), each as one call of the fused op over the kept
+patches (docs/design.md, "Token subsets"); the peer embeds every patch, then selects.
 
 ViTMAE draws which patches to keep in its ``random_masking``; the fused forward makes the same
 draw and runs that very method on the patch indices instead of the tokens, so the kept patches,
-``mask`` and ``ids_restore`` are the peer's own (``noise`` honoured). Whatever a call does that
-the op does not runs the peer's forward, as in ``transformers``.
+``mask`` and ``ids_restore`` are the peer's own (``noise`` honoured). VideoMAE keeps the patches
+``bool_masked_pos`` leaves visible, in grid order. Whatever a call does that the op does not
+runs the peer's forward, as in ``transformers``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..functional import fused_dtypes
 from ..nn.params import param
-from ._base import StemKind, overrides
+from ..op.args import Stem
+from ._base import FusedStem, StemKind, conv_stem, overrides, swap
+from .convs import patch_conv_problem
 from .transformers import (
     Rows,
+    _agrees,
     _embeddings_kind,
     _first_rows,
+    _forward_problem,
     _FusedHFEmbeddings,
     _stand_in,
     hf_class,
@@ -97,7 +103,87 @@ def _vit_mae_problem(m: nn.Module) -> str | None:
 _vit_mae_kind = _embeddings_kind(_VIT_MAE, "ViTMAEEmbeddings", _FusedViTMAEEmbeddings,
                                  "ViTMAEPatchEmbeddings")  # fmt: skip
 
+# --- VideoMAE -------------------------------------------------------------------------------
+
+_VIDEO_MAE = "videomae.modeling_videomae"
+
+
+def _visible_patches(bool_masked_pos: Tensor, x: Tensor) -> Tensor:
+    """(B, L) indices of the patches ``bool_masked_pos`` leaves visible, in grid order, on the
+    video's device; raises when their number differs between videos (the peer's reshape to
+    (B, -1, D) would fail, or mix the videos' tokens when the total divides evenly)."""
+    visible = ~bool_masked_pos
+    counts = visible.sum(1)
+    if bool(counts.ne(counts[0]).any()):
+        raise RuntimeError(
+            f"VideoMAEEmbeddings: bool_masked_pos leaves {counts.tolist()} patches visible in "
+            f"the {len(counts)} videos of the batch; the visible tokens are reshaped to "
+            f"(batch, -1, hidden_size), which needs the same number in every video"
+        )
+    return visible.nonzero()[:, 1].view(visible.shape[0], -1).to(x.device)
+
+
+class _FusedVideoMAEEmbeddings(FusedStem):
+    """transformers ``VideoMAEEmbeddings``: tubelets of the (B, T, C, H, W) video (read in
+    place) + the fixed sincos table, only the visible tubelets (``~bool_masked_pos``)."""
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, *args, **kwargs):
+        y = None
+        if not args and not kwargs:
+            y = self._zeta_visible(pixel_values, bool_masked_pos)
+        if y is None:
+            return super().forward(pixel_values, bool_masked_pos, *args, **kwargs)
+        return y
+
+    def _zeta_visible(self, pixel_values: Tensor, mask: Tensor | None) -> Tensor | None:
+        """The fused (B, L, D) tokens, or None: the peer's forward runs."""
+        patches = self.patch_embeddings
+        conv = patches.projection
+        if (
+            pixel_values.ndim != 5
+            or pixel_values.shape[2] != patches.num_channels  # the peer raises its own errors
+            or tuple(pixel_values.shape[-2:]) != tuple(patches.image_size)
+            or patch_conv_problem(conv) is not None  # the conv may have been changed in place
+        ):
+            return None
+        x = pixel_values.permute(0, 2, 1, 3, 4)  # (B, C, T, H, W), as the peer's patch module
+        weight = param(conv, "weight")
+        if not self.zeta_fusable(x, patches, conv) or not _agrees(x, (weight, param(conv, "bias"))):
+            return None
+        tokens = math.prod(s // p for s, p in zip(x.shape[2:], conv.kernel_size, strict=True))
+        table = self.position_embeddings
+        if not isinstance(table, Tensor) or table.shape != (1, tokens, conv.out_channels):
+            return None  # the peer's add raises (or broadcasts)
+        keep = None
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.shape != (x.shape[0], tokens):
+                return None  # the peer's indexing decides what such a mask means
+            keep = _visible_patches(mask, x)
+            if keep.shape[1] == 0:
+                return None  # every patch masked: the peer's empty result
+        # The peer adds the table detached, cast to the conv output's dtype, on its device.
+        pos = table[0].detach().to(x.device, fused_dtypes(x, weight, False)[1])
+        stem = Stem(pos, None, None)
+        return conv_stem(x, conv, lambda _grid: stem, keep=None if keep is None else lambda _: keep)
+
+
+def _video_mae_problem(m: nn.Module) -> str | None:
+    why = _forward_problem(m, hf_class(type(m), _VIDEO_MAE, "VideoMAEEmbeddings"))
+    patches = m._modules.get("patch_embeddings")
+    peer = hf_class(type(patches), _VIDEO_MAE, "VideoMAEPatchEmbeddings")
+    if why is None and peer is None:
+        why = f"patch_embeddings is {type(patches).__name__}, not VideoMAEPatchEmbeddings"
+    why = why or _forward_problem(patches, peer)
+    conv = None if why else patches._modules.get("projection")
+    if why is None and (conv is None or patch_conv_problem(conv) or len(conv.kernel_size) != 3):
+        why = "projection: " + (patch_conv_problem(conv) or "not a 3-D patch conv")
+    return why
+
+
 STEM_KINDS = (
     StemKind("transformers ViTMAEEmbeddings", _vit_mae_kind.matches, _vit_mae_problem,
              _vit_mae_kind.convert),
+    StemKind("transformers VideoMAEEmbeddings",
+             lambda m: hf_class(type(m), _VIDEO_MAE, "VideoMAEEmbeddings") is not None,
+             _video_mae_problem, lambda m, backend: swap(m, _FusedVideoMAEEmbeddings, backend)),
 )  # fmt: skip
