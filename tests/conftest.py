@@ -69,3 +69,15 @@ def fused_calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(functional, "patch_embed_fwd", counting)
     return calls
+
+
+@pytest.fixture
+def norm_calls(monkeypatch) -> list[int]:
+    """Counts eager layer norms (a norm a fused stem applied, such as timm's norm_pre, is not
+    run again)."""
+    calls: list[int] = []
+    real = torch.nn.functional.layer_norm
+    monkeypatch.setattr(
+        torch.nn.functional, "layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    return calls

@@ -10,6 +10,8 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from zeta_fused import PatchEmbeddings, fuse_patch_embeddings
 from zeta_fused.functional import op_inputs
@@ -163,3 +165,64 @@ def same_outcome(model: nn.Module, before: nn.Module, x: torch.Tensor) -> None:
         assert got == want
     else:
         torch.testing.assert_close(got, want)
+
+
+def same_random_run(model: nn.Module, before: nn.Module, x: Tensor, calls: list, expect_calls=1,
+                    parts=None, method: str = "forward", seed: int = 7,
+                    **kw) -> list[Tensor]:  # fmt: skip
+    """Training mode, the same seed: ``model`` (converted) gives what ``before`` gives from
+    ``<method>(x, **kw)`` (the tensors ``parts(output)`` picks, default the output or its
+    last_hidden_state; the image's and every parameter's gradient) and consumes the same random
+    numbers (the next draws on the CPU and on the image's device agree). Returns the converted
+    model's parts."""
+    parts = parts or (lambda out: [getattr(out, "last_hidden_state", out)])
+    runs = []
+    for m in (before, model):
+        m.train().zero_grad(set_to_none=True)
+        image = x.detach().clone().requires_grad_()
+        calls.clear()
+        torch.manual_seed(seed)
+        got = list(parts(getattr(m, method)(image, **kw)))
+        runs.append((got, torch.rand(3), torch.rand(3, device=x.device)))
+        sum(t.float().square().mean() for t in got if t.is_floating_point()).backward()
+        runs[-1] += ([image.grad, *(p.grad for p in m.parameters())],)
+    assert len(calls) == expect_calls, "the converted model did not take the fused path"
+    (want, *want_rng, want_grads), (got, *got_rng, got_grads) = runs
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got_rng, want_rng, strict=True):
+        assert torch.equal(g, w), "the converted model consumed other random numbers"
+    for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert (g is None) == (w is None), f"gradient {i}"
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=f"gradient {i}")
+    return got
+
+
+class OutputShapes(TorchDispatchMode):
+    """While active, records the shape of every tensor each op returns (the fused op included:
+    under a dispatch mode it goes through its custom op), but for expanded views (a zero
+    stride: the peers' shape-only stand-ins), which hold no values of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and 0 not in t.stride():
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def no_full_length_tokens(model: nn.Module, x: Tensor, method: str, tokens: int, dim: int,
+                          prefix: int, **kw) -> set:  # fmt: skip
+    """Runs ``model.<method>(x, **kw)`` recording every op's output shapes; asserts that none is
+    a full-length (B, N, D) or (B, P + N, D) token tensor. Returns the shapes seen."""
+    with OutputShapes() as seen:
+        getattr(model, method)(x, **kw)
+    full = {(x.shape[0], tokens, dim), (x.shape[0], prefix + tokens, dim)}
+    assert not full & seen.shapes, f"a full-length token tensor was built: {full & seen.shapes}"
+    return seen.shapes

@@ -43,17 +43,6 @@ def vit(cls=VisionTransformer, **kw) -> nn.Module:
     return randomise(cls(**kw)).eval()
 
 
-@pytest.fixture
-def norm_calls(monkeypatch) -> list[int]:
-    """Counts eager layer norms (a fused norm_pre is not run again)."""
-    calls: list[int] = []
-    real = torch.nn.functional.layer_norm
-    monkeypatch.setattr(
-        torch.nn.functional, "layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
-    return calls
-
-
 def converted(model: nn.Module, device: str) -> tuple[nn.Module, nn.Module]:
     model = model.to(device)
     before = copy.deepcopy(model)

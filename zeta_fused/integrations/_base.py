@@ -25,13 +25,14 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from .. import dispatch
 from ..checks import check_input
 from ..functional import fused_call
 from ..nn.norms import norm_kind, norm_problem
-from ..nn.params import param
+from ..nn.params import param, plain
 from ..op.args import Norm, Stem
 from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem
 
@@ -215,11 +216,14 @@ def handoff_class(norm: nn.Module) -> None:
         swap(norm, _HandoffNorm)
 
 
-def handoff_scope(owner: nn.Module, stem: nn.Module, norm: nn.Module | None) -> call_scope:
+def handoff_scope(owner: nn.Module, stem: nn.Module, norm: nn.Module | None,
+                  drop: nn.Module | None = None) -> call_scope:  # fmt: skip
     """The scope of one call of the owner's forward: the stem computes for ``owner`` (the
-    call's state ``"owner"``) and may apply ``norm`` (None: none) and hand its output over."""
-    modules = (owner, stem) if norm is None else (owner, stem, norm)
-    return call_scope({"owner": owner, "norm": norm}, *modules)
+    call's state ``"owner"``) and may apply ``norm`` (None: none) and hand its output over,
+    and draw the tokens that the token drop ``drop`` (a :class:`_HandoffTokenDrop`; None: none)
+    keeps (the state's ``"drop"``)."""
+    modules = [m for m in (owner, stem, norm, drop) if m is not None]
+    return call_scope({"owner": owner, "norm": norm, "drop": drop}, *modules)
 
 
 def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
@@ -245,11 +249,55 @@ def hand_off(norm: nn.Module, y: Tensor) -> Tensor:
     return y
 
 
+# --- Token dropping drawn by the stem ----------------------------------------------------------
+# In the call's state: "drawn", (the stem's output or None, prefix rows, the (B, L) indices
+# drawn): the draw the stem made in the token drop's place.
+
+
+def keep_tokens(x: Tensor, prefix_rows: int, ids: Tensor) -> Tensor:
+    """What a peer's token drop returns for the indices ``ids`` it drew: the first
+    ``prefix_rows`` rows, then the patch tokens ``ids`` of each image (timm's gather)."""
+    tokens = x[:, prefix_rows:].gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat((x[:, :prefix_rows], tokens), 1) if prefix_rows else tokens
+
+
+class _HandoffTokenDrop(FusedStem):
+    """A token drop (timm's and OpenCLIP's ``PatchDropout``) whose random draw the stem makes:
+    it returns the stem's output as it is when the op kept the drawn tokens already, and
+    keeps the drawn ones of the tensor it receives when the stem drew them but the op could
+    not run (drawing again would consume the random numbers twice)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = call_state(self)
+        drawn = None if state is None else state.pop("drawn", None)
+        if drawn is None:
+            return super().forward(x)
+        out, prefix_rows, ids = drawn
+        if out is None:
+            return keep_tokens(x, prefix_rows, ids.to(x.device))
+        if out is not x:  # as _HandoffNorm: the owners check that nothing replaces it
+            raise RuntimeError(
+                f"{type(self).__name__}: the fused stem dropped tokens already, but it "
+                f"received another tensor than the stem's output; please report this model"
+            )
+        return x
+
+
+def handoff_drop_class(drop: nn.Module, peer: type | None) -> None:
+    """Let the stem draw for ``drop`` when it is a plain ``peer`` token drop."""
+    if peer is not None and plain(drop, peer):
+        swap(drop, _HandoffTokenDrop)
+
+
 def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem],
-              post_norm: Norm | None = None) -> Tensor | None:  # fmt: skip
+              post_norm: Norm | None = None,
+              keep: Callable[[tuple[int, ...]], Tensor] | None = None,
+              ) -> Tensor | None:  # fmt: skip
     """The whole stem over a patch conv (kernel = stride) as one fused call: (B, P + N, D).
     ``stem(grid)`` gives the prefix rows, the position table of that grid and the stem norm
-    (the caller resamples a table for another size with the peer's own function). None: the
+    (the caller resamples a table for another size with the peer's own function); ``keep(grid)``
+    the (B, L) patches to embed (output (B, P + L, D)), called once the call is known to run
+    fused but for a wrapper operand, so that a peer's random draw is made only then. None: the
     conv must run itself (unbatched or too small an input, a conv changed in place); the
     caller then runs the peer's code."""
     patch = tuple(conv.kernel_size)
@@ -260,7 +308,9 @@ def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem
     weight, bias = param(conv, "weight"), param(conv, "bias")
     shape = (conv.out_channels, conv.in_channels, *patch)
     grid = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
-    return fused_call(x, patch, weight, shape, bias, None, post_norm, stem(grid))
+    parts = stem(grid)
+    return fused_call(x, patch, weight, shape, bias, None, post_norm, parts,
+                      None if keep is None else keep(grid))  # fmt: skip
 
 
 __all__ = ["FusedStem", "StemKind", "conv_stem", "peer_class", "swap"]

@@ -28,8 +28,16 @@ from torch import nn
 
 from .. import dispatch
 from ..nn.patch_embed import FusedPatchSequential
-from . import diffusers, open_clip, segment_anything, timm, transformers, vit_pytorch
-from ._base import FusedStem, StemKind, _HandoffNorm
+from . import (
+    diffusers,
+    open_clip,
+    segment_anything,
+    timm,
+    transformers,
+    transformers_masked,
+    vit_pytorch,
+)
+from ._base import FusedStem, StemKind, _HandoffNorm, _HandoffTokenDrop
 from .convs import (
     CONVS,
     FusedPatchConv1d,
@@ -45,6 +53,7 @@ from .convs import (
 STEM_KINDS: tuple[StemKind, ...] = (
     *timm.STEM_KINDS,
     *transformers.STEM_KINDS,
+    *transformers_masked.STEM_KINDS,
     *vit_pytorch.STEM_KINDS,
     *open_clip.STEM_KINDS,
     *segment_anything.STEM_KINDS,
@@ -137,7 +146,8 @@ def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
     dispatch.check_backend(backend)
     summary = FuseSummary()
     for name, m in list(model.named_modules()):
-        if isinstance(m, FusedStem) and not isinstance(m, _HandoffNorm):
+        # Norms and token drops that a stem took over are part of that stem's conversion.
+        if isinstance(m, FusedStem) and not isinstance(m, (_HandoffNorm, _HandoffTokenDrop)):
             m.zeta_backend = backend
             summary.already_fused.append((name, f"fused {type(m).__name__}, backend {backend!r}"))
             continue

@@ -10,9 +10,12 @@ which the patch embedding computes the whole stem: prefix rows (``cls (+ pos[:P]
 distillation token), the position table (resampled by timm's own ``resample_abs_pos_embed`` for
 ``dynamic_img_size``) and ``norm_pre``. ``_pos_embed`` then passes that output on (through
 ``pos_drop``), and ``norm_pre`` returns it as it is (the hand-off of zeta_fused.integrations._base).
-``norm_pre`` is fused only when ``pos_drop`` and ``patch_drop`` leave the tensor as it is for
-the call (eval, or rates of 0); otherwise it runs after them, as in timm. Called outside those
-methods, ``patch_embed`` and ``_pos_embed`` behave as timm's.
+With ``patch_drop`` active (training, ``patch_drop_rate > 0``) the stem makes its random draw,
+as timm's ``PatchDropout`` makes it, and embeds only the patches kept; ``patch_drop`` then
+returns the stem's output as it is. That needs ``pos_drop`` to leave the tensor as it is (eval,
+a rate of 0, or no table); otherwise the full stem is fused and ``pos_drop``, ``patch_drop`` and
+``norm_pre`` run after it, as in timm. Called outside those methods, ``patch_embed`` and
+``_pos_embed`` behave as timm's.
 """
 
 from __future__ import annotations
@@ -108,10 +111,12 @@ class _FusedTimmPatchEmbed(dispatch.NotScriptable):
         y = self.zeta_call(x)
         return super().forward(x) if y is None else y  # timm's own forward, its own errors
 
-    def zeta_call(self, x: Tensor, stem: Callable[[tuple[int, ...]], Stem] | None = None):
+    def zeta_call(self, x: Tensor, stem: Callable[[tuple[int, ...]], Stem] | None = None,
+                  keep: Callable[[int], Tensor] | None = None):  # fmt: skip
         """The fused output in timm's output format, or None when timm's forward must run.
         ``stem(grid)``: the rest of a whole stem (below), output (B, P + N, D); None from it:
-        the stem cannot be fused for this input."""
+        the stem cannot be fused for this input. ``keep(N)``: the (B, L) patches it embeds
+        (output (B, P + L, D)), drawn once the call runs fused."""
         why, hooks = self._zeta_bound()
         proj, norm = self.proj, self.norm
         is_norm, fmt = not plain(norm, nn.Identity), timm_format(self)
@@ -146,7 +151,8 @@ class _FusedTimmPatchEmbed(dispatch.NotScriptable):
         weight, bias = param(proj, "weight"), param(proj, "bias")
         shape = (proj.out_channels, proj.in_channels, ph, pw)
         post = norm_value(norm, x.dtype) if is_norm else None
-        y = fused_call(x, (ph, pw), weight, shape, bias, None, post, parts)
+        ids = None if keep is None else keep((x.shape[-2] // ph) * (x.shape[-1] // pw))
+        y = fused_call(x, (ph, pw), weight, shape, bias, None, post, parts, ids)
         if y is None:
             return None
         return y if stem is not None else _to_format(y, x, (ph, pw), fmt)
@@ -180,17 +186,47 @@ def _prefix_tokens(m: nn.Module) -> list[Tensor]:
     return [t for t in (param(m, n) for n in names) if t is not None]
 
 
-def _keeps_tensor(m: nn.Module) -> bool:
-    """The module returns its input tensor itself in this call (eval, or a rate of 0)."""
+def _patch_dropout(m: nn.Module) -> bool:
+    """``m`` is timm's ``PatchDropout`` computing what timm's does (as converted: the stem may
+    draw for it). Releases before 1.0 return indices too when ``return_indices`` is set."""
     from timm.layers import PatchDropout
 
+    return (
+        isinstance(m, PatchDropout)
+        and type(m).forward in (PatchDropout.forward, stems._HandoffTokenDrop.forward)
+        and not getattr(m, "return_indices", False)
+    )
+
+
+def _keeps_tensor(m: nn.Module) -> bool:
+    """The module returns its input tensor itself in this call (eval, or a rate of 0)."""
     if plain(m, nn.Identity):
         return True
     if plain(m, nn.Dropout):
         return not m.training or m.p == 0
-    if plain(m, PatchDropout):
-        return (not m.training or m.prob == 0) and not m.return_indices
+    if _patch_dropout(m):
+        return not m.training or m.prob == 0
     return False
+
+
+def _stem_draws(drop: nn.Module, prefix_rows: int) -> bool:
+    """The stem can make ``drop``'s draw in this call and embed only the patches it keeps:
+    timm's PatchDropout as converted, active, keeping the stem's prefix rows in front."""
+    return (
+        type(drop).forward is stems._HandoffTokenDrop.forward
+        and _patch_dropout(drop)
+        and drop.training
+        and drop.prob > 0
+        and drop.num_prefix_tokens == prefix_rows
+    )
+
+
+def _draw_keep(drop: nn.Module, x: Tensor, tokens: int) -> Tensor:
+    """The patches timm's ``patch_dropout_forward`` keeps of ``tokens`` per image: the same
+    random numbers (shape, device, order of the draw), the same selection."""
+    num_keep = max(1, int(tokens * (1.0 - drop.prob)))
+    ids = torch.argsort(torch.randn(x.shape[0], tokens, device=x.device), dim=-1)[:, :num_keep]
+    return ids.sort(dim=-1)[0] if getattr(drop, "ordered", False) else ids
 
 
 class _FusedTimmViT(stems.FusedStem):
@@ -218,11 +254,18 @@ class _FusedTimmViT(stems.FusedStem):
         # embedding for this call.
         if not isinstance(pe, _TimmStemPatchEmbed) or not self.zeta_fusable(x, pe):
             return nullcontext()
-        # norm_pre joins only when nothing between the stem and it changes the tensor (timm
-        # applies pos_drop only with a table).
-        between = (self.patch_drop,) if self.pos_embed is None else (self.pos_drop, self.patch_drop)
-        fuse_norm = all(map(_keeps_tensor, between)) and not any(dispatch.hook_dicts(*between))
-        return stems.handoff_scope(self, pe, self.norm_pre if fuse_norm else None)
+        # timm applies pos_drop only with a table. Token dropping joins the stem when pos_drop
+        # leaves the tensor as it is (otherwise it drops from the tokens pos_drop changed);
+        # norm_pre when nothing else between the stem and it changes the tensor.
+        drop = self.patch_drop
+        between = (drop,) if self.pos_embed is None else (self.pos_drop, drop)
+        if any(dispatch.hook_dicts(*between)):
+            return stems.handoff_scope(self, pe, None)
+        prefix_rows = sum(t.shape[1] for t in _prefix_tokens(self))
+        if not (all(map(_keeps_tensor, between[:-1])) and _stem_draws(drop, prefix_rows)):
+            drop = None
+        fuse_norm = drop is not None or all(map(_keeps_tensor, between))
+        return stems.handoff_scope(self, pe, self.norm_pre if fuse_norm else None, drop)
 
     def _zeta_parts(self, grid: tuple[int, int], norm: nn.Module | None) -> Stem | None:
         """The rest of the stem for a patch grid, as timm's ``_pos_embed`` computes it, then
@@ -264,11 +307,22 @@ class _TimmStemPatchEmbed:
             return super().forward(x)
         # Read once: the norm the op applies is the one handed off.
         norm = stems.pending_norm(self, self.proj.out_channels)
-        y = self.zeta_call(x, lambda grid: state["owner"]._zeta_parts(grid, norm))
+        drop, keep = state.get("drop"), None
+        if drop is not None:
+
+            def keep(tokens: int) -> Tensor:
+                # Recorded at once: should the op not run after all, the drop keeps these.
+                ids = _draw_keep(drop, x, tokens)
+                state["drawn"] = (None, drop.num_prefix_tokens, ids)
+                return ids
+
+        y = self.zeta_call(x, lambda grid: state["owner"]._zeta_parts(grid, norm), keep)
         if y is None:
             return super().forward(x)
         if norm is not None:
             stems.hand_off(norm, y)
+        if drop is not None:  # patch_drop returns y as it is
+            state["drawn"] = (y, *state["drawn"][1:])
         state["out"] = y  # for the owner's _pos_embed
         return y
 
@@ -324,6 +378,9 @@ def _convert(m: nn.Module, backend: str) -> None:
     pe.__class__ = _stem_patch_embed_class(base)
     pe.zeta_backend = backend
     stems.handoff_class(m.norm_pre)
+    from timm.layers import PatchDropout
+
+    stems.handoff_drop_class(m.patch_drop, PatchDropout)
     stems.swap(m, _FusedTimmViT, backend)
 
 

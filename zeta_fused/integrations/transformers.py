@@ -95,11 +95,14 @@ class _FusedHFEmbeddings(FusedStem):
 
     def _zeta_rows(self, x: Tensor, conv: nn.Module, skipped: tuple[nn.Module, ...],
                    rows: Callable[[int], Rows], norm: nn.Module | None = None,
-                   post: nn.Module | None = None) -> Tensor | None:  # fmt: skip
+                   post: nn.Module | None = None,
+                   keep: Callable[[tuple[int, ...]], Tensor] | None = None,
+                   ) -> Tensor | None:  # fmt: skip
         """The fused (B, P + N, D) rows (``rows(N)`` gives the prefix and the patch table), or
         None: this call must run the peer's forward. ``skipped``: the modules the peer would
         call and the fused path does not (their hooks make the call run the peer's). ``norm``:
-        the stem norm (a hand-off), ``post``: a norm of the patch tokens before the table."""
+        the stem norm (a hand-off), ``post``: a norm of the patch tokens before the table,
+        ``keep``: the patches embedded (``_base.conv_stem``), (B, P + L, D) rows then."""
         patch = tuple(conv.kernel_size)
         if (
             x.ndim != 4
@@ -122,7 +125,7 @@ class _FusedHFEmbeddings(FusedStem):
         if not _agrees(x, (prefix, pos, *norm_tensors(stem_norm), *norm_tensors(post_norm))):
             return None
         stem = Stem(pos, prefix, stem_norm)
-        return conv_stem(x, conv, lambda _grid: stem, post_norm)
+        return conv_stem(x, conv, lambda _grid: stem, post_norm, keep)
 
 
 # --- ViT, DeiT, DINOv2, DINOv2 with registers ------------------------------------------------
