@@ -41,9 +41,9 @@ def make_args(name: str, device: str, norms=(LAYER_NORM, LAYER_NORM)) -> FwdArgs
     return FwdArgs(
         x=x.to(device), weight=w.to(device), bias=vec(D).to(device), pre_norm=pre,
         g1=(1 + 0.2 * vec(K)).to(device), b1=vec(K).to(device), pre_eps=1e-5, post_norm=post,
-        g2=(1 + 0.2 * vec(D)).to(device), b2=vec(D).to(device), post_eps=1e-5, pos=None, keep=None,
-        prefix=None, stem_norm="none", g3=None, b3=None, stem_eps=1e-5, patch=patch,
-        compute_dtype=torch.float64, out_dtype=torch.float64,
+        g2=(1 + 0.2 * vec(D)).to(device), b2=vec(D).to(device), post_eps=1e-5, pos=None,
+        keep=None, pos_index=None, prefix=None, stem_norm="none", g3=None, b3=None,
+        stem_eps=1e-5, patch=patch, compute_dtype=torch.float64, out_dtype=torch.float64,
     )  # fmt: skip
 
 
