@@ -226,3 +226,23 @@ def no_full_length_tokens(model: nn.Module, x: Tensor, method: str, tokens: int,
     full = {(x.shape[0], tokens, dim), (x.shape[0], prefix + tokens, dim)}
     assert not full & seen.shapes, f"a full-length token tensor was built: {full & seen.shapes}"
     return seen.shapes
+
+
+def assert_kernels_match_eager_math(args: FwdArgs) -> None:
+    """The op's CPU implementation without the interpreter (reference.forward_with_stats and
+    backward_from_stats) computes what the kernels do for ``args`` (fp64): outputs,
+    statistics, every gradient."""
+    from zeta_fused.op.args import BwdArgs, Grads
+    from zeta_fused.op.reference import backward_from_stats, forward_with_stats
+
+    y, stats = torch.ops.zeta_fused.patch_embed_fwd(*args)
+    dy = torch.randn_like(y)
+    grads = torch.ops.zeta_fused.patch_embed_bwd(*BwdArgs(dy, stats, True, *args))
+    on_cpu = FwdArgs(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args))
+    ref_y, ref_stats = forward_with_stats(on_cpu)
+    torch.testing.assert_close(y.cpu(), ref_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(stats.cpu(), ref_stats, rtol=1e-10, atol=1e-10)
+    ref = backward_from_stats(BwdArgs(dy.cpu(), ref_stats, True, *on_cpu))
+    for field, got, want in zip(Grads._fields, grads, ref, strict=True):
+        assert got.shape == want.shape, field
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=field)

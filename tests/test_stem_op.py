@@ -8,13 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support import assert_accurate
+from support import assert_accurate, assert_kernels_match_eager_math
 
 from zeta_fused import Norm
 from zeta_fused.functional import op_inputs, patch_embed
 from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM
-from zeta_fused.op.args import BwdArgs, FwdArgs, Grads, Stem
-from zeta_fused.op.reference import backward_from_stats, forward_with_stats
+from zeta_fused.op.args import BwdArgs, Stem
 
 # (prefix rows, position table, pre-norm, post-norm, stem norm); a norm is a LayerNorm "ln"
 # (weight and bias), "no-affine" or "no-bias", an RMSNorm "rms" (weight) or "rms-no-affine",
@@ -153,20 +152,8 @@ def op_args(case, dim, device, requires_grad=True, dtype=torch.float32):
 @pytest.mark.parametrize("dim", DIMS.values(), ids=DIMS.keys())
 @pytest.mark.parametrize("case", CASES)
 def test_kernels_match_the_ops_eager_math(case, dim, device) -> None:
-    """The op's CPU implementation without the interpreter (reference.forward_with_stats and
-    backward_from_stats) computes what the kernels do: outputs, statistics, every gradient."""
     args = op_args(case, dim, device, requires_grad=False, dtype=torch.float64)
-    y, stats = torch.ops.zeta_fused.patch_embed_fwd(*args)
-    dy = torch.randn_like(y)
-    grads = torch.ops.zeta_fused.patch_embed_bwd(*BwdArgs(dy, stats, True, *args))
-    on_cpu = FwdArgs(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in args))
-    ref_y, ref_stats = forward_with_stats(on_cpu)
-    torch.testing.assert_close(y.cpu(), ref_y, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(stats.cpu(), ref_stats, rtol=1e-10, atol=1e-10)
-    ref = backward_from_stats(BwdArgs(dy.cpu(), ref_stats, True, *on_cpu))
-    for field, got, want in zip(Grads._fields, grads, ref, strict=True):
-        assert got.shape == want.shape, field
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=field)
+    assert_kernels_match_eager_math(args)
 
 
 @pytest.mark.parametrize(
