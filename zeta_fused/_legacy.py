@@ -29,7 +29,10 @@ MOVED: dict[str, tuple[str, ...]] = {
     ),  # fmt: skip
     "zeta_fused.convert": ("zeta_fused.integrations.convert",),
     "zeta_fused.stems_timm": ("zeta_fused.integrations.timm",),
-    "zeta_fused.stems_hf": ("zeta_fused.integrations.transformers",),
+    "zeta_fused.stems_hf": (
+        "zeta_fused.integrations.transformers",
+        "zeta_fused.integrations.transformers_clip",
+    ),  # fmt: skip
     "zeta_fused.stems_other": (
         "zeta_fused.integrations.vit_pytorch",
         "zeta_fused.integrations.open_clip",

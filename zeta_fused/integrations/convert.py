@@ -34,6 +34,7 @@ from . import (
     segment_anything,
     timm,
     transformers,
+    transformers_clip,
     transformers_masked,
     vit_pytorch,
 )
@@ -53,6 +54,7 @@ from .convs import (
 STEM_KINDS: tuple[StemKind, ...] = (
     *timm.STEM_KINDS,
     *transformers.STEM_KINDS,
+    *transformers_clip.STEM_KINDS,
     *transformers_masked.STEM_KINDS,
     *vit_pytorch.STEM_KINDS,
     *open_clip.STEM_KINDS,

@@ -1,0 +1,158 @@
+"""transformers: whole stems of CLIP, SigLIP and AIMv2 vision embeddings (a patch conv, the
+class embedding for CLIP, the position table; AIMv2's RMSNorm before the table), each as one
+call of the fused op, and CLIP's ``pre_layrnorm`` fused through the hand-off of ``_base``. See
+``transformers`` for what every transformers stem shares.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import dispatch
+from ..nn.norms import norm_problem
+from ..nn.params import param
+from ._base import FusedStem, StemKind, hand_off, handoff_class, handoff_scope, pending_norm, swap
+from .transformers import (
+    Rows,
+    _embeddings_kind,
+    _first_rows,
+    _forward_problem,
+    _FusedHFEmbeddings,
+    _stand_in,
+    hf_class,
+)
+
+# --- CLIP and SigLIP vision embeddings -------------------------------------------------------
+
+
+class _FusedConvEmbeddings(_FusedHFEmbeddings):
+    """CLIP and SigLIP: the input cast to the conv's dtype, ``[cat(class_embedding, tokens)] +
+    position_embedding(position_ids)`` or the peer's ``interpolate_pos_encoding``; no dropout.
+    CLIP's owner may hand its ``pre_layrnorm`` over (``_base.handoff_scope``)."""
+
+    _zeta_class_row: bool = True  # CLIP's class_embedding; SigLIP has no prefix row
+
+    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
+                *args, **kwargs) -> Tensor:  # fmt: skip
+        y = norm = None
+        conv = self.patch_embedding
+        sized = tuple(pixel_values.shape[-2:]) == (self.image_size, self.image_size)
+        if (
+            not args
+            and not kwargs
+            and (interpolate_pos_encoding or sized or not self._zeta_class_row)
+        ):
+            # The owner's norm is applied here only when this module has no hooks of its own:
+            # a forward hook would see normalised rows instead of the embeddings.
+            if not any(dispatch.hook_dicts(self)):
+                norm = pending_norm(self, conv.out_channels)
+            x = pixel_values.to(param(conv, "weight").dtype)  # as the peer does
+
+            def rows(tokens: int) -> Rows:
+                count = 1 if self._zeta_class_row else 0
+                if interpolate_pos_encoding:
+                    stand_in = _stand_in(x, count + tokens, conv.out_channels)
+                    table = self.interpolate_pos_encoding(stand_in, *pixel_values.shape[-2:])
+                else:
+                    table = self.position_embedding(self.position_ids)
+                if not count:
+                    ok = table.shape == (1, tokens, conv.out_channels)
+                    return (None, table[0]) if ok else None
+                return _first_rows(table, tokens, param(self, "class_embedding")[None], 1)
+
+            y = self._zeta_rows(x, conv, (conv,), rows, norm)
+        if y is None:
+            return super().forward(pixel_values, interpolate_pos_encoding, *args, **kwargs)
+        return y if norm is None else hand_off(norm, y)
+
+
+class _FusedCLIPVisionEmbeddings(_FusedConvEmbeddings):
+    """transformers ``CLIPVisionEmbeddings``, fused (with ``pre_layrnorm`` when handed over)."""
+
+
+class _FusedSiglipVisionEmbeddings(_FusedConvEmbeddings):
+    """transformers ``SiglipVisionEmbeddings``, fused."""
+
+    _zeta_class_row = False
+
+
+class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
+    """transformers ``Aimv2VisionEmbeddings``: conv -> RMSNorm -> + the learned position
+    table, fused. The native-resolution variant (a sincos table the peer builds per call) and
+    calls under autocast (where the peer's fp32 RMSNorm weight decides the dtype) run the
+    peer's forward."""
+
+    def forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
+        y = None
+        conv, norm = self.patch_embed, self.rms_norm
+        if (
+            not args
+            and not kwargs
+            and not self.config.is_native
+            and not torch.is_autocast_enabled(pixel_values.device.type)
+            and norm_problem(norm, conv.out_channels) is None
+        ):
+
+            def rows(tokens: int) -> Rows:
+                table = self.position_embedding(self.position_ids)
+                return (None, table[0]) if table.shape == (1, tokens, conv.out_channels) else None
+
+            y = self._zeta_rows(pixel_values, conv, (conv, norm), rows, post=norm)
+        return super().forward(pixel_values, *args, **kwargs) if y is None else y
+
+
+class _FusedCLIPVisionOwner(FusedStem):
+    """The CLIP vision module owning ``embeddings`` and ``pre_layrnorm`` (``CLIPVisionModel``,
+    ``CLIPVisionTransformer`` before transformers 5): its forward, with the norm handed over to
+    the embeddings while it runs."""
+
+    def forward(self, pixel_values: Tensor | None = None, *args, **kwargs):
+        with handoff_scope(self, self.embeddings, self.pre_layrnorm):
+            return super().forward(pixel_values, *args, **kwargs)
+
+
+_CLIP = "clip.modeling_clip"
+_CLIP_OWNERS = ("CLIPVisionModel", "CLIPVisionTransformer")
+_clip_embeddings = _embeddings_kind(_CLIP, "CLIPVisionEmbeddings", _FusedCLIPVisionEmbeddings,
+                                    None)  # fmt: skip
+
+
+def _clip_owner(m: nn.Module) -> type | None:
+    """The CLIP class of a module that owns the vision embeddings and ``pre_layrnorm``."""
+    if "pre_layrnorm" not in m._modules or "embeddings" not in m._modules:
+        return None
+    return next((c for n in _CLIP_OWNERS if (c := hf_class(type(m), _CLIP, n))), None)
+
+
+def _clip_owner_problem(m: nn.Module) -> str | None:
+    norm, embeddings = m._modules["pre_layrnorm"], m._modules["embeddings"]
+    why = _forward_problem(m, _clip_owner(m))
+    if why:
+        return why
+    if not _clip_embeddings.matches(embeddings):
+        return f"embeddings is {type(embeddings).__name__}, not CLIPVisionEmbeddings"
+    why = norm_problem(norm, embeddings.embed_dim)
+    if why:
+        return f"pre_layrnorm: {why}"
+    why = _clip_embeddings.problem(embeddings)
+    return None if why is None else f"embeddings: {why}"
+
+
+def _convert_clip_owner(m: nn.Module, backend: str) -> None:
+    # The embeddings are converted by their own kind, met next in the walk.
+    swap(m, _FusedCLIPVisionOwner, backend)
+    handoff_class(m.pre_layrnorm)
+
+
+# The walk meets a CLIP owner before its embeddings: the owner's kind swaps the owner and its
+# norm, the embeddings' kind the embeddings.
+STEM_KINDS = (
+    _embeddings_kind("siglip.modeling_siglip", "SiglipVisionEmbeddings",
+                     _FusedSiglipVisionEmbeddings, None),
+    _embeddings_kind("aimv2.modeling_aimv2", "Aimv2VisionEmbeddings",
+                     _FusedAimv2VisionEmbeddings, None, conv="patch_embed", norm="rms_norm"),
+    _clip_embeddings,
+    StemKind("transformers CLIP vision pre_layrnorm (hand-off)",
+             lambda m: _clip_owner(m) is not None, _clip_owner_problem, _convert_clip_owner),
+)  # fmt: skip
