@@ -113,3 +113,20 @@ def test_aimv2_native_resolution_runs_the_peer(device, fused_path_calls) -> None
     fuse_stems(model, backend="triton")
     torch.testing.assert_close(model(x).last_hidden_state, expected)
     assert len(fused_path_calls) == 1  # the peer's forward, with its patch conv fused
+
+
+def test_t5_style_rms_norms_under_autocast_run_eager(fused_path_calls) -> None:
+    """transformers' T5-style RMSNorms multiply by their weight after rounding: under autocast
+    an fp32 weight makes the output fp32, which the op's dtype rule does not give; such calls
+    run eager (torch's own nn.RMSNorm follows the rule and stays fused)."""
+    pixtral = pytest.importorskip("transformers.models.pixtral.modeling_pixtral")
+    x = torch.randn(2, 3, 8, 8)
+    for norm, fused in ((pixtral.PixtralRMSNorm, False), (nn.RMSNorm, True)):
+        m = randomise(sequential(norm(48), norm(40)))
+        m.backend = "triton"
+        fused_path_calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = m(x), nn.Sequential(*m)(x)
+        assert got.dtype == want.dtype, norm
+        assert bool(fused_path_calls) == fused, norm
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

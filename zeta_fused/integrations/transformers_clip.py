@@ -6,7 +6,6 @@ call of the fused op, and CLIP's ``pre_layrnorm`` fused through the hand-off of 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .. import dispatch
@@ -80,7 +79,7 @@ class _FusedSiglipVisionEmbeddings(_FusedConvEmbeddings):
 class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
     """transformers ``Aimv2VisionEmbeddings``: conv -> RMSNorm -> + the learned position
     table, fused. The native-resolution variant (a sincos table the peer builds per call) and
-    calls under autocast (where the peer's fp32 RMSNorm weight decides the dtype) run the
+    calls under autocast (where the RMSNorm's fp32 weight decides the dtype: nn.norms) run the
     peer's forward."""
 
     def forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
@@ -90,7 +89,6 @@ class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
             not args
             and not kwargs
             and not self.config.is_native
-            and not torch.is_autocast_enabled(pixel_values.device.type)
             and norm_problem(norm, conv.out_channels) is None
         ):
 

@@ -10,6 +10,8 @@ changes its numerics (timm's fast-norm paths) is off.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -33,9 +35,15 @@ _PEER_NORMS = {
                                                                          "variance_epsilon"),
     ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"): (RMS_NORM, "variance_epsilon"),
 }  # fmt: skip
+# The T5-style RMSNorms return weight * x̂ rounded to the input's dtype: their output takes the
+# weight's dtype where it is wider, which the op's dtype rule does not follow under autocast
+# (an fp32 weight gives an fp32 output from bf16 tokens): such calls run eager.
+_WEIGHT_DECIDES_DTYPE = {key for key, (kind, eps) in _PEER_NORMS.items()
+                         if eps == "variance_epsilon"}  # fmt: skip
 _TORCH_NORMS = ((nn.LayerNorm, LAYER_NORM), (nn.RMSNorm, RMS_NORM))
 
 
+@functools.cache  # by class: the modules ask on every call
 def _peer_norm(cls: type) -> tuple[type, str, str] | None:
     """(the peer class, kind, eps attribute) of a peer norm class ``cls`` derives from."""
     for base in cls.__mro__:
@@ -68,6 +76,13 @@ def norm_problem(m: nn.Module, size: int) -> str | None:
     by the modules (a norm's size can change in place)."""
     if norm_kind(m) is None:
         return f"{type(m).__name__} is not a LayerNorm or RMSNorm the fused op computes"
+    peer = _peer_norm(getattr(type(m), "_zeta_base", type(m)))
+    if (
+        peer is not None
+        and (peer[0].__module__, peer[0].__name__) in _WEIGHT_DECIDES_DTYPE
+        and (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
+    ):
+        return f"{type(m).__name__} under autocast (its weight's dtype decides its output's)"
     shape = getattr(m, "normalized_shape", None)
     if shape is None:  # the transformers RMSNorms: over their weight's size
         weight = param(m, "weight")
