@@ -185,3 +185,30 @@ def test_bad_indices_name_the_sizes(backend, device, fused_calls) -> None:
         with pytest.raises((ValueError, TypeError), match=message):
             patch_embed(x, 4, w, keep=bad, backend=backend)
     assert not fused_calls, "nothing is computed for bad indices"
+
+
+def test_model_made_indices_cost_no_host_sync(device) -> None:
+    """The public API checks a user's indices against the grid (a host sync); a model's own
+    index (fused_call: an argsort or topk it just made) is not read back on its per-call path,
+    which CUDA-graph capture and throughput need."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from zeta_fused.functional import fused_call
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.syncs += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    tensors, _, keep = make_inputs(40, "subset", "none")
+    x, w = tensors["x"].float().to(device), tensors["weight"].float().to(device)
+    keep = keep.to(device)
+    with Syncs() as user:
+        patch_embed(x, 4, w, keep=keep, backend="triton")
+    with Syncs() as model:
+        fused_call(x, (4, 4), w, w.shape, None, keep=keep)
+    assert user.syncs >= 1 and model.syncs == 0

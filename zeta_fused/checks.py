@@ -276,17 +276,20 @@ def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) ->
     return table if table.is_contiguous() else table.contiguous()
 
 
-def check_keep(keep, x: Tensor, patch: tuple[int, ...]) -> Tensor:
+def check_keep(keep, x: Tensor, patch: tuple[int, ...], values: bool = True) -> Tensor:
     """A keep index: (B, L) int64 grid positions in [0, N) on the image's device, the same L
-    for every image; returned contiguous."""
+    for every image; returned contiguous. ``values=False``: an index a model made itself (an
+    argsort, a topk), whose values are not checked (no host sync on its per-call path)."""
     tokens = math.prod([s // p for s, p in zip(x.shape[2:], patch, strict=True)])
-    return _index(keep, "keep", x, None, tokens, f"the {tokens} patches per image")
+    return _index(keep, "keep", x, None, tokens, f"the {tokens} patches per image", values)
 
 
-def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str) -> Tensor:
+def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
+           values: bool = True) -> Tensor:  # fmt: skip
     """A (B, rows) int64 index (rows None: any L) with values in [0, bound), on the image's
     device; returned contiguous. Out-of-range values raise here, before anything is computed
-    (a host sync; under torch.compile a device-side assert in the graph instead)."""
+    (a host sync; under torch.compile or CUDA-graph capture, which cannot sync, a device-side
+    assert instead)."""
     batch = x.shape[0]
     if not isinstance(index, Tensor):
         raise TypeError(f"{name} must be a (B, L) int64 tensor of indices, got {type(index)}")
@@ -300,12 +303,14 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str)
         )
     if index.device != x.device:
         raise RuntimeError(f"input is on {x.device} but {name} is on {index.device}: move one")
-    in_range = ((index >= 0) & (index < bound)).all()
-    message = f"{name} holds indices outside [0, {bound}) for {what}"
-    if torch.compiler.is_compiling():
-        torch._assert_async(in_range, message)
-    elif index.numel() and not in_range:
-        raise ValueError(message)
+    if values:
+        in_range = ((index >= 0) & (index < bound)).all()
+        message = f"{name} holds indices outside [0, {bound}) for {what}"
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if torch.compiler.is_compiling() or capturing:
+            torch._assert_async(in_range, message)
+        elif index.numel() and not in_range:
+            raise ValueError(message)
     return index if index.is_contiguous() else index.contiguous()
 
 

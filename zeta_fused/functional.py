@@ -83,7 +83,7 @@ def fused_call(x: Tensor, patch: tuple[int, ...], weight: Tensor, weight_shape: 
     caller runs its own code."""
     bias, pre_norm, post_norm = checked_params(x, weight, weight_shape, bias, pre_norm, post_norm)
     if keep is not None:
-        keep = check_keep(keep, x, patch)
+        keep = check_keep(keep, x, patch, values=False)  # made by the model itself
     if stem is not NO_STEM:
         stem = check_stem(x, patch, weight_shape[0], stem, None if keep is None else keep.shape[1])
     args = op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
