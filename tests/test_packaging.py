@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -17,18 +19,34 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What `import kernels` must give: the distribution's module, or nothing when it is absent.
+# What `import kernels` must give: the distribution's module, or, when it is absent, an empty
+# module with no file and no version (find_spec found the folder, so the import must not fail).
 _WHICH_KERNELS = """
-import importlib.metadata, os, sys
-try:
-    import kernels
-except ModuleNotFoundError as e:
-    assert e.name == "kernels" and "kernels" not in sys.modules, (e, sys.modules.get("kernels"))
+import importlib.util, os, sys
+import kernels
+assert importlib.util.find_spec("kernels") is not None
+if getattr(kernels, "__file__", None) is None:
+    assert not hasattr(kernels, "__version__") and not hasattr(kernels, "get_kernel"), dir(kernels)
     print("absent")
 else:
     print(os.path.realpath(kernels.__file__))
 import zeta_fused.kernels.patch_embed_fwd
 """
+
+
+def _site_without_kernels(tmp_path: Path) -> Path:
+    """A site folder linking every installed package but the ``kernels`` distribution (its
+    package and metadata): an environment where it was never installed."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    for folder in (*site.getsitepackages(), site.getusersitepackages()):
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.listdir(folder):
+            hidden = entry == "kernels" or re.fullmatch(r"kernels-[^-]+\.dist-info", entry)
+            if not hidden and not (site_dir / entry).exists():
+                (site_dir / entry).symlink_to(Path(folder) / entry)
+    return site_dir
 
 
 def _distribution_kernels() -> str:
@@ -54,13 +72,36 @@ def test_the_kernels_folder_never_shadows_the_kernels_distribution(path_entry) -
     assert r.stdout.strip() == _distribution_kernels()
 
 
+_TRANSFORMERS_HUB_KERNELS = (
+    "import transformers.integrations.hub_kernels, transformers.models.vit.modeling_vit\n"
+    "from transformers.utils import is_kernels_available\n"
+    "print(is_kernels_available())\n"
+)
+
+
 def test_transformers_imports_its_kernels_from_the_repository_root() -> None:
     """transformers 5.25 imports the ``kernels`` distribution (hub kernels) when it is
     installed; from the repository root that import must not find our folder."""
     pytest.importorskip("transformers")
-    code = "import transformers.integrations.hub_kernels, transformers.models.vit.modeling_vit"
+    code = _TRANSFORMERS_HUB_KERNELS
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == str(_distribution_kernels() != "absent")
+
+
+def test_without_the_kernels_distribution_transformers_still_imports(tmp_path) -> None:
+    """Where the distribution is not installed (transformers before 5.25, the GPU image),
+    transformers finds our folder with ``find_spec``, sees no metadata and imports it: that
+    import must succeed and tell it that no ``kernels`` is installed."""
+    pytest.importorskip("transformers")
+    site_dir = _site_without_kernels(tmp_path)
+    # -S: no site-packages but the ones linked above (their .pth files included).
+    code = f"import site; site.addsitedir({str(site_dir)!r})\n"
+    for body in (_TRANSFORMERS_HUB_KERNELS, _WHICH_KERNELS):
+        r = subprocess.run([sys.executable, "-S", "-c", code + body], capture_output=True,
+                           text=True, cwd=ROOT)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] in ("False", "absent"), r.stdout
 
 
 def test_the_wheel_ships_the_package_and_no_top_level_kernels(tmp_path) -> None:

@@ -306,8 +306,10 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
     if values:
         in_range = ((index >= 0) & (index < bound)).all()
         message = f"{name} holds indices outside [0, {bound}) for {what}"
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if torch.compiler.is_compiling() or capturing:
+        # is_compiling first: dynamo cannot trace is_current_stream_capturing (it returns a bool)
+        if torch.compiler.is_compiling() or (
+            x.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):
             torch._assert_async(in_range, message)
         elif index.numel() and not in_range:
             raise ValueError(message)
