@@ -84,12 +84,13 @@ def module_op_inputs(m: PatchEmbeddings, x: Tensor) -> FwdArgs:
 def check(m: nn.Module, x: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
     """Fused (on device) vs eager (same dtype, CPU) vs fp64 reference; returns the fused output."""
     ref = m.to(torch.float64)(x.double())
-    eager = m.to(dtype)(x.to(dtype))
-    fused_m = m.to(device, dtype)
-    fused_m.backend = "triton"
+    m.to(device, dtype).backend = "eager"  # the eager module in dtype where the fused one runs
     with torch.no_grad():
-        fused = fused_m(x.to(device, dtype))
-    fused_m.backend = "auto"
+        eager = m(x.to(device, dtype))
+    m.backend = "triton"
+    with torch.no_grad():
+        fused = m(x.to(device, dtype))
+    m.backend = "auto"
     m.to("cpu")
     assert fused.dtype == dtype and fused.device.type == device
     assert_accurate(fused, eager, ref, dtype, f"{tuple(x.shape)} {dtype}")
@@ -110,8 +111,9 @@ def compare(m, x, dtype, device, needs_x_grad=True) -> None:
     x = x.requires_grad_(needs_x_grad)
     dy = torch.randn(x.shape[0], *m(x.double()).shape[1:])
     ref = grads(m.double(), x.double(), dy.double())
-    eager = grads(m.to(dtype), x.to(dtype), dy)
-    m.to(device).backend = "triton"
+    m.to(device, dtype).backend = "eager"  # the eager module in dtype where the fused one runs
+    eager = grads(m, x.to(device, dtype), dy.to(device))
+    m.backend = "triton"
     fused = grads(m, x.to(device, dtype), dy.to(device))
     names = ["y", *(["dx"] if needs_x_grad else []), *(n for n, _ in m.named_parameters())]
     assert len(fused) == len(ref)
