@@ -246,3 +246,62 @@ def test_clip_owner_compile_fullgraph(device) -> None:
     assert len(graphs) == 2 and "zeta_fused.patch_embed_fwd" in graphs[1]
     norms = [g.count("target=torch.nn.functional.layer_norm]") for g in graphs]
     assert norms[1] == norms[0] - 1, norms
+
+
+# --- SigLIP2 NaFlex: padded patch rows, a position table resized for each image --------------
+
+
+def siglip2_inputs(device: str) -> dict[str, torch.Tensor]:
+    """Two images of 3x4 and 2x3 patches (K = 3 * 4 * 4) padded to 12 rows, as the NaFlex
+    processor hands them over: the second has 6 padding rows, which the peer embeds too."""
+    shapes = torch.tensor([[3, 4], [2, 3]], device=device)
+    mask = torch.arange(12, device=device) < shapes.prod(-1, keepdim=True)
+    rows = torch.randn(2, 12, 48, device=device) * mask[..., None]
+    return {"pixel_values": rows, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+
+def siglip2() -> nn.Module:
+    config = transformers.Siglip2VisionConfig(**(TINY | {"patch_size": 4, "num_patches": 16}))
+    return transformers.Siglip2VisionModel(config)
+
+
+def test_siglip2_naflex_drop_in(device, fused_path_calls) -> None:
+    """One fused call over every row (padding rows included, as the peer returns them), the
+    same outputs and gradients, the position table's through the peer's resizing."""
+    inputs = siglip2_inputs(device)
+    model, summary = check_drop_in(siglip2(), inputs.pop("pixel_values"), device,
+                                   fused_path_calls, convert=fuse_stems, **inputs)  # fmt: skip
+    assert [(n, k) for n, k in summary.converted] == [
+        ("embeddings", "whole stem: transformers Siglip2VisionEmbeddings")
+    ]
+    assert model.embeddings.position_embedding.weight.grad.abs().sum() > 0
+
+
+def test_siglip2_embeddings_padding_rows_and_fallbacks(device, fused_path_calls) -> None:
+    model, before = converted(siglip2(), device)
+    x, shapes = siglip2_inputs(device)["pixel_values"], siglip2_inputs(device)["spatial_shapes"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.embeddings(x, shapes), before.embeddings(x, shapes))
+        assert len(fused_path_calls) == 1
+        # A hook on the Linear the fused call skips: the peer's forward runs it.
+        seen = []
+        handle = model.embeddings.patch_embedding.register_forward_hook(lambda *a: seen.append(1))
+        torch.testing.assert_close(model.embeddings(x, shapes), before.embeddings(x, shapes))
+        assert seen == [1] and len(fused_path_calls) == 1
+        handle.remove()
+        # Rows of another width: the peer's own error.
+        with pytest.raises(RuntimeError) as fused_error:
+            model.embeddings(x[..., :40], shapes)
+        with pytest.raises(RuntimeError) as peer_error:
+            before.embeddings(x[..., :40], shapes)
+        assert str(fused_error.value) == str(peer_error.value)
+
+
+def test_siglip2_under_autocast_gives_the_peers_dtype(device, fused_path_calls) -> None:
+    """bf16 Linear + fp32 resized table: the peer's sum is fp32, and so is the fused one."""
+    model, before = converted(siglip2(), device)
+    x, shapes = siglip2_inputs(device)["pixel_values"], siglip2_inputs(device)["spatial_shapes"]
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        got, want = model.embeddings(x, shapes), before.embeddings(x, shapes)
+    assert got.dtype == want.dtype == torch.float32 and len(fused_path_calls) == 1
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -243,12 +243,12 @@ def pad_to_patch(x: Tensor, patch: tuple[int, ...]) -> Tensor:
 
 
 def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, stem: Stem,
-               rows: int | None = None) -> Stem:  # fmt: skip
+               rows: int | None = None, values: bool = True) -> Stem:  # fmt: skip
     """The position table (N, D) ((T, D) with a table index), the prefix rows (P, D) (each may
     have a leading 1), the table index (B, rows) and the stem norm's (D,) vectors checked, on
     the image's device and of its dtype (unless autocast decides); the table comes back
     contiguous (the kernels read it as rows). ``rows``: patch tokens per image (N by
-    default)."""
+    default). ``values=False``: a table index a model made itself, as :func:`check_keep`."""
     tokens = math.prod([s // p for s, p in zip(x.shape[2:], patch, strict=True)])
     index = stem.pos_index
     if index is None:
@@ -258,7 +258,7 @@ def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, stem: Stem,
         if pos is None:
             raise ValueError("pos_index needs a position table pos")
         index = _index(index, "pos_index", x, tokens if rows is None else rows, pos.shape[0],
-                       f"the {pos.shape[0]} rows of pos")  # fmt: skip
+                       f"the {pos.shape[0]} rows of pos", values)  # fmt: skip
     prefix = _rows(stem.prefix, None, dim, "prefix", "the prefix rows")
     stem_norm = _norm(stem.norm, dim, "stem_norm")
     check_params(x, [pos, prefix, *norm_tensors(stem_norm)])

@@ -82,10 +82,13 @@ def fused_call(x: Tensor, patch: tuple[int, ...], weight: Tensor, weight_shape: 
     operand is a wrapper tensor subclass (:func:`~zeta_fused.checks.wrapped_operand`), and the
     caller runs its own code."""
     bias, pre_norm, post_norm = checked_params(x, weight, weight_shape, bias, pre_norm, post_norm)
+    # Indices here are made by the model itself (an argsort, a topk, an arange): their values
+    # are not read back (no host sync per call).
     if keep is not None:
-        keep = check_keep(keep, x, patch, values=False)  # made by the model itself
+        keep = check_keep(keep, x, patch, values=False)
     if stem is not NO_STEM:
-        stem = check_stem(x, patch, weight_shape[0], stem, None if keep is None else keep.shape[1])
+        rows = None if keep is None else keep.shape[1]
+        stem = check_stem(x, patch, weight_shape[0], stem, rows, values=False)
     args = op_inputs(x, patch, weight, bias, pre_norm, post_norm, stem, keep)
     return None if wrapped_operand(args) else fused_patch_embed(args)
 

@@ -1,19 +1,24 @@
-"""transformers: whole stems of CLIP, SigLIP and AIMv2 vision embeddings (a patch conv, the
-class embedding for CLIP, the position table; AIMv2's RMSNorm before the table), each as one
-call of the fused op, and CLIP's ``pre_layrnorm`` fused through the hand-off of ``_base``. See
-``transformers`` for what every transformers stem shares.
+"""transformers: whole stems of CLIP, SigLIP, SigLIP2 (NaFlex) and AIMv2 vision embeddings (a
+patch conv, or SigLIP2's Linear over patch rows; the class embedding for CLIP, the position
+table; AIMv2's RMSNorm before the table), each as one call of the fused op, and CLIP's
+``pre_layrnorm`` fused through the hand-off of ``_base``. See ``transformers`` for what every
+transformers stem shares.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .. import dispatch
+from ..functional import fused_call
 from ..nn.norms import norm_problem
-from ..nn.params import param
+from ..nn.params import param, plain
+from ..op.args import Stem
 from ._base import FusedStem, StemKind, hand_off, handoff_class, handoff_scope, pending_norm, swap
 from .transformers import (
     Rows,
+    _agrees,
     _embeddings_kind,
     _first_rows,
     _forward_problem,
@@ -74,6 +79,59 @@ class _FusedSiglipVisionEmbeddings(_FusedConvEmbeddings):
     """transformers ``SiglipVisionEmbeddings``, fused."""
 
     _zeta_class_row = False
+
+
+class _FusedSiglip2VisionEmbeddings(FusedStem):
+    """transformers ``Siglip2VisionEmbeddings`` (NaFlex): patch rows padded to (B, N, K) ->
+    Linear -> + the position table resized for each image by the peer's own
+    ``resize_positional_embeddings`` (B, N, D), as one call of the fused op over the B * N rows,
+    each adding its own row of the resized tables. The padding rows are embedded too: the peer
+    returns them (each with its image's first table row), and a drop-in returns the same."""
+
+    def forward(self, pixel_values: Tensor, spatial_shapes: Tensor, *args, **kwargs) -> Tensor:
+        y = None
+        linear = self.patch_embedding
+        if (
+            not args
+            and not kwargs
+            and pixel_values.ndim == 3
+            and pixel_values.shape[-1] == linear.in_features  # else the peer's own error
+            and self.zeta_fusable(pixel_values, linear)
+        ):
+            y = self._zeta_rows(pixel_values, spatial_shapes)
+        return super().forward(pixel_values, spatial_shapes, *args, **kwargs) if y is None else y
+
+    def _zeta_rows(self, pixel_values: Tensor, spatial_shapes: Tensor) -> Tensor | None:
+        linear, weight = self.patch_embedding, param(self.patch_embedding, "weight")
+        bias, table = param(linear, "bias"), param(self.position_embedding, "weight")
+        x = pixel_values.to(weight.dtype)  # as the peer does
+        if not _agrees(x, (weight, bias, table)):
+            return None
+        side = self.position_embedding_size
+        resized = self.resize_positional_embeddings(
+            table.reshape(side, side, -1), spatial_shapes, max_length=x.shape[1]
+        )
+        # Each row is a one-patch "image" (K, 1) that takes row i of the flattened tables.
+        rows = x.flatten(0, 1)
+        index = torch.arange(rows.shape[0], device=rows.device).view(-1, 1)
+        stem = Stem(resized.flatten(0, 1), None, None, index)
+        y = fused_call(rows.unsqueeze(-1), (1,), weight, tuple(weight.shape), bias, stem=stem)
+        return None if y is None else y.view(*x.shape[:2], -1)
+
+
+_SIGLIP2 = "siglip2.modeling_siglip2"
+
+
+def _siglip2_matches(m: nn.Module) -> bool:
+    return hf_class(type(m), _SIGLIP2, "Siglip2VisionEmbeddings") is not None
+
+
+def _siglip2_problem(m: nn.Module) -> str | None:
+    why = _forward_problem(m, hf_class(type(m), _SIGLIP2, "Siglip2VisionEmbeddings"))
+    linear = m._modules.get("patch_embedding")
+    if why is None and not plain(linear, nn.Linear):
+        why = f"patch_embedding is {type(linear).__name__}, not nn.Linear"
+    return why
 
 
 class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
@@ -150,6 +208,8 @@ STEM_KINDS = (
                      _FusedSiglipVisionEmbeddings, None),
     _embeddings_kind("aimv2.modeling_aimv2", "Aimv2VisionEmbeddings",
                      _FusedAimv2VisionEmbeddings, None, conv="patch_embed", norm="rms_norm"),
+    StemKind("transformers Siglip2VisionEmbeddings", _siglip2_matches, _siglip2_problem,
+             lambda m, backend: swap(m, _FusedSiglip2VisionEmbeddings, backend)),
     _clip_embeddings,
     StemKind("transformers CLIP vision pre_layrnorm (hand-off)",
              lambda m: _clip_owner(m) is not None, _clip_owner_problem, _convert_clip_owner),
