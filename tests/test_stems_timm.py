@@ -260,6 +260,25 @@ def test_compile_fullgraph_keeps_the_fused_stem(device, fused_calls) -> None:
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("patch_drop", ["identity", "dropout"])
+def test_compile_fullgraph_with_dropouts_traced_as_other_tensors(patch_drop, device, fused_calls,
+                                                                 monkeypatch) -> None:  # fmt: skip
+    """torch 2.11's dynamo gives a traced dropout that keeps the tensor (eval, a rate of 0) an
+    output of its own (2.14's keeps the input's); done here on any version. pos_drop, then a
+    Dropout as patch_drop, must not break the hand-off to norm_pre (it raised in torch 2.11)."""
+    real = nn.Dropout.forward
+    monkeypatch.setattr(nn.Dropout, "forward", lambda self, x: real(self, x).clone())
+    model = vit(pre_norm=True, reg_tokens=1)
+    if patch_drop == "dropout":
+        model.patch_drop = nn.Dropout(0.0).eval()
+    model, before = converted(model, device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32, device=device)
+    torch.testing.assert_close(compiled(x), before(x), rtol=1e-4, atol=1e-5)
+    assert fused_calls, "the compiled graph does not call the fused op"
+
+
 @pytest.mark.parametrize("convert", ["fuse_stems", "fuse_patch_embeddings"])
 def test_compile_fullgraph_at_another_size(convert, device, fused_calls) -> None:
     """dynamic_img_size, compiled (fullgraph) and trained at two image sizes, as the unconverted

@@ -9,7 +9,8 @@ timm's own ``forward_features`` and ``forward_intermediates`` run unchanged, ins
 which the patch embedding computes the whole stem: prefix rows (``cls (+ pos[:P])``, registers,
 distillation token), the position table (resampled by timm's own ``resample_abs_pos_embed`` for
 ``dynamic_img_size``) and ``norm_pre``. ``_pos_embed`` then passes that output on (through
-``pos_drop``), and ``norm_pre`` returns it as it is (the hand-off of zeta_fused.integrations._base).
+``pos_drop`` if it changes it), and ``norm_pre`` returns it as it is (the hand-off of
+zeta_fused.integrations._base).
 With ``patch_drop`` active (training, ``patch_drop_rate > 0``) the stem makes its random draw,
 as timm's ``PatchDropout`` makes it, and embeds only the patches kept; ``patch_drop`` then
 returns the stem's output as it is. That needs ``pos_drop`` to leave the tensor as it is (eval,
@@ -209,6 +210,13 @@ def _keeps_tensor(m: nn.Module) -> bool:
     return False
 
 
+def _hands_on(m: nn.Module) -> bool:
+    """timm's own call of ``m`` (``patch_drop``) passes on the very tensor it receives, eager
+    and as torch.compile traces it: torch 2.11's dynamo gives a traced dropout that keeps the
+    tensor an output of its own (2.14's keeps the input's), which a hand-off would refuse."""
+    return _keeps_tensor(m) and not (plain(m, nn.Dropout) and torch.compiler.is_compiling())
+
+
 def _stem_draws(drop: nn.Module, prefix_rows: int) -> bool:
     """The stem can make ``drop``'s draw in this call and embed only the patches it keeps:
     timm's PatchDropout as converted, active, keeping the stem's prefix rows in front."""
@@ -244,7 +252,11 @@ class _FusedTimmViT(stems.FusedStem):
     def _pos_embed(self, x: Tensor) -> Tensor:
         state = stems.call_state(self)
         if state is not None and x is state.pop("out", None):  # the whole stem ran fused
-            return x if self.pos_embed is None else self.pos_drop(x)  # (timm: no table, no drop)
+            # timm applies pos_drop only with a table. The hand-offs to patch_drop and norm_pre
+            # need the stem's output itself: one that keeps it is not called (see _hands_on).
+            drop = self.pos_drop
+            keeps = _keeps_tensor(drop) and not any(dispatch.hook_dicts(drop))
+            return x if self.pos_embed is None or keeps else drop(x)
         return super()._pos_embed(x)
 
     def _zeta_scope(self, x: Tensor):
@@ -261,10 +273,11 @@ class _FusedTimmViT(stems.FusedStem):
         between = (drop,) if self.pos_embed is None else (self.pos_drop, drop)
         if any(dispatch.hook_dicts(*between)):
             return stems.handoff_scope(self, pe, None)
+        pos_keeps = all(map(_keeps_tensor, between[:-1]))
         prefix_rows = sum(t.shape[1] for t in _prefix_tokens(self))
-        if not (all(map(_keeps_tensor, between[:-1])) and _stem_draws(drop, prefix_rows)):
+        if not (pos_keeps and _stem_draws(drop, prefix_rows)):
             drop = None
-        fuse_norm = drop is not None or all(map(_keeps_tensor, between))
+        fuse_norm = drop is not None or (pos_keeps and _hands_on(self.patch_drop))
         return stems.handoff_scope(self, pe, self.norm_pre if fuse_norm else None, drop)
 
     def _zeta_parts(self, grid: tuple[int, int], norm: nn.Module | None) -> Stem | None:
