@@ -50,8 +50,10 @@ class MAE(PeerStem):
 
     def __init__(self, p: SubsetPreset) -> None:
         super().__init__()
-        transformers = need("transformers")
-        config = transformers.ViTMAEConfig(
+        # The modeling module through need(): transformers imports it lazily, and a failing
+        # import (a missing dependency of it) must skip the preset, not fail its cells.
+        vit_mae = need("transformers.models.vit_mae.modeling_vit_mae")
+        config = need("transformers").ViTMAEConfig(
             hidden_size=p.dim,
             image_size=p.spatial[0],
             patch_size=p.patch[0],
@@ -60,7 +62,7 @@ class MAE(PeerStem):
             num_hidden_layers=0,
             num_attention_heads=heads(p.dim),
         )
-        self.embeddings = transformers.ViTMAEModel(config).embeddings  # its sincos table set
+        self.embeddings = vit_mae.ViTMAEModel(config).embeddings  # its sincos table set
         self.kept = p.kept
         # The noise as ranks (int64): moving the stem to bf16 leaves it alone (bf16 noise would
         # tie), and argsort orders it as it would the float noise it stands for.

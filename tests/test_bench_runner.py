@@ -186,9 +186,11 @@ def test_compile_peers_compile_fresh_and_static(monkeypatch) -> None:
         ("channels_first", (32,), (4,)),  # series'
     ],
 )
-def test_conv_stems_compute_the_same_projection(layout, spatial, patch) -> None:
+def test_conv_stems_compute_the_same_projection(layout, spatial, patch, device,
+                                                fused_calls) -> None:  # fmt: skip
     """The conv presets' peers (the model's conv, the reshape + F.linear rewrite) and the fused
-    conv (the interpreter here) give the same tokens."""
+    conv (on the GPU, else the interpreter) give the same tokens. The model's conv runs on the
+    CPU, the reference: cuDNN would round an fp32 conv through TF32."""
     from bench import conv_stems
     from bench.presets import ConvPreset
 
@@ -199,7 +201,10 @@ def test_conv_stems_compute_the_same_projection(layout, spatial, patch) -> None:
     assert expected.shape == ((2, 16) if layout == "rows" else (2, p.tokens, 16))
     for other in (conv_stems.LinearStem(p), conv_stems.fused(p)):
         other.load_state_dict(conv.state_dict())
-        torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-5)
+        got = other.to(device)(x.to(device))
+        assert got.device.type == device
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+    assert len(fused_calls) == 1  # the fused conv ran the op, not its own conv
 
 
 def test_conv_presets_run_and_are_judged_on_cpu() -> None:

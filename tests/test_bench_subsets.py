@@ -196,8 +196,10 @@ def test_subset_group_and_cpu_default_plan() -> None:
     assert [(p.name, ms) for p, ms in plan[1:]] == [(n, ()) for n in SUBSET_PRESETS]
     p = tiny("mae_l16_subset")
     assert runner.run([(p, ())], ["eager"], "cpu")[0] == []
+    build_peer(p)  # skips where transformers cannot build the model (the eager provider's)
     (row,) = runner.run([(p, ("fwd",))], ["eager"], "cpu")[0]  # its roofline: the kept work
-    assert row["status"] == "ok" and row["tbps"] == pytest.approx(p.bytes() / row["ms"] / 1e9)
+    assert row["status"] == "ok", row
+    assert row["tbps"] == pytest.approx(p.bytes() / row["ms"] / 1e9)
 
 
 def test_cpu_run_reports_the_modelled_ratios_and_no_timing(tmp_path) -> None:

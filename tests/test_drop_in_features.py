@@ -82,25 +82,26 @@ def _two_tensor(t: torch.Tensor) -> nn.Parameter:
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_wrapper_subclass_weight_runs_eager(grad, fused_path_calls) -> None:
+def test_wrapper_subclass_weight_runs_eager(grad, device, fused_path_calls) -> None:
     """A weight that is a wrapper tensor subclass has no buffer the kernels can read: the call
-    runs the module's own code, which the subclass implements."""
-    m = randomise(PatchEmbeddings(3, 16, patch_size=4, backend="triton"))
+    runs the module's own code, which the subclass implements. (On the device the fused backend
+    takes: a CPU call with backend="triton" raises on a CUDA machine before anything else.)"""
+    m = randomise(PatchEmbeddings(3, 16, patch_size=4, backend="triton", device=device))
     proj = m.embedding[2]
     proj.weight = _two_tensor(proj.weight)
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8, device=device)
     with torch.set_grad_enabled(grad):
         out, expected = m(x), nn.Sequential(*m.embedding)(x)
     torch.testing.assert_close((out.a, out.b), (expected.a, expected.b))
     assert fused_path_calls == []
 
 
-def test_wrapper_subclass_weight_in_a_timm_stem_runs_timm(fused_path_calls) -> None:
-    model = _timm_vit()
+def test_wrapper_subclass_weight_in_a_timm_stem_runs_timm(device, fused_path_calls) -> None:
+    model = _timm_vit().to(device)
     model.patch_embed.proj.weight = _two_tensor(model.patch_embed.proj.weight)
     before = copy.deepcopy(model)
     fuse_stems(model, backend="triton")
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
         out, expected = model(x), before(x)
     torch.testing.assert_close((out.a, out.b), (expected.a, expected.b), rtol=1e-4, atol=1e-5)

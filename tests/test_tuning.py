@@ -41,11 +41,16 @@ def tuned(monkeypatch, tmp_path):
 D = 64  # one BLOCK_N of the fp32 table: "n/2" launches other tiles than the device policy
 
 
-def inputs(requires_grad: bool = False):
-    x = torch.randn(2, 3, 32, 32, requires_grad=requires_grad)
-    w = torch.randn(D, 48, requires_grad=requires_grad)
-    b = torch.randn(D, requires_grad=requires_grad)
-    norm = (torch.ones(D, requires_grad=requires_grad), torch.zeros(D))
+def inputs(device: str, requires_grad: bool = False):
+    """On ``device`` (the conftest fixture: the GPU where there is one, where the fused
+    backend refuses CPU tensors; else the CPU interpreter)."""
+    x = torch.randn(2, 3, 32, 32, device=device, requires_grad=requires_grad)
+    w = torch.randn(D, 48, device=device, requires_grad=requires_grad)
+    b = torch.randn(D, device=device, requires_grad=requires_grad)
+    norm = (
+        torch.ones(D, device=device, requires_grad=requires_grad),
+        torch.zeros(D, device=device),
+    )
     return x, w, b, norm
 
 
@@ -77,16 +82,16 @@ def test_off_by_default_and_the_environment_variable(monkeypatch) -> None:
     assert zeta_fused.tuning(False) is False and zeta_fused.tuning() is False
 
 
-def test_untuned_calls_never_time(monkeypatch) -> None:
+def test_untuned_calls_never_time(monkeypatch, device) -> None:
     monkeypatch.setattr(tuning, "_enabled", False)
     monkeypatch.setattr(tuning, "_time_ms", lambda *a: pytest.fail("timed with tuning off"))
-    call(*inputs())
+    call(*inputs(device))
 
 
-def test_the_fastest_candidate_is_kept_and_launched(tuned, monkeypatch) -> None:
+def test_the_fastest_candidate_is_kept_and_launched(tuned, monkeypatch, device) -> None:
     times, timed = tuned
     times.update({"fwd n/2": 0.5, f"path:inference {tuning.EAGER}": 9.0})
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     want = call(x, w, b, norm, backend="eager")
     with torch.no_grad():
         got = call(x, w, b, norm)
@@ -108,12 +113,12 @@ def test_the_fastest_candidate_is_kept_and_launched(tuned, monkeypatch) -> None:
     torch.testing.assert_close(again, got)
 
 
-def test_the_eager_path_wins_when_it_is_faster(tuned, fused_calls, monkeypatch) -> None:
+def test_the_eager_path_wins_when_it_is_faster(tuned, fused_calls, monkeypatch, device) -> None:
     """A tuned call is never slower than eager: eager measured fastest, eager runs (the same
     result as backend="eager", no kernel launch)."""
     times, _ = tuned
     times[f"path:inference {tuning.EAGER}"] = 0.1
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     want = call(x, w, b, norm, backend="eager")
     with torch.no_grad():
         call(x, w, b, norm)  # tunes
@@ -123,10 +128,10 @@ def test_the_eager_path_wins_when_it_is_faster(tuned, fused_calls, monkeypatch) 
     assert torch.equal(got, want)
 
 
-def test_training_times_forward_backward_and_eager(tuned) -> None:
+def test_training_times_forward_backward_and_eager(tuned, device) -> None:
     times, timed = tuned
     times.update({"bwd dw_d/2": 0.3, "path:training eager": 50.0})
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     w.requires_grad_(True)
     y = call(x, w, b, norm)
     (grad,) = torch.autograd.grad(y.square().sum(), w)
@@ -143,7 +148,7 @@ def test_training_times_forward_backward_and_eager(tuned) -> None:
     assert any(t.startswith("bwd+x ") for t in timed) and "path:training+x eager" in timed
 
 
-def test_candidates_that_fail_are_skipped(tuned, monkeypatch) -> None:
+def test_candidates_that_fail_are_skipped(tuned, monkeypatch, device) -> None:
     """A candidate that cannot run (an OutOfResources the estimate missed) is not chosen; with
     no fused candidate left the call runs eager, and works."""
     times, timed = tuned
@@ -156,7 +161,7 @@ def test_candidates_that_fail_are_skipped(tuned, monkeypatch) -> None:
         return real(label, fn, cuda)
 
     monkeypatch.setattr(tuning, "_time_ms", failing)
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     with torch.no_grad():
         call(x, w, b, norm)
     name, key = tuning.device_name(x), tuning.call_key(tuning_args(x, w, b, norm))
@@ -183,10 +188,12 @@ def test_candidates_that_fail_are_skipped(tuned, monkeypatch) -> None:
     torch.testing.assert_close(grad, want)
 
 
-def test_choices_persist_per_gpu_driver_torch_and_triton(tuned, monkeypatch, tmp_path) -> None:
+def test_choices_persist_per_gpu_driver_torch_and_triton(
+    tuned, monkeypatch, tmp_path, device
+) -> None:
     times, timed = tuned
     times["fwd k*2"] = 0.2
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     with torch.no_grad():
         call(x, w, b, norm)
     ident = tuning.identity(tuning.device_name(x))
@@ -224,9 +231,9 @@ def tuning_args(x, w, b, norm):
     return op_inputs(x, (4, 4), w, b, None, norm_arg(norm, 1e-5, "post_norm"))
 
 
-def test_a_corrupt_cache_file_is_ignored(tuned, tmp_path) -> None:
+def test_a_corrupt_cache_file_is_ignored(tuned, tmp_path, device) -> None:
     _, timed = tuned
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     path = tuning.cache_file(tuning.identity(tuning.device_name(x)))
     path.write_text("{not json")
     with torch.no_grad():
@@ -235,9 +242,11 @@ def test_a_corrupt_cache_file_is_ignored(tuned, tmp_path) -> None:
     assert json.loads(path.read_text())["format"] == tuning.FILE_FORMAT  # and rewritten
 
 
-def test_never_times_while_compiling_capturing_or_on_fake_tensors(tuned, monkeypatch) -> None:
+def test_never_times_while_compiling_capturing_or_on_fake_tensors(
+    tuned, monkeypatch, device
+) -> None:
     _, timed = tuned
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     a = tuning_args(x, w, b, norm)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert tuning.path_for(a) == "fused" and not tuning.may_time(x)
@@ -253,10 +262,10 @@ def test_never_times_while_compiling_capturing_or_on_fake_tensors(tuned, monkeyp
     assert timed == []
 
 
-def test_compiled_calls_use_the_choices_and_never_time(tuned, monkeypatch) -> None:
+def test_compiled_calls_use_the_choices_and_never_time(tuned, monkeypatch, device) -> None:
     times, timed = tuned
     times["fwd n/2"] = 0.1
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     with torch.no_grad():
         call(x, w, b, norm)  # tuned eagerly
     launches: list[dict] = []
@@ -265,14 +274,14 @@ def test_compiled_calls_use_the_choices_and_never_time(tuned, monkeypatch) -> No
     timed.clear()
     torch._dynamo.reset()
     compiled = torch.compile(call, fullgraph=True)
-    x2 = torch.randn(2, 3, 32, 32)
+    x2 = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
         compiled(x2, w, b, norm)
     assert timed == [] and launches
     assert launches[0]["BLOCK_N"] == D // 2
 
 
-def test_concurrent_first_calls_tune_once(tuned, monkeypatch) -> None:
+def test_concurrent_first_calls_tune_once(tuned, monkeypatch, device) -> None:
     """Threads making the first call of a kind at once: one tunes, the others wait for its
     choice. (The interpreter itself is not thread-safe: its launches are serialised here.)"""
     _, timed = tuned
@@ -283,7 +292,7 @@ def test_concurrent_first_calls_tune_once(tuned, monkeypatch) -> None:
             return real(*args)
 
     monkeypatch.setattr(launch, "patch_embed_fwd", serialised)
-    x, w, b, norm = inputs()
+    x, w, b, norm = inputs(device)
     want = call(x, w, b, norm, backend="eager")
     results, errors = [], []
 
@@ -331,8 +340,7 @@ def test_no_timing_during_cuda_graph_capture(tuned) -> None:
     """A kind of call met first inside CUDA-graph capture runs fused, untimed (compiled
     beforehand with tuning off: Triton cannot load a module during capture)."""
     _, timed = tuned
-    x, w, b = (t.cuda() for t in inputs()[:3])
-    norm = (torch.ones(D, device="cuda"), torch.zeros(D, device="cuda"))
+    x, w, b, norm = inputs("cuda")
     tuning.tuning(False)
     with torch.no_grad():
         want = call(x, w, b, norm)

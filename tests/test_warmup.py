@@ -117,3 +117,66 @@ def test_warmup_compiles_what_the_first_call_would(tmp_path, monkeypatch) -> Non
     with warmup_mod.recording() as compiled:
         model(x).sum().backward()
     assert compiled == []
+
+
+KERNELS = ("_patch_embed_fwd_kernel", "_bwd_dz_kernel", "_bwd_dw_kernel", "_bwd_param_kernel",
+           "_bwd_dx_kernel", "_segment_sum_kernel")  # fmt: skip
+
+
+class Variants:
+    """Records the variant of every fused launch as a GPU's JIT would key it: Triton's own
+    binder specialises the arguments for sm_90 (an int equal to 1 becomes a constant, ints and
+    pointers divisible by 16 get a hint; None, dtypes, constexprs, warps and stages), then the
+    real kernel runs (the interpreter on the CPU). Two launches of one variant compile once."""
+
+    def __init__(self, monkeypatch) -> None:
+        pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        launch = pytest.importorskip("zeta_fused.op.launch")
+        self.backend = make_backend(GPUTarget("cuda", 90, 32))
+        self.seen: list[tuple] = []
+        for name in KERNELS:
+            kernel = getattr(launch, name)
+            jit = JITFunction(kernel.fn)
+            binder = create_function_from_signature(jit.signature, jit.params, self.backend)
+            monkeypatch.setattr(launch, name, self._spy(name, kernel, jit, binder))
+
+    def _spy(self, name, kernel, jit, binder):
+        variants = self
+
+        class Spy:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    bound, spec, options = binder(*args, **kwargs)
+                    options, sig, const, attrs = jit._pack_args(variants.backend, kwargs, bound,
+                                                                spec, options)  # fmt: skip
+                    variants.seen.append((name, str(sig), str(const), str(attrs),
+                                          options.num_warps, options.num_stages))  # fmt: skip
+                    return kernel[grid](*args, **kwargs)
+
+                return run
+
+        return Spy()
+
+
+@pytest.mark.parametrize("loss", ["sum", "mean", "head"])
+def test_the_first_call_after_warmup_needs_no_other_variant(device, monkeypatch, loss) -> None:
+    """What the GPU test checks with real compiles, on any machine: the first training call
+    after warmup launches only variants warmup launched, whatever gradient the loss gives the
+    stem (``.sum()`` and ``.mean()`` give a broadcast one, of stride 0; a layer after it a
+    dense one)."""
+    variants = Variants(monkeypatch)
+    model = PatchEmbeddings(2, 40, patch_size=(5, 3), backend="triton", device=device)
+    if loss == "head":
+        model = nn.Sequential(model, nn.Linear(40, 8, device=device))
+    x = torch.randn(3, 2, 20, 21, device=device)
+    warmup(model, x, training=True)
+    warmed = set(variants.seen)
+    assert {v[0] for v in warmed} >= {"_patch_embed_fwd_kernel", "_bwd_dz_kernel"}
+    variants.seen.clear()
+    y = model(x)
+    (y.sum() if loss == "sum" else y.mean() if loss == "mean" else y.square().sum()).backward()
+    assert variants.seen and set(variants.seen) <= warmed, set(variants.seen) - warmed

@@ -106,7 +106,9 @@ def fwd_args(x: Tensor, weight: Tensor, bias: Tensor | None, pre: Norm | None,
 
 
 class _BwdExtra(NamedTuple):
-    grad_y: Tensor  # (B, P + L, D), any strides (stride 0 included); L = N without keep
+    # (B, P + L, D), any strides; L = N without keep. A broadcast one (stride 0) is made dense
+    # by the launcher (its kernels would otherwise be specialised apart: launch.py).
+    grad_y: Tensor
     stats: Tensor  # (len(STAT_ROWS), B*L) row statistics saved by the forward
     needs_x_grad: bool  # compute the image gradient (its own kernel)
 

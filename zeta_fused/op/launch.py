@@ -162,6 +162,12 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     """Run the fused backward; returns every gradient, absent ones empty. ``pol``: as for
     :func:`patch_embed_fwd`."""
     a, grad_y, stats = fwd_of(args), args.grad_y, args.stats
+    if any(s == 0 and n > 1 for s, n in zip(grad_y.stride(), grad_y.shape, strict=True)):
+        # A broadcast gradient (stride 0: a `.sum()` loss on the tokens) is made dense. Triton
+        # specialises the kernels on its strides (a stride of 1 becomes a constant), so read in
+        # place it would compile another dZ variant than the dense gradients a layer after the
+        # stem, or zeta_fused.warmup, passes: a compile on the first real call.
+        grad_y = grad_y.contiguous()
     x, weight = a.x, a.weight
     geo = layout.geometry(x, a.patch)
     chans, patch, patch_dim, dim = geo.chans, geo.patch, geo.patch_dim, weight.shape[0]
