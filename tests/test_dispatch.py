@@ -60,6 +60,34 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch) -> None:
         PatchEmbeddings(3, 8, 16, backend="triton")(torch.randn(1, 3, 8, 8))
 
 
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, fails",
+    [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False)],
+)
+def test_an_interpreter_that_cannot_run_raises_naming_the_versions(
+    monkeypatch, triton_version, numpy_version, fails
+) -> None:
+    """Triton 3.6's interpreter with numpy 2.4 fails inside every kernel: the call says why
+    instead, before anything runs."""
+    import numpy
+    import triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    dispatch.interpreter_problem.cache_clear()
+    try:
+        problem = dispatch.interpreter_problem()
+        assert (problem is not None) == fails, problem
+        if fails:
+            with pytest.raises(
+                RuntimeError, match=f"Triton {triton_version}.*numpy {numpy_version}"
+            ):
+                PatchEmbeddings(3, 8, 16, backend="triton")(torch.randn(1, 3, 8, 8))
+    finally:
+        dispatch.interpreter_problem.cache_clear()
+
+
 def test_triton_without_triton_installed_raises(monkeypatch) -> None:
     monkeypatch.setattr(dispatch, "triton_import_error", lambda: "the triton package is gone")
     with pytest.raises(RuntimeError, match="needs Triton, but the triton package is gone"):

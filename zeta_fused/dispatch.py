@@ -12,8 +12,10 @@ autocast. Nothing here initialises CUDA or imports Triton at import time.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 import warnings
 
 import torch
@@ -50,12 +52,14 @@ def triton_import_error() -> str | None:
     on the first call that would run the fused op outside a torch.compile trace."""
     global _triton_error
     if _triton_error is _UNTRIED:
-        _triton_error = None if _HAS_TRITON else "the triton package is not installed"
+        # Published once known: a thread arriving during the import must not read "fine" yet.
+        error = None if _HAS_TRITON else "the triton package is not installed"
         if _HAS_TRITON:
             try:
                 import triton.language  # noqa: F401
             except Exception as exc:  # noqa: BLE001 - any import failure means: no fused op
-                _triton_error = f"the triton package failed to import ({type(exc).__name__}: {exc})"
+                error = f"the triton package failed to import ({type(exc).__name__}: {exc})"
+        _triton_error = error
     return _triton_error
 
 
@@ -78,6 +82,25 @@ def _warn_no_triton() -> None:
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here, or None. Before Triton 3.7 it
+    reads a runtime integer used as a loop bound with ``int()`` of a one-element array, which
+    numpy 2.4 refuses: every kernel would fail with an InterpreterError."""
+    import numpy
+    import triton
+
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+        return (
+            f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} "
+            f"(it needs numpy < 2.4, or Triton >= 3.7)"
+        )
+    return None
 
 
 # The backend ZETA_FUSED_BACKEND names for "auto": read once, on the first module call (a
@@ -166,6 +189,9 @@ def use_fused(backend: str, x: torch.Tensor) -> bool:
             f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors); "
             f"got a tensor on {x.device}"
         )
+    if not x.is_cuda and interpreter_problem() is not None:
+        raise RuntimeError(f"backend='triton' on the CPU needs Triton's interpreter, but "
+                           f"{interpreter_problem()}")  # fmt: skip
     return not _eager_context(x)
 
 
