@@ -66,10 +66,17 @@ def _class_norm(cls: type, forward) -> tuple[str | None, tuple | None]:
     return (peer[1] if forward is peer[0].forward else None), peer
 
 
+@functools.cache  # _zeta_base is set when a converted class is made (integrations/_base.py)
+def _judged_class(cls: type) -> type:
+    """The class a module of class ``cls`` is judged by: a norm converted for a hand-off by
+    its peer's class. (A cached lookup: a missing class attribute costs an exception.)"""
+    return getattr(cls, "_zeta_base", cls)
+
+
 def _kind_and_peer(m: nn.Module) -> tuple[str | None, tuple | None]:
     """:func:`norm_kind` of ``m`` and its class's peer entry (the per-call path asks for both;
     a norm converted for a hand-off, integrations/_base.py, is judged by its peer's class)."""
-    cls = getattr(type(m), "_zeta_base", type(m))
+    cls = _judged_class(type(m))
     kind, peer = _class_norm(cls, cls.forward)
     if kind is not None and peer is not None and getattr(m, "_fast_norm", False):
         return None, peer
