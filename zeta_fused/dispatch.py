@@ -133,9 +133,8 @@ def _eager_context(x: torch.Tensor) -> bool:
     """A PyTorch feature the fused op does not take part in is active for this call: a
     torch.func transform (vmap, grad, jvp, jacfwd, ...), forward-mode AD, torch.jit.trace, or
     autocast with an fp64 input (autocast leaves fp64 alone; the op would run it in the
-    autocast dtype). Then the call runs the eager modules, which support all of them."""
-    if torch.compiler.is_compiling():  # traced into a graph: the op is what the graph needs
-        return False
+    autocast dtype). Then the call runs the eager modules, which support all of them. Asked
+    outside torch.compile only: traced into a graph, the op is what the graph needs."""
     return (
         torch._C._functorch.peek_interpreter_stack() is not None
         or _forward_ad._current_level >= 0
@@ -172,7 +171,8 @@ def use_fused(backend: str, x: torch.Tensor) -> bool:
     backend = effective_backend(backend)
     if backend == "eager" or (backend == "auto" and not x.is_cuda):
         return False
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         # Traced into a graph, which calls the op (Triton is imported when it runs).
         why = None if _HAS_TRITON else "the triton package is not installed"
     else:
@@ -181,7 +181,7 @@ def use_fused(backend: str, x: torch.Tensor) -> bool:
         if why is not None:
             _warn_no_triton()
             return False
-        return not _eager_context(x)
+        return compiling or not _eager_context(x)
     if why is not None:
         raise RuntimeError(f"backend='triton' needs Triton, but {why}")
     if not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
@@ -192,7 +192,7 @@ def use_fused(backend: str, x: torch.Tensor) -> bool:
     if not x.is_cuda and interpreter_problem() is not None:
         raise RuntimeError(f"backend='triton' on the CPU needs Triton's interpreter, but "
                            f"{interpreter_problem()}")  # fmt: skip
-    return not _eager_context(x)
+    return compiling or not _eager_context(x)
 
 
 class NotScriptable:

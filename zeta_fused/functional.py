@@ -113,16 +113,13 @@ def fused_patch_embed(args: FwdArgs) -> Tensor:
     call (docs/design.md, "Host path"), which small batches would feel. With tuning on
     (``zeta_fused.tuning``), calls of a kind the eager path ran faster run it instead.
     """
-    if (
-        not torch.compiler.is_compiling()
-        and tuning.tuning()
-        and tuning.path_for(args) == tuning.EAGER
-    ):
+    compiling = torch.compiler.is_compiling()  # asked once: both tests below need it
+    if not compiling and tuning.tuning() and tuning.path_for(args) == tuning.EAGER:
         return reference_call(args)
     x = args.x
     if (
-        not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        not compiling
+        and not torch.is_grad_enabled()
         and type(x) is Tensor  # subclasses (FakeTensor, DTensor, ...) need the dispatcher
         and torch._C._len_torch_dispatch_stack() == 0  # so do dispatch modes
     ):

@@ -53,30 +53,49 @@ def _peer_norm(cls: type) -> tuple[type, str, str] | None:
     return None
 
 
-def norm_kind(m: nn.Module | None) -> str | None:
-    """The kind of norm ``m`` computes (LAYER_NORM, RMS_NORM), or None when it is no norm the
-    op computes (any other module, a subclass that overrides forward, a fast-norm option). A
-    norm converted for a hand-off (integrations/_base.py) is judged by its peer's class."""
-    if m is None:
-        return None
-    cls = getattr(type(m), "_zeta_base", type(m))
+@functools.cache  # by class and its forward: a forward assigned later is another key
+def _class_norm(cls: type, forward) -> tuple[str | None, tuple | None]:
+    """(the kind a module of class ``cls`` with ``forward`` computes, or None; its peer entry,
+    :func:`_peer_norm`'s, None for torch's classes)."""
     peer = _peer_norm(cls)  # first: timm's and OpenCLIP's LayerNorms derive from nn.LayerNorm
     if peer is None:
         for torch_cls, kind in _TORCH_NORMS:
             if issubclass(cls, torch_cls):
-                return kind if cls.forward is torch_cls.forward else None
-        return None
-    peer_cls, kind, _ = peer
-    plain_peer = cls.forward is peer_cls.forward
-    return kind if plain_peer and not getattr(m, "_fast_norm", False) else None
+                return (kind if forward is torch_cls.forward else None), None
+        return None, None
+    return (peer[1] if forward is peer[0].forward else None), peer
+
+
+@functools.cache  # _zeta_base is set when a converted class is made (integrations/_base.py)
+def _judged_class(cls: type) -> type:
+    """The class a module of class ``cls`` is judged by: a norm converted for a hand-off by
+    its peer's class. (A cached lookup: a missing class attribute costs an exception.)"""
+    return getattr(cls, "_zeta_base", cls)
+
+
+def _kind_and_peer(m: nn.Module) -> tuple[str | None, tuple | None]:
+    """:func:`norm_kind` of ``m`` and its class's peer entry (the per-call path asks for both;
+    a norm converted for a hand-off, integrations/_base.py, is judged by its peer's class)."""
+    cls = _judged_class(type(m))
+    kind, peer = _class_norm(cls, cls.forward)
+    if kind is not None and peer is not None and getattr(m, "_fast_norm", False):
+        return None, peer
+    return kind, peer
+
+
+def norm_kind(m: nn.Module | None) -> str | None:
+    """The kind of norm ``m`` computes (LAYER_NORM, RMS_NORM), or None when it is no norm the
+    op computes (any other module, a subclass that overrides forward, a fast-norm option). A
+    norm converted for a hand-off (integrations/_base.py) is judged by its peer's class."""
+    return None if m is None else _kind_and_peer(m)[0]
 
 
 def norm_problem(m: nn.Module, size: int) -> str | None:
     """Why ``m`` is not a norm the op computes over ``size`` values, or None. Checked per call
     by the modules (a norm's size can change in place)."""
-    if norm_kind(m) is None:
+    kind, peer = _kind_and_peer(m)
+    if kind is None:
         return f"{type(m).__name__} is not a LayerNorm or RMSNorm the fused op computes"
-    peer = _peer_norm(getattr(type(m), "_zeta_base", type(m)))
     if (
         peer is not None
         and (peer[0].__module__, peer[0].__name__) in _WEIGHT_DECIDES_DTYPE
@@ -98,10 +117,11 @@ def norm_value(m: nn.Module | None, dtype: torch.dtype) -> Norm | None:
     machine epsilon, as ``F.rms_norm`` does)."""
     if m is None:
         return None
-    kind = norm_kind(m)
+    kind = _kind_and_peer(m)[0]
     peer = _peer_norm(type(m))
     eps = getattr(m, "eps" if peer is None else peer[2])
     if eps is None:
         eps = torch.finfo(dtype).eps
     bias = param(m, "bias") if "bias" in m._parameters else getattr(m, "bias", None)
-    return Norm(kind, param(m, "weight"), bias, float(eps))
+    # tuple.__new__: Norm's own __new__ is a Python function, on the per-call path.
+    return tuple.__new__(Norm, (kind, param(m, "weight"), bias, float(eps)))

@@ -3,6 +3,7 @@ them: shared by the modules (``nn``) and the converted peers (``integrations``).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -39,7 +40,7 @@ def bound(owner: nn.Module, key: str, children: tuple, compute: Callable[[], T])
     if (
         entry is None
         or len(entry[0]) != len(children)
-        or any(a is not b for a, b in zip(entry[0], children, strict=True))
+        or not all(map(operator.is_, entry[0], children))  # no generator: per-call path
     ):
         entry = (children, compute())
         owner.__dict__[key] = entry

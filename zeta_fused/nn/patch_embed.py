@@ -270,7 +270,9 @@ class PatchEmbeddings(nn.Module):
     dynamic_img_pad = forwarded("embedding", "dynamic_img_pad")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.embedding(x)
+        # From _modules, not through nn.Module.__getattr__ (per-call host path).
+        embedding = self._modules.get("embedding")
+        return (self.embedding if embedding is None else embedding)(x)
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, backend={self.backend!r}"

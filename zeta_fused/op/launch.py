@@ -78,6 +78,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=256)  # integers only: a lookup on the per-call path, not 3 calls
 def _block_n(dim: int, cap: int) -> int:
     return min(max(_next_power_of_2(dim), MIN_BLOCK), cap)
 

@@ -112,7 +112,8 @@ def k_order(x: Tensor, weight: Tensor, g1: Tensor | None, b1: Tensor | None, geo
         w_strides, row_len = element_strides(weight, chans, patch), weight.stride(0)
     if first:
         g1, b1 = (_channels_first(p, chans, patch) for p in (g1, b1))
-    return KOrder(first, weight, w_strides, flat, row_len, g1, b1)
+    # tuple.__new__: KOrder's own __new__ is a Python function, on the per-call path.
+    return tuple.__new__(KOrder, (first, weight, w_strides, flat, row_len, g1, b1))
 
 
 @functools.lru_cache(maxsize=256)  # integers only: the per-call path looks it up
