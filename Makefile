@@ -53,7 +53,7 @@ aot-matrix: $(STAMP) $(ALT_TRITON)/.stamp
 
 # For a CUDA machine with torch + triton preinstalled and no network: no venv, no dependencies.
 # Runs the whole suite natively on the GPU (gpu-marked tests included), then the quick benchmark
-# even when a test failed; logs, JSON, Markdown and the chart go to $(OUT) (the device tool sets
+# and the token-subset presets even when a test failed; logs, JSON, Markdown and the chart go to $(OUT) (the device tool sets
 # OUT). Exits non-zero if a step failed. Time caps keep one call inside the device tool's
 # 10-minute command limit: the suite gets at most GPU_TESTS_S, the benchmark the rest of
 # GPU_CHECK_S; it rewrites bench.json after every cell, so a capped run keeps what it measured.
@@ -62,9 +62,10 @@ aot-matrix: $(STAMP) $(ALT_TRITON)/.stamp
 # alone.
 GPU_CHECK_S ?= 560
 # Test peers the GPU image lacks, carried as wheels: the device tool's `carry` brings this
-# git-ignored folder (pip download --no-deps --only-binary=:all: vit-pytorch -d .whl). The
-# whole-stem tests and presets also use diffusers, open-clip-torch and segment-anything (with a
-# torchvision built for the image's torch): without them those tests and presets are skipped.
+# git-ignored folder (pip download --no-deps --only-binary=:all: --python-version 3.12
+# NAME==VERSION -d .whl): vit-pytorch, open-clip-torch + ftfy + wcwidth, diffusers +
+# importlib_metadata, segment-anything (the image's torchvision serves it). Without them those
+# tests and presets are skipped.
 WHEELS ?= .whl
 WHEEL_SITE ?= /tmp/zeta-fused-site
 GPU_TESTS_S ?= 300
@@ -81,7 +82,7 @@ gpu-check:
 		| tee $(OUT)/gpu-tests.log \
 		|| { echo "tests: exit $$? (124: the $(GPU_TESTS_S) s cap)" | tee -a $(OUT)/gpu-tests.log; status=1; }; \
 	left=$$(( $(GPU_CHECK_S) - $$(date +%s) + start )); \
-	timeout $$left python3 -m bench --preset quick --out $(OUT) 2>&1 \
+	timeout $$left python3 -m bench --preset quick --preset subset --out $(OUT) 2>&1 \
 		| tee $(OUT)/bench.log \
 		|| { echo "bench: exit $$? (124: the remaining $$left s)" | tee -a $(OUT)/bench.log; status=1; }; \
 	exit $$status

@@ -293,7 +293,7 @@ CONV_PRESETS = ("videomae_b16", "qwen2_5_vl_rows", "wan_latents", "series")
 STEM_PRESETS = tuple(n for n, p in PRESETS.items() if p.family == "stem")
 SUBSET_PRESETS = tuple(n for n, p in PRESETS.items() if p.family == "subset")
 # `--preset subset`: every subset preset, forward and training step (pretraining needs no
-# image gradient). The quick run leaves them out (its share of gpu-check's window is full).
+# image gradient). Not in the quick run: gpu-check runs them after it, within its time cap.
 SUBSET_MODES = ("fwd", "train")
 # Quick run (make gpu-check): every stem preset's inference forward, training on two of them
 # (vit_b16 with the image gradient too: each training goal of the fused backward), and the
