@@ -10,7 +10,7 @@ OUT ?= bench_out
 ALT_TRITON_VERSION := 3.6.0
 ALT_TRITON := .triton-$(ALT_TRITON_VERSION)
 
-.PHONY: install test lint bench aot-matrix gpu-check gpu-tune gpu-first-call gpu-sanitize clean
+.PHONY: install test lint bench aot-matrix gpu-check gpu-tune gpu-first-call gpu-profile gpu-sanitize clean
 
 # --system-site-packages reuses an existing (CUDA) torch; editable install with test + bench extras.
 $(STAMP): pyproject.toml
@@ -112,6 +112,15 @@ gpu-first-call:
 	left=$$(( $(GPU_FIRST_CALL_S) - $$(date +%s) + start )); \
 	ZETA_FUSED_TUNING=1 ZETA_FUSED_CACHE_DIR=$(OUT)/tuning timeout $$left \
 		python3 -m bench.first_call --out $(OUT)/tuned 2>&1 | tee $(OUT)/first_call_tuned.log
+
+# Where the host time of fused calls goes, on a CUDA machine (no venv, as gpu-check): python -m
+# bench.host_profile (cProfile and torch.profiler of the batch-1 forward and a small training
+# step); $(OUT)/host_profile.txt. About half a minute.
+gpu-profile:
+	python3 -m pip install -q -e . --no-deps --no-build-isolation
+	mkdir -p $(OUT)
+	set -o pipefail; export PYTHONUNBUFFERED=1; \
+	timeout 120 python3 -m bench.host_profile --out $(OUT) 2>&1 | tail -4
 
 # Out-of-bounds and race checks of the fused kernels on a GPU, with compute-sanitizer (it works
 # on Firecracker machines, not on gVisor ones): torch's caching allocator is off so that every
