@@ -170,8 +170,10 @@ class CLIPVision(PeerStem):
 
     def __init__(self, p: StemPreset) -> None:
         super().__init__()
-        transformers = need("transformers")
-        config = transformers.CLIPVisionConfig(
+        # The modeling module through need(): transformers imports it lazily, and a failing
+        # import (a missing dependency of it) must skip the preset, not fail its cells.
+        clip = need("transformers.models.clip.modeling_clip")
+        config = need("transformers").CLIPVisionConfig(
             hidden_size=p.dim,
             image_size=p.height,
             patch_size=p.patch[0],
@@ -179,7 +181,7 @@ class CLIPVision(PeerStem):
             num_hidden_layers=0,
             num_attention_heads=heads(p.dim),
         )
-        model = transformers.CLIPVisionModel(config)
+        model = clip.CLIPVisionModel(config)
         vision = getattr(model, "vision_model", model)  # transformers 4 wraps it once more
         self.embeddings, self.pre_layrnorm = vision.embeddings, vision.pre_layrnorm
 
