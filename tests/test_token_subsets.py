@@ -212,3 +212,11 @@ def test_model_made_indices_cost_no_host_sync(device) -> None:
     with Syncs() as model:
         fused_call(x, (4, 4), w, w.shape, None, keep=keep)
     assert user.syncs >= 1 and model.syncs == 0
+    # A table index (SigLIP2's conversion: an arange into the resized tables) likewise.
+    table = torch.randn(7, w.shape[0], device=device)
+    index = torch.randint(0, 7, (x.shape[0], 12), device=device)  # 3 x 4 patches
+    with Syncs() as user:
+        patch_embed(x, 4, w, pos=table, pos_index=index, backend="triton")
+    with Syncs() as model:
+        fused_call(x, (4, 4), w, w.shape, None, stem=Stem(table, None, None, index))
+    assert user.syncs >= 1 and model.syncs == 0
