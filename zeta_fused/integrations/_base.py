@@ -34,7 +34,7 @@ from ..functional import fused_call
 from ..nn.norms import norm_kind, norm_problem
 from ..nn.params import param, plain
 from ..op.args import Norm, Stem
-from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem
+from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem, patch_grid
 
 
 class StemKind(NamedTuple):
@@ -307,7 +307,7 @@ def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem
     check_input(x, conv.in_channels, patch, False)
     weight, bias = param(conv, "weight"), param(conv, "bias")
     shape = (conv.out_channels, conv.in_channels, *patch)
-    grid = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
+    grid = tuple(patch_grid(x, patch))
     parts = stem(grid)
     return fused_call(x, patch, weight, shape, bias, None, post_norm, parts,
                       None if keep is None else keep(grid))  # fmt: skip

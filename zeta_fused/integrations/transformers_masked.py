@@ -21,7 +21,7 @@ from ..functional import fused_dtypes
 from ..nn.params import param
 from ..op.args import Stem
 from ._base import FusedStem, StemKind, conv_stem, overrides, swap
-from .convs import patch_conv_problem
+from .convs import patch_conv_problem, patch_grid
 from .transformers import (
     Rows,
     _agrees,
@@ -68,7 +68,7 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
         the noise in ``drawn`` when this drew it)."""
         conv = self.patch_embeddings.projection
         batch, dim = x.shape[0], conv.out_channels
-        grid = [s // p for s, p in zip(x.shape[2:], conv.kernel_size, strict=True)]
+        grid = patch_grid(x, conv.kernel_size)
         if noise is not None and tuple(noise.shape) != (batch, math.prod(grid)):
             return None  # the peer's random_masking decides what such noise means
         masking = []
@@ -150,7 +150,7 @@ class _FusedVideoMAEEmbeddings(FusedStem):
         weight = param(conv, "weight")
         if not self.zeta_fusable(x, patches, conv) or not _agrees(x, (weight, param(conv, "bias"))):
             return None
-        tokens = math.prod(s // p for s, p in zip(x.shape[2:], conv.kernel_size, strict=True))
+        tokens = math.prod(patch_grid(x, conv.kernel_size))
         table = self.position_embeddings
         if not isinstance(table, Tensor) or table.shape != (1, tokens, conv.out_channels):
             return None  # the peer's add raises (or broadcasts)

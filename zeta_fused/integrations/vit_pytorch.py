@@ -21,6 +21,7 @@ from ..nn.params import bound, param
 from ..nn.patch_embed import SequentialPlan, norms_problem, parse_patch_sequential, plan_norms
 from ..op.args import Stem
 from ._base import FusedStem, StemKind, is_instance, overrides, peer_class, swapper
+from .convs import patch_grid
 
 # --- vit-pytorch ---------------------------------------------------------------------------
 
@@ -76,7 +77,7 @@ def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
     proj = plan.proj
     weight, dim = param(proj, "weight"), proj.out_features
     pre, post = plan_norms(plan, img.dtype)
-    tokens = math.prod(s // p for s, p in zip(img.shape[2:], patch, strict=True))
+    tokens = math.prod(patch_grid(img, patch))
     # What to_patch_embedding would return has this dtype (autocast decides it for a norm).
     parts = stem_of(img, tokens, dim, fused_dtypes(img, weight, post is not None)[1])
     if parts is None:
