@@ -32,7 +32,7 @@ from .. import dispatch
 from ..checks import check_input
 from ..functional import fused_call
 from ..nn.norms import norm_kind, norm_problem
-from ..nn.params import param, plain
+from ..nn.params import forward_of, param, plain
 from ..op.args import Norm, Stem
 from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem, patch_grid
 
@@ -221,7 +221,11 @@ def handoff_scope(owner: nn.Module, stem: nn.Module, norm: nn.Module | None,
     """The scope of one call of the owner's forward: the stem computes for ``owner`` (the
     call's state ``"owner"``) and may apply ``norm`` (None: none) and hand its output over,
     and draw the tokens that the token drop ``drop`` (a :class:`_HandoffTokenDrop`; None: none)
-    keeps (the state's ``"drop"``)."""
+    keeps (the state's ``"drop"``). A stem whose calls run a forward set on the instance
+    (accelerate's device hooks, a monkeypatch, which may change the stem's output) hands
+    nothing over."""
+    if forward_of(stem) is not type(stem).forward:
+        norm = drop = None
     modules = [m for m in (owner, stem, norm, drop) if m is not None]
     return call_scope({"owner": owner, "norm": norm, "drop": drop}, *modules)
 
@@ -234,7 +238,7 @@ def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
     norm = None if state is None else state.get("norm")
     if (
         norm is None
-        or type(norm).forward is not _HandoffNorm.forward
+        or forward_of(norm) is not _HandoffNorm.forward
         or norm_problem(norm, dim) is not None
         or any(dispatch.hook_dicts(norm))
     ):

@@ -32,7 +32,7 @@ from .. import dispatch
 from ..checks import check_input, pad_to_patch
 from ..functional import fused_call
 from ..nn.norms import norm_problem, norm_value
-from ..nn.params import bound, param, plain
+from ..nn.params import bound, forward_of, param, plain
 from ..op.args import NO_STEM, Stem
 from . import _base as stems
 from ._base import rebuild_fused
@@ -194,7 +194,7 @@ def _patch_dropout(m: nn.Module) -> bool:
 
     return (
         isinstance(m, PatchDropout)
-        and type(m).forward in (PatchDropout.forward, stems._HandoffTokenDrop.forward)
+        and forward_of(m) in (PatchDropout.forward, stems._HandoffTokenDrop.forward)
         and not getattr(m, "return_indices", False)
     )
 
@@ -221,7 +221,7 @@ def _stem_draws(drop: nn.Module, prefix_rows: int) -> bool:
     """The stem can make ``drop``'s draw in this call and embed only the patches it keeps:
     timm's PatchDropout as converted, active, keeping the stem's prefix rows in front."""
     return (
-        type(drop).forward is stems._HandoffTokenDrop.forward
+        forward_of(drop) is stems._HandoffTokenDrop.forward
         and _patch_dropout(drop)
         and drop.training
         and drop.prob > 0
@@ -263,8 +263,15 @@ class _FusedTimmViT(stems.FusedStem):
         """The scope of one feature call: the patch embedding may compute the whole stem."""
         pe = self.patch_embed
         # The patch embedding's own hooks would see the whole stem: then it stays a patch
-        # embedding for this call.
-        if not isinstance(pe, _TimmStemPatchEmbed) or not self.zeta_fusable(x, pe):
+        # embedding for this call. A forward set on the patch embedding's instance (which may
+        # change its output), or a _pos_embed set on this one, would receive the stem's output:
+        # then timm's code runs as it is.
+        if (
+            not isinstance(pe, _TimmStemPatchEmbed)
+            or forward_of(pe) is not type(pe).forward
+            or "_pos_embed" in self.__dict__
+            or not self.zeta_fusable(x, pe)
+        ):
             return nullcontext()
         # timm applies pos_drop only with a table. Token dropping joins the stem when pos_drop
         # leaves the tensor as it is (otherwise it drops from the tokens pos_drop changed);

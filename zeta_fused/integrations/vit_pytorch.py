@@ -17,8 +17,14 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from ..functional import fused_call, fused_dtypes
-from ..nn.params import bound, param
-from ..nn.patch_embed import SequentialPlan, norms_problem, parse_patch_sequential, plan_norms
+from ..nn.params import bound, forward_of, param
+from ..nn.patch_embed import (
+    FusedPatchSequential,
+    SequentialPlan,
+    norms_problem,
+    parse_patch_sequential,
+    plan_norms,
+)
 from ..op.args import Stem
 from ._base import FusedStem, StemKind, is_instance, overrides, peer_class, swapper
 from .convs import patch_grid
@@ -42,6 +48,8 @@ def _read_plan(seq: nn.Module) -> tuple[SequentialPlan | None, str | None]:
     """A ``to_patch_embedding`` read: (plan, None), or (None, why it is not fused)."""
     if not isinstance(seq, nn.Sequential):
         return None, f"to_patch_embedding is a {type(seq).__name__}, not a Sequential"
+    if forward_of(seq) not in (nn.Sequential.forward, FusedPatchSequential.forward):
+        return None, f"to_patch_embedding ({type(seq).__name__}) has a forward of its own"
     plan, why = parse_patch_sequential(seq)
     why = why or _plan_problem(plan)
     return (None, f"to_patch_embedding: {why}") if why else (plan, None)
