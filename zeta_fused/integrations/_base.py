@@ -184,15 +184,30 @@ class call_scope:  # noqa: N801 - used as a context manager, like contextlib's
                 table[i] = saved
 
 
+class _HandoffModule(FusedStem):
+    """A module of the owner (a norm, a token drop) that a fused stem may do the work of, in
+    its owner's call only (:func:`call_state`)."""
+
+    def __prepare_scriptable__(self):
+        # Scripted as the peer's module (sharing its parameters, buffers and settings), as in a
+        # graph that torch.fx made, which calls a torch.nn norm as a leaf: outside its owner's
+        # call it computes what the peer's does. Scripting the owner, which is converted too,
+        # raises first (dispatch.NotScriptable): the owner's module is never replaced.
+        peer = object.__new__(self._zeta_base)
+        peer.__dict__.update(self.__getstate__())
+        return peer
+
+
 # --- Hand-off of a norm applied outside the stem's module --------------------------------------
 # In the call's state: "norm", the norm the owner applies after the stem; "done", the tensor
 # the stem normalised with it already.
 
 
-class _HandoffNorm(FusedStem):
+class _HandoffNorm(_HandoffModule):
     """A norm (a LayerNorm or RMSNorm the op computes) that returns the stem's output as it is
     when the stem applied it already."""
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         state = call_state(self)
         done = None if state is None else state.pop("done", None)
@@ -265,12 +280,13 @@ def keep_tokens(x: Tensor, prefix_rows: int, ids: Tensor) -> Tensor:
     return torch.cat((x[:, :prefix_rows], tokens), 1) if prefix_rows else tokens
 
 
-class _HandoffTokenDrop(FusedStem):
+class _HandoffTokenDrop(_HandoffModule):
     """A token drop (timm's and OpenCLIP's ``PatchDropout``) whose random draw the stem makes:
     it returns the stem's output as it is when the op kept the drawn tokens already, and
     keeps the drawn ones of the tensor it receives when the stem drew them but the op could
     not run (drawing again would consume the random numbers twice)."""
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         state = call_state(self)
         drawn = None if state is None else state.pop("drawn", None)

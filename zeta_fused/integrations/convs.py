@@ -75,6 +75,7 @@ class _FusedPatchConv(dispatch.NotScriptable):
 
     zeta_backend: str = "auto"
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         patch = self.kernel_size
         if (

@@ -81,6 +81,7 @@ class _FusedOpenClipViT(FusedStem):
     """OpenCLIP ``VisionTransformer`` whose ``_embeds`` (used by ``forward`` and
     ``forward_intermediates``) runs conv1, class and position embeddings and ln_pre fused."""
 
+    @dispatch.traced_as_peer
     def _embeds(self, x: Tensor) -> Tensor:
         conv, drop, norm = self.conv1, self.patch_dropout, self.ln_pre
         # patch_dropout's draw is made here when nothing needs it to run itself (a hook);

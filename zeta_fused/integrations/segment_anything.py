@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..nn.params import param, plain
 from ..op.args import Stem
 from ._base import FusedStem, StemKind, conv_stem, is_instance, overrides, peer_class, swapper
@@ -34,6 +35,7 @@ class _FusedSamImageEncoder(FusedStem):
         y = conv_stem(x, conv, lambda _: Stem(pos, None, None))
         return None if y is None else y.view(y.shape[0], *grid, y.shape[-1])
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         tokens = self._zeta_tokens(x)
         if tokens is None:

@@ -108,6 +108,7 @@ class _FusedTimmPatchEmbed(dispatch.NotScriptable):
         # The class is made at run time: pickled as the timm class, converted again on load.
         return rebuild_fused, (self._zeta_base, self.__getstate__(), fused_timm_class)
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         y = self.zeta_call(x)
         return super().forward(x) if y is None else y  # timm's own forward, its own errors
@@ -241,14 +242,17 @@ class _FusedTimmViT(stems.FusedStem):
     """Mixed in front of a timm VisionTransformer class: its feature methods run their own
     code, with the stem fused where the call allows it."""
 
+    @dispatch.traced_as_peer
     def forward_features(self, x: Tensor, *args, **kwargs):
         with self._zeta_scope(x):
             return super().forward_features(x, *args, **kwargs)
 
+    @dispatch.traced_as_peer
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         with self._zeta_scope(x):
             return super().forward_intermediates(x, *args, **kwargs)
 
+    @dispatch.traced_as_peer
     def _pos_embed(self, x: Tensor) -> Tensor:
         state = stems.call_state(self)
         if state is not None and x is state.pop("out", None):  # the whole stem ran fused
@@ -321,6 +325,7 @@ class _TimmStemPatchEmbed:
     """Mixed in front of a fused timm PatchEmbed: inside its owner's feature call it computes
     the whole stem (B, P + N, D); anywhere else it is the fused PatchEmbed."""
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         state = stems.call_state(self)
         if state is None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..checks import norm_tensors
 from ..nn.norms import norm_problem, norm_value
 from ..nn.params import param, plain
@@ -160,6 +161,7 @@ class _FusedViTFamily(_FusedHFEmbeddings):
 
     _zeta_tokens: tuple[str, ...] = ("cls_token",)  # the prefix token Parameters, in order
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
                 interpolate_pos_encoding: bool = False, *args, **kwargs) -> Tensor:  # fmt: skip
         y = None
@@ -211,6 +213,7 @@ class _FusedDinov2Family(_FusedHFEmbeddings):
 
     _zeta_registers: bool = False
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
                 *args, **kwargs) -> Tensor:  # fmt: skip
         y = None

@@ -37,6 +37,7 @@ class _FusedConvEmbeddings(_FusedHFEmbeddings):
 
     _zeta_class_row: bool = True  # CLIP's class_embedding; SigLIP has no prefix row
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
                 *args, **kwargs) -> Tensor:  # fmt: skip
         y = norm = None
@@ -89,6 +90,7 @@ class _FusedSiglip2VisionEmbeddings(FusedStem):
     each adding its own row of the resized tables. The padding rows are embedded too: the peer
     returns them (each with its image's first table row), and a drop-in returns the same."""
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, spatial_shapes: Tensor, *args, **kwargs) -> Tensor:
         y = None
         linear = self.patch_embedding
@@ -144,6 +146,7 @@ class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
 
     _zeta_replaced = ()
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
         y = None
         conv, norm = self.patch_embed, self.rms_norm
@@ -162,6 +165,7 @@ class _FusedCLIPVisionOwner(FusedStem):
     ``CLIPVisionTransformer`` before transformers 5): its forward, with the norm handed over to
     the embeddings while it runs."""
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor | None = None, *args, **kwargs):
         with handoff_scope(self, self.embeddings, self.pre_layrnorm):
             return super().forward(pixel_values, *args, **kwargs)

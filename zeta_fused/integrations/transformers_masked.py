@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..functional import fused_dtypes
 from ..nn.params import param
 from ..op.args import Stem
@@ -46,6 +47,7 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
     _zeta_patches = (_VIT_MAE, "ViTMAEPatchEmbeddings")
     _zeta_replaced = ("interpolate_pos_encoding", "random_masking")
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, noise: Tensor | None = None,
                 interpolate_pos_encoding: bool = False, *args, **kwargs):  # fmt: skip
         out = None
@@ -127,6 +129,7 @@ class _FusedVideoMAEEmbeddings(_FusedHFEmbeddings):
     _zeta_patches = (_VIDEO_MAE, "VideoMAEPatchEmbeddings")
     _zeta_replaced = ()
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, *args, **kwargs):
         y = None
         if not args and not kwargs:

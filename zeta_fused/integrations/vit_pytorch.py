@@ -16,6 +16,7 @@ import math
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..functional import fused_call, fused_dtypes
 from ..nn.params import bound, forward_of, param
 from ..nn.patch_embed import (
@@ -112,6 +113,7 @@ class _FusedViT(FusedStem):
         prefix = cls + table[:n_prefix]
         return Stem(table[n_prefix : n_prefix + tokens], prefix, None)
 
+    @dispatch.traced_as_peer
     def forward(self, img: Tensor) -> Tensor:
         x = _sequential_stem(self, img, self._zeta_stem)
         if x is None:
@@ -135,6 +137,7 @@ class _FusedSimpleViT(FusedStem):
             return None  # the peer's in-place add would not broadcast: its own error
         return Stem(table.to(img.device, dtype=token_dtype), None, None)
 
+    @dispatch.traced_as_peer
     def forward(self, img: Tensor) -> Tensor:
         x = _sequential_stem(self, img, self._zeta_stem)
         if x is None:
