@@ -10,6 +10,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn import Parameter
 
 from .kernels.contract import LAYER_NORM, RMS_NORM
@@ -311,7 +312,8 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
     """A (B, rows) int64 index (rows None: any L) with values in [0, bound), on the image's
     device; returned contiguous. Out-of-range values raise here, before anything is computed
     (a host sync; under torch.compile or CUDA-graph capture, which cannot sync, a device-side
-    assert instead)."""
+    assert instead). An index on the meta device or a FakeTensor (shape inference, memory
+    planning) has no values: only its shape is checked."""
     batch = x.shape[0]
     if not isinstance(index, Tensor):
         raise TypeError(f"{name} must be a (B, L) int64 tensor of indices, got {type(index)}")
@@ -325,7 +327,7 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
         )
     if index.device != x.device:
         raise RuntimeError(f"input is on {x.device} but {name} is on {index.device}: move one")
-    if values:
+    if values and not (index.is_meta or is_fake(index)):  # neither holds values to read
         in_range = ((index >= 0) & (index < bound)).all()
         message = f"{name} holds indices outside [0, {bound}) for {what}"
         # is_compiling first: dynamo cannot trace is_current_stream_capturing (it returns a bool)
