@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 
 import pytest
 import torch
@@ -72,14 +73,26 @@ class KernelSpy:
         return run
 
 
-def test_off_by_default_and_the_environment_variable(monkeypatch) -> None:
+@pytest.mark.parametrize(("value", "on"), [(None, False), ("", False), ("1", True),
+    ("true", True), ("Yes", True), ("on", True), ("0", False), ("false", False), ("no", False),
+    (" OFF ", False)])  # fmt: skip
+def test_off_by_default_and_the_environment_variable(monkeypatch, value, on) -> None:
     monkeypatch.setattr(tuning, "_enabled", None)
-    monkeypatch.delenv(tuning.ENV_VAR, raising=False)
-    assert zeta_fused.tuning() is False
-    monkeypatch.setattr(tuning, "_enabled", None)
-    monkeypatch.setenv(tuning.ENV_VAR, "1")
-    assert zeta_fused.tuning() is True
+    if value is None:
+        monkeypatch.delenv(tuning.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(tuning.ENV_VAR, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the usual spellings need no warning
+        assert zeta_fused.tuning() is on
     assert zeta_fused.tuning(False) is False and zeta_fused.tuning() is False
+
+
+def test_an_unknown_environment_value_warns_and_leaves_tuning_off(monkeypatch) -> None:
+    monkeypatch.setattr(tuning, "_enabled", None)
+    monkeypatch.setenv(tuning.ENV_VAR, "maybe")
+    with pytest.warns(UserWarning, match=r"ZETA_FUSED_TUNING='maybe' is not one of \('1', 'true'"):
+        assert zeta_fused.tuning() is False
 
 
 def test_untuned_calls_never_time(monkeypatch, device) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..dispatch import interpreting
+from ..dispatch import env_setting, interpreting
 from . import devices, policy
 from .args import TENSOR_FIELDS, BwdArgs, FwdArgs
 from .policy import LaunchPolicy
@@ -71,14 +71,22 @@ _loaded: set[str] = set()  # device names whose disk file was read
 _made: dict[tuple, LaunchPolicy] = {}  # (base policy, itemsize, candidate) -> policy
 
 
+# The spellings of ZETA_FUSED_TUNING, as the usual boolean environment variables take them.
+ENV_SETTINGS = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(
+    ("0", "false", "no", "off"), False
+)
+
+
 def tuning(enabled: bool | None = None) -> bool:
     """Turn tuning on (``True``) or off (``False``); returns whether it is on. Off by default;
-    the environment variable ``ZETA_FUSED_TUNING=1`` turns it on (read at the first query)."""
+    the environment variable ``ZETA_FUSED_TUNING`` (``1``, ``true``, ``yes``, ``on``; ``0``,
+    ``false``, ``no``, ``off``; anything else warns and counts as off) sets it at the first
+    query."""
     global _enabled
     if enabled is not None:
         _enabled = bool(enabled)
     elif _enabled is None:
-        _enabled = os.environ.get(ENV_VAR, "0") not in ("", "0")
+        _enabled = env_setting(ENV_VAR, ENV_SETTINGS, False, stacklevel=2)
     return _enabled
 
 
