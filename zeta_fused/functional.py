@@ -153,7 +153,8 @@ def patch_embed(
         x: input batch (B, C, *spatial): sequences (B, C, L), images (B, C, H, W), videos or
             volumes (B, C, T, H, W); floating point, any strides (a (B, T, C, H, W) tensor
             permuted to (B, C, T, H, W) is read in place).
-        patch_size: an int (the same along every spatial dimension) or one size per dimension.
+        patch_size: an integer (any integral type, numpy's included: the same along every
+            spatial dimension) or one size per dimension.
         weight: projection (D, K) with K = C * prod(patch) in (*patch, C) order (vit-pytorch's
             ``(p1 p2 c)``, ``(pf p1 p2 c)``, ``(p c)``), or a conv weight (D, C, *patch) used as
             it is (no copy; its gradient keeps that shape).
@@ -187,7 +188,10 @@ def patch_embed(
         (B, P + N, D) tokens: the P prefix rows, then N = prod(spatial / patch) patch tokens
         in grid order (last dimension fastest), or the L kept ones.
     """
-    patch = patch_tuple(patch_size, x.ndim - 2 if isinstance(patch_size, int) else len(patch_size))
+    # A sequence of sizes gives the rank (a wrong one is named with the input's shape below);
+    # any integer (numpy's too) is the size along every spatial dimension.
+    sizes = isinstance(patch_size, (tuple, list))
+    patch = patch_tuple(patch_size, len(patch_size) if sizes else x.ndim - 2)
     check_input(x, None, patch, dynamic_img_pad)
     check_weight(weight, x.shape[1], patch)
     pre_norm, post_norm = norm_arg(pre_norm, eps, "pre_norm"), norm_arg(post_norm, eps, "post_norm")
