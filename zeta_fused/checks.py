@@ -327,16 +327,17 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
         )
     if index.device != x.device:
         raise RuntimeError(f"input is on {x.device} but {name} is on {index.device}: move one")
-    if values and not (index.is_meta or is_fake(index)):  # neither holds values to read
+    if values:
         in_range = ((index >= 0) & (index < bound)).all()
         message = f"{name} holds indices outside [0, {bound}) for {what}"
-        # is_compiling first: dynamo cannot trace is_current_stream_capturing (it returns a bool)
+        # is_compiling first: dynamo can trace neither is_current_stream_capturing (it returns
+        # a bool) nor is_fake
         if torch.compiler.is_compiling() or (
             x.is_cuda and torch.cuda.is_current_stream_capturing()
         ):
             torch._assert_async(in_range, message)
-        elif index.numel() and not in_range:
-            raise ValueError(message)
+        elif index.numel() and not (index.is_meta or is_fake(index)) and not in_range:
+            raise ValueError(message)  # (a meta or fake index holds no values to read)
     return index if index.is_contiguous() else index.contiguous()
 
 
