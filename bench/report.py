@@ -14,6 +14,7 @@ COLUMNS = [  # (header, key, format)
     ("mode", "mode", "{}"),
     ("provider", "provider", "{}"),
     ("ms", "ms", "{:.4f}"),
+    ("p80/p20", "spread", "{:.2f}"),
     ("TB/s", "tbps", "{:.2f}"),
     ("TFLOP/s", "tflops", "{:.1f}"),
     ("% roofline", "pct_roofline", "{:.0f}%"),
@@ -21,6 +22,11 @@ COLUMNS = [  # (header, key, format)
     ("% eager MiB", "pct_eager_mib", "{:.0f}%"),
     ("x fused", "x_vs_fused", "{:.2f}x"),
 ]
+
+
+LEGEND = ("ms: the median call (on a CPU: of its thread's CPU time). p80/p20: the spread of the "
+          "timed calls (80th over 20th percentile). x fused: the provider's time over "
+          "zeta-fused's (above 1: zeta-fused is faster).")  # fmt: skip
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -76,7 +82,7 @@ def terminal(rows: list[dict], meta: dict, host: dict, modelled: dict | None = N
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append("x fused: the provider's time over zeta-fused's (above 1: zeta-fused is faster).")
+    lines.append(LEGEND)
     return "\n".join(lines + host_lines(host) + modelled_lines(modelled) + goal_lines(rows, host))
 
 
@@ -90,6 +96,7 @@ def markdown(
     out.append("| " + " | ".join(cells[0]) + " |")
     out.append("|" + "---|" * len(cells[0]))
     out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    out += ["", LEGEND]
     out += [""] + host_lines(host) if host else []
     subsets = modelled_lines(modelled)
     out += ["", subsets[0], "", *(f"- {line}" for line in subsets[1:])] if subsets else []
@@ -99,7 +106,10 @@ def markdown(
 
 
 def _title(meta: dict) -> str:
-    where = meta.get("gpu") or f"CPU ({meta.get('cpu')}, {meta.get('threads')} threads)"
+    where = meta.get("gpu") or (
+        f"CPU ({meta.get('cpu')}, timed on {meta.get('threads')} thread(s) of "
+        f"{meta.get('cores')} cores, load {meta.get('load_1min')})"
+    )
     return (
         f"zeta-fused {meta['zeta_fused']} on {where}, torch {meta['torch']}, "
         f"triton {meta['triton']}, {meta['date']}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,6 +26,25 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[Callable[[], None]]:
+    """For a run of cells: the objects alive now left out of garbage collection until the end.
+    With torch, timm and transformers loaded, each collection between two cells would scan
+    every one of their objects again (about half a second a cell on a busy 2-core machine).
+    Yields the function to call after each cell: it frees the cell's memory, then freezes what
+    survives (the modules a cell imported lazily)."""
+
+    def after_cell() -> None:
+        _free()
+        gc.freeze()
+
+    after_cell()
+    try:
+        yield after_cell
+    finally:
+        gc.unfreeze()
 
 
 def run_cell(preset: Preset, mode: str, name: str, device: str) -> dict:
@@ -70,8 +90,8 @@ def roofline(presets: list[Preset], device: str) -> dict:
 
 
 def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
-    """Add TB/s, TFLOP/s and % of roofline (forward), the ratio to the fused provider, and
-    (training) peak extra memory as % of the eager Sequential's."""
+    """Add the timing spread (p80 / p20), TB/s, TFLOP/s and % of roofline (forward), the ratio
+    to the fused provider, and (training) peak extra memory as % of the eager Sequential's."""
     fused = {
         (r["preset"], r["mode"]): r["ms"] for r in rows if r["provider"] == FUSED and "ms" in r
     }
@@ -83,6 +103,8 @@ def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
     for r in rows:
         if "ms" not in r:
             continue
+        if r.get("ms_p20"):
+            r["spread"] = r["ms_p80"] / r["ms_p20"]
         p = presets[r["preset"]]
         if r["mode"] == "fwd":
             r["tbps"] = p.bytes() / (r["ms"] * 1e-3) / 1e12
@@ -172,12 +194,14 @@ def run(
     # figure; the rows are reported in plan order.
     cells.sort(key=lambda cell: cell[2].startswith(SLOW_START))
     rows = []
-    for i, (p, mode, name) in enumerate(cells, 1):
-        slow = " (compiling, can take minutes)" if name.startswith(SLOW_START) else ""
-        progress(f"[{i}/{len(cells)}] {p.name} {mode} {name}{slow}")
-        rows.append(run_cell(p, mode, name, device))
-        if checkpoint is not None:
-            checkpoint(rows, peaks, host)
+    with frozen_heap() as after_cell:
+        for i, (p, mode, name) in enumerate(cells, 1):
+            slow = " (compiling, can take minutes)" if name.startswith(SLOW_START) else ""
+            progress(f"[{i}/{len(cells)}] {p.name} {mode} {name}{slow}")
+            rows.append(run_cell(p, mode, name, device))
+            after_cell()
+            if checkpoint is not None:
+                checkpoint(rows, peaks, host)
     rows.sort(key=lambda r: order[(r["preset"], r["mode"], r["provider"])])
     derive(rows, presets, peaks)
     return rows, peaks, host
