@@ -77,6 +77,8 @@ def test_goals_are_judged_on_the_runs_own_figures() -> None:
     rows = [
         row("vit_b16", "fwd", "zeta-fused", 0.1, pct_roofline=70.0),
         row("vit_b16", "fwd", "compile", 0.25),
+        # A launch-policy variant of the fused op is neither its figure nor a peer.
+        row("vit_l14", "fwd", "zeta-fused", 0.01, pct_roofline=90.0, variant="fwd k=32"),
         row("vit_l14", "fwd", "zeta-fused", 0.3, pct_roofline=50.0),
         row("vit_l14", "fwd", "eager", 0.29),
         row("vit_b16", "train", "zeta-fused", 0.4, peak_extra_mib=150.0, pct_eager_mib=30.0),
@@ -100,4 +102,9 @@ def test_goals_are_judged_on_the_runs_own_figures() -> None:
     assert b1.met is False and b1.detail.startswith("30.0 us")  # host-bound: 30 us > 25
     assert got["vit_b16 training step <= 40% of eager's extra memory"].met is True
     assert got["host time per call <= 1.5x a bare launch"].met is True
+    assert got["b1_latency_b16 forward <= 20 us of GPU time"].met is True  # 12 us
+    assert got["vit_b16 forward >= 1.5x torch.compile"].met is True  # 0.25 / 0.1
+    assert got["vit_l14 forward >= 1.5x torch.compile"].met is None  # no compile timing
+    assert got["seed_doc_example train >= 2x the fastest peer"].met is None
+    assert got["dit_xl2_256_stem train faster than every peer"].met is None
     assert all(v.line().strip() for v in got.values())
