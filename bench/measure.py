@@ -95,20 +95,29 @@ def peak_extra_mib(step: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def peak_copy_tbps(device: str = "cuda", nbytes: int = COPY_BYTES) -> float:
-    """Device-to-device copy bandwidth in TB/s (read + write bytes per second)."""
+def copy_ms(nbytes: int, device: str = "cuda") -> float:
+    """Median milliseconds of a device-to-device copy of ``nbytes`` bytes."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)[0]
-    return 2 * nbytes / (ms * 1e-3) / 1e12
+    return time_ms(lambda: dst.copy_(src), device)[0]
+
+
+def peak_copy_tbps(device: str = "cuda", nbytes: int = COPY_BYTES) -> float:
+    """Device-to-device copy bandwidth in TB/s (read + write bytes per second)."""
+    return 2 * nbytes / (copy_ms(nbytes, device) * 1e-3) / 1e12
+
+
+def linear_ms(m: int, k: int, n: int, dtype: str, device: str = "cuda") -> float:
+    """Median milliseconds of ``F.linear`` of (m, k) rows by an (n, k) weight, both already laid
+    out (cuBLAS on a GPU): the GEMM alone, what a fused op of that shape can at best match."""
+    x = torch.randn(m, k, device=device, dtype=DTYPES[dtype])
+    w = torch.randn(n, k, device=device, dtype=DTYPES[dtype])
+    return time_ms(lambda: torch.nn.functional.linear(x, w), device)[0]
 
 
 def peak_gemm_tflops(dtype: str, device: str = "cuda", size: int = GEMM_SIZE) -> float:
     """Dense GEMM throughput of this GPU in ``dtype`` (under torch's current fp32 precision)."""
-    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
-    b = torch.randn_like(a)
-    ms = time_ms(lambda: torch.mm(a, b), device)[0]
-    return 2 * size**3 / (ms * 1e-3) / 1e12
+    return 2 * size**3 / (linear_ms(size, size, size, dtype, device) * 1e-3) / 1e12
 
 
 def device_info(device: str) -> dict:
@@ -163,7 +172,7 @@ def _sync(device: str) -> None:
 
 def host_us(fn: Callable[[], object], device: str = "cuda", calls: int = HOST_CALLS) -> float:
     """Host (Python + launch) microseconds per call, calls issued back to back."""
-    for _ in range(10):
+    for _ in range(min(10, calls)):
         fn()
     _sync(device)
     start = time.perf_counter()

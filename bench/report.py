@@ -32,6 +32,8 @@ LEGEND = ("ms: the median call (on a CPU: of its thread's CPU time). p80/p20: th
 def _cell(row: dict, key: str, fmt: str) -> str:
     if key == "ms" and row["status"] != "ok":
         return f"{row['status']}: {row.get('error', '')}"
+    if key == "provider" and row.get("variant"):  # the fused op under a launch-policy change
+        return f"{row['provider']} [{row['variant']}]"
     value = row.get(key)
     return "-" if value is None else fmt.format(value)
 
@@ -41,13 +43,35 @@ def table(rows: list[dict]) -> list[list[str]]:
 
 
 def host_lines(host: dict) -> list[str]:
-    return [
-        f"host overhead {name}: failed: {h['failed']}"
-        if "failed" in h
-        else f"host overhead {name}: module {h['module_us']:.1f} us/call, bare kernel launch "
-        f"{h['launch_us']:.1f} us/call ({h['ratio']:.2f}x)"
-        for name, h in host.items()
-    ]
+    """Per host-probe preset: its host microseconds per call and, where counted, the kernels
+    each call launches."""
+    lines = []
+    for name, h in host.items():
+        head = f"host overhead {name}: "
+        if "failed" in h or "skipped" in h:
+            lines.append(head + ("failed: " + h["failed"] if "failed" in h else h["skipped"]))
+        elif "module_us" in h:
+            line = (f"module {h['module_us']:.1f} us/call, bare kernel launch "
+                    f"{h['launch_us']:.1f} us/call ({h['ratio']:.2f}x)")  # fmt: skip
+            if "linear_us" in h:
+                step = f"training step (batch {h['train_batch']}) {h['train_step_us']:.1f}"
+                line += f", F.linear on its rows {h['linear_us']:.1f} us/call, {step} us/call"
+            lines.append(head + line)
+        lines += [f"launches {name}: {line}" for line in launch_lines(h.get("launches", {}))]
+    return lines
+
+
+def launch_lines(launches: dict) -> list[str]:
+    """Kernels and kernel-launching torch operators per call (bench.host.count_launches)."""
+    if "failed" in launches or "skipped" in launches:
+        return [launches.get("failed") or launches["skipped"]]
+    out = []
+    for call, c in launches.items():
+        ops = ", ".join(f"{op} {n:g}" for op, n in c["torch_ops"].items()) or "none"
+        out.append(f"{call}: {c['triton_launches']:g} Triton kernels, {c['other_kernels']:g} "
+                   f"other GPU kernels, launched by {c['torch_kernel_ops']:g} torch ops "
+                   f"({ops})")  # fmt: skip
+    return out
 
 
 def modelled_lines(modelled: dict | None) -> list[str]:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import measure
+from .host import case as host_case
 from .model_stems import MissingPeer
 from .presets import Preset
 from .providers import CONV, E2E, EAGER, FUSED, PROVIDERS, STEM
@@ -91,9 +92,12 @@ def roofline(presets: list[Preset], device: str) -> dict:
 
 def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
     """Add the timing spread (p80 / p20), TB/s, TFLOP/s and % of roofline (forward), the ratio
-    to the fused provider, and (training) peak extra memory as % of the eager Sequential's."""
+    to the fused provider's default (a launch-policy variant of it too), and (training) peak
+    extra memory as % of the eager Sequential's."""
     fused = {
-        (r["preset"], r["mode"]): r["ms"] for r in rows if r["provider"] == FUSED and "ms" in r
+        (r["preset"], r["mode"]): r["ms"]
+        for r in rows
+        if r["provider"] == FUSED and "ms" in r and not r.get("variant")
     }
     eager_mib = {
         (r["preset"], r["mode"]): r["peak_extra_mib"]
@@ -133,26 +137,22 @@ HOST_PRESETS = ("b1_latency_b16",)
 
 
 def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> dict:
-    """Per-call host time of the module's inference path vs a bare launch of the same kernel.
-    A failure is reported under ``failed``."""
-    from zeta_fused import PatchEmbeddings
-    from zeta_fused.functional import op_inputs
-    from zeta_fused.kernels.contract import LAYER_NORM
-    from zeta_fused.op.args import Norm
-    from zeta_fused.op.launch import patch_embed_fwd
-
+    """Host microseconds per call (calls issued back to back) of the module's inference path,
+    of a bare launch of the same kernel, of ``F.linear`` on the same rows (torch's own cost
+    here) and of a small training step (bench.host). A failure is reported under ``failed``."""
     progress(f"host overhead: {p.name}")
     try:
-        m = PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend="triton")
-        m = m.to(device, p.torch_dtype)
-        x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
-        ln1, proj, ln2 = m.embedding[1], m.embedding[2], m.embedding[3]
-        norms = (Norm(LAYER_NORM, ln.weight, ln.bias, ln.eps) for ln in (ln1, ln2))
-        args = op_inputs(x, p.patch, proj.weight, proj.bias, *norms)
-        with torch.no_grad():
-            module_us = measure.host_us(lambda: m(x), device, calls)
-            launch_us = measure.host_us(lambda: patch_embed_fwd(args), device, calls)
-        out = {"module_us": module_us, "launch_us": launch_us, "ratio": module_us / launch_us}
+        c = host_case(p, device)
+        out = {
+            "module_us": measure.host_us(c.forward, device, calls),
+            "launch_us": measure.host_us(c.launch, device, calls),
+            "linear_us": measure.host_us(c.linear, device, calls),
+            # Fewer steps: each launches several kernels, and a full launch queue would make
+            # the host wait for the GPU.
+            "train_step_us": measure.host_us(c.train_step, device, max(1, calls // 10)),
+            "train_batch": c.train_batch,
+        }
+        out["ratio"] = out["module_us"] / out["launch_us"]
     except Exception as exc:  # noqa: BLE001 - reported in the output, never fatal
         out = {"failed": _reason(exc)}
     _free()

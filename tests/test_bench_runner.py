@@ -82,14 +82,15 @@ def test_failed_roofline_and_host_probe_are_reported(monkeypatch, tmp_path) -> N
 
 
 def test_host_overhead_probe_runs_the_launcher(device) -> None:
-    """The bare-launch arguments match patch_embed_fwd (interpreter on the CPU: no timing
-    meaning, only that both paths run)."""
+    """The bare-launch arguments match patch_embed_fwd, the F.linear baseline and the training
+    step run (interpreter on the CPU: no timing meaning, only that every path runs)."""
     from bench import runner
     from bench.presets import parse_shape
 
     got = runner.host_overhead(parse_shape("1,3,8,8,4,16,fp32"), device, calls=2)
     assert "failed" not in got, got
     assert got["module_us"] > 0 and got["launch_us"] > 0 and got["ratio"] > 0
+    assert got["linear_us"] > 0 and got["train_step_us"] > 0 and got["train_batch"] > 1
 
 
 def test_run_checkpoints_after_every_cell(tmp_path) -> None:
