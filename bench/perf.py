@@ -132,6 +132,7 @@ class Cell:
     section: str
     label: str
     run: Callable[[dict], None]  # measures, and records what it measured in the run's document
+    preset: str = ""
 
 
 def _gemm_shape(p) -> tuple[int, int, int]:
@@ -177,7 +178,7 @@ def _row_cell(section: str, p, mode: str, name: str, device: str) -> Cell:
     def run(doc: dict) -> None:
         doc["results"].append(runner.run_cell(p, mode, name, device) | {"section": section})
 
-    return Cell(section, f"{p.name} {mode} {name}", run)
+    return Cell(section, f"{p.name} {mode} {name}", run, p.name)
 
 
 def _variant_cell(p, name: str, changes: dict, device: str) -> Cell:
@@ -249,8 +250,14 @@ def cells(plan: Plan, device: str) -> list[Cell]:
     subsets = _split("subsets", plan.subsets, providers, device)
     variants = [_variant_cell(p, name, changes, device)
                 for p in plan.variant_presets for name, changes in VARIANTS.items()]  # fmt: skip
-    compiles = [dataclasses.replace(c, section="compile")
-                for split in (forward, training, subsets) for c in split.compiles]  # fmt: skip
+    # A preset's compile peers together, the presets in plan order: a run cut short has every
+    # peer of the first presets, whose goals it can then judge.
+    splits = (forward, training, subsets)
+    order = list(dict.fromkeys(c.preset for split in splits for c in split.fused))
+    compiles = [
+        dataclasses.replace(c, section="compile") for split in splits for c in split.compiles
+    ]
+    compiles.sort(key=lambda c: order.index(c.preset))
     return [
         *ceiling_cells(plan, device),
         *forward.fused, *variants, *forward.peers,
@@ -332,7 +339,9 @@ def markdown(doc: dict) -> str:
     out += ["", report.LEGEND, "", *report.host_lines(doc["host_overhead"])]
     out += ["", *report.modelled_lines(doc["modelled"])]
     verdicts = report.goal_lines(doc["results"], doc["host_overhead"])
-    out += ["", verdicts[0], "", *(f"- {v.strip()}" for v in verdicts[1:])] if verdicts else []
+    if verdicts:
+        out += ["", verdicts[0] + " (the fastest peer of those measured: see Not run)", "",
+                *(f"- {v.strip()}" for v in verdicts[1:])]  # fmt: skip
     if doc["not_run"]:
         out += ["", "Not run:", "", *(f"- {label}" for label in doc["not_run"])]
     return "\n".join(out) + "\n"

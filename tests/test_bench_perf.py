@@ -97,21 +97,22 @@ def test_each_section_stops_at_its_share_of_the_budget(tmp_path, quick_timing) -
 
 
 def test_cells_run_in_section_order_with_the_compile_peers_last() -> None:
-    p = PRESETS["vit_b16"]
-    plan = perf.Plan(gemms=(p,), forward=(p,), variant_presets=(p,),
+    p, q = PRESETS["vit_b16"], PRESETS["vit_l14"]
+    plan = perf.Plan(gemms=(p,), forward=(p, q), variant_presets=(p,),
                      training=((p, ("train",)),), host=p, subsets=(),
                      providers=(FUSED, "eager", "compile"))  # fmt: skip
     labels = [(c.section, c.label) for c in perf.cells(plan, "cpu")]
     sections = [s for s, _ in labels]
     assert sections == sorted(sections, key=[s for s, _ in perf.SHARES].index)
     forward = [label for s, label in labels if s == "forward"]
-    assert forward[0] == f"vit_b16 fwd {FUSED}"  # the default first, then every variant
-    assert forward[1 : 1 + len(perf.VARIANTS)] == [
+    assert forward[:2] == [f"vit_b16 fwd {FUSED}", f"vit_l14 fwd {FUSED}"]  # the defaults first
+    assert forward[2 : 2 + len(perf.VARIANTS)] == [
         f"vit_b16 fwd {FUSED} [{name}]" for name in perf.VARIANTS
     ]
-    assert forward[-1] == "vit_b16 fwd eager"
+    assert forward[-2:] == ["vit_b16 fwd eager", "vit_l14 fwd eager"]
+    # A preset's compile peers together: a run cut short has all of vit_b16's.
     assert [label for s, label in labels if s == "compile"] == [
-        "vit_b16 fwd compile", "vit_b16 train compile"
+        "vit_b16 fwd compile", "vit_b16 train compile", "vit_l14 fwd compile"
     ]  # fmt: skip
 
 
