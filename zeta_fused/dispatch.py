@@ -109,17 +109,29 @@ def interpreter_problem() -> str | None:
 _env_choice: object = _UNTRIED
 
 
+def env_setting(name: str, settings: dict[str, object], default: object, stacklevel: int):
+    """The setting the environment variable ``name`` spells, read now: ``settings`` maps each
+    accepted spelling (lower case; the value's case and surrounding spaces do not matter) to
+    its setting. Unset or empty: ``default``; any other value: ``default`` too, after a
+    warning naming the variable and the accepted spellings (``stacklevel`` as
+    ``warnings.warn``'s, counted from the caller)."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in settings:
+        return settings[value]
+    warnings.warn(
+        f"{name}={raw!r} is not one of {tuple(settings)}: ignored, {default!r} is used",
+        stacklevel=stacklevel + 1,
+    )
+    return default
+
+
 def _env_backend() -> str:
     global _env_choice
     if _env_choice is _UNTRIED:
-        value = os.environ.get(ENV_VAR) or "auto"
-        if value not in BACKENDS:
-            warnings.warn(
-                f"{ENV_VAR}={value!r} is not one of {BACKENDS}: ignored, backend 'auto' is used",
-                stacklevel=5,
-            )
-            value = "auto"
-        _env_choice = value
+        _env_choice = env_setting(ENV_VAR, {b: b for b in BACKENDS}, "auto", stacklevel=5)
     return _env_choice
 
 
