@@ -186,7 +186,20 @@ class call_scope:  # noqa: N801 - used as a context manager, like contextlib's
 
 class _HandoffModule(FusedStem):
     """A module of the owner (a norm, a token drop) that a fused stem may do the work of, in
-    its owner's call only (:func:`call_state`)."""
+    its owner's call only: when the stem left an entry for it in the call's state
+    (:func:`call_state`), the module returns ``_zeta_handed(x, entry)``, else its peer's
+    forward runs."""
+
+    _zeta_entry: str  # the key of the call state's entry the stem leaves for it
+
+    @dispatch.traced_as_peer
+    def forward(self, x: Tensor) -> Tensor:
+        state = call_state(self)
+        entry = None if state is None else state.pop(self._zeta_entry, None)
+        return super().forward(x) if entry is None else self._zeta_handed(x, entry)
+
+    def _zeta_handed(self, x: Tensor, entry) -> Tensor:
+        raise NotImplementedError
 
     def __prepare_scriptable__(self):
         # Scripted as the peer's module (sharing its parameters, buffers and settings), as in a
@@ -207,12 +220,9 @@ class _HandoffNorm(_HandoffModule):
     """A norm (a LayerNorm or RMSNorm the op computes) that returns the stem's output as it is
     when the stem applied it already."""
 
-    @dispatch.traced_as_peer
-    def forward(self, x: Tensor) -> Tensor:
-        state = call_state(self)
-        done = None if state is None else state.pop("done", None)
-        if done is None:
-            return super().forward(x)
+    _zeta_entry = "done"
+
+    def _zeta_handed(self, x: Tensor, done: Tensor) -> Tensor:
         if done is not x:
             # The stem normalised its output already; normalising another tensor instead
             # would silently differ from the peer. The owners check that nothing between the
@@ -253,7 +263,7 @@ def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
     norm = None if state is None else state.get("norm")
     if (
         norm is None
-        or forward_of(norm) is not _HandoffNorm.forward
+        or not plain(norm, _HandoffNorm)
         or norm_problem(norm, dim) is not None
         or any(dispatch.hook_dicts(norm))
     ):
@@ -286,12 +296,9 @@ class _HandoffTokenDrop(_HandoffModule):
     keeps the drawn ones of the tensor it receives when the stem drew them but the op could
     not run (drawing again would consume the random numbers twice)."""
 
-    @dispatch.traced_as_peer
-    def forward(self, x: Tensor) -> Tensor:
-        state = call_state(self)
-        drawn = None if state is None else state.pop("drawn", None)
-        if drawn is None:
-            return super().forward(x)
+    _zeta_entry = "drawn"
+
+    def _zeta_handed(self, x: Tensor, drawn: tuple) -> Tensor:
         out, prefix_rows, ids = drawn
         if out is None:
             return keep_tokens(x, prefix_rows, ids.to(x.device))

@@ -52,7 +52,7 @@ def _stem_draws(drop: nn.Module) -> bool:
     OpenCLIP's PatchDropout as converted, active, keeping the class row in front (without
     ``exclude_first_token`` the class row may be dropped: the op keeps prefix rows)."""
     return (
-        forward_of(drop) is _HandoffTokenDrop.forward
+        plain(drop, _HandoffTokenDrop)
         and _patch_dropout(drop)
         and drop.training
         and drop.prob > 0.0

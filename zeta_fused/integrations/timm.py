@@ -222,7 +222,7 @@ def _stem_draws(drop: nn.Module, prefix_rows: int) -> bool:
     """The stem can make ``drop``'s draw in this call and embed only the patches it keeps:
     timm's PatchDropout as converted, active, keeping the stem's prefix rows in front."""
     return (
-        forward_of(drop) is stems._HandoffTokenDrop.forward
+        plain(drop, stems._HandoffTokenDrop)
         and _patch_dropout(drop)
         and drop.training
         and drop.prob > 0

@@ -95,7 +95,18 @@ def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
     return fused_call(img, patch, weight, shape, param(proj, "bias"), pre, post, parts)
 
 
-class _FusedViT(FusedStem):
+class _FusedVitPytorch(FusedStem):
+    """A vit-pytorch model whose forward begins with the stem: the stem fused
+    (:meth:`_zeta_stem` gives what the model adds to the patch tokens), then the rest of the
+    peer's forward (:meth:`_zeta_rest`), written as the peer writes it."""
+
+    @dispatch.traced_as_peer
+    def forward(self, img: Tensor) -> Tensor:
+        x = _sequential_stem(self, img, self._zeta_stem)
+        return super().forward(img) if x is None else self._zeta_rest(x)
+
+
+class _FusedViT(_FusedVitPytorch):
     """vit-pytorch ``ViT`` with the stem (patches, class token, position rows) fused."""
 
     def _zeta_stem(self, _img: Tensor, tokens: int, dim: int, _token_dtype) -> Stem | None:
@@ -113,12 +124,8 @@ class _FusedViT(FusedStem):
         prefix = cls + table[:n_prefix]
         return Stem(table[n_prefix : n_prefix + tokens], prefix, None)
 
-    @dispatch.traced_as_peer
-    def forward(self, img: Tensor) -> Tensor:
-        x = _sequential_stem(self, img, self._zeta_stem)
-        if x is None:
-            return super().forward(img)
-        # The rest of ViT.forward, as the peer writes it.
+    def _zeta_rest(self, x: Tensor) -> Tensor:
+        """The rest of ``ViT.forward``."""
         x = self.dropout(x)
         x = self.transformer(x)
         if self.mlp_head is None:
@@ -128,7 +135,7 @@ class _FusedViT(FusedStem):
         return self.mlp_head(x)
 
 
-class _FusedSimpleViT(FusedStem):
+class _FusedSimpleViT(_FusedVitPytorch):
     """vit-pytorch ``SimpleViT`` with the patches and the sincos table fused."""
 
     def _zeta_stem(self, img: Tensor, tokens: int, dim: int, token_dtype) -> Stem | None:
@@ -137,12 +144,8 @@ class _FusedSimpleViT(FusedStem):
             return None  # the peer's in-place add would not broadcast: its own error
         return Stem(table.to(img.device, dtype=token_dtype), None, None)
 
-    @dispatch.traced_as_peer
-    def forward(self, img: Tensor) -> Tensor:
-        x = _sequential_stem(self, img, self._zeta_stem)
-        if x is None:
-            return super().forward(img)
-        # The rest of SimpleViT.forward, as the peer writes it.
+    def _zeta_rest(self, x: Tensor) -> Tensor:
+        """The rest of ``SimpleViT.forward``."""
         x = self.transformer(x)
         x = x.mean(dim=1)
         x = self.to_latent(x)
