@@ -79,6 +79,8 @@ def _kind_and_peer(m: nn.Module) -> tuple[str | None, tuple | None]:
     a norm converted for a hand-off, integrations/_base.py, is judged by its peer's class)."""
     cls = _judged_class(type(m))
     kind, peer = _class_norm(cls, cls.forward)
+    if kind is not None and "forward" in m.__dict__:  # its own forward (params.forward_of)
+        return None, peer
     if kind is not None and peer is not None and getattr(m, "_fast_norm", False):
         return None, peer
     return kind, peer
@@ -86,8 +88,9 @@ def _kind_and_peer(m: nn.Module) -> tuple[str | None, tuple | None]:
 
 def norm_kind(m: nn.Module | None) -> str | None:
     """The kind of norm ``m`` computes (LAYER_NORM, RMS_NORM), or None when it is no norm the
-    op computes (any other module, a subclass that overrides forward, a fast-norm option). A
-    norm converted for a hand-off (integrations/_base.py) is judged by its peer's class."""
+    op computes (any other module, a subclass that overrides forward or an instance given its
+    own, a fast-norm option). A norm converted for a hand-off (integrations/_base.py) is
+    judged by its peer's class."""
     return None if m is None else _kind_and_peer(m)[0]
 
 

@@ -83,6 +83,8 @@ class ViTStem(nn.Module):
     backend = forwarded("patches", "backend")  # PatchEmbeddings checks the value
 
     def forward(self, x: Tensor) -> Tensor:
+        if dispatch.symbolic_tracing():  # the submodules one by one (docs/design.md, "torch.fx")
+            return self._eager(x)
         if self.pos_embed is not None and x.ndim == 4:
             grid = tuple(s // p for s, p in zip(x.shape[2:], self.patches.patch_size, strict=True))
             if grid != self.grid:
@@ -91,8 +93,10 @@ class ViTStem(nn.Module):
                     f"position table is for {self.grid[0]}x{self.grid[1]}"
                 )
         y = self._fused(x)
-        if y is not None:
-            return y
+        return self._eager(x) if y is None else y
+
+    def _eager(self, x: Tensor) -> Tensor:
+        """The submodules one by one."""
         tokens = self.patches(x)
         pos, prefix = param(self, "pos_embed"), param(self, "prefix_tokens")
         if pos is not None:
