@@ -124,7 +124,7 @@ def fused_patch_embed(args: FwdArgs) -> Tensor:
         and type(x) is Tensor  # subclasses (FakeTensor, DTensor, ...) need the dispatcher
         and torch._C._len_torch_dispatch_stack() == 0  # so do dispatch modes
     ):
-        return (_launch or _import_launch()).patch_embed_fwd(args)[0]
+        return (_launch or _import_launch()).patch_embed_fwd(args, with_stats=False)[0]
     return patch_embed_fwd(*args)[0]
 
 
