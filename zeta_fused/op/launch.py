@@ -20,7 +20,7 @@ from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param
 from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from ..kernels.patch_embed_fwd import _patch_embed_fwd_kernel
 from ..kernels.segment_sum import _segment_sum_kernel
-from . import layout, policy, tuning
+from . import bound, layout, policy, tuning
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .policy import LaunchPolicy
 from .reference import absent_grad, prefix_grads, prefix_rows, stats_dtype
@@ -144,7 +144,7 @@ def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None) -> tuple[Tensor
     k = layout.k_order(a.x, a.weight, a.g1, a.b1, geo, pol)
     row_norm = a.post_norm != NO_NORM or a.stem_norm != NO_NORM
     patch_tokens = y[:, n_prefix:] if n_prefix else y  # (a view costs host time on every call)
-    _patch_embed_fwd_kernel[(_cdiv(tokens, block_m),)](
+    bound.launch(_patch_embed_fwd_kernel, (_cdiv(tokens, block_m),),
         a.x, a.x.stride(0), a.x.stride()[1:], k.weight, k.weight.stride(0), k.w_strides,
         k.w_row_len, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, a.keep, a.pos_index, (a.g3, a.b3),
         patch_tokens, patch_tokens.stride(), stats, tokens, geo.patch_dim, dim, rows, geo.grid,
@@ -206,7 +206,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     if dz is grad_tokens and not dy_flat:
         dz_row_offsets = x.new_empty((tokens,), dtype=torch.int64)
     if tokens:
-        _bwd_dz_kernel[(dz_tiles,)](
+        bound.launch(_bwd_dz_kernel, (dz_tiles,),
             x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
             a.keep, a.pos_index, (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer,
             partials,
@@ -229,7 +229,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     # The dW GEMM never reads the weight: the image alone picks its K order (G is kept in it).
     g_first = layout.rows_inner(x)
     if tokens:
-        _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
+        bound.launch(_bwd_dw_kernel, (d_tiles, k_tiles, splits),
             x, x_strides, stats, x_row_offsets, dz, dz.stride(), dz_row_offsets, gpart, tokens,
             patch_dim, dim, CHANNELS_FIRST=g_first, ROW_ALIGN=layout.row_align(x, patch),
             DZ_ALIGN=1 if dz_row_offsets is None else layout.stride_align(*dz.stride()[:2]),
@@ -244,7 +244,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     dw_strides = layout.element_strides(dw, chans, patch)
     flat = all(layout.flat_in(t, chans, patch, g_first) for t in (w_strides, dw_strides))
     p_strides = layout.linear_strides(1, chans, patch)  # the (K,) pre-norm parameters
-    _bwd_param_kernel[(_cdiv(patch_dim, blocks.param_k),)](
+    bound.launch(_bwd_param_kernel, (_cdiv(patch_dim, blocks.param_k),),
         gsum, dzsum, weight, weight.stride(0), w_strides, (a.g1, a.b1), p_strides, dw,
         dw.stride(0), dw_strides, (dg1, db1), patch_dim, dim,
         C=chans, PATCH=patch, ACC_DTYPE=consts["ACC_DTYPE"], EMULATE_BF16=pol.emulate_bf16,
@@ -265,7 +265,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
             out_strides = out.stride()[1:]
         if tokens:
             dz_strides, dz_flat = layout.token_strides(dz)
-            _bwd_dx_kernel[(_cdiv(tokens, blocks.m),)](
+            bound.launch(_bwd_dx_kernel, (_cdiv(tokens, blocks.m),),
                 x, x.stride(0), x_strides, *w_operand, k.g1, stats, dz, dz_strides, a.keep, out,
                 out.stride(0), out_strides, tokens, patch_dim, dim, rows, geo.grid,
                 DZ_FLAT=dz_flat, DX_ROWS=a.keep is not None, W_FLAT=k.w_flat,
@@ -322,7 +322,7 @@ def _segment_sums(rows: Tensor, ids: Tensor, segments: int, dtype: torch.dtype,
     block = _block_n(rows.shape[1], 256)
     acc = TL_DTYPES[torch.float64 if dtype == torch.float64 else torch.float32]
     if segments:
-        _segment_sum_kernel[(segments, _cdiv(rows.shape[1], block))](
+        bound.launch(_segment_sum_kernel, (segments, _cdiv(rows.shape[1], block)),
             rows, rows.stride(0), order, bounds, out, out.stride(0), rows.shape[1],
             ACC_DTYPE=acc, EMULATE_BF16=pol.emulate_bf16, BLOCK_W=block,
         )  # fmt: skip
