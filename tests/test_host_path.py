@@ -1,7 +1,7 @@
 """The host path of a fused call (docs/design.md, "Host path"), on any machine: eager calls skip
 the dispatcher, and what each forward and backward launches.
 
-Counted per forward and per backward, for ``PatchEmbeddings``:
+Counted per forward and per backward, for ``PatchEmbeddings`` and a converted timm ViT stem:
 Triton launches, and the torch ops that launch a kernel on a GPU (allocations, views and
 metadata left out; backward with gradients None, so without autograd's own accumulation).
 The counts asserted are today's, as upper bounds. Issue 30's targets, for the kernels to reach:
@@ -12,13 +12,15 @@ gradient), and no kernel-launching torch op besides allocation.
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
-from support import make
+from support import make, randomise
 from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode_temporarily
 
 import zeta_fused.functional as functional
+from zeta_fused import fuse_stems
 from zeta_fused.op import register
 
 # aten ops that launch no kernel on a GPU: allocation, views, metadata.
@@ -132,6 +134,42 @@ def test_patch_embeddings_launches_and_torch_ops(count, device, dtype, image_gra
     assert bwd_launches <= 3 + image_grad
     casts = 3 if dtype == torch.bfloat16 else 0
     assert sum(bwd_ops.values()) <= 3 + casts, bwd_ops
+
+
+def timm_stem(device: str):
+    vit = pytest.importorskip("timm.models.vision_transformer")
+    model = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=0, num_heads=2,
+                                  num_classes=0, pre_norm=True, reg_tokens=2,
+                                  final_norm=False)  # fmt: skip
+    model = randomise(model).to(device)
+    before = copy.deepcopy(model)
+    fuse_stems(model, backend="triton")
+    return model, before
+
+
+def test_timm_stem_launches_and_torch_ops(count, device) -> None:
+    """A converted timm ViT stem (class and register tokens, a position table covering them,
+    norm_pre): the whole stem in one launch per forward, three per backward. Its prefix rows
+    are torch ops: per forward the tokens' concatenation and their position rows (2), the stem
+    norm of the rows (10) and their copy into every image (1); per backward the rows' batch
+    sum and stem-norm backward, the norm recomputed (22), the column sums with the rows' parts
+    (5), the table's batch sum (1) and the concatenation of its two parts' gradients (1)."""
+    model, before = timm_stem(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    with torch.no_grad():
+        want = before.forward_features(x)
+        with count:
+            got = model.forward_features(x)
+    torch.testing.assert_close(got, want)
+    launches, ops = count.take()
+    assert launches == 1 and sum(ops.values()) <= 13, ops
+    (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = step_counts(
+        count, lambda: model.forward_features(x), list(model.parameters())
+    )
+    assert fwd_launches == 1 and sum(fwd_ops.values()) <= 13, fwd_ops
+    assert bwd_launches <= 3 and sum(bwd_ops.values()) <= 29, bwd_ops
+    # Indexing the table or the tokens would add a zero fill and a copy per index.
+    assert not {"select_backward", "slice_backward"} & set(bwd_ops), bwd_ops
 
 
 def test_eager_calls_skip_the_dispatcher(device, monkeypatch) -> None:
