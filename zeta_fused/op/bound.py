@@ -27,6 +27,7 @@ miss is Triton's own launch, and the entry it leaves is the same whichever threa
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -195,18 +196,33 @@ def _plain_backend(backend) -> bool:
     )
 
 
-def _globals_read(kernel: JITFunction) -> tuple:
-    """What the kernel's compiled variants read from module globals, as (namespace, getter,
-    values) per namespace: Triton checks on every launch that they still hold the values they
-    were compiled with (and raises otherwise), so a bound launch checks it too."""
+def _globals_check(kernel: JITFunction) -> Callable[[], bool]:
+    """A function telling whether the module globals the kernel's compiled variants read
+    still hold the values they hold now. Triton checks it on every launch (and raises
+    otherwise), so a bound launch checks it too: one getter per module, values compared by
+    identity first."""
+    used = kernel.used_global_vals
+    count = len(used)
     by_namespace: dict[int, tuple[dict, list[str]]] = {}
-    for (name, _), (_, namespace) in kernel.used_global_vals.items():
+    for (name, _), (_, namespace) in used.items():
         by_namespace.setdefault(id(namespace), (namespace, []))[1].append(name)
-    read = []
+    reads = []
     for namespace, names in by_namespace.values():
         getter = itemgetter(*names)
-        read.append((namespace, getter, getter(namespace)))
-    return tuple(read)
+        reads.append((namespace, getter, getter(namespace)))
+
+    def unchanged() -> bool:
+        if len(used) != count:
+            return False  # a variant compiled elsewhere read more: Triton checks them
+        try:
+            for namespace, get, seen in reads:
+                if get(namespace) != seen:
+                    return False
+        except KeyError:
+            return False
+        return True
+
+    return unchanged
 
 
 class _Binding:
@@ -217,8 +233,7 @@ class _Binding:
         self.kernel = kernel
         self.bind = None  # made on the first call (its fast paths for that call's types)
         self.compiled: dict[tuple, _Compiled] = {}
-        self.globals_seen = 0  # len(kernel.used_global_vals) when `globals_read` was taken
-        self.globals_read: tuple = ()
+        self.globals_unchanged: Callable[[], bool] = lambda: False  # set by Triton's path
 
     def launch(self, grid, args: tuple, kwargs: dict) -> None:
         kernel, runtime = self.kernel, knobs.runtime
@@ -238,7 +253,7 @@ class _Binding:
             or not (enter is None or (type(enter) is knobs.HookChain and not enter.calls))
             or not (leave is None or (type(leave) is knobs.HookChain and not leave.calls))
             or getattr(runtime, "add_stages_inspection_hook", None) is not None
-            or (kernel.used_global_vals and not self._globals_unchanged())
+            or (kernel.used_global_vals and not self.globals_unchanged())
         ):
             self._through_triton(grid, args, kwargs, device, key)
             return
@@ -247,21 +262,13 @@ class _Binding:
                      active.get_current_stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *values)  # fmt: skip
 
-    def _globals_unchanged(self) -> bool:
-        if len(self.kernel.used_global_vals) != self.globals_seen:
-            return False  # a variant compiled elsewhere read more: Triton checks them
-        try:
-            return all(get(namespace) == seen for namespace, get, seen in self.globals_read)
-        except KeyError:
-            return False
-
     def _through_triton(self, grid, args: tuple, kwargs: dict, device, key) -> None:
         """Triton's own launch; the compiled kernel it ran is kept for the key unless the call
         could not be keyed or its backend specialises otherwise."""
         kernel = self.kernel
         result = kernel[grid](*args, **kwargs)
         # Triton has just checked the globals its variants read: they are the values to keep.
-        self.globals_seen, self.globals_read = len(kernel.used_global_vals), _globals_read(kernel)
+        self.globals_unchanged = _globals_check(kernel)
         if (
             key is None
             or not isinstance(result, CompiledKernel)
