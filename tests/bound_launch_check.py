@@ -88,13 +88,16 @@ class FakeDriver:
 driver.set_active(FakeDriver())
 
 
+OFFSET = tl.constexpr(0)  # a global the kernel reads: Triton checks on every launch that it holds
+
+
 def make_kernel():
     @triton.jit
     def probe_kernel(
         X, x_stride, strides, pair, n, scale, flag, MODE: tl.constexpr, BLOCK: tl.constexpr
     ):
         offs = tl.arange(0, BLOCK)
-        y = tl.load(X + offs * x_stride + strides[0], mask=offs < n, other=0.0)
+        y = tl.load(X + offs * x_stride + strides[0] + OFFSET, mask=offs < n, other=0.0)
         if pair[0] is not None:
             y += tl.load(pair[0] + offs * strides[1], mask=offs < n, other=0.0)
         if MODE:
@@ -214,6 +217,19 @@ def main() -> int:
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     print("launch hook: Triton's path")
+
+    # A global the kernel read, changed since: Triton's path reports it.
+    global OFFSET
+    saved, OFFSET = OFFSET, tl.constexpr(1)
+    try:
+        bound.launch(kernel, (2,), *case("base")[0], **case("base")[1])
+        raise AssertionError("a changed global was not reported")
+    except RuntimeError as exc:
+        assert "OFFSET has changed" in str(exc), exc
+    finally:
+        OFFSET = saved
+    compare(kernel, "base", True)
+    print("changed global: Triton's error")
 
     # First calls from 8 threads at once, on a fresh kernel.
     kernel = make_kernel()
