@@ -34,8 +34,8 @@ def test_bound_launches_run_what_triton_chooses() -> None:
     """An unaligned pointer, an int going from 16 to 17 or 24 (or 1), another dtype, a None
     for a tensor, a bool for an int, a constexpr, a launch option: each bound launch runs the
     compiled kernel Triton's binder and cache choose for its arguments, with the launcher
-    arguments of Triton's own launch; a launch hook gets Triton's own launch; first calls from 8
-    threads at once too."""
+    arguments of Triton's own launch; a launch hook gets Triton's own launch, a changed global
+    the kernel reads Triton's error; first calls from 8 threads at once too."""
     run_check(dict(os.environ))
 
 
