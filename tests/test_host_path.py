@@ -20,7 +20,7 @@ from support import make, randomise
 from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode_temporarily
 
 import zeta_fused.functional as functional
-from zeta_fused import fuse_stems
+from zeta_fused import ViTStem, fuse_stems
 from zeta_fused.op import register
 
 # aten ops that launch no kernel on a GPU: allocation, views, metadata.
@@ -217,3 +217,19 @@ def test_eager_calls_skip_the_dispatcher(device, monkeypatch) -> None:
     torch.testing.assert_close(traced, y, rtol=0, atol=0)
     for t, want in zip((x, *m.parameters()), eager_grads, strict=True):
         torch.testing.assert_close(t.grad, want, rtol=0, atol=0)
+
+
+def vit_stem(device: str) -> ViTStem:
+    return ViTStem(3, 32, 16, 8, num_prefix_tokens=2, stem_norm=True, backend="triton").to(device)
+
+
+def test_vit_stem_table_and_prefix_reach_the_op_through_views(count, device) -> None:
+    """ViTStem's (1, n, D) table and prefix tokens reach the op as rows through views: no zero
+    fill and copy per backward for an index."""
+    stem = vit_stem(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    (fwd_launches, _), (bwd_launches, bwd_ops) = step_counts(
+        count, lambda: stem(x), list(stem.parameters())
+    )
+    assert fwd_launches == 1 and bwd_launches <= 3
+    assert not {"select_backward", "slice_backward"} & set(bwd_ops), bwd_ops

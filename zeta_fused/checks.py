@@ -269,7 +269,8 @@ def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) ->
     """A (rows, dim) table, given as such or with a leading 1; rows None: any number."""
     if t is None:
         return None
-    table = t[0] if t.ndim == 3 and t.shape[0] == 1 else t
+    # (squeeze, not [0]: a view whose backward is one too, where a select's fills a zero tensor)
+    table = t.squeeze(0) if t.ndim == 3 and t.shape[0] == 1 else t
     if table.ndim != 2 or table.shape[1] != dim or (rows is not None and table.shape[0] != rows):
         want = f"({'P' if rows is None else rows}, {dim})"
         raise ValueError(f"{name} must have shape {want} for {what}, got {tuple(t.shape)}")
