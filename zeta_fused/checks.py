@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from .kernels.contract import LAYER_NORM, RMS_NORM
-from .op.args import TENSOR_FIELDS, FwdArgs, Norm, Stem
+from .op.args import TENSOR_AT, FwdArgs, Norm, Stem
 
 PatchSize = int | tuple[int, ...]
 # The (weight, bias) of no norm, unpacked on the per-call path.
@@ -317,16 +317,13 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
     return index if index.is_contiguous() else index.contiguous()
 
 
-_TENSOR_AT = tuple(FwdArgs._fields.index(name) for name in TENSOR_FIELDS)
-
-
 def wrapped_operand(args: FwdArgs) -> bool:
     """Some tensor of the call is a wrapper tensor subclass (it has ``__tensor_flatten__``:
     DTensor, torchao's quantized and float8 tensors): it holds no buffer the kernels can read,
     and the op has no rule for it. The caller then runs the module's own code, which the
     subclass implements. (FakeTensor and FunctionalTensor, which torch.compile and
     torch.export trace with, are no wrappers: they go to the op.)"""
-    for i in _TENSOR_AT:
+    for i in TENSOR_AT:
         t = args[i]
         if t is not None:
             cls = type(t)

@@ -23,7 +23,7 @@ from ..kernels.segment_sum import _segment_sum_kernel
 from . import bound, layout, policy, tuning
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .policy import LaunchPolicy
-from .reference import absent_grad, prefix_grads, prefix_rows, stats_dtype
+from .reference import prefix_grads, prefix_rows, stats_dtype
 
 # tl.dot needs every block dimension >= 16.
 MIN_BLOCK = 16
@@ -160,8 +160,8 @@ def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None) -> tuple[Tensor
 
 @on_tensor_device
 def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
-    """Run the fused backward; returns every gradient, absent ones empty. ``pol``: as for
-    :func:`patch_embed_fwd`."""
+    """Run the fused backward; returns every gradient, None for those nobody needs (the
+    custom op returns empty tensors there). ``pol``: as for :func:`patch_embed_fwd`."""
     a, grad_y, stats = fwd_of(args), args.grad_y, args.stats
     if any(s == 0 and n > 1 for s, n in zip(grad_y.stride(), grad_y.shape, strict=True)):
         # A broadcast gradient (stride 0: a `.sum()` loss on the tokens) is made dense. Triton
@@ -183,7 +183,8 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     acc = stats.dtype
 
     n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
-    grad_tokens = grad_y[:, n_prefix:]  # the patch tokens' rows, read in place
+    # The patch tokens' rows, read in place (without prefix rows: grad_y itself, no view op).
+    grad_tokens = grad_y[:, n_prefix:] if n_prefix else grad_y
     stem = a.stem_norm != NO_NORM
 
     # 1. dZ (through the stem norm, the position table and the post-norm) and the column
@@ -297,7 +298,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
         g3=column_sum("dg3", a.g3, dg3_prefix) if stem else None,
         b3=column_sum("db3", a.b3, db3_prefix) if stem else None,
     )  # fmt: skip
-    return Grads(*(absent_grad(weight) if g is None else g for g in grads))
+    return grads
 
 
 def _table_grad(dt: Tensor, a: FwdArgs, pol: LaunchPolicy) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..dispatch import interpreting
 from ..kernels.contract import STAT_ROWS
 from . import reference as ref
-from .args import TENSOR_FIELDS, BwdArgs, FwdArgs, Grads, input_grads, schema
+from .args import TENSOR_AT, BwdArgs, FwdArgs, Grads, input_grads, schema
 
 LIB = "zeta_fused"
 
@@ -77,9 +77,14 @@ def dispatcher_free(x: Tensor) -> bool:
     )
 
 
-def _op(name: str, args: type, returns: int, impl):
+def _op(name: str, args: type, returns: int, impl, outputs=None):
+    """The custom op ``name`` taking ``args``' fields; ``outputs(inputs, result)``: the schema's
+    tensors from the implementation's result."""
+
     def op_impl(*flat):
-        return impl(args(*flat))
+        inputs = args(*flat)
+        result = impl(inputs)
+        return result if outputs is None else outputs(inputs, result)
 
     op_impl.__name__ = name
     return torch.library.custom_op(
@@ -89,7 +94,14 @@ def _op(name: str, args: type, returns: int, impl):
 
 
 patch_embed_fwd = _op("patch_embed_fwd", FwdArgs, 2, fwd_impl)
-patch_embed_bwd = _op("patch_embed_bwd", BwdArgs, len(Grads._fields), bwd_impl)
+
+
+def _grads_or_empty(args: BwdArgs, grads: Grads) -> tuple[Tensor, ...]:
+    # The implementation gives None for a gradient nobody needs; the schema returns tensors.
+    return tuple(ref.absent_grad(args.weight) if g is None else g for g in grads)
+
+
+patch_embed_bwd = _op("patch_embed_bwd", BwdArgs, len(Grads._fields), bwd_impl, _grads_or_empty)
 
 
 @patch_embed_fwd.register_fake
@@ -118,9 +130,11 @@ def _bwd_fake(*flat):
 def _setup_context(ctx, inputs, output):
     # Saved: the inputs and the per-token statistics (STAT_ROWS); Z (B, N, D) is recomputed by the
     # backward's dZ kernel rather than kept (docs/design.md, "Memory").
-    a = tuple.__new__(FwdArgs, inputs)
-    ctx.save_for_backward(*(getattr(a, name) for name in TENSOR_FIELDS), output[1])
-    ctx.others = {n: v for n, v in a._asdict().items() if n not in TENSOR_FIELDS}
+    ctx.save_for_backward(*(inputs[i] for i in TENSOR_AT), output[1])
+    others = list(inputs)  # the other fields as they are (the tensors come back saved)
+    for i in TENSOR_AT:
+        others[i] = None
+    ctx.others = others
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # (the statistics' gradient would be a zeros kernel)
 
@@ -129,11 +143,14 @@ def _backward(ctx, grad_y, _grad_stats):
     if grad_y is None:  # no gradient reached y (materialize_grads is off): none flows back
         return (None,) * len(FwdArgs._fields)
     *tensors, stats = ctx.saved_tensors
-    inputs = FwdArgs(**dict(zip(TENSOR_FIELDS, tensors, strict=True)), **ctx.others)
+    values = ctx.others.copy()
+    for i, t in zip(TENSOR_AT, tensors, strict=True):
+        values[i] = t
+    inputs = tuple.__new__(FwdArgs, values)
     needs_x_grad = ctx.needs_input_grad[0]
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
         return _differentiable_backward(inputs, grad_y, ctx.needs_input_grad)
-    args = BwdArgs(grad_y, stats, needs_x_grad, *inputs)
+    args = tuple.__new__(BwdArgs, (grad_y, stats, needs_x_grad, *inputs))
     grads = bwd_impl(args) if dispatcher_free(grad_y) else Grads(*patch_embed_bwd(*args))
     return input_grads(grads, inputs, needs_x_grad)
 
