@@ -190,9 +190,8 @@ class _EagerAutograd(torch.autograd.Function):
 
 
 # ``patch_embed_autograd(*args)`` is ``patch_embed_fwd(*args)`` with its autograd, for eager
-# calls (:func:`dispatcher_free`). Function.apply's own wrapper is skipped (it walks the
-# arguments to unwrap dead torch.func wrappers, which dispatcher_free calls do not have).
-patch_embed_autograd = super(torch.autograd.Function, _EagerAutograd).apply
+# calls (:func:`dispatcher_free`).
+patch_embed_autograd = _EagerAutograd.apply
 
 __all__ = [
     "dispatcher_free",
