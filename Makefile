@@ -10,7 +10,7 @@ OUT ?= bench_out
 ALT_TRITON_VERSION := 3.6.0
 ALT_TRITON := .triton-$(ALT_TRITON_VERSION)
 
-.PHONY: install test lint bench aot-matrix gpu-check gpu-tune gpu-first-call gpu-profile gpu-sanitize clean
+.PHONY: install test lint bench aot-matrix gpu-perf gpu-check gpu-tune gpu-first-call gpu-profile gpu-sanitize clean
 
 # --system-site-packages reuses an existing (CUDA) torch; editable install with test + bench extras.
 $(STAMP): pyproject.toml
@@ -68,6 +68,9 @@ GPU_CHECK_S ?= 560
 # tests and presets are skipped.
 WHEELS ?= .whl
 WHEEL_SITE ?= /tmp/zeta-fused-site
+PEER_WHEELS = if ls $(WHEELS)/*.whl >/dev/null 2>&1; then \
+		python3 -m pip install -q --no-index --no-deps --target $(WHEEL_SITE) $(WHEELS)/*.whl \
+		&& export PYTHONPATH=$(WHEEL_SITE)$${PYTHONPATH:+:$$PYTHONPATH}; fi
 GPU_TESTS_S ?= 300
 gpu-check: XDIST := $(shell python3 -c 'import xdist' 2>/dev/null && printf -- '-n 8')
 gpu-check: PER_TEST := $(shell python3 -c 'import pytest_timeout' 2>/dev/null && printf -- '--timeout=200')
@@ -75,9 +78,7 @@ gpu-check:
 	python3 -m pip install -q -e . --no-deps --no-build-isolation
 	mkdir -p $(OUT)
 	set -o pipefail; status=0; start=$$(date +%s); export PYTHONUNBUFFERED=1; \
-	if ls $(WHEELS)/*.whl >/dev/null 2>&1; then \
-		python3 -m pip install -q --no-index --no-deps --target $(WHEEL_SITE) $(WHEELS)/*.whl \
-		&& export PYTHONPATH=$(WHEEL_SITE)$${PYTHONPATH:+:$$PYTHONPATH}; fi; \
+	$(PEER_WHEELS); \
 	timeout $(GPU_TESTS_S) python3 -m pytest -q -rs $(XDIST) $(PER_TEST) tests 2>&1 \
 		| tee $(OUT)/gpu-tests.log \
 		|| { echo "tests: exit $$? (124: the $(GPU_TESTS_S) s cap)" | tee -a $(OUT)/gpu-tests.log; status=1; }; \
@@ -86,6 +87,25 @@ gpu-check:
 		| tee $(OUT)/bench.log \
 		|| { echo "bench: exit $$? (124: the remaining $$left s)" | tee -a $(OUT)/bench.log; status=1; }; \
 	exit $$status
+
+# The speed questions, the first call on a lent GPU (no venv, as gpu-check; carry $(WHEELS) for
+# its peers): python -m bench.perf, in order the GPU's own ceilings (copy bandwidth, cuBLAS on
+# the presets' GEMM shapes), every forward preset (the fused default, the launch-policy
+# variants of bench/perf.py's VARIANTS, the peers), the training presets, the host probe
+# (microseconds and launches per call), the token-subset presets, then the torch.compile peers.
+# perf.json and perf.md go to $(OUT), rewritten after every cell, with the goal verdicts.
+# Cells start within GPU_PERF_S less GPU_PERF_MARGIN_S (each section within its share,
+# bench/perf.py's SHARES), so the last one can finish; the run is killed at GPU_PERF_S: about
+# six minutes with the install.
+GPU_PERF_S ?= 330
+GPU_PERF_MARGIN_S ?= 40
+gpu-perf:
+	python3 -m pip install -q -e . --no-deps --no-build-isolation
+	mkdir -p $(OUT)
+	set -o pipefail; export PYTHONUNBUFFERED=1; \
+	$(PEER_WHEELS); \
+	timeout $(GPU_PERF_S) python3 -m bench.perf --out $(OUT) \
+		--budget-s $$(( $(GPU_PERF_S) - $(GPU_PERF_MARGIN_S) )) 2>&1 | tee $(OUT)/perf.log
 
 # Block-size tuning on a CUDA machine (no venv, as gpu-check): the fused op under each variant
 # of bench/tune.py (TUNE="--variant NAME ..." picks some); the table, tune.json and the log go

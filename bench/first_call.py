@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "first_call.json").write_text(json.dumps(doc, indent=1))
 
     if torch.cuda.is_available():
-        tuned = os.environ.get("ZETA_FUSED_TUNING", "0") not in ("", "0")
+        from zeta_fused import tuning
+
+        tuned = tuning()  # ZETA_FUSED_TUNING, read as the children read it
         meta = device_info("cuda") | {
             "method": "JIT on the GPU, empty Triton cache per cell"
             + (", tuning on (its timings included)" if tuned else "")

@@ -16,30 +16,17 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from .host import TRAIN_BATCH, case
+from .measure import host_us
 from .presets import CPU_PRESET, PRESETS
 
 CHOICES = PRESETS | {CPU_PRESET.name: CPU_PRESET}
-
-
-def host_us(fn: Callable[[], object], calls: int, device: str) -> float:
-    """Host microseconds per call, the device left to catch up after the timed calls."""
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) / calls * 1e6
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return host
 
 
 def python_profile(fn: Callable[[], object], calls: int, rows: int) -> str:
@@ -68,27 +55,14 @@ def operator_table(fn: Callable[[], object], calls: int, device: str, rows: int)
 
 
 def sections(preset: str, calls: int, train_batch: int, rows: int) -> list[tuple[str, str]]:
-    from zeta_fused import PatchEmbeddings
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = CHOICES[preset]
-    m = PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend="triton")
-    m = m.to(device, p.torch_dtype)
-    shape = (p.channels, p.height, p.width)
-    x1 = torch.randn(p.batch, *shape, device=device, dtype=p.torch_dtype)
-    xb = torch.randn(train_batch, *shape, device=device, dtype=p.torch_dtype)
-
-    def forward() -> None:
-        with torch.no_grad():
-            m(x1)
-
-    def train_step() -> None:
-        m(xb).float().square().mean().backward()
-
+    c = case(p, device, train_batch)
     out = []
-    for name, fn in ((f"{p.name} forward, batch {p.batch}", forward),
-                     (f"{p.name} training step, batch {train_batch}", train_step)):  # fmt: skip
-        head = f"{name}: {host_us(fn, calls, device):.1f} us of host time per call ({device})"
+    for name, fn in ((f"{p.name} forward, batch {p.batch}", c.forward),
+                     (f"{p.name} training step, batch {train_batch}", c.train_step)):  # fmt: skip
+        us = host_us(fn, device, calls)
+        head = f"{name}: {us:.1f} us of host time per call ({device})"
         out.append(
             (
                 head,
@@ -103,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="b1_latency_b16", choices=sorted(CHOICES),
                     help="its module, input and batch for the forward")  # fmt: skip
     ap.add_argument("--calls", type=int, default=200, help="calls timed and profiled per case")
-    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-batch", type=int, default=TRAIN_BATCH)
     ap.add_argument("--rows", type=int, default=35, help="rows of each table")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     args = ap.parse_args(argv)

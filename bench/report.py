@@ -14,6 +14,7 @@ COLUMNS = [  # (header, key, format)
     ("mode", "mode", "{}"),
     ("provider", "provider", "{}"),
     ("ms", "ms", "{:.4f}"),
+    ("p80/p20", "spread", "{:.2f}"),
     ("TB/s", "tbps", "{:.2f}"),
     ("TFLOP/s", "tflops", "{:.1f}"),
     ("% roofline", "pct_roofline", "{:.0f}%"),
@@ -23,9 +24,16 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
+LEGEND = ("ms: the median call (on a CPU: of its thread's CPU time). p80/p20: the spread of the "
+          "timed calls (80th over 20th percentile). x fused: the provider's time over "
+          "zeta-fused's (above 1: zeta-fused is faster).")  # fmt: skip
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     if key == "ms" and row["status"] != "ok":
         return f"{row['status']}: {row.get('error', '')}"
+    if key == "provider" and row.get("variant"):  # the fused op under a launch-policy change
+        return f"{row['provider']} [{row['variant']}]"
     value = row.get(key)
     return "-" if value is None else fmt.format(value)
 
@@ -35,13 +43,35 @@ def table(rows: list[dict]) -> list[list[str]]:
 
 
 def host_lines(host: dict) -> list[str]:
-    return [
-        f"host overhead {name}: failed: {h['failed']}"
-        if "failed" in h
-        else f"host overhead {name}: module {h['module_us']:.1f} us/call, bare kernel launch "
-        f"{h['launch_us']:.1f} us/call ({h['ratio']:.2f}x)"
-        for name, h in host.items()
-    ]
+    """Per host-probe preset: its host microseconds per call and, where counted, the kernels
+    each call launches."""
+    lines = []
+    for name, h in host.items():
+        head = f"host overhead {name}: "
+        if "failed" in h or "skipped" in h:
+            lines.append(head + ("failed: " + h["failed"] if "failed" in h else h["skipped"]))
+        elif "module_us" in h:
+            line = (f"module {h['module_us']:.1f} us/call, bare kernel launch "
+                    f"{h['launch_us']:.1f} us/call ({h['ratio']:.2f}x)")  # fmt: skip
+            if "linear_us" in h:
+                step = f"training step (batch {h['train_batch']}) {h['train_step_us']:.1f}"
+                line += f", F.linear on its rows {h['linear_us']:.1f} us/call, {step} us/call"
+            lines.append(head + line)
+        lines += [f"launches {name}: {line}" for line in launch_lines(h.get("launches", {}))]
+    return lines
+
+
+def launch_lines(launches: dict) -> list[str]:
+    """Kernels and kernel-launching torch operators per call (bench.host.count_launches)."""
+    if "failed" in launches or "skipped" in launches:
+        return [launches.get("failed") or launches["skipped"]]
+    out = []
+    for call, c in launches.items():
+        ops = ", ".join(f"{op} {n:g}" for op, n in c["torch_ops"].items()) or "none"
+        out.append(f"{call}: {c['triton_launches']:g} Triton kernels, {c['other_kernels']:g} "
+                   f"other GPU kernels, launched by {c['torch_kernel_ops']:g} torch ops "
+                   f"({ops})")  # fmt: skip
+    return out
 
 
 def modelled_lines(modelled: dict | None) -> list[str]:
@@ -76,7 +106,7 @@ def terminal(rows: list[dict], meta: dict, host: dict, modelled: dict | None = N
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append("x fused: the provider's time over zeta-fused's (above 1: zeta-fused is faster).")
+    lines.append(LEGEND)
     return "\n".join(lines + host_lines(host) + modelled_lines(modelled) + goal_lines(rows, host))
 
 
@@ -90,6 +120,7 @@ def markdown(
     out.append("| " + " | ".join(cells[0]) + " |")
     out.append("|" + "---|" * len(cells[0]))
     out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    out += ["", LEGEND]
     out += [""] + host_lines(host) if host else []
     subsets = modelled_lines(modelled)
     out += ["", subsets[0], "", *(f"- {line}" for line in subsets[1:])] if subsets else []
@@ -99,7 +130,10 @@ def markdown(
 
 
 def _title(meta: dict) -> str:
-    where = meta.get("gpu") or f"CPU ({meta.get('cpu')}, {meta.get('threads')} threads)"
+    where = meta.get("gpu") or (
+        f"CPU ({meta.get('cpu')}, timed on {meta.get('threads')} thread(s) of "
+        f"{meta.get('cores')} cores, load {meta.get('load_1min')})"
+    )
     return (
         f"zeta-fused {meta['zeta_fused']} on {where}, torch {meta['torch']}, "
         f"triton {meta['triton']}, {meta['date']}"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from . import measure
+from .host import case as host_case
 from .model_stems import MissingPeer
 from .presets import Preset
 from .providers import CONV, E2E, EAGER, FUSED, PROVIDERS, STEM
@@ -25,6 +27,25 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[Callable[[], None]]:
+    """For a run of cells: the objects alive now left out of garbage collection until the end.
+    With torch, timm and transformers loaded, each collection between two cells would scan
+    every one of their objects again (about half a second a cell on a busy 2-core machine).
+    Yields the function to call after each cell: it frees the cell's memory, then freezes what
+    survives (the modules a cell imported lazily)."""
+
+    def after_cell() -> None:
+        _free()
+        gc.freeze()
+
+    after_cell()
+    try:
+        yield after_cell
+    finally:
+        gc.unfreeze()
 
 
 def run_cell(preset: Preset, mode: str, name: str, device: str) -> dict:
@@ -70,10 +91,13 @@ def roofline(presets: list[Preset], device: str) -> dict:
 
 
 def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
-    """Add TB/s, TFLOP/s and % of roofline (forward), the ratio to the fused provider, and
-    (training) peak extra memory as % of the eager Sequential's."""
+    """Add the timing spread (p80 / p20), TB/s, TFLOP/s and % of roofline (forward), the ratio
+    to the fused provider's default (a launch-policy variant of it too), and (training) peak
+    extra memory as % of the eager Sequential's."""
     fused = {
-        (r["preset"], r["mode"]): r["ms"] for r in rows if r["provider"] == FUSED and "ms" in r
+        (r["preset"], r["mode"]): r["ms"]
+        for r in rows
+        if r["provider"] == FUSED and "ms" in r and not r.get("variant")
     }
     eager_mib = {
         (r["preset"], r["mode"]): r["peak_extra_mib"]
@@ -83,6 +107,8 @@ def derive(rows: list[dict], presets: dict[str, Preset], peaks: dict) -> None:
     for r in rows:
         if "ms" not in r:
             continue
+        if r.get("ms_p20"):
+            r["spread"] = r["ms_p80"] / r["ms_p20"]
         p = presets[r["preset"]]
         if r["mode"] == "fwd":
             r["tbps"] = p.bytes() / (r["ms"] * 1e-3) / 1e12
@@ -111,26 +137,22 @@ HOST_PRESETS = ("b1_latency_b16",)
 
 
 def host_overhead(p: Preset, device: str, calls: int = measure.HOST_CALLS) -> dict:
-    """Per-call host time of the module's inference path vs a bare launch of the same kernel.
-    A failure is reported under ``failed``."""
-    from zeta_fused import PatchEmbeddings
-    from zeta_fused.functional import op_inputs
-    from zeta_fused.kernels.contract import LAYER_NORM
-    from zeta_fused.op.args import Norm
-    from zeta_fused.op.launch import patch_embed_fwd
-
+    """Host microseconds per call (calls issued back to back) of the module's inference path,
+    of a bare launch of the same kernel, of ``F.linear`` on the same rows (torch's own cost
+    here) and of a small training step (bench.host). A failure is reported under ``failed``."""
     progress(f"host overhead: {p.name}")
     try:
-        m = PatchEmbeddings(p.channels, p.dim, patch_size=p.patch, backend="triton")
-        m = m.to(device, p.torch_dtype)
-        x = torch.randn(p.batch, p.channels, p.height, p.width, device=device, dtype=p.torch_dtype)
-        ln1, proj, ln2 = m.embedding[1], m.embedding[2], m.embedding[3]
-        norms = (Norm(LAYER_NORM, ln.weight, ln.bias, ln.eps) for ln in (ln1, ln2))
-        args = op_inputs(x, p.patch, proj.weight, proj.bias, *norms)
-        with torch.no_grad():
-            module_us = measure.host_us(lambda: m(x), device, calls)
-            launch_us = measure.host_us(lambda: patch_embed_fwd(args), device, calls)
-        out = {"module_us": module_us, "launch_us": launch_us, "ratio": module_us / launch_us}
+        c = host_case(p, device)
+        out = {
+            "module_us": measure.host_us(c.forward, device, calls),
+            "launch_us": measure.host_us(c.launch, device, calls),
+            "linear_us": measure.host_us(c.linear, device, calls),
+            # Fewer steps: each launches several kernels, and a full launch queue would make
+            # the host wait for the GPU.
+            "train_step_us": measure.host_us(c.train_step, device, max(1, calls // 10)),
+            "train_batch": c.train_batch,
+        }
+        out["ratio"] = out["module_us"] / out["launch_us"]
     except Exception as exc:  # noqa: BLE001 - reported in the output, never fatal
         out = {"failed": _reason(exc)}
     _free()
@@ -172,12 +194,14 @@ def run(
     # figure; the rows are reported in plan order.
     cells.sort(key=lambda cell: cell[2].startswith(SLOW_START))
     rows = []
-    for i, (p, mode, name) in enumerate(cells, 1):
-        slow = " (compiling, can take minutes)" if name.startswith(SLOW_START) else ""
-        progress(f"[{i}/{len(cells)}] {p.name} {mode} {name}{slow}")
-        rows.append(run_cell(p, mode, name, device))
-        if checkpoint is not None:
-            checkpoint(rows, peaks, host)
+    with frozen_heap() as after_cell:
+        for i, (p, mode, name) in enumerate(cells, 1):
+            slow = " (compiling, can take minutes)" if name.startswith(SLOW_START) else ""
+            progress(f"[{i}/{len(cells)}] {p.name} {mode} {name}{slow}")
+            rows.append(run_cell(p, mode, name, device))
+            after_cell()
+            if checkpoint is not None:
+                checkpoint(rows, peaks, host)
     rows.sort(key=lambda r: order[(r["preset"], r["mode"], r["provider"])])
     derive(rows, presets, peaks)
     return rows, peaks, host

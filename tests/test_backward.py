@@ -6,6 +6,7 @@ import pytest
 import torch
 from support import compare, grads, make, module_op_inputs
 
+from zeta_fused import patch_embed
 from zeta_fused.op import policy
 from zeta_fused.op.args import BwdArgs, Grads
 
@@ -208,6 +209,28 @@ def test_eager_op_implementation_matches_kernels(flags, device, monkeypatch) -> 
     eager = grads(m, x, dy)
     for k, e in zip(kernels, eager, strict=True):
         torch.testing.assert_close(k, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear weight", "conv weight"])
+@pytest.mark.parametrize(("chans", "dim"), [(3, 0), (0, 8)], ids=["D=0", "C=0"])
+def test_empty_projection(chans, dim, conv, device) -> None:
+    """D = 0 or C = 0 (an empty GEMM): the output and every gradient the eager path gives,
+    every part of a stem in play (its D-side gradients are not empty when C = 0)."""
+    k = chans * 16
+
+    def run(backend: str, on: str) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        shapes = [(2, chans, 8, 8), (dim, chans, 4, 4) if conv else (dim, k), (dim,), (k,), (k,),
+                  (dim,), (dim,), (4, dim), (1, dim), (dim,), (dim,)]  # fmt: skip
+        t = [torch.randn(s, generator=g, dtype=torch.float64).to(on).requires_grad_()
+             for s in shapes]  # fmt: skip
+        y = patch_embed(t[0], 4, t[1], t[2], (t[3], t[4]), (t[5], t[6]), pos=t[7], prefix=t[8],
+                        stem_norm=(t[9], t[10]), backend=backend)  # fmt: skip
+        dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(on)
+        return [y, *torch.autograd.grad(y, t, dy)]
+
+    for got, want in zip(run("triton", device), run("eager", "cpu"), strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9)
 
 
 # ---------------------------------------------------------------- GPU only

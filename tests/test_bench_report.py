@@ -42,8 +42,11 @@ def test_gpu_shaped_report(tmp_path) -> None:
             "peak_extra_mib": 400.0,
         },
     ]
+    # The fused op under a launch-policy variant, timed after its default.
+    variant = {"preset": p.name, "mode": "fwd", "provider": "zeta-fused", "variant": "k=64"}
+    variant |= {"status": "ok", "ms": 0.05, "ms_p20": 0.04, "ms_p80": 0.06}
     peaks = {"copy_tbps": 4.0, "gemm_tflops_bf16": 600.0}
-    runner.derive(rows, {p.name: p}, peaks)
+    runner.derive([*rows, variant], {p.name: p}, peaks)
     fwd = rows[0]
     floor_ms = 1e3 * max(p.bytes() / 4e12, p.flops() / 600e12)
     assert fwd["roofline_ms"] == pytest.approx(floor_ms)
@@ -51,6 +54,10 @@ def test_gpu_shaped_report(tmp_path) -> None:
     assert rows[1]["x_vs_fused"] == pytest.approx(4.0) and rows[4]["x_vs_fused"] == pytest.approx(
         3.0
     )
+    # Compared with the default, never taken for it.
+    assert variant["x_vs_fused"] == pytest.approx(0.5) and variant["spread"] == pytest.approx(1.5)
+    assert fwd["x_vs_fused"] == pytest.approx(1.0)
+    assert report.table([variant])[1][2] == "zeta-fused [k=64]"
     assert "x_vs_fused" not in rows[2]
     assert rows[3]["pct_eager_mib"] == pytest.approx(25.0) and "pct_eager_mib" not in rows[0]
     host = {"b1_latency_b16": {"module_us": 30.0, "launch_us": 20.0, "ratio": 1.5}}
@@ -77,6 +84,8 @@ def test_goals_are_judged_on_the_runs_own_figures() -> None:
     rows = [
         row("vit_b16", "fwd", "zeta-fused", 0.1, pct_roofline=70.0),
         row("vit_b16", "fwd", "compile", 0.25),
+        # A launch-policy variant of the fused op is neither its figure nor a peer.
+        row("vit_l14", "fwd", "zeta-fused", 0.01, pct_roofline=90.0, variant="fwd k=32"),
         row("vit_l14", "fwd", "zeta-fused", 0.3, pct_roofline=50.0),
         row("vit_l14", "fwd", "eager", 0.29),
         row("vit_b16", "train", "zeta-fused", 0.4, peak_extra_mib=150.0, pct_eager_mib=30.0),
@@ -100,4 +109,9 @@ def test_goals_are_judged_on_the_runs_own_figures() -> None:
     assert b1.met is False and b1.detail.startswith("30.0 us")  # host-bound: 30 us > 25
     assert got["vit_b16 training step <= 40% of eager's extra memory"].met is True
     assert got["host time per call <= 1.5x a bare launch"].met is True
+    assert got["b1_latency_b16 forward <= 20 us of GPU time"].met is True  # 12 us
+    assert got["vit_b16 forward >= 1.5x torch.compile"].met is True  # 0.25 / 0.1
+    assert got["vit_l14 forward >= 1.5x torch.compile"].met is None  # no compile timing
+    assert got["seed_doc_example train >= 2x the fastest peer"].met is None
+    assert got["dit_xl2_256_stem train faster than every peer"].met is None
     assert all(v.line().strip() for v in got.values())

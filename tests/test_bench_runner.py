@@ -82,14 +82,15 @@ def test_failed_roofline_and_host_probe_are_reported(monkeypatch, tmp_path) -> N
 
 
 def test_host_overhead_probe_runs_the_launcher(device) -> None:
-    """The bare-launch arguments match patch_embed_fwd (interpreter on the CPU: no timing
-    meaning, only that both paths run)."""
+    """The bare-launch arguments match patch_embed_fwd, the F.linear baseline and the training
+    step run (interpreter on the CPU: no timing meaning, only that every path runs)."""
     from bench import runner
     from bench.presets import parse_shape
 
     got = runner.host_overhead(parse_shape("1,3,8,8,4,16,fp32"), device, calls=2)
     assert "failed" not in got, got
     assert got["module_us"] > 0 and got["launch_us"] > 0 and got["ratio"] > 0
+    assert got["linear_us"] > 0 and got["train_step_us"] > 0 and got["train_batch"] > 1
 
 
 def test_run_checkpoints_after_every_cell(tmp_path) -> None:
@@ -224,3 +225,81 @@ def test_conv_presets_run_and_are_judged_on_cpu() -> None:
     verdicts = {v.goal: v for v in goals.judge(rows, {})}
     assert verdicts["videomae_b16 train faster than every peer"].met is None
     assert verdicts["series forward >= 60% of the roofline"].met is None
+
+
+def test_cpu_timing_runs_one_thread_without_collections_and_restores_them() -> None:
+    """On a busy machine a parallel region waits a whole time slice for a descheduled thread:
+    CPU cells are timed on one thread, the garbage collector off; both restored after."""
+    import gc
+
+    from bench import measure
+
+    threads = torch.get_num_threads()
+    seen = set()
+    try:
+        torch.set_num_threads(2)
+        measure.time_ms(lambda: seen.add((torch.get_num_threads(), gc.isenabled())), "cpu")
+        assert torch.get_num_threads() == 2 and gc.isenabled()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {(measure.CPU_THREADS, False)} and measure.CPU_THREADS == 1
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The CPU timing's clock, advanced by the calls themselves: their durations are what the
+    test says, whatever else the machine runs."""
+    from bench import measure
+
+    class Clock:
+        wall = cpu = 0.0
+
+        def perf_counter(self) -> float:
+            return self.wall
+
+        def thread_time(self) -> float:
+            return self.cpu
+
+    fake = Clock()
+    monkeypatch.setattr(measure, "time", fake)
+    monkeypatch.setattr(measure, "CPU_WARMUP_S", 0.0)
+    monkeypatch.setattr(measure, "CPU_ROUND_S", 0.0)
+
+    def call(ms: float, waited_ms: float = 0.0) -> None:
+        """A call that ran ``ms`` on this thread, after waiting ``waited_ms`` for a core."""
+        fake.cpu += ms / 1e3
+        fake.wall += (ms + waited_ms) / 1e3
+
+    return call
+
+
+def test_cpu_timing_repeats_until_the_spread_is_small(clock) -> None:
+    """Calls slowed by something else (here: every other call of the first rounds) leave the
+    spread wide; the timing goes on until it narrows, and reports the steady time."""
+    from bench import measure
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        noisy = len(calls) <= 3 + 2 * measure.CPU_ROUND_CALLS
+        clock(20 if noisy and len(calls) % 2 else 1)
+
+    ms, p20, p80 = measure.time_ms(step, "cpu")
+    assert len(calls) > 3 + 2 * measure.CPU_ROUND_CALLS  # more rounds than the noisy ones
+    assert ms == pytest.approx(1) and p80 <= measure.CPU_MAX_SPREAD * p20
+
+
+def test_cpu_time_waiting_for_a_core_is_not_counted(clock) -> None:
+    """On a machine kept busy by other processes most calls wait for a core, for as long as the
+    cell runs: the figure is the thread's CPU time, not the wall clock's."""
+    from bench import measure
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        clock(1, waited_ms=0 if len(calls) % 3 == 0 else 9)  # two calls in three waited
+
+    ms, p20, p80 = measure.time_ms(step, "cpu")
+    assert (ms, p20, p80) == pytest.approx((1, 1, 1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zeta_fused.functional as functional
-from zeta_fused import PatchEmbeddings, dispatch
+from zeta_fused import PatchEmbeddings, dispatch, patch_embed
 
 
 @pytest.fixture
@@ -216,3 +216,17 @@ def test_numpy_integers_are_integers() -> None:
     assert PatchEmbeddings(3, 8, np.int32(16)).patch_size == (4, 4)
     with pytest.raises(TypeError, match="patch_size must be an integer, got 4.0"):
         PatchEmbeddings(3, 8, patch_size=4.0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_functional_patch_size_of_any_integral_type(backend, device) -> None:
+    """patch_embed takes a numpy or 0-d tensor integer as the size along every dimension, as
+    F.conv2d takes its kernel size."""
+    np = pytest.importorskip("numpy")
+    on = "cpu" if backend == "eager" else device
+    x, w = torch.randn(1, 3, 8, 8, device=on), torch.randn(8, 48, device=on)
+    want = patch_embed(x, 4, w, backend=backend)
+    for size in (np.int64(4), np.int32(4), torch.tensor(4)):
+        torch.testing.assert_close(patch_embed(x, size, w, backend=backend), want)
+    with pytest.raises(TypeError, match="patch_size must be an integer, got 4.0"):
+        patch_embed(x, 4.0, w, backend=backend)

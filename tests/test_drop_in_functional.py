@@ -6,6 +6,7 @@ eager module gives, and fp64 keeps fp64's precision. The oracle is the eager mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from support import randomise
 
-from zeta_fused import PatchEmbeddings, patch_embed
+from zeta_fused import PatchEmbeddings, patch_embed, patch_embed_rows
 from zeta_fused.op.reference import patchify
 
 
@@ -114,6 +115,26 @@ def test_fake_tensor_mode_under_no_grad(device) -> None:
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
         y = m(mode.from_tensor(torch.randn(2, 3, 8, 8, device=device)))
     assert y.shape == (2, 4, 16) and type(y).__name__ == "FakeTensor"
+
+
+@pytest.mark.parametrize(("where", "backend"), [("meta", "eager"), ("meta", "auto"),
+                                               ("fake", "eager"), ("fake", "triton")])  # fmt: skip
+def test_indices_without_values_give_shapes(where, backend, device) -> None:
+    """keep= and pos_index= on the meta device or under FakeTensorMode (shape inference,
+    memory planning): shapes as the real call's, no index value read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    on = "meta" if where == "meta" else device
+    mode = FakeTensorMode() if where == "fake" else contextlib.nullcontext()
+    with mode:
+        x, w = torch.randn(2, 3, 8, 8, device=on), torch.randn(16, 48, device=on)
+        table, index = torch.randn(5, 16, device=on), torch.zeros(2, 3, dtype=torch.long, device=on)
+        kept = patch_embed(x, 4, w, pos=table[:4], keep=index, backend=backend)
+        indexed = patch_embed(x, 4, w, pos=table, pos_index=index.repeat(1, 2)[:, :4],
+                              backend=backend)  # fmt: skip
+        rows = torch.randn(6, 48, device=on)
+        packed = patch_embed_rows(rows, w, pos=table, pos_index=index.view(-1), backend=backend)
+    assert kept.shape == (2, 3, 16) and indexed.shape == (2, 4, 16) and packed.shape == (6, 16)
 
 
 @pytest.mark.parametrize("grad_mode", ["no_grad", "grad"])

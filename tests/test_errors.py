@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zeta_fused import PatchEmbeddings, patch_embed
+from zeta_fused import Norm, PatchEmbeddings, patch_embed
+from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM
 
 BACKENDS = ["eager", "triton"]  # "triton" runs under the interpreter on CPU
 
@@ -89,6 +90,29 @@ def test_empty_batch_launches_nothing(module, monkeypatch) -> None:
 def test_functional_weight_shape() -> None:
     with pytest.raises(ValueError, match=r"\(D, 48\).*\(8, 12\)"):
         patch_embed(torch.randn(1, 3, 16, 16), 4, torch.randn(8, 12))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["pre_norm", "post_norm", "stem_norm"])
+@pytest.mark.parametrize("kind", [LAYER_NORM, RMS_NORM])
+def test_negative_eps_is_rejected(backend, which, kind, device) -> None:
+    """A negative epsilon gives NaN or skewed tokens: each norm's raises, the vectors and
+    everything else being fine (the common path checks it, not only the slow one)."""
+    on = "cpu" if backend == "eager" else device
+    x, w = torch.randn(2, 3, 8, 8, device=on), torch.randn(8, 48, device=on)
+    size = 48 if which == "pre_norm" else 8
+    norm = Norm(kind, torch.ones(size, device=on), None, -1e-3)
+    with pytest.raises(ValueError, match=f"{which} eps must be a non-negative number, got -0.001"):
+        patch_embed(x, 4, w, **{which: norm}, backend=backend)
+    if which != "stem_norm":  # a LayerNorm's pair takes the call's eps
+        with pytest.raises(ValueError, match=f"{which} eps"):
+            patch_embed(x, 4, w, **{which: (None, None)}, eps=-1e-3, backend=backend)
+
+
+def test_layer_norm_has_no_default_eps() -> None:
+    norm = Norm(LAYER_NORM, None, None, None)
+    with pytest.raises(ValueError, match="pre_norm eps must be a non-negative number, got None"):
+        patch_embed(torch.randn(1, 3, 8, 8), 4, torch.randn(8, 48), pre_norm=norm)
 
 
 def test_errors_leave_nothing_half_done() -> None:

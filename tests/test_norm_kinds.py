@@ -10,7 +10,7 @@ from einops.layers.torch import Rearrange
 from support import check_drop_in, compare, randomise
 from torch import nn
 
-from zeta_fused import FusedPatchSequential, PatchEmbeddings, ViTStem, fuse_stems
+from zeta_fused import FusedPatchSequential, Norm, PatchEmbeddings, ViTStem, fuse_stems, patch_embed
 from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM
 from zeta_fused.nn.norms import norm_kind, norm_problem, norm_value
 from zeta_fused.op.reference import PATCHIFY
@@ -42,11 +42,29 @@ def test_each_norm_keeps_its_eps(device, fused_path_calls) -> None:
     assert fused_path_calls
 
 
-def test_rms_norm_default_eps_is_the_dtypes(device) -> None:
-    """nn.RMSNorm(eps=None) uses the machine epsilon of its input's dtype (large in bf16)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rms_norm_default_eps_is_its_accumulation_types(dtype, device, fused_path_calls) -> None:
+    """nn.RMSNorm(eps=None) uses the machine epsilon of the type rms_norm accumulates in:
+    fp32's for bf16, fp16 and fp32 inputs, fp64's for fp64 ones (not bf16's 7.8e-3, which
+    shrinks the tokens of small patches)."""
     m = sequential(nn.RMSNorm(48), nn.RMSNorm(40))
-    assert norm_value(m[1], torch.bfloat16).eps == torch.finfo(torch.bfloat16).eps
-    compare(randomise(m, 0.2).double(), torch.randn(2, 3, 8, 8), torch.bfloat16, device)
+    assert norm_value(m[1], dtype).eps == torch.finfo(torch.float32).eps
+    assert norm_value(m[1], torch.float64).eps == torch.finfo(torch.float64).eps
+    # Pixels of 1e-2: mean(t^2) = 1e-4, where an eps of 7.8e-3 would dominate.
+    compare(randomise(m, 0.2).double(), 1e-2 * torch.randn(2, 3, 8, 8), dtype, device)
+    assert fused_path_calls
+
+
+def test_functional_rms_norm_with_default_eps(device) -> None:
+    """Functional Norms with eps=None (an RMSNorm's own) run fused, each with the eps the eager
+    path (F.rms_norm) uses."""
+    x = 1e-2 * torch.randn(2, 3, 8, 8, device=device, dtype=torch.bfloat16)
+    w = torch.randn(40, 48, device=device, dtype=torch.bfloat16)
+    g1 = torch.randn(48, device=device, dtype=torch.bfloat16)
+    default = Norm(RMS_NORM, None, None, None)
+    norms = dict(pre_norm=Norm(RMS_NORM, g1, None, None), post_norm=default, stem_norm=default)
+    ys = [patch_embed(x, 4, w, **norms, backend=b) for b in ("eager", "triton")]
+    torch.testing.assert_close(ys[1], ys[0], rtol=2e-2, atol=2e-2)
 
 
 def test_mixed_kinds_in_a_sequential(device) -> None:

@@ -93,3 +93,45 @@ def test_bad_table_indices_name_the_sizes(backend, device) -> None:
         patch_embed_rows(rows, weight, pos=table, pos_index=index[:3], backend=backend)
     with pytest.raises(ValueError, match="pos_index needs a position table"):
         patch_embed_rows(rows, weight, pos_index=index, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_pre_norm_vectors_are_in_the_rows_order_for_both_weight_forms(backend, device) -> None:
+    """A pre-norm's (K,) vectors apply to the rows' own values in their order, whether the
+    weight is the conv's (D, C, T, P, P) or its flatten(1): the same tokens and gradients as
+    LayerNorm then Linear over the rows."""
+    on = "cpu" if backend == "eager" else device
+    rows, weight, bias, _, _ = packed()
+    g1, b1 = torch.randn(2, 96, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (rows, g1, b1)]
+    want = torch.nn.functional.linear(
+        torch.nn.functional.layer_norm(rows, (96,), g1, b1), weight.flatten(1), bias
+    )
+    dy = torch.randn(want.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, inputs, dy)
+    for form in (weight, weight.flatten(1)):
+        leaves = [t.detach().to(on).requires_grad_() for t in inputs]
+        y = patch_embed_rows(leaves[0], form.to(on), bias.to(on), (leaves[1], leaves[2]),
+                             backend=backend)  # fmt: skip
+        torch.testing.assert_close(y.detach().cpu(), want.detach())
+        for got, expected in zip(torch.autograd.grad(y, leaves, dy.to(on)), want_grads,
+                                 strict=True):  # fmt: skip
+            torch.testing.assert_close(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_no_rows(backend, device) -> None:
+    """An empty shard: (0, K) rows give (0, D) tokens, as F.linear does, for either weight
+    form, with a table index too."""
+    on = "cpu" if backend == "eager" else device
+    rows, weight, bias, table, _ = packed()
+    rows = rows[:0].to(on).requires_grad_()
+    for form in (weight, weight.flatten(1)):
+        y = patch_embed_rows(rows, form.to(on), bias.to(on), backend=backend)
+        assert y.shape == (0, 40)
+        y.sum().backward()
+        assert rows.grad.shape == (0, 96)
+        index = torch.zeros(0, dtype=torch.int64, device=on)
+        y = patch_embed_rows(rows, form.to(on), pos=table.to(on), pos_index=index,
+                             backend=backend)  # fmt: skip
+        assert y.shape == (0, 40)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 
 import pytest
 import torch
@@ -72,14 +73,26 @@ class KernelSpy:
         return run
 
 
-def test_off_by_default_and_the_environment_variable(monkeypatch) -> None:
+@pytest.mark.parametrize(("value", "on"), [(None, False), ("", False), ("1", True),
+    ("true", True), ("Yes", True), ("on", True), ("0", False), ("false", False), ("no", False),
+    (" OFF ", False)])  # fmt: skip
+def test_off_by_default_and_the_environment_variable(monkeypatch, value, on) -> None:
     monkeypatch.setattr(tuning, "_enabled", None)
-    monkeypatch.delenv(tuning.ENV_VAR, raising=False)
-    assert zeta_fused.tuning() is False
-    monkeypatch.setattr(tuning, "_enabled", None)
-    monkeypatch.setenv(tuning.ENV_VAR, "1")
-    assert zeta_fused.tuning() is True
+    if value is None:
+        monkeypatch.delenv(tuning.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(tuning.ENV_VAR, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the usual spellings need no warning
+        assert zeta_fused.tuning() is on
     assert zeta_fused.tuning(False) is False and zeta_fused.tuning() is False
+
+
+def test_an_unknown_environment_value_warns_and_leaves_tuning_off(monkeypatch) -> None:
+    monkeypatch.setattr(tuning, "_enabled", None)
+    monkeypatch.setenv(tuning.ENV_VAR, "maybe")
+    with pytest.warns(UserWarning, match=r"ZETA_FUSED_TUNING='maybe' is not one of \('1', 'true'"):
+        assert zeta_fused.tuning() is False
 
 
 def test_untuned_calls_never_time(monkeypatch, device) -> None:
@@ -231,15 +244,33 @@ def tuning_args(x, w, b, norm):
     return op_inputs(x, (4, 4), w, b, None, norm_arg(norm, 1e-5, "post_norm"))
 
 
-def test_a_corrupt_cache_file_is_ignored(tuned, tmp_path, device) -> None:
+def unknown_choices(ident: dict, key: str) -> dict:
+    """A file of this identity (another build with the same version string) whose choices for
+    the call ``key`` name a candidate this build does not have."""
+    choices = {f"fwd {key}": {"choice": "m*8"}, f"path:inference {key}": {"choice": "fused"}}
+    return {"format": tuning.FILE_FORMAT, "identity": ident, "choices": choices}
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "null", "choices as a list",
+                                     "unknown choices"])  # fmt: skip
+def test_an_unusable_cache_file_is_ignored(tuned, device, content) -> None:
+    """Every call of the kind runs and is tuned again, and the file is rewritten."""
     _, timed = tuned
     x, w, b, norm = inputs(device)
-    path = tuning.cache_file(tuning.identity(tuning.device_name(x)))
-    path.write_text("{not json")
+    ident = tuning.identity(tuning.device_name(x))
+    path, key = tuning.cache_file(ident), tuning.call_key(tuning_args(x, w, b, norm))
+    if content == "choices as a list":
+        content = json.dumps({"format": tuning.FILE_FORMAT, "identity": ident, "choices": []})
+    elif content == "unknown choices":
+        content = json.dumps(unknown_choices(ident, key))
+    path.write_text(content)
     with torch.no_grad():
-        call(x, w, b, norm)
-    assert timed  # tuned
-    assert json.loads(path.read_text())["format"] == tuning.FILE_FORMAT  # and rewritten
+        torch.testing.assert_close(call(x, w, b, norm), call(x, w, b, norm, "eager"))
+    assert "fwd device" in timed  # tuned
+    doc = json.loads(path.read_text())  # and rewritten
+    assert doc["format"] == tuning.FILE_FORMAT and doc["choices"][f"fwd {key}"]["choice"] in (
+        tuning.FWD_CANDIDATES
+    )
 
 
 def test_never_times_while_compiling_capturing_or_on_fake_tensors(

@@ -51,6 +51,36 @@ def test_warmup_runs_the_calls_and_changes_nothing(device, fused_path_calls, tra
     assert "warm-up" in str(report)
 
 
+class Counting(nn.Module):
+    """A forward that replaces its buffers (a step count, an EMA of its tokens) and draws from
+    a generator of its own."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.embed = PatchEmbeddings(3, 16, patch_size=4, backend="triton", device=device)
+        self.register_buffer("steps", torch.zeros((), device=device))
+        self.register_buffer("ema", torch.zeros(16, device=device))
+        self.noise = torch.Generator(device).manual_seed(3)
+
+    def forward(self, x):
+        y = self.embed(x)
+        self.steps = self.steps + 1
+        self.ema = 0.9 * self.ema + 0.1 * y.detach().mean((0, 1))
+        return y + torch.rand(y.shape, generator=self.noise, device=y.device)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_warmup_restores_replaced_buffers_and_owned_generators(device, training) -> None:
+    model = Counting(device)
+    steps, ema = model.steps, model.ema
+    expected_draw = torch.rand(4, generator=torch.Generator(device).manual_seed(3), device=device)
+    warmup(model, torch.randn(2, 3, 8, 8, device=device), training=training)
+    assert model.steps is steps and model.ema is ema  # the very tensors, with their values
+    assert model.steps.item() == 0 and not model.ema.any()
+    assert dict(model.named_buffers()) == {"steps": steps, "ema": ema}
+    assert torch.equal(torch.rand(4, generator=model.noise, device=device), expected_draw)
+
+
 def test_warmup_needs_an_example() -> None:
     with pytest.raises(ValueError, match="example"):
         warmup(nn.Identity())

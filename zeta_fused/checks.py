@@ -10,6 +10,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn import Parameter
 
 from .kernels.contract import LAYER_NORM, RMS_NORM
@@ -131,6 +132,20 @@ def norm_arg(norm, eps: float, which: str) -> Norm | None:
     )
 
 
+def norm_eps(eps: float | None, dtype: torch.dtype) -> float:
+    """A norm's epsilon for an input of ``dtype``. None (``nn.RMSNorm(eps=None)``, an RMSNorm
+    Norm's own) is what ``F.rms_norm`` uses: the machine epsilon of the type it accumulates
+    in, fp64's for fp64 inputs and fp32's for every other one (bf16, fp16, fp32). Autocast
+    does not change it: CUDA autocast runs rms_norm in fp32 and leaves fp64 alone, the CPU's
+    does not cast it."""
+    if eps is not None:
+        return eps
+    return _FP64_EPS if dtype is torch.float64 else _FP32_EPS
+
+
+_FP32_EPS, _FP64_EPS = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+
+
 def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
                    bias: Tensor | None, pre_norm: Norm | None, post_norm: Norm | None,
                    ) -> tuple[Tensor | None, Norm | None, Norm | None]:  # fmt: skip
@@ -150,8 +165,8 @@ def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
         weight.shape == weight_shape
         and weight.device == device
         and weight.dtype is dtype
-        and _known_kind(pre_norm)
-        and _known_kind(post_norm)
+        and _usable(pre_norm)
+        and _usable(post_norm)
     )
     for t, shape in ((bias, d_vector), (g1, k_vector), (b1, k_vector), (g2, d_vector),
                      (b2, d_vector)):  # fmt: skip
@@ -167,13 +182,18 @@ def checked_params(x: Tensor, weight: Tensor, weight_shape: tuple[int, ...],
         if weight.shape != weight_shape:
             raise ValueError(f"weight must have shape {weight_shape}, got {tuple(weight.shape)}")
         patch_dim = math.prod(weight_shape[1:])
-        bias, pre_norm, post_norm = check_vectors(bias, pre_norm, post_norm, patch_dim, dim)
+        bias, pre_norm, post_norm = check_vectors(bias, pre_norm, post_norm, patch_dim, dim,
+                                                  dtype)  # fmt: skip
         check_params(x, [weight, bias, *norm_tensors(pre_norm), *norm_tensors(post_norm)])
     return bias, pre_norm, post_norm
 
 
-def _known_kind(norm: Norm | None) -> bool:
-    return norm is None or norm.kind in (LAYER_NORM, RMS_NORM)
+def _usable(norm: Norm | None) -> bool:
+    """No norm, or one of a known kind with an epsilon the op takes as it is (a default one,
+    None, and a bad one go to the slow path: :func:`_norm` resolves or rejects them)."""
+    return norm is None or (
+        norm.kind in (LAYER_NORM, RMS_NORM) and norm.eps is not None and norm.eps >= 0
+    )
 
 
 def norm_tensors(norm: Norm | None) -> tuple[Tensor | None, ...]:
@@ -182,30 +202,33 @@ def norm_tensors(norm: Norm | None) -> tuple[Tensor | None, ...]:
 
 
 def check_vectors(bias: Tensor | None, pre_norm: Norm | None, post_norm: Norm | None,
-                  patch_dim: int, dim: int,
+                  patch_dim: int, dim: int, dtype: torch.dtype,
                   ) -> tuple[Tensor | None, Norm | None, Norm | None]:  # fmt: skip
-    """The bias (D,) and the norms' weight and bias of the sizes they need, a clear error
-    otherwise (the kernels would read past a short one); a strided vector comes back
-    contiguous (the kernels read them as runs)."""
+    """The bias (D,) and the norms (:func:`_norm`, for an input of ``dtype``) of the sizes they
+    need, a clear error otherwise (the kernels would read past a short one); a strided vector
+    comes back contiguous (the kernels read them as runs)."""
     return (
         _vector(bias, dim, "bias"),
-        _norm(pre_norm, patch_dim, "pre_norm"),
-        _norm(post_norm, dim, "post_norm"),
+        _norm(pre_norm, patch_dim, "pre_norm", dtype),
+        _norm(post_norm, dim, "post_norm", dtype),
     )
 
 
-def _norm(norm: Norm | None, size: int, which: str) -> Norm | None:
-    """A norm value checked: its kind, its epsilon, its vectors of ``size``."""
+def _norm(norm: Norm | None, size: int, which: str, dtype: torch.dtype) -> Norm | None:
+    """A norm value checked: its kind, its epsilon (an RMSNorm's default, None, resolved for an
+    input of ``dtype``: :func:`norm_eps`), its vectors of ``size``."""
     if norm is None:
         return None
     if not isinstance(norm, Norm):
         raise TypeError(f"{which} must be a zeta_fused.Norm or None, got {type(norm).__name__}")
     if norm.kind not in (LAYER_NORM, RMS_NORM):
         raise ValueError(f"{which} kind must be {LAYER_NORM!r} or {RMS_NORM!r}, got {norm.kind!r}")
-    if not norm.eps >= 0:
+    eps = norm.eps if norm.kind == LAYER_NORM else norm_eps(norm.eps, dtype)
+    if eps is None or not eps >= 0:  # None: a LayerNorm has no default
         raise ValueError(f"{which} eps must be a non-negative number, got {norm.eps!r}")
     weight = _vector(norm.weight, size, f"{which} weight")
-    return norm._replace(weight=weight, bias=_vector(norm.bias, size, f"{which} bias"))
+    bias = _vector(norm.bias, size, f"{which} bias")
+    return norm._replace(weight=weight, bias=bias, eps=float(eps))
 
 
 def _vector(t: Tensor | None, size: int, name: str) -> Tensor | None:
@@ -260,7 +283,7 @@ def check_stem(x: Tensor, patch: tuple[int, ...], dim: int, stem: Stem,
         index = _index(index, "pos_index", x, tokens if rows is None else rows, pos.shape[0],
                        f"the {pos.shape[0]} rows of pos", values)  # fmt: skip
     prefix = _rows(stem.prefix, None, dim, "prefix", "the prefix rows")
-    stem_norm = _norm(stem.norm, dim, "stem_norm")
+    stem_norm = _norm(stem.norm, dim, "stem_norm", x.dtype)
     check_params(x, [pos, prefix, *norm_tensors(stem_norm)])
     return Stem(pos, prefix, stem_norm, index)
 
@@ -290,7 +313,8 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
     """A (B, rows) int64 index (rows None: any L) with values in [0, bound), on the image's
     device; returned contiguous. Out-of-range values raise here, before anything is computed
     (a host sync; under torch.compile or CUDA-graph capture, which cannot sync, a device-side
-    assert instead)."""
+    assert instead). An index on the meta device or a FakeTensor (shape inference, memory
+    planning) has no values: only its shape is checked."""
     batch = x.shape[0]
     if not isinstance(index, Tensor):
         raise TypeError(f"{name} must be a (B, L) int64 tensor of indices, got {type(index)}")
@@ -307,13 +331,14 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
     if values:
         in_range = ((index >= 0) & (index < bound)).all()
         message = f"{name} holds indices outside [0, {bound}) for {what}"
-        # is_compiling first: dynamo cannot trace is_current_stream_capturing (it returns a bool)
+        # is_compiling first: dynamo can trace neither is_current_stream_capturing (it returns
+        # a bool) nor is_fake
         if torch.compiler.is_compiling() or (
             x.is_cuda and torch.cuda.is_current_stream_capturing()
         ):
             torch._assert_async(in_range, message)
-        elif index.numel() and not in_range:
-            raise ValueError(message)
+        elif index.numel() and not (index.is_meta or is_fake(index)) and not in_range:
+            raise ValueError(message)  # (a meta or fake index holds no values to read)
     return index if index.is_contiguous() else index.contiguous()
 
 

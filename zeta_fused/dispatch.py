@@ -20,6 +20,7 @@ import warnings
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+import torch.fx._symbolic_trace as _fx
 
 BACKENDS = ("auto", "triton", "eager")
 ENV_VAR = "ZETA_FUSED_BACKEND"
@@ -108,17 +109,29 @@ def interpreter_problem() -> str | None:
 _env_choice: object = _UNTRIED
 
 
+def env_setting(name: str, settings: dict[str, object], default: object, stacklevel: int):
+    """The setting the environment variable ``name`` spells, read now: ``settings`` maps each
+    accepted spelling (lower case; the value's case and surrounding spaces do not matter) to
+    its setting. Unset or empty: ``default``; any other value: ``default`` too, after a
+    warning naming the variable and the accepted spellings (``stacklevel`` as
+    ``warnings.warn``'s, counted from the caller)."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in settings:
+        return settings[value]
+    warnings.warn(
+        f"{name}={raw!r} is not one of {tuple(settings)}: ignored, {default!r} is used",
+        stacklevel=stacklevel + 1,
+    )
+    return default
+
+
 def _env_backend() -> str:
     global _env_choice
     if _env_choice is _UNTRIED:
-        value = os.environ.get(ENV_VAR) or "auto"
-        if value not in BACKENDS:
-            warnings.warn(
-                f"{ENV_VAR}={value!r} is not one of {BACKENDS}: ignored, backend 'auto' is used",
-                stacklevel=5,
-            )
-            value = "auto"
-        _env_choice = value
+        _env_choice = env_setting(ENV_VAR, {b: b for b in BACKENDS}, "auto", stacklevel=5)
     return _env_choice
 
 
@@ -141,6 +154,58 @@ def _eager_context(x: torch.Tensor) -> bool:
         or torch._C._get_tracing_state() is not None
         or (x.dtype == torch.float64 and torch.is_autocast_enabled(x.device.type))
     )
+
+
+# torch.fx's tracing flag: a thread-local in recent releases, read through its __dict__ (its
+# getter's default for a missing attribute raises and catches an exception on every call
+# outside a trace); a module global before.
+_fx_tls = getattr(_fx, "_is_fx_tracing_tls", None)
+if _fx_tls is not None:
+
+    def _fx_tracing() -> bool:
+        return _fx_tls.__dict__.get("flag", False)
+
+else:
+
+    def _fx_tracing() -> bool:
+        return _fx._is_fx_tracing_flag
+
+
+def symbolic_tracing() -> bool:
+    """``torch.fx.symbolic_trace`` (or a tracer built on it: torchvision's
+    ``create_feature_extractor``, timm's FX feature extraction, FX quantization) is tracing
+    the model. Its tensors are Proxies: no Python decision may read their values or sizes, and
+    the graph must hold operations, not the result of a call made at trace time. Every fused
+    module then runs its peer's own code (docs/design.md, "torch.fx"). torch.export sets the
+    same flag while it traces, together with the compiling one: it is not symbolic tracing.
+    Compiling is asked first: dynamo folds it to a constant and then never reads the
+    thread-local flag, on which it would guard (one graph per thread)."""
+    return not torch.compiler.is_compiling() and _fx_tracing()
+
+
+class traced_as_peer:  # noqa: N801 - a decorator, named as one
+    """Decorates a method of a fused class (mixed in front of its peer's class): while
+    :func:`symbolic_tracing`, reading the method gives the peer's instead (the next class's in
+    the instance's MRO), bound to the instance when read on one. torch.fx then traces the
+    peer's code: a module call reads ``module.forward``, and a traced root module's
+    ``type(root).forward`` is read on the class, whose signature (argument names, defaults,
+    annotations) becomes the graph's. Read on the class otherwise, it is this object (called,
+    the method): torch.compile's guards read it so."""
+
+    def __init__(self, method):
+        self.method = method
+        functools.update_wrapper(self, method)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __get__(self, instance, cls=None):
+        if symbolic_tracing():
+            return getattr(super(self.owner, cls if instance is None else instance), self.name)
+        return self if instance is None else self.method.__get__(instance, cls)
+
+    def __call__(self, *args, **kwargs):
+        return self.method(*args, **kwargs)
 
 
 def hook_dicts(*modules: torch.nn.Module) -> tuple[dict, ...]:

@@ -4,6 +4,8 @@ and converted peer reaches the fused op."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -137,7 +139,8 @@ def patch_embed(
         x: input batch (B, C, *spatial): sequences (B, C, L), images (B, C, H, W), videos or
             volumes (B, C, T, H, W); floating point, any strides (a (B, T, C, H, W) tensor
             permuted to (B, C, T, H, W) is read in place).
-        patch_size: an int (the same along every spatial dimension) or one size per dimension.
+        patch_size: an integer (any integral type, numpy's included: the same along every
+            spatial dimension) or one size per dimension.
         weight: projection (D, K) with K = C * prod(patch) in (*patch, C) order (vit-pytorch's
             ``(p1 p2 c)``, ``(pf p1 p2 c)``, ``(p c)``), or a conv weight (D, C, *patch) used as
             it is (no copy; its gradient keeps that shape).
@@ -171,7 +174,10 @@ def patch_embed(
         (B, P + N, D) tokens: the P prefix rows, then N = prod(spatial / patch) patch tokens
         in grid order (last dimension fastest), or the L kept ones.
     """
-    patch = patch_tuple(patch_size, x.ndim - 2 if isinstance(patch_size, int) else len(patch_size))
+    # A sequence of sizes gives the rank (a wrong one is named with the input's shape below);
+    # any integer (numpy's too) is the size along every spatial dimension.
+    sizes = isinstance(patch_size, (tuple, list))
+    patch = patch_tuple(patch_size, len(patch_size) if sizes else x.ndim - 2)
     check_input(x, None, patch, dynamic_img_pad)
     check_weight(weight, x.shape[1], patch)
     pre_norm, post_norm = norm_arg(pre_norm, eps, "pre_norm"), norm_arg(post_norm, eps, "post_norm")
@@ -214,14 +220,16 @@ def patch_embed_rows(
     Args:
         rows: (L, K), floating point.
         weight: (D, K), or a conv weight (D, C, *patch) with C * prod(patch) = K.
-        bias, pre_norm, post_norm, eps, backend: as :func:`patch_embed`.
+        bias, post_norm, eps, backend: as :func:`patch_embed`.
+        pre_norm: as :func:`patch_embed`, its (K,) vectors in the rows' own order, for either
+            form of the weight.
         pos: a (T, D) position table; with ``pos_index`` (L,) int64, row ``pos_index[i]`` is
             added to token i (packed rows of several images, each with its own rows of a
             table resized for it: SigLIP2 NaFlex, Idefics3 / SmolVLM bucketed positions);
             without it, T = L and row i goes to token i.
 
     Returns:
-        (L, D) tokens.
+        (L, D) tokens (L may be 0).
     """
     if rows.ndim != 2:
         raise ValueError(f"expected rows of shape (L, K), got {tuple(rows.shape)}")
@@ -234,6 +242,8 @@ def patch_embed_rows(
     # One patch per "input": a conv weight sees (L, C, *patch), a Linear one (L, K, 1).
     cut = weight.shape[1:] if weight.ndim > 2 else (width, 1)
     x = rows.unflatten(1, cut) if rows.stride(1) == 1 else rows.reshape(-1, *cut)
+    if weight.ndim > 2:  # the op reads a pre-norm's vectors in (*patch, c) order
+        pre_norm = _in_patch_order(norm_arg(pre_norm, eps, "pre_norm"), tuple(cut))
     if pos is not None and pos_index is None:
         if pos.shape[0] != rows.shape[0]:
             raise ValueError(
@@ -248,4 +258,19 @@ def patch_embed_rows(
         pos_index = pos_index.view(-1, 1)  # one token per "input"
     y = patch_embed(x, cut[1:], weight, bias, pre_norm, post_norm, eps, pos=pos,
                     pos_index=pos_index, backend=backend)  # fmt: skip
-    return y.view(rows.shape[0], -1)
+    return y.view(rows.shape[0], y.shape[-1])  # (L, 1, D): L may be 0
+
+
+def _in_patch_order(norm: Norm | None, cut: tuple[int, ...]) -> Norm | None:
+    """A pre-norm over rows, its (K,) vectors in the rows' own (c, *patch) order, with them in
+    the (*patch, c) order the op reads (a vector of another size is left to the checks, which
+    name it)."""
+    if norm is None:
+        return None
+
+    def reordered(t: Tensor | None) -> Tensor | None:
+        if t is None or t.shape != (math.prod(cut),):
+            return t
+        return t.view(cut).movedim(0, -1).reshape(-1)
+
+    return norm._replace(weight=reordered(norm.weight), bias=reordered(norm.bias))

@@ -32,9 +32,9 @@ from .. import dispatch
 from ..checks import check_input
 from ..functional import fused_call
 from ..nn.norms import norm_kind, norm_problem
-from ..nn.params import any_hook, param, plain
+from ..nn.params import any_hook, forward_of, param, plain
 from ..op.args import Norm, Stem
-from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem
+from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem, patch_grid
 
 
 class StemKind(NamedTuple):
@@ -184,20 +184,45 @@ class call_scope:  # noqa: N801 - used as a context manager, like contextlib's
                 table[i] = saved
 
 
+class _HandoffModule(FusedStem):
+    """A module of the owner (a norm, a token drop) that a fused stem may do the work of, in
+    its owner's call only: when the stem left an entry for it in the call's state
+    (:func:`call_state`), the module returns ``_zeta_handed(x, entry)``, else its peer's
+    forward runs."""
+
+    _zeta_entry: str  # the key of the call state's entry the stem leaves for it
+
+    @dispatch.traced_as_peer
+    def forward(self, x: Tensor) -> Tensor:
+        state = call_state(self)
+        entry = None if state is None else state.pop(self._zeta_entry, None)
+        return super().forward(x) if entry is None else self._zeta_handed(x, entry)
+
+    def _zeta_handed(self, x: Tensor, entry) -> Tensor:
+        raise NotImplementedError
+
+    def __prepare_scriptable__(self):
+        # Scripted as the peer's module (sharing its parameters, buffers and settings), as in a
+        # graph that torch.fx made, which calls a torch.nn norm as a leaf: outside its owner's
+        # call it computes what the peer's does. Scripting the owner, which is converted too,
+        # raises first (dispatch.NotScriptable): the owner's module is never replaced.
+        peer = object.__new__(self._zeta_base)
+        peer.__dict__.update(self.__getstate__())
+        return peer
+
+
 # --- Hand-off of a norm applied outside the stem's module --------------------------------------
 # In the call's state: "norm", the norm the owner applies after the stem; "done", the tensor
 # the stem normalised with it already.
 
 
-class _HandoffNorm(FusedStem):
+class _HandoffNorm(_HandoffModule):
     """A norm (a LayerNorm or RMSNorm the op computes) that returns the stem's output as it is
     when the stem applied it already."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        state = call_state(self)
-        done = None if state is None else state.pop("done", None)
-        if done is None:
-            return super().forward(x)
+    _zeta_entry = "done"
+
+    def _zeta_handed(self, x: Tensor, done: Tensor) -> Tensor:
         if done is not x:
             # The stem normalised its output already; normalising another tensor instead
             # would silently differ from the peer. The owners check that nothing between the
@@ -221,7 +246,11 @@ def handoff_scope(owner: nn.Module, stem: nn.Module, norm: nn.Module | None,
     """The scope of one call of the owner's forward: the stem computes for ``owner`` (the
     call's state ``"owner"``) and may apply ``norm`` (None: none) and hand its output over,
     and draw the tokens that the token drop ``drop`` (a :class:`_HandoffTokenDrop`; None: none)
-    keeps (the state's ``"drop"``)."""
+    keeps (the state's ``"drop"``). A stem whose calls run a forward set on the instance
+    (accelerate's device hooks, a monkeypatch, which may change the stem's output) hands
+    nothing over."""
+    if forward_of(stem) is not type(stem).forward:
+        norm = drop = None
     modules = [m for m in (owner, stem, norm, drop) if m is not None]
     return call_scope({"owner": owner, "norm": norm, "drop": drop}, *modules)
 
@@ -234,7 +263,7 @@ def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
     norm = None if state is None else state.get("norm")
     if (
         norm is None
-        or type(norm).forward is not _HandoffNorm.forward
+        or not plain(norm, _HandoffNorm)
         or norm_problem(norm, dim) is not None
         or any_hook(norm, "_zeta_own_hooks", norm)
     ):
@@ -261,17 +290,15 @@ def keep_tokens(x: Tensor, prefix_rows: int, ids: Tensor) -> Tensor:
     return torch.cat((x[:, :prefix_rows], tokens), 1) if prefix_rows else tokens
 
 
-class _HandoffTokenDrop(FusedStem):
+class _HandoffTokenDrop(_HandoffModule):
     """A token drop (timm's and OpenCLIP's ``PatchDropout``) whose random draw the stem makes:
     it returns the stem's output as it is when the op kept the drawn tokens already, and
     keeps the drawn ones of the tensor it receives when the stem drew them but the op could
     not run (drawing again would consume the random numbers twice)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        state = call_state(self)
-        drawn = None if state is None else state.pop("drawn", None)
-        if drawn is None:
-            return super().forward(x)
+    _zeta_entry = "drawn"
+
+    def _zeta_handed(self, x: Tensor, drawn: tuple) -> Tensor:
         out, prefix_rows, ids = drawn
         if out is None:
             return keep_tokens(x, prefix_rows, ids.to(x.device))
@@ -307,7 +334,7 @@ def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem
     check_input(x, conv.in_channels, patch, False)
     weight, bias = param(conv, "weight"), param(conv, "bias")
     shape = (conv.out_channels, conv.in_channels, *patch)
-    grid = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
+    grid = tuple(patch_grid(x, patch))
     parts = stem(grid)
     return fused_call(x, patch, weight, shape, bias, None, post_norm, parts,
                       None if keep is None else keep(grid))  # fmt: skip

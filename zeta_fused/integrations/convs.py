@@ -45,6 +45,12 @@ def _conv_semantics(x: Tensor, patch: tuple[int, ...]) -> bool:
     return x.ndim != len(patch) + 2 or any(s < p for s, p in zip(x.shape[2:], patch, strict=True))
 
 
+def patch_grid(x: Tensor, patch: tuple[int, ...]) -> list[int]:
+    """The patch grid a stride-patch conv gives for ``x`` (B, C, *spatial): patches per spatial
+    dimension. A list, not a generator: torch.compile does not trace ``math.prod`` over one."""
+    return [s // p for s, p in zip(x.shape[2:], patch, strict=True)]
+
+
 def _crop_to_grid(x: Tensor, patch: tuple[int, ...]) -> Tensor:
     """What a stride-patch conv sees: the remainder at the end of each dimension is dropped."""
     if not any(s % p for s, p in zip(x.shape[2:], patch, strict=True)):
@@ -58,8 +64,7 @@ def _to_format(y: Tensor, x: Tensor, patch: tuple[int, ...], fmt: str) -> Tensor
         return y
     if fmt == "NCL":
         return y.transpose(1, 2)
-    grid = [s // p for s, p in zip(x.shape[2:], patch, strict=True)]
-    tokens = y.view(y.shape[0], *grid, y.shape[-1])
+    tokens = y.view(y.shape[0], *patch_grid(x, patch), y.shape[-1])
     return tokens if fmt == "NHWC" else tokens.movedim(-1, 1)
 
 
@@ -70,6 +75,7 @@ class _FusedPatchConv(dispatch.NotScriptable):
 
     zeta_backend: str = "auto"
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         patch = self.kernel_size
         if (

@@ -14,6 +14,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..functional import fused_dtypes
 from ..nn.norms import norm_problem, norm_value
 from ..nn.params import param
@@ -81,6 +82,7 @@ class _FusedDiffusersPatchEmbed(FusedStem):
         y = conv_stem(latent, conv, lambda _: Stem(pos, None, None), post)
         return None if y is None else y.to(token_dtype)
 
+    @dispatch.traced_as_peer
     def forward(self, latent: Tensor) -> Tensor:
         tokens = self._zeta_tokens(latent)
         return super().forward(latent) if tokens is None else tokens

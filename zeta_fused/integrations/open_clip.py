@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..functional import fused_dtypes
 from ..nn.norms import norm_problem, norm_value
-from ..nn.params import param, plain
+from ..nn.params import forward_of, param, plain
 from ..op.args import Stem
 from ._base import (
     FusedStem,
@@ -37,7 +37,7 @@ def _patch_dropout(drop: nn.Module) -> bool:
     """``drop`` is OpenCLIP's ``PatchDropout`` computing what OpenCLIP's does (as converted:
     the stem may draw for it)."""
     cls = peer_class(_OPEN_CLIP, "PatchDropout")
-    return isinstance(drop, cls) and type(drop).forward in (cls.forward, _HandoffTokenDrop.forward)
+    return isinstance(drop, cls) and forward_of(drop) in (cls.forward, _HandoffTokenDrop.forward)
 
 
 def _patch_dropout_off(drop: nn.Module) -> bool:
@@ -52,7 +52,7 @@ def _stem_draws(drop: nn.Module) -> bool:
     OpenCLIP's PatchDropout as converted, active, keeping the class row in front (without
     ``exclude_first_token`` the class row may be dropped: the op keeps prefix rows)."""
     return (
-        type(drop).forward is _HandoffTokenDrop.forward
+        plain(drop, _HandoffTokenDrop)
         and _patch_dropout(drop)
         and drop.training
         and drop.prob > 0.0
@@ -81,6 +81,7 @@ class _FusedOpenClipViT(FusedStem):
     """OpenCLIP ``VisionTransformer`` whose ``_embeds`` (used by ``forward`` and
     ``forward_intermediates``) runs conv1, class and position embeddings and ln_pre fused."""
 
+    @dispatch.traced_as_peer
     def _embeds(self, x: Tensor) -> Tensor:
         conv, drop, norm = self.conv1, self.patch_dropout, self.ln_pre
         # patch_dropout's draw is made here when nothing needs it to run itself (a hook);

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nn.params import param
+from .. import dispatch
+from ..nn.params import param, plain
 from ..op.args import Stem
 from ._base import FusedStem, StemKind, conv_stem, is_instance, overrides, peer_class, swapper
 from .convs import patch_conv_problem
@@ -20,7 +21,7 @@ class _FusedSamImageEncoder(FusedStem):
 
     def _zeta_tokens(self, x: Tensor) -> Tensor | None:
         embed = self.patch_embed
-        if x.ndim != 4 or type(embed).forward is not peer_class(_SAM, "PatchEmbed").forward:
+        if x.ndim != 4 or not plain(embed, peer_class(_SAM, "PatchEmbed")):
             return None
         conv = embed.proj
         if patch_conv_problem(conv) is not None or not self.zeta_fusable(x, embed, conv):
@@ -34,6 +35,7 @@ class _FusedSamImageEncoder(FusedStem):
         y = conv_stem(x, conv, lambda _: Stem(pos, None, None))
         return None if y is None else y.view(y.shape[0], *grid, y.shape[-1])
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         tokens = self._zeta_tokens(x)
         if tokens is None:

@@ -32,7 +32,7 @@ from .. import dispatch
 from ..checks import check_input, pad_to_patch
 from ..functional import fused_call
 from ..nn.norms import norm_problem, norm_value
-from ..nn.params import any_hook, bound, param, plain
+from ..nn.params import any_hook, bound, forward_of, param, plain
 from ..op.args import NO_STEM, Stem
 from . import _base as stems
 from ._base import rebuild_fused
@@ -108,6 +108,7 @@ class _FusedTimmPatchEmbed(dispatch.NotScriptable):
         # The class is made at run time: pickled as the timm class, converted again on load.
         return rebuild_fused, (self._zeta_base, self.__getstate__(), fused_timm_class)
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         y = self.zeta_call(x)
         return super().forward(x) if y is None else y  # timm's own forward, its own errors
@@ -200,7 +201,7 @@ def _patch_dropout(m: nn.Module) -> bool:
 
     return (
         isinstance(m, PatchDropout)
-        and type(m).forward in (PatchDropout.forward, stems._HandoffTokenDrop.forward)
+        and forward_of(m) in (PatchDropout.forward, stems._HandoffTokenDrop.forward)
         and not getattr(m, "return_indices", False)
     )
 
@@ -227,7 +228,7 @@ def _stem_draws(drop: nn.Module, prefix_rows: int) -> bool:
     """The stem can make ``drop``'s draw in this call and embed only the patches it keeps:
     timm's PatchDropout as converted, active, keeping the stem's prefix rows in front."""
     return (
-        type(drop).forward is stems._HandoffTokenDrop.forward
+        plain(drop, stems._HandoffTokenDrop)
         and _patch_dropout(drop)
         and drop.training
         and drop.prob > 0
@@ -247,14 +248,17 @@ class _FusedTimmViT(stems.FusedStem):
     """Mixed in front of a timm VisionTransformer class: its feature methods run their own
     code, with the stem fused where the call allows it."""
 
+    @dispatch.traced_as_peer
     def forward_features(self, x: Tensor, *args, **kwargs):
         with self._zeta_scope(x):
             return super().forward_features(x, *args, **kwargs)
 
+    @dispatch.traced_as_peer
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         with self._zeta_scope(x):
             return super().forward_intermediates(x, *args, **kwargs)
 
+    @dispatch.traced_as_peer
     def _pos_embed(self, x: Tensor) -> Tensor:
         state = stems.call_state(self)
         if state is not None and x is state.pop("out", None):  # the whole stem ran fused
@@ -269,8 +273,15 @@ class _FusedTimmViT(stems.FusedStem):
         """The scope of one feature call: the patch embedding may compute the whole stem."""
         pe = self.patch_embed
         # The patch embedding's own hooks would see the whole stem: then it stays a patch
-        # embedding for this call.
-        if not isinstance(pe, _TimmStemPatchEmbed) or not self.zeta_fusable(x, pe):
+        # embedding for this call. A forward set on the patch embedding's instance (which may
+        # change its output), or a _pos_embed set on this one, would receive the stem's output:
+        # then timm's code runs as it is.
+        if (
+            not isinstance(pe, _TimmStemPatchEmbed)
+            or forward_of(pe) is not type(pe).forward
+            or "_pos_embed" in self.__dict__
+            or not self.zeta_fusable(x, pe)
+        ):
             return nullcontext()
         # timm applies pos_drop only with a table. Token dropping joins the stem when pos_drop
         # leaves the tensor as it is (otherwise it drops from the tokens pos_drop changed);
@@ -327,6 +338,7 @@ class _TimmStemPatchEmbed:
     """Mixed in front of a fused timm PatchEmbed: inside its owner's feature call it computes
     the whole stem (B, P + N, D); anywhere else it is the fused PatchEmbed."""
 
+    @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
         state = stems.call_state(self)
         if state is None:

@@ -23,16 +23,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..checks import norm_tensors
 from ..nn.norms import norm_problem, norm_value
-from ..nn.params import param
+from ..nn.params import param, plain
 from ..op.args import Stem
-from ._base import (
-    FusedStem,
-    StemKind,
-    conv_stem,
-    swap,
-)
+from ._base import FusedStem, StemKind, conv_stem, overrides, peer_class, swap
 from .convs import _conv_semantics, patch_conv_problem
 
 # (prefix rows (P, D) or None, patch position table (N, D) or None), or None: the tables do
@@ -90,6 +86,27 @@ def _agrees(x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
 class _FusedHFEmbeddings(FusedStem):
     """Shared per-call path of the fused transformers embeddings."""
 
+    # The peer class of the ``patch_embeddings`` module whose call the fused forward replaces
+    # (``transformers.models.<module>``, name); None: the embeddings call their conv directly.
+    _zeta_patches: tuple[str, str] | None = None
+    # The peer's methods the fused forward calls otherwise than the peer's forward does (with a
+    # stand-in of the tokens, with patch indices): each is the peer class's own.
+    _zeta_replaced: tuple[str, ...] = ("interpolate_pos_encoding",)
+
+    def _zeta_untouched(self) -> bool:
+        """Nothing the fused forward replaces changed since conversion, checked per call (then
+        the peer's forward runs): ``patch_embeddings`` still runs its peer class's forward (not
+        a module with a forward of its own set in its place), and no replaced method is set on
+        the instance."""
+        for method in self._zeta_replaced:  # a plain loop: torch.compile traces it
+            if method in self.__dict__:
+                return False
+        if self._zeta_patches is None:
+            return True
+        module, name = self._zeta_patches
+        peer = peer_class(f"transformers.models.{module}", name)
+        return peer is not None and plain(self._modules.get("patch_embeddings"), peer)
+
     def _zeta_rows(self, x: Tensor, conv: nn.Module, skipped: tuple[nn.Module, ...],
                    rows: Callable[[int], Rows], norm: nn.Module | None = None,
                    post: nn.Module | None = None,
@@ -105,6 +122,7 @@ class _FusedHFEmbeddings(FusedStem):
             x.ndim != 4
             or x.shape[1] != conv.in_channels  # the peer raises its own error
             or _conv_problem(conv) is not None  # the conv may have been changed in place
+            or (post is not None and norm_problem(post, conv.out_channels) is not None)
             or _conv_semantics(x, patch)
             or not self.zeta_fusable(x, *skipped)
         ):
@@ -143,6 +161,7 @@ class _FusedViTFamily(_FusedHFEmbeddings):
 
     _zeta_tokens: tuple[str, ...] = ("cls_token",)  # the prefix token Parameters, in order
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
                 interpolate_pos_encoding: bool = False, *args, **kwargs) -> Tensor:  # fmt: skip
         y = None
@@ -152,6 +171,7 @@ class _FusedViTFamily(_FusedHFEmbeddings):
             and not args
             and not kwargs
             and (interpolate_pos_encoding or sized)
+            and self._zeta_untouched()
         ):
             patches = self.patch_embeddings
             conv = patches.projection
@@ -176,11 +196,14 @@ class _FusedViTFamily(_FusedHFEmbeddings):
 class _FusedViTEmbeddings(_FusedViTFamily):
     """transformers ``ViTEmbeddings``, fused."""
 
+    _zeta_patches = ("vit.modeling_vit", "ViTPatchEmbeddings")
+
 
 class _FusedDeiTEmbeddings(_FusedViTFamily):
     """transformers ``DeiTEmbeddings`` (class and distillation tokens), fused."""
 
     _zeta_tokens = ("cls_token", "distillation_token")
+    _zeta_patches = ("deit.modeling_deit", "DeiTPatchEmbeddings")
 
 
 class _FusedDinov2Family(_FusedHFEmbeddings):
@@ -190,18 +213,20 @@ class _FusedDinov2Family(_FusedHFEmbeddings):
 
     _zeta_registers: bool = False
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
                 *args, **kwargs) -> Tensor:  # fmt: skip
         y = None
-        patches = self.patch_embeddings
-        conv = patches.projection
         if (
             bool_masked_pos is None
             and not args
             and not kwargs
             and pixel_values.ndim == 4
-            and pixel_values.shape[1] == patches.num_channels
+            and self._zeta_untouched()
+            and pixel_values.shape[1] == self.patch_embeddings.num_channels
         ):
+            patches = self.patch_embeddings
+            conv = patches.projection
             x = pixel_values.to(param(conv, "weight").dtype)  # as the peer's patch module does
 
             def rows(tokens: int) -> Rows:
@@ -229,27 +254,33 @@ class _FusedDinov2Family(_FusedHFEmbeddings):
 class _FusedDinov2Embeddings(_FusedDinov2Family):
     """transformers ``Dinov2Embeddings``, fused."""
 
+    _zeta_patches = ("dinov2.modeling_dinov2", "Dinov2PatchEmbeddings")
+
 
 class _FusedDinov2WithRegistersEmbeddings(_FusedDinov2Family):
     """transformers ``Dinov2WithRegistersEmbeddings``, fused."""
 
     _zeta_registers = True
+    _zeta_patches = ("dinov2_with_registers.modeling_dinov2_with_registers",
+                     "Dinov2WithRegistersPatchEmbeddings")  # fmt: skip
 
 
 # --- The kinds ---------------------------------------------------------------------------------
 
 
-def _embeddings_kind(module: str, name: str, mixin: type, patch_module: str | None,
-                     conv: str = "patch_embedding",
+def _embeddings_kind(module: str, name: str, mixin: type, conv: str = "patch_embedding",
                      norm: str | None = None) -> StemKind:  # fmt: skip
-    """The kind of the embeddings class ``name`` of ``transformers.models.<module>``; its conv
-    is ``patch_embeddings.projection`` of class ``patch_module``, or the child ``conv``; the
-    child ``norm``, if any, normalises its tokens."""
+    """The kind of the embeddings class ``name`` of ``transformers.models.<module>`` fused by
+    ``mixin``; its conv is ``patch_embeddings.projection`` (of the mixin's ``_zeta_patches``
+    class), or the child ``conv``; the child ``norm``, if any, normalises its tokens."""
 
     def problem(m: nn.Module) -> str | None:
-        why = _forward_problem(m, hf_class(type(m), module, name))
-        if why is None and patch_module is not None:
-            why = _patch_module_problem(m, module, patch_module)
+        peer = hf_class(type(m), module, name)
+        why = _forward_problem(m, peer)
+        for method in mixin._zeta_replaced:
+            why = why or overrides(m, peer, method)
+        if why is None and mixin._zeta_patches is not None:
+            why = _patch_module_problem(m, *mixin._zeta_patches)
         elif why is None:
             why = _conv_problem(m._modules.get(conv))
         if why is None and norm is not None:
@@ -269,13 +300,9 @@ def _embeddings_kind(module: str, name: str, mixin: type, patch_module: str | No
 
 
 STEM_KINDS = (
-    _embeddings_kind("vit.modeling_vit", "ViTEmbeddings", _FusedViTEmbeddings,
-                     "ViTPatchEmbeddings"),
-    _embeddings_kind("deit.modeling_deit", "DeiTEmbeddings", _FusedDeiTEmbeddings,
-                     "DeiTPatchEmbeddings"),
-    _embeddings_kind("dinov2.modeling_dinov2", "Dinov2Embeddings", _FusedDinov2Embeddings,
-                     "Dinov2PatchEmbeddings"),
+    _embeddings_kind("vit.modeling_vit", "ViTEmbeddings", _FusedViTEmbeddings),
+    _embeddings_kind("deit.modeling_deit", "DeiTEmbeddings", _FusedDeiTEmbeddings),
+    _embeddings_kind("dinov2.modeling_dinov2", "Dinov2Embeddings", _FusedDinov2Embeddings),
     _embeddings_kind("dinov2_with_registers.modeling_dinov2_with_registers",
-                     "Dinov2WithRegistersEmbeddings", _FusedDinov2WithRegistersEmbeddings,
-                     "Dinov2WithRegistersPatchEmbeddings"),
+                     "Dinov2WithRegistersEmbeddings", _FusedDinov2WithRegistersEmbeddings),
 )  # fmt: skip

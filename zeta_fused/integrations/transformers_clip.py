@@ -37,6 +37,7 @@ class _FusedConvEmbeddings(_FusedHFEmbeddings):
 
     _zeta_class_row: bool = True  # CLIP's class_embedding; SigLIP has no prefix row
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False,
                 *args, **kwargs) -> Tensor:  # fmt: skip
         y = norm = None
@@ -46,11 +47,12 @@ class _FusedConvEmbeddings(_FusedHFEmbeddings):
             not args
             and not kwargs
             and (interpolate_pos_encoding or sized or not self._zeta_class_row)
+            and self._zeta_untouched()
         ):
             # The owner's norm is applied here only when this module has no hooks of its own:
             # a forward hook would see normalised rows instead of the embeddings.
             if not any(dispatch.hook_dicts(self)):
-                norm = pending_norm(self, conv.out_channels)
+                norm = pending_norm(self, self.embed_dim)
             x = pixel_values.to(param(conv, "weight").dtype)  # as the peer does
 
             def rows(tokens: int) -> Rows:
@@ -88,6 +90,7 @@ class _FusedSiglip2VisionEmbeddings(FusedStem):
     each adding its own row of the resized tables. The padding rows are embedded too: the peer
     returns them (each with its image's first table row), and a drop-in returns the same."""
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, spatial_shapes: Tensor, *args, **kwargs) -> Tensor:
         y = None
         linear = self.patch_embedding
@@ -95,6 +98,7 @@ class _FusedSiglip2VisionEmbeddings(FusedStem):
             not args
             and not kwargs
             and pixel_values.ndim == 3
+            and plain(linear, nn.Linear)  # not a LoRA-style Linear set in its place
             and pixel_values.shape[-1] == linear.in_features  # else the peer's own error
             and self.zeta_fusable(pixel_values, linear)
         ):
@@ -140,15 +144,13 @@ class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
     calls under autocast (where the RMSNorm's fp32 weight decides the dtype: nn.norms) run the
     peer's forward."""
 
+    _zeta_replaced = ()
+
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
         y = None
         conv, norm = self.patch_embed, self.rms_norm
-        if (
-            not args
-            and not kwargs
-            and not self.config.is_native
-            and norm_problem(norm, conv.out_channels) is None
-        ):
+        if not args and not kwargs and not self.config.is_native:
 
             def rows(tokens: int) -> Rows:
                 table = self.position_embedding(self.position_ids)
@@ -163,6 +165,7 @@ class _FusedCLIPVisionOwner(FusedStem):
     ``CLIPVisionTransformer`` before transformers 5): its forward, with the norm handed over to
     the embeddings while it runs."""
 
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor | None = None, *args, **kwargs):
         with handoff_scope(self, self.embeddings, self.pre_layrnorm):
             return super().forward(pixel_values, *args, **kwargs)
@@ -170,8 +173,7 @@ class _FusedCLIPVisionOwner(FusedStem):
 
 _CLIP = "clip.modeling_clip"
 _CLIP_OWNERS = ("CLIPVisionModel", "CLIPVisionTransformer")
-_clip_embeddings = _embeddings_kind(_CLIP, "CLIPVisionEmbeddings", _FusedCLIPVisionEmbeddings,
-                                    None)  # fmt: skip
+_clip_embeddings = _embeddings_kind(_CLIP, "CLIPVisionEmbeddings", _FusedCLIPVisionEmbeddings)
 
 
 def _clip_owner(m: nn.Module) -> type | None:
@@ -205,9 +207,9 @@ def _convert_clip_owner(m: nn.Module, backend: str) -> None:
 # norm, the embeddings' kind the embeddings.
 STEM_KINDS = (
     _embeddings_kind("siglip.modeling_siglip", "SiglipVisionEmbeddings",
-                     _FusedSiglipVisionEmbeddings, None),
+                     _FusedSiglipVisionEmbeddings),
     _embeddings_kind("aimv2.modeling_aimv2", "Aimv2VisionEmbeddings",
-                     _FusedAimv2VisionEmbeddings, None, conv="patch_embed", norm="rms_norm"),
+                     _FusedAimv2VisionEmbeddings, conv="patch_embed", norm="rms_norm"),
     StemKind("transformers Siglip2VisionEmbeddings", _siglip2_matches, _siglip2_problem,
              lambda m, backend: swap(m, _FusedSiglip2VisionEmbeddings, backend)),
     _clip_embeddings,

@@ -17,11 +17,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..functional import fused_dtypes
 from ..nn.params import param
 from ..op.args import Stem
-from ._base import FusedStem, StemKind, conv_stem, overrides, swap
-from .convs import patch_conv_problem
+from ._base import StemKind, conv_stem, swap
+from .convs import patch_conv_problem, patch_grid
 from .transformers import (
     Rows,
     _agrees,
@@ -43,10 +44,13 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
     their table rows, after the class row ``cls_token + table[0]``; returns the peer's
     ``(embeddings, mask, ids_restore)``."""
 
+    _zeta_patches = (_VIT_MAE, "ViTMAEPatchEmbeddings")
+    _zeta_replaced = ("interpolate_pos_encoding", "random_masking")
+
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, noise: Tensor | None = None,
                 interpolate_pos_encoding: bool = False, *args, **kwargs):  # fmt: skip
         out = None
-        patches = self.patch_embeddings
         drawn: list[Tensor] = []  # the noise drawn here, should the peer's forward run after all
         sized = tuple(pixel_values.shape[-2:]) == tuple(self.image_size)
         if (
@@ -54,7 +58,8 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
             and not kwargs
             and (interpolate_pos_encoding or sized)  # else the peer raises its error
             and pixel_values.ndim == 4
-            and pixel_values.shape[1] == patches.num_channels
+            and self._zeta_untouched()
+            and pixel_values.shape[1] == self.patch_embeddings.num_channels
         ):
             out = self._zeta_masked(pixel_values, noise, interpolate_pos_encoding, drawn)
         if out is None:
@@ -68,7 +73,7 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
         the noise in ``drawn`` when this drew it)."""
         conv = self.patch_embeddings.projection
         batch, dim = x.shape[0], conv.out_channels
-        grid = [s // p for s, p in zip(x.shape[2:], conv.kernel_size, strict=True)]
+        grid = patch_grid(x, conv.kernel_size)
         if noise is not None and tuple(noise.shape) != (batch, math.prod(grid)):
             return None  # the peer's random_masking decides what such noise means
         masking = []
@@ -95,13 +100,7 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
         return None if y is None else (y, *masking)
 
 
-def _vit_mae_problem(m: nn.Module) -> str | None:
-    own_masking = overrides(m, hf_class(type(m), _VIT_MAE, "ViTMAEEmbeddings"), "random_masking")
-    return own_masking or _vit_mae_kind.problem(m)
-
-
-_vit_mae_kind = _embeddings_kind(_VIT_MAE, "ViTMAEEmbeddings", _FusedViTMAEEmbeddings,
-                                 "ViTMAEPatchEmbeddings")  # fmt: skip
+_vit_mae_kind = _embeddings_kind(_VIT_MAE, "ViTMAEEmbeddings", _FusedViTMAEEmbeddings)
 
 # --- VideoMAE -------------------------------------------------------------------------------
 
@@ -123,10 +122,14 @@ def _visible_patches(bool_masked_pos: Tensor, x: Tensor) -> Tensor:
     return visible.nonzero()[:, 1].view(visible.shape[0], -1).to(x.device)
 
 
-class _FusedVideoMAEEmbeddings(FusedStem):
+class _FusedVideoMAEEmbeddings(_FusedHFEmbeddings):
     """transformers ``VideoMAEEmbeddings``: tubelets of the (B, T, C, H, W) video (read in
     place) + the fixed sincos table, only the visible tubelets (``~bool_masked_pos``)."""
 
+    _zeta_patches = (_VIDEO_MAE, "VideoMAEPatchEmbeddings")
+    _zeta_replaced = ()
+
+    @dispatch.traced_as_peer
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, *args, **kwargs):
         y = None
         if not args and not kwargs:
@@ -137,6 +140,8 @@ class _FusedVideoMAEEmbeddings(FusedStem):
 
     def _zeta_visible(self, pixel_values: Tensor, mask: Tensor | None) -> Tensor | None:
         """The fused (B, L, D) tokens, or None: the peer's forward runs."""
+        if not self._zeta_untouched():
+            return None
         patches = self.patch_embeddings
         conv = patches.projection
         if (
@@ -150,7 +155,7 @@ class _FusedVideoMAEEmbeddings(FusedStem):
         weight = param(conv, "weight")
         if not self.zeta_fusable(x, patches, conv) or not _agrees(x, (weight, param(conv, "bias"))):
             return None
-        tokens = math.prod(s // p for s, p in zip(x.shape[2:], conv.kernel_size, strict=True))
+        tokens = math.prod(patch_grid(x, conv.kernel_size))
         table = self.position_embeddings
         if not isinstance(table, Tensor) or table.shape != (1, tokens, conv.out_channels):
             return None  # the peer's add raises (or broadcasts)
@@ -181,8 +186,7 @@ def _video_mae_problem(m: nn.Module) -> str | None:
 
 
 STEM_KINDS = (
-    StemKind("transformers ViTMAEEmbeddings", _vit_mae_kind.matches, _vit_mae_problem,
-             _vit_mae_kind.convert),
+    _vit_mae_kind,
     StemKind("transformers VideoMAEEmbeddings",
              lambda m: hf_class(type(m), _VIDEO_MAE, "VideoMAEEmbeddings") is not None,
              _video_mae_problem, lambda m, backend: swap(m, _FusedVideoMAEEmbeddings, backend)),

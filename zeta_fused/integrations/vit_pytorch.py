@@ -16,11 +16,19 @@ import math
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..functional import fused_call, fused_dtypes
-from ..nn.params import bound, param
-from ..nn.patch_embed import SequentialPlan, norms_problem, parse_patch_sequential, plan_norms
+from ..nn.params import bound, forward_of, param
+from ..nn.patch_embed import (
+    FusedPatchSequential,
+    SequentialPlan,
+    norms_problem,
+    parse_patch_sequential,
+    plan_norms,
+)
 from ..op.args import Stem
 from ._base import FusedStem, StemKind, is_instance, overrides, peer_class, swapper
+from .convs import patch_grid
 
 # --- vit-pytorch ---------------------------------------------------------------------------
 
@@ -41,6 +49,8 @@ def _read_plan(seq: nn.Module) -> tuple[SequentialPlan | None, str | None]:
     """A ``to_patch_embedding`` read: (plan, None), or (None, why it is not fused)."""
     if not isinstance(seq, nn.Sequential):
         return None, f"to_patch_embedding is a {type(seq).__name__}, not a Sequential"
+    if forward_of(seq) not in (nn.Sequential.forward, FusedPatchSequential.forward):
+        return None, f"to_patch_embedding ({type(seq).__name__}) has a forward of its own"
     plan, why = parse_patch_sequential(seq)
     why = why or _plan_problem(plan)
     return (None, f"to_patch_embedding: {why}") if why else (plan, None)
@@ -76,7 +86,7 @@ def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
     proj = plan.proj
     weight, dim = param(proj, "weight"), proj.out_features
     pre, post = plan_norms(plan, img.dtype)
-    tokens = math.prod(s // p for s, p in zip(img.shape[2:], patch, strict=True))
+    tokens = math.prod(patch_grid(img, patch))
     # What to_patch_embedding would return has this dtype (autocast decides it for a norm).
     parts = stem_of(img, tokens, dim, fused_dtypes(img, weight, post is not None)[1])
     if parts is None:
@@ -85,7 +95,18 @@ def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
     return fused_call(img, patch, weight, shape, param(proj, "bias"), pre, post, parts)
 
 
-class _FusedViT(FusedStem):
+class _FusedVitPytorch(FusedStem):
+    """A vit-pytorch model whose forward begins with the stem: the stem fused
+    (:meth:`_zeta_stem` gives what the model adds to the patch tokens), then the rest of the
+    peer's forward (:meth:`_zeta_rest`), written as the peer writes it."""
+
+    @dispatch.traced_as_peer
+    def forward(self, img: Tensor) -> Tensor:
+        x = _sequential_stem(self, img, self._zeta_stem)
+        return super().forward(img) if x is None else self._zeta_rest(x)
+
+
+class _FusedViT(_FusedVitPytorch):
     """vit-pytorch ``ViT`` with the stem (patches, class token, position rows) fused."""
 
     def _zeta_stem(self, _img: Tensor, tokens: int, dim: int, _token_dtype) -> Stem | None:
@@ -103,11 +124,8 @@ class _FusedViT(FusedStem):
         prefix = cls + table[:n_prefix]
         return Stem(table[n_prefix : n_prefix + tokens], prefix, None)
 
-    def forward(self, img: Tensor) -> Tensor:
-        x = _sequential_stem(self, img, self._zeta_stem)
-        if x is None:
-            return super().forward(img)
-        # The rest of ViT.forward, as the peer writes it.
+    def _zeta_rest(self, x: Tensor) -> Tensor:
+        """The rest of ``ViT.forward``."""
         x = self.dropout(x)
         x = self.transformer(x)
         if self.mlp_head is None:
@@ -117,7 +135,7 @@ class _FusedViT(FusedStem):
         return self.mlp_head(x)
 
 
-class _FusedSimpleViT(FusedStem):
+class _FusedSimpleViT(_FusedVitPytorch):
     """vit-pytorch ``SimpleViT`` with the patches and the sincos table fused."""
 
     def _zeta_stem(self, img: Tensor, tokens: int, dim: int, token_dtype) -> Stem | None:
@@ -126,11 +144,8 @@ class _FusedSimpleViT(FusedStem):
             return None  # the peer's in-place add would not broadcast: its own error
         return Stem(table.to(img.device, dtype=token_dtype), None, None)
 
-    def forward(self, img: Tensor) -> Tensor:
-        x = _sequential_stem(self, img, self._zeta_stem)
-        if x is None:
-            return super().forward(img)
-        # The rest of SimpleViT.forward, as the peer writes it.
+    def _zeta_rest(self, x: Tensor) -> Tensor:
+        """The rest of ``SimpleViT.forward``."""
         x = self.transformer(x)
         x = x.mean(dim=1)
         x = self.to_latent(x)

@@ -15,6 +15,7 @@ import functools
 import torch
 from torch import nn
 
+from ..checks import norm_eps
 from ..kernels.contract import LAYER_NORM, RMS_NORM
 from ..op.args import Norm
 from .params import param
@@ -78,6 +79,8 @@ def _kind_and_peer(m: nn.Module) -> tuple[str | None, tuple | None]:
     a norm converted for a hand-off, integrations/_base.py, is judged by its peer's class)."""
     cls = _judged_class(type(m))
     kind, peer = _class_norm(cls, cls.forward)
+    if kind is not None and "forward" in m.__dict__:  # its own forward (params.forward_of)
+        return None, peer
     if kind is not None and peer is not None and getattr(m, "_fast_norm", False):
         return None, peer
     return kind, peer
@@ -85,8 +88,9 @@ def _kind_and_peer(m: nn.Module) -> tuple[str | None, tuple | None]:
 
 def norm_kind(m: nn.Module | None) -> str | None:
     """The kind of norm ``m`` computes (LAYER_NORM, RMS_NORM), or None when it is no norm the
-    op computes (any other module, a subclass that overrides forward, a fast-norm option). A
-    norm converted for a hand-off (integrations/_base.py) is judged by its peer's class."""
+    op computes (any other module, a subclass that overrides forward or an instance given its
+    own, a fast-norm option). A norm converted for a hand-off (integrations/_base.py) is
+    judged by its peer's class."""
     return None if m is None else _kind_and_peer(m)[0]
 
 
@@ -113,15 +117,13 @@ def norm_problem(m: nn.Module, size: int) -> str | None:
 
 def norm_value(m: nn.Module | None, dtype: torch.dtype) -> Norm | None:
     """The op's value of the norm module ``m`` (None: no norm) for an input of ``dtype``: its
-    kind, its parameters read now, its epsilon (``nn.RMSNorm(eps=None)`` uses ``dtype``'s
-    machine epsilon, as ``F.rms_norm`` does)."""
+    kind, its parameters read now, its epsilon (``nn.RMSNorm(eps=None)``'s as ``F.rms_norm``
+    resolves it for ``dtype``: :func:`~zeta_fused.checks.norm_eps`)."""
     if m is None:
         return None
     kind = _kind_and_peer(m)[0]
     peer = _peer_norm(type(m))
-    eps = getattr(m, "eps" if peer is None else peer[2])
-    if eps is None:
-        eps = torch.finfo(dtype).eps
+    eps = norm_eps(getattr(m, "eps" if peer is None else peer[2]), dtype)
     bias = param(m, "bias") if "bias" in m._parameters else getattr(m, "bias", None)
     # tuple.__new__: Norm's own __new__ is a Python function, on the per-call path.
     return tuple.__new__(Norm, (kind, param(m, "weight"), bias, float(eps)))

@@ -22,10 +22,17 @@ def param(module: nn.Module, name: str) -> Tensor | None:
     return params[name] if name in params else getattr(module, name)
 
 
+def forward_of(module: nn.Module | None) -> Callable | None:
+    """The forward a call of ``module`` runs: one set on the instance (accelerate's device
+    hooks wrap it so, as does a monkeypatch), else its class's."""
+    own = getattr(module, "__dict__", {}).get("forward")
+    return getattr(type(module), "forward", None) if own is None else own
+
+
 def plain(module: nn.Module, cls: type) -> bool:
-    """``module`` computes what ``cls`` does: an instance whose class keeps ``cls.forward``
-    (a LoRA-style subclass that overrides it does not)."""
-    return isinstance(module, cls) and type(module).forward is cls.forward
+    """``module`` computes what ``cls`` does: an instance whose calls run ``cls.forward`` (a
+    LoRA-style subclass that overrides it does not, nor an instance given its own forward)."""
+    return isinstance(module, cls) and forward_of(module) is cls.forward
 
 
 def raw_params(*modules: nn.Module | None) -> list[Tensor]:
@@ -34,19 +41,22 @@ def raw_params(*modules: nn.Module | None) -> list[Tensor]:
 
 
 def bound(owner: nn.Module, key: str, children: tuple, compute: Callable[[], T]) -> T:
-    """``compute()``, read again whenever ``children`` (the objects it depends on: child
-    modules, compared by identity) change: a child replaced, appended or deleted. Kept in the
-    instance dict under ``key`` (not pickled: the owners drop ``_zeta_*`` keys), so each
-    process binds again on first use."""
+    """``compute()``, read again whenever ``children`` (the child modules it depends on,
+    compared by identity) change: a child replaced, appended or deleted, or given another
+    forward (its class swapped in place, a forward set on the instance). Kept in the instance
+    dict under ``key`` (not pickled: the owners drop ``_zeta_*`` keys), so each process binds
+    again on first use."""
+    forwards = [forward_of(c) for c in children]
     entry = owner.__dict__.get(key)
     if (
         entry is None
         or len(entry[0]) != len(children)
         or not all(map(operator.is_, entry[0], children))  # no generator: per-call path
+        or not all(map(operator.is_, entry[1], forwards))
     ):
-        entry = (children, compute())
+        entry = (children, forwards, compute())
         owner.__dict__[key] = entry
-    return entry[1]
+    return entry[2]
 
 
 def any_hook(owner: nn.Module, key: str, *modules: nn.Module) -> bool:

@@ -181,7 +181,9 @@ class FusedPatchSequential(dispatch.NotScriptable, nn.Sequential):
     def zeta_call(self, x: Tensor, stem: Stem = NO_STEM) -> Tensor | None:
         """The fused output, or None when the plain Sequential must run. ``stem``: the rest of
         a whole stem (:class:`ViTStem`): output (B, P + N, D), images in vit-pytorch's layout
-        only."""
+        only. Traced by torch.fx, the plain Sequential runs (docs/design.md, "torch.fx")."""
+        if dispatch.symbolic_tracing():
+            return None
         plan = self._plan()
         if plan is None or (stem is not NO_STEM and not plan.pattern.flat):
             return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import dispatch
 from ..checks import PatchSize, as_int, pair
 from ..op.args import Stem
 from .norms import norm_problem, norm_value
@@ -87,6 +88,8 @@ class ViTStem(nn.Module):
         return state
 
     def forward(self, x: Tensor) -> Tensor:
+        if dispatch.symbolic_tracing():  # the submodules one by one (docs/design.md, "torch.fx")
+            return self._eager(x)
         if self.pos_embed is not None and x.ndim == 4:
             grid = tuple(s // p for s, p in zip(x.shape[2:], self.patches.patch_size, strict=True))
             if grid != self.grid:
@@ -95,8 +98,10 @@ class ViTStem(nn.Module):
                     f"position table is for {self.grid[0]}x{self.grid[1]}"
                 )
         y = self._fused(x)
-        if y is not None:
-            return y
+        return self._eager(x) if y is None else y
+
+    def _eager(self, x: Tensor) -> Tensor:
+        """The submodules one by one."""
         tokens = self.patches(x)
         pos, prefix = param(self, "pos_embed"), param(self, "prefix_tokens")
         if pos is not None:

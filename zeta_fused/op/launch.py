@@ -20,7 +20,7 @@ from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param
 from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from ..kernels.patch_embed_fwd import _patch_embed_fwd_kernel
 from ..kernels.segment_sum import _segment_sum_kernel
-from . import bound, layout, policy, tuning
+from . import bound, layout, policy, reference, tuning
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .policy import LaunchPolicy
 from .reference import prefix_grads, prefix_rows, stats_dtype
@@ -163,6 +163,8 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     """Run the fused backward; returns every gradient, None for those nobody needs (the
     custom op returns empty tensors there). ``pol``: as for :func:`patch_embed_fwd`."""
     a, grad_y, stats = fwd_of(args), args.grad_y, args.stats
+    if not (a.weight.shape[0] and a.x.shape[1]):  # D = 0 or C = 0: an empty GEMM, no kernel
+        return reference.backward_from_stats(args)  # (its D-side gradients need not be empty)
     if any(s == 0 and n > 1 for s, n in zip(grad_y.stride(), grad_y.shape, strict=True)):
         # A broadcast gradient (stride 0: a `.sum()` loss on the tokens) is made dense. Triton
         # specialises the kernels on its strides (a stride of 1 becomes a constant), so read in

@@ -276,7 +276,7 @@ def backward_from_stats(args: BwdArgs) -> Grads:
         dz = norm_backward(dz, z_hat, rstd2, post)
     dw = (dz.flatten(0, 1).T @ act.flatten(0, 1)).to(a.weight.dtype)
     if a.weight.ndim > 2:  # back to the conv layout (D, C, *patch)
-        dw = dw.reshape(a.weight.shape[0], *a.patch, -1)
+        dw = dw.reshape(a.weight.shape[0], *a.patch, a.weight.shape[1])  # D or C may be 0
         dw = dw.permute(0, dw.ndim - 1, *range(1, dw.ndim - 1)).contiguous()
     grads["weight"] = dw
     grads["bias"] = None if a.bias is None else dz.sum((0, 1)).to(a.bias.dtype)

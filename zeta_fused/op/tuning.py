@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..dispatch import interpreting
+from ..dispatch import env_setting, interpreting
 from . import devices, policy
 from .args import TENSOR_FIELDS, BwdArgs, FwdArgs
 from .policy import LaunchPolicy
@@ -40,6 +40,7 @@ from .policy import LaunchPolicy
 ENV_VAR = "ZETA_FUSED_TUNING"
 CACHE_ENV = "ZETA_FUSED_CACHE_DIR"
 EAGER = "eager"
+FUSED = "fused"
 DEVICE = "device"  # the device's own policy
 FILE_FORMAT = 1
 
@@ -62,6 +63,10 @@ BWD_CANDIDATES: dict[str, Callable] = {
     "stages+1": lambda b: {"stages": b.stages + 1},
 }
 TIMED_RUNS = 5
+# What a disk file may hold for each phase; None: every candidate failed (the device's policy).
+PHASE_CHOICES = {"fwd": {*FWD_CANDIDATES, None}, "bwd": {*BWD_CANDIDATES, None},
+                 "bwd+x": {*BWD_CANDIDATES, None}} | {
+    f"path:{mode}": {EAGER, FUSED} for mode in ("inference", "training", "training+x")}  # fmt: skip
 
 _enabled: bool | None = None  # None: ZETA_FUSED_TUNING not read yet
 _lock = threading.RLock()
@@ -71,14 +76,21 @@ _loaded: set[str] = set()  # device names whose disk file was read
 _made: dict[tuple, LaunchPolicy] = {}  # (base policy, itemsize, candidate) -> policy
 
 
+# The spellings of ZETA_FUSED_TUNING, as the usual boolean environment variables take them.
+ENV_SETTINGS = {**dict.fromkeys(("1", "true", "yes", "on"), True),
+                **dict.fromkeys(("0", "false", "no", "off"), False)}  # fmt: skip
+
+
 def tuning(enabled: bool | None = None) -> bool:
     """Turn tuning on (``True``) or off (``False``); returns whether it is on. Off by default;
-    the environment variable ``ZETA_FUSED_TUNING=1`` turns it on (read at the first query)."""
+    the environment variable ``ZETA_FUSED_TUNING`` (``1``, ``true``, ``yes``, ``on``; ``0``,
+    ``false``, ``no``, ``off``; anything else warns and counts as off) sets it at the first
+    query."""
     global _enabled
     if enabled is not None:
         _enabled = bool(enabled)
     elif _enabled is None:
-        _enabled = os.environ.get(ENV_VAR, "0") not in ("", "0")
+        _enabled = env_setting(ENV_VAR, ENV_SETTINGS, False, stacklevel=2)
     return _enabled
 
 
@@ -215,23 +227,38 @@ def cache_file(ident: dict) -> Path:
     return cache_dir() / f"tuning-{slug}-{digest}.json"
 
 
+def _read(path: Path, ident: dict) -> dict | None:
+    """The disk file of ``ident`` as :func:`_save` writes it; None where it is missing, not
+    JSON, or not an object of this format and identity with an object of choices."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    header = isinstance(doc, dict) and (doc.get("format"), doc.get("identity"))
+    return doc if header == (FILE_FORMAT, ident) and isinstance(doc["choices"], dict) else None
+
+
 def _load(name: str) -> None:
-    """Read the device's disk file into the table once (a file that cannot be read is ignored:
-    its calls are tuned again)."""
+    """Read the device's disk file into the table once. What this build cannot use is ignored
+    and its calls tuned again: a file :func:`_read` refuses, and every choice of a kind of
+    call with an entry this build does not know (another build with the same version string
+    may have other candidates: PHASE_CHOICES)."""
     if name in _loaded:
         return
     with _lock:
         if name in _loaded:
             return
-        ident = identity(name)
-        try:
-            doc = json.loads(cache_file(ident).read_text())
-            if doc.get("format") == FILE_FORMAT and doc.get("identity") == ident:
-                for key, entry in doc["choices"].items():
-                    phase, call = key.split(" ", 1)
-                    _choices.setdefault((name, phase, call), entry["choice"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+        doc = _read(cache_file(identity(name)), identity(name))
+        by_call: dict[str, dict] = {}
+        for key, entry in ({} if doc is None else doc["choices"]).items():
+            phase, _, call = key.partition(" ")
+            by_call.setdefault(call, {})[phase] = isinstance(entry, dict) and entry.get("choice")
+        for call, got in by_call.items():
+            usable = all(isinstance(c, str | None) and c in PHASE_CHOICES.get(p, ())
+                         for p, c in got.items())  # fmt: skip
+            for phase, choice in got.items() if usable else ():
+                if choice is not None:
+                    _choices.setdefault((name, phase, call), choice)
         _loaded.add(name)
 
 
@@ -240,12 +267,7 @@ def _save(name: str, measured: dict[tuple[str, str], dict]) -> None:
     process wrote meanwhile; written to a temporary file, then renamed into place)."""
     ident = identity(name)
     path = cache_file(ident)
-    try:
-        doc = json.loads(path.read_text())
-        if doc.get("format") != FILE_FORMAT or doc.get("identity") != ident:
-            raise ValueError
-    except (OSError, ValueError):
-        doc = {"format": FILE_FORMAT, "identity": ident, "choices": {}}
+    doc = _read(path, ident) or {"format": FILE_FORMAT, "identity": ident, "choices": {}}
     for (phase, call), entry in measured.items():
         doc["choices"][f"{phase} {call}"] = entry
     try:
@@ -312,7 +334,7 @@ def chosen_policy(a: FwdArgs, phase: str) -> LaunchPolicy:
 
 
 def path_for(a: FwdArgs) -> str:
-    """EAGER or "fused": how this call runs. The first call of its kind in its mode
+    """EAGER or FUSED: how this call runs. The first call of its kind in its mode
     (inference, training) is tuned here when it may time (:func:`may_time`); calls that may
     not use what was chosen before, else the fused op."""
     name = device_name(a.x)
@@ -321,7 +343,7 @@ def path_for(a: FwdArgs) -> str:
     path = _choices.get((name, f"path:{mode}", key))
     if path is None:
         if not may_time(a.x):
-            return "fused"
+            return FUSED
         with _lock:  # one thread tunes a kind of call; the others wait, then read its choice
             path = _choices.get((name, f"path:{mode}", key))
             if path is None:
@@ -376,9 +398,9 @@ def _tune(a: FwdArgs, name: str, mode: str, key: str) -> str:
                 torch.autograd.grad(out, inputs, grad_y)
 
     eager_ms = _time_ms(f"path:{mode} {EAGER}", eager, cuda)
-    path = EAGER if eager_ms < fused_ms else "fused"
+    path = EAGER if eager_ms < fused_ms else FUSED
     _choices[(name, f"path:{mode}", key)] = path
     fused = None if math.isinf(fused_ms) else fused_ms
-    measured[(f"path:{mode}", key)] = {"choice": path, "ms": {"fused": fused, EAGER: eager_ms}}
+    measured[(f"path:{mode}", key)] = {"choice": path, "ms": {FUSED: fused, EAGER: eager_ms}}
     _save(name, measured)
     return path

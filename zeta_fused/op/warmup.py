@@ -85,6 +85,31 @@ def _tensors(value) -> list[Tensor]:
     return []
 
 
+def _restorer(module: nn.Module | None):
+    """What a forward may change in ``module``, saved: every submodule's buffers (the tensors
+    themselves, which a forward may replace, ``self.steps = self.steps + 1``, and their values,
+    which it may update in place, batch-norm statistics) and the ``torch.Generator`` objects
+    the submodules own. Returns the function that puts them back."""
+    modules = [] if module is None else list(module.modules())
+    held = [(m, dict(m._buffers)) for m in modules]
+    values = {id(t): (t, t.detach().clone()) for _, bufs in held for t in bufs.values()
+              if t is not None}  # fmt: skip
+    generators = {id(g): (g, g.get_state()) for m in modules for g in vars(m).values()
+                  if isinstance(g, torch.Generator)}  # fmt: skip
+
+    def restore() -> None:
+        for m, bufs in held:
+            m._buffers.clear()
+            m._buffers.update(bufs)
+        with torch.no_grad():
+            for buffer, value in values.values():
+                buffer.copy_(value)
+        for generator, state in generators.values():
+            generator.set_state(state)
+
+    return restore
+
+
 def warmup(model, *examples, training: bool = False) -> WarmupReport:
     """Compile (and, with ``zeta_fused.tuning(True)``, tune) the fused kernels ``model`` needs
     for inputs like ``examples``, before its first real call.
@@ -94,8 +119,9 @@ def warmup(model, *examples, training: bool = False) -> WarmupReport:
     (the kernels are specialised on them, and the batch size decides some block sizes).
     Inference calls run under ``torch.no_grad()``; with ``training=True`` they run with autograd
     and a backward of the outputs, whose gradients are discarded (``.grad`` is left as it
-    was). Buffers (batch-norm statistics) and the random number generators are restored, so
-    the model and the random stream are as they were.
+    was). Buffers (batch-norm statistics, and buffers the forward replaces), the random number
+    generators and the ``torch.Generator`` objects the model's modules own are restored, so the
+    model and the random stream are as they were.
 
     Returns the variants Triton compiled meanwhile (every kernel, in any thread) with their
     compile times. Under ``torch.compile``, warm the compiled model up instead: its first calls
@@ -105,8 +131,7 @@ def warmup(model, *examples, training: bool = False) -> WarmupReport:
         raise ValueError("warmup needs at least one example input")
     module = model if isinstance(model, nn.Module) else None
     params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-    buffers = list(module.buffers()) if module is not None else []
-    saved = [b.detach().clone() for b in buffers]
+    restore = _restorer(module)
     calls = [
         ((), ex) if isinstance(ex, dict) else (ex if isinstance(ex, tuple) else (ex,), {})
         for ex in examples
@@ -130,7 +155,5 @@ def warmup(model, *examples, training: bool = False) -> WarmupReport:
             for index in gpus:
                 torch.cuda.synchronize(index)
         finally:
-            with torch.no_grad():
-                for buffer, value in zip(buffers, saved, strict=True):
-                    buffer.copy_(value)
+            restore()
     return WarmupReport(list(compiled), time.perf_counter() - start)
