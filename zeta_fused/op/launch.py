@@ -23,11 +23,11 @@ from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param
 from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from ..kernels.patch_embed_fwd import _finish_rows_kernel, _patch_embed_fwd_kernel
 from ..kernels.segment_sum import _segment_sum_kernel
-from . import layout, policy, reference, tuning
+from . import bound, layout, policy, reference, tuning
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .plan import TL_DTYPES, block_width, cdiv, fwd_plan, numerics, plain_gemm
 from .policy import LaunchPolicy
-from .reference import absent_grad, prefix_grads, prefix_rows, stats_dtype
+from .reference import prefix_grads, prefix_rows, stats_dtype
 
 # Tokens are indexed in 32 bits (their divisions would otherwise be slow 64-bit calls), and
 # the statistics buffer (rows, M) is addressed as row * M + m: that must fit in an int32.
@@ -119,7 +119,7 @@ def _fwd_folded(a: FwdArgs, pol: LaunchPolicy, geo: layout.Geometry, patch_token
     # Raw patches go to the tensor cores unless a LayerNorm's mean would cancel in an inexact
     # operand (fp32 images, autocast; kernels/projection.py).
     exact = x.dtype == a.compute_dtype and x.dtype.itemsize == 2
-    _patch_embed_fwd_kernel[(plan.row_blocks * plan.splits,)](
+    bound.launch(_patch_embed_fwd_kernel, (plan.row_blocks * plan.splits,),
         x, x.stride(0), x.stride()[1:], proj.weight, proj.weight.stride(0), proj.w_strides,
         proj.row_len, proj.colsum, proj.bias, (a.g2, a.b2), a.pos, a.keep, a.pos_index,
         (a.g3, a.b3), patch_tokens, patch_tokens.stride(), stats, row_parts, tokens,
@@ -135,7 +135,7 @@ def _fwd_folded(a: FwdArgs, pol: LaunchPolicy, geo: layout.Geometry, patch_token
         num_stages=blocks.fwd_stages, **consts,
     )  # fmt: skip
     if shared:
-        _finish_rows_kernel[(cdiv(tokens, blocks.finish_m),)](
+        bound.launch(_finish_rows_kernel, (cdiv(tokens, blocks.finish_m),),
             patch_tokens, patch_tokens.stride(), row_parts, stats, (a.g2, a.b2), a.pos, a.keep,
             a.pos_index, (a.g3, a.b3), tokens, dim, rows, plan.splits,
             plan.tiles_per_program * plan.block_n, a.post_eps, a.stem_eps,
@@ -177,7 +177,7 @@ def projection_operands(a: FwdArgs, geo: layout.Geometry, pol: LaunchPolicy) -> 
     folded = x.new_empty((dim, row_len), dtype=a.compute_dtype)
     colsum = x.new_empty((dim,), dtype=acc) if a.pre_norm == LAYER_NORM else None
     bias = x.new_empty((dim,), dtype=acc) if a.b1 is not None else a.bias
-    _fold_weight_kernel[(cdiv(dim, pol.fold_d),)](
+    bound.launch(_fold_weight_kernel, (cdiv(dim, pol.fold_d),),
         w, w.stride(0), w_strides, (a.g1, a.b1), layout.linear_strides(1, chans, patch), a.bias,
         folded, row_len, colsum, None if bias is a.bias else bias, geo.patch_dim, dim,
         C=chans, PATCH=patch, W_FLAT=layout.flat_in(w_strides, chans, patch, first),
@@ -190,8 +190,8 @@ def projection_operands(a: FwdArgs, geo: layout.Geometry, pol: LaunchPolicy) -> 
 
 @on_tensor_device
 def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
-    """Run the fused backward; returns every gradient, absent ones empty. ``pol``: as for
-    :func:`patch_embed_fwd`."""
+    """Run the fused backward; returns every gradient, None for those nobody needs (the
+    custom op returns empty tensors there). ``pol``: as for :func:`patch_embed_fwd`."""
     a, grad_y, stats = fwd_of(args), args.grad_y, args.stats
     if not (a.weight.shape[0] and a.x.shape[1]):  # D = 0 or C = 0: an empty GEMM, no kernel
         return reference.backward_from_stats(args)  # (its D-side gradients need not be empty)
@@ -215,7 +215,8 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     acc = stats.dtype
 
     n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
-    grad_tokens = grad_y[:, n_prefix:]  # the patch tokens' rows, read in place
+    # The patch tokens' rows, read in place (without prefix rows: grad_y itself, no view op).
+    grad_tokens = grad_y[:, n_prefix:] if n_prefix else grad_y
     stem = a.stem_norm != NO_NORM
 
     # 1. dZ (through the stem norm, the position table and the post-norm) and the column
@@ -238,7 +239,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     if dz is grad_tokens and not dy_flat:
         dz_row_offsets = x.new_empty((tokens,), dtype=torch.int64)
     if tokens:
-        _bwd_dz_kernel[(dz_tiles,)](
+        bound.launch(_bwd_dz_kernel, (dz_tiles,),
             x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
             a.keep, a.pos_index, (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer,
             partials,
@@ -261,7 +262,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     # The dW GEMM never reads the weight: the image alone picks its K order (G is kept in it).
     g_first = layout.rows_inner(x)
     if tokens:
-        _bwd_dw_kernel[(d_tiles, k_tiles, splits)](
+        bound.launch(_bwd_dw_kernel, (d_tiles, k_tiles, splits),
             x, x_strides, stats, x_row_offsets, dz, dz.stride(), dz_row_offsets, gpart, tokens,
             patch_dim, dim, CHANNELS_FIRST=g_first, ROW_ALIGN=layout.row_align(x, patch),
             DZ_ALIGN=1 if dz_row_offsets is None else layout.stride_align(*dz.stride()[:2]),
@@ -276,7 +277,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
     dw_strides = layout.element_strides(dw, chans, patch)
     flat = all(layout.flat_in(t, chans, patch, g_first) for t in (w_strides, dw_strides))
     p_strides = layout.linear_strides(1, chans, patch)  # the (K,) pre-norm parameters
-    _bwd_param_kernel[(cdiv(patch_dim, blocks.param_k),)](
+    bound.launch(_bwd_param_kernel, (cdiv(patch_dim, blocks.param_k),),
         gsum, dzsum, weight, weight.stride(0), w_strides, (a.g1, a.b1), p_strides, dw,
         dw.stride(0), dw_strides, (dg1, db1), patch_dim, dim,
         C=chans, PATCH=patch, ACC_DTYPE=consts["ACC_DTYPE"], EMULATE_BF16=pol.emulate_bf16,
@@ -297,7 +298,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
             out_strides = out.stride()[1:]
         if tokens:
             dz_strides, dz_flat = layout.token_strides(dz)
-            _bwd_dx_kernel[(cdiv(tokens, blocks.m),)](
+            bound.launch(_bwd_dx_kernel, (cdiv(tokens, blocks.m),),
                 x, x.stride(0), x_strides, *w_operand, k.g1, stats, dz, dz_strides, a.keep, out,
                 out.stride(0), out_strides, tokens, patch_dim, dim, rows, geo.grid,
                 DZ_FLAT=dz_flat, DX_ROWS=a.keep is not None, W_FLAT=k.w_flat,
@@ -329,7 +330,7 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
         g3=column_sum("dg3", a.g3, dg3_prefix) if stem else None,
         b3=column_sum("db3", a.b3, db3_prefix) if stem else None,
     )  # fmt: skip
-    return Grads(*(absent_grad(weight) if g is None else g for g in grads))
+    return grads
 
 
 def _table_grad(dt: Tensor, a: FwdArgs, pol: LaunchPolicy) -> Tensor:
@@ -354,7 +355,7 @@ def _segment_sums(rows: Tensor, ids: Tensor, segments: int, dtype: torch.dtype,
     block = block_width(rows.shape[1], 256)
     acc = TL_DTYPES[torch.float64 if dtype == torch.float64 else torch.float32]
     if segments:
-        _segment_sum_kernel[(segments, cdiv(rows.shape[1], block))](
+        bound.launch(_segment_sum_kernel, (segments, cdiv(rows.shape[1], block)),
             rows, rows.stride(0), order, bounds, out, out.stride(0), rows.shape[1],
             ACC_DTYPE=acc, EMULATE_BF16=pol.emulate_bf16, BLOCK_W=block,
         )  # fmt: skip
