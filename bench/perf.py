@@ -48,20 +48,12 @@ from .presets import (
     StemPreset,
 )
 from .providers import FUSED, GPU_DEFAULT
+from .tune import FORWARD_VARIANTS
 
-# The fused op's forward under launch-policy changes (bench.tune's form: a field, or a dict of
-# Blocks fields, and its value), one line each. A variant that names a field the policy does
-# not have is skipped with that reason; one that changes nothing (the device's default
-# already) is skipped too.
-VARIANTS: dict[str, dict] = {
-    "forward=reference": {"forward": "reference"},
-    "forward=folded": {"forward": "folded"},
-    "fwd tile 64x256": {"blocks_16bit": {"fwd_m": 64}},
-    "fwd tile 128x128": {"blocks_16bit": {"fwd_n": 128}},
-    "fwd k=32": {"blocks_16bit": {"fwd_k": 32}},
-    "fwd 4 stages": {"blocks_16bit": {"fwd_stages": 4}},
-    "no small-grid tiles": {"small_grid": 0},
-}
+# The fused op's forward under launch-policy changes (bench.tune's, one line each). A variant
+# that names a field the policy does not have is skipped with that reason; one that changes
+# nothing (the device's default already) is skipped too.
+VARIANTS: dict[str, dict] = FORWARD_VARIANTS
 # Each section's share of the budget, in run order.
 SHARES = (("ceilings", 0.06), ("forward", 0.36), ("training", 0.26), ("host", 0.04),
           ("subsets", 0.10), ("compile", 0.18))  # fmt: skip

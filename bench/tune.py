@@ -22,19 +22,28 @@ from .presets import PRESETS, Preset
 from .providers import FUSED
 from .runner import progress, run_cell
 
-# name -> changes to the launch policy (a dict for the bf16/fp16 Blocks: every PLAN preset is bf16)
+# name -> changes to the launch policy (a field and its value, or a dict of changes to the
+# bf16/fp16 Blocks: every PLAN preset is bf16). The forward's are timed by bench.perf too.
+FORWARD_VARIANTS: dict[str, dict] = {
+    "fwd single 128-column tiles": {"blocks_16bit": {"fwd_pair": False}},
+    "fwd 256-column tiles": {"blocks_16bit": {"fwd_n": 256, "fwd_pair": False}},
+    "fwd tile 64 tokens": {"blocks_16bit": {"fwd_m": 64}},
+    "fwd k=32": {"blocks_16bit": {"fwd_k": 32}},
+    "fwd k=128": {"blocks_16bit": {"fwd_k": 128}},
+    "fwd 4 stages": {"blocks_16bit": {"fwd_stages": 4}},
+    "fwd small tiles 64x32": {"blocks_16bit": {"fwd_small_n": 32}},
+    "no small-grid tiles": {"small_grid": 0},
+    "plain rows fused (not cuBLAS)": {"cublas_plain_gemm": False},
+}
 VARIANTS: dict[str, dict] = {
     "current": {},
-    "fwd n=128": {"blocks_16bit": {"n": 128}},
-    "fwd k=64": {"blocks_16bit": {"k": 64}},
-    "fwd m=128 n=128": {"blocks_16bit": {"m": 128, "n": 128}},
+    **FORWARD_VARIANTS,
     "dz n=64": {"blocks_16bit": {"dz_n": 64}},
     "dz m=32 n=256": {"blocks_16bit": {"dz_m": 32, "dz_n": 256}},
     "dw d=128": {"blocks_16bit": {"dw_d": 128}},
     "dw m=32": {"blocks_16bit": {"dw_m": 32}},
     "dx k=32": {"blocks_16bit": {"dx_k": 32}},
     "warps=4": {"blocks_16bit": {"warps": 4}},
-    "no 16-token tiles": {"small_grid": 0},
     "dw 2x programs": {"dw_target_programs": 528},
     "never re-lay the weight": {"relayout_min_tokens": 2**62},
     "always re-lay the weight": {"relayout_min_tokens": 0},

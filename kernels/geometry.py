@@ -23,6 +23,16 @@ def token_rows(m_start, M, rows, grid, Keep, PATCH: tl.constexpr, stride_b, stri
     stride stride_b and element strides (c, *spatial), and the int32 grid position (for the
     position table). The row index is divided in 32 bits (the launcher keeps M < 2**31): a
     64-bit division is a slow call."""
+    tok, offs_m, m_mask, position = token_positions(m_start, M, rows, Keep, BLOCK_M)
+    row_off = (tok // rows).to(tl.int64) * stride_b + patch_origin(position, grid, PATCH,
+                                                                   strides)  # fmt: skip
+    return offs_m, m_mask, row_off, position
+
+
+@triton.jit
+def token_positions(m_start, M, rows, Keep, BLOCK_M: tl.constexpr):
+    """Output rows m_start .. m_start + BLOCK_M of the patch tokens: the int32 and int64 row
+    index, its mask, and the grid position each holds (see token_rows)."""
     tok = m_start.to(tl.int32) + tl.arange(0, BLOCK_M)
     offs_m = tok.to(tl.int64)
     m_mask = offs_m < M
@@ -30,9 +40,7 @@ def token_rows(m_start, M, rows, grid, Keep, PATCH: tl.constexpr, stride_b, stri
         position = tok % rows
     else:
         position = tl.load(Keep + offs_m, mask=m_mask, other=0).to(tl.int32)
-    row_off = (tok // rows).to(tl.int64) * stride_b + patch_origin(position, grid, PATCH,
-                                                                   strides)  # fmt: skip
-    return offs_m, m_mask, row_off, position
+    return tok, offs_m, m_mask, position
 
 
 @triton.jit
@@ -98,6 +106,15 @@ def patch_cols(k0, K, C: tl.constexpr, PATCH: tl.constexpr, strides, FLAT: tl.co
                 inner = inner // PATCH[d]
                 col_off += ((offs_k // inner) % PATCH[d]).to(tl.int64) * strides[1 + d]
     return offs_k, k_mask, col_off
+
+
+@triton.jit
+def prod(sizes: tl.constexpr):
+    """The product of a constexpr tuple (a patch's elements per channel)."""
+    out = 1
+    for d in tl.static_range(len(sizes)):
+        out = out * sizes[d]
+    return out
 
 
 @triton.jit

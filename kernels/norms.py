@@ -74,32 +74,38 @@ def rstd_of(m2, n, eps, NORM: tl.constexpr):
 
 
 @triton.jit
-def norm_merge(mean, m2, chunk, n_mask, n0, N, NORM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Row statistics of columns 0 .. n0 + BLOCK_N, from those of columns 0 .. n0 and the
-    chunk n0 .. n0 + BLOCK_N: a LayerNorm's mean and sum of squared deviations, merged as Chan
-    et al. do (chunk-centred sums keep the variance accurate when |mean| >> std); an RMSNorm's
-    sum of squares (its mean stays 0)."""
+def norm_merge(mean, m2, chunk, n_mask, n_seen, n_valid, NORM: tl.constexpr):
+    """Row statistics of n_seen columns merged with those of a chunk of n_valid more (the
+    columns n_mask marks): a LayerNorm's mean and sum of squared deviations, the chunk's taken
+    about its own mean and merged as Chan et al. do (:func:`stats_combine`), which keeps the
+    variance accurate when |mean| >> std; an RMSNorm's sum of squares (its mean stays 0)."""
     if NORM == LAYER_NORM:
-        mean, m2 = _chan_merge(mean, m2, chunk, n_mask, n0, N, BLOCK_N)
+        # Counts in the statistics' dtype: fp32 ratios such as 32 / 96 would cost fp64 its
+        # digits.
+        count = n_valid * tl.full([], 1.0, mean.dtype)
+        chunk_mean = tl.sum(tl.where(n_mask[None, :], chunk, 0.0), axis=1) / count
+        centred = tl.where(n_mask[None, :], chunk - chunk_mean[:, None], 0.0)
+        mean, m2 = stats_combine(mean, m2, n_seen, chunk_mean, tl.sum(centred * centred, axis=1),
+                                 n_valid, NORM)  # fmt: skip
     else:
-        squares = tl.where(n_mask[None, :], chunk * chunk, 0.0)
-        m2 += tl.sum(squares, axis=1)
+        m2 += tl.sum(tl.where(n_mask[None, :], chunk * chunk, 0.0), axis=1)
     return mean, m2
 
 
 @triton.jit
-def _chan_merge(mean, m2, chunk, n_mask, n0, N, BLOCK_N: tl.constexpr):
-    # Counts in the statistics' dtype: fp32 ratios such as 32 / 96 would cost fp64 its digits.
-    one = tl.full([], 1.0, mean.dtype)
-    n_valid = tl.minimum(N - n0, BLOCK_N) * one
-    chunk_mean = tl.sum(tl.where(n_mask[None, :], chunk, 0.0), axis=1) / n_valid
-    centred = tl.where(n_mask[None, :], chunk - chunk_mean[:, None], 0.0)
-    chunk_m2 = tl.sum(centred * centred, axis=1)
-    n_seen = n0 * one
-    n_total = n_seen + n_valid
-    delta = chunk_mean - mean
-    mean += delta * (n_valid / n_total)
-    m2 += chunk_m2 + delta * delta * (n_seen * n_valid / n_total)
+def stats_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b, NORM: tl.constexpr):
+    """Row statistics of two disjoint column sets of n_a and n_b > 0 columns, merged (a
+    LayerNorm's: Chan et al.; an RMSNorm's sums of squares add)."""
+    m2 = m2_a + m2_b
+    mean = mean_a
+    if NORM == LAYER_NORM:
+        one = tl.full([], 1.0, mean_a.dtype)
+        count_a = n_a * one
+        count_b = n_b * one
+        total = count_a + count_b
+        delta = mean_b - mean_a
+        mean = mean_a + delta * (count_b / total)
+        m2 += delta * delta * (count_a * count_b / total)
     return mean, m2
 
 
@@ -129,10 +135,16 @@ def load_stat(Stats, ROW: tl.constexpr, offs_m, m_mask, M):
 
 
 @triton.jit
-def store_stats(Stats, offs_m, m_mask, M, mean1, rstd1, mean2, rstd2, mean3, rstd3):
-    tl.store(Stats + MEAN1 * M + offs_m, mean1, mask=m_mask)
-    tl.store(Stats + RSTD1 * M + offs_m, rstd1, mask=m_mask)
+def store_row_norm_stats(Stats, offs_m, m_mask, M, mean2, rstd2, mean3, rstd3):
+    """The rows of the statistics buffer that the norms over D fill."""
     tl.store(Stats + MEAN2 * M + offs_m, mean2, mask=m_mask)
     tl.store(Stats + RSTD2 * M + offs_m, rstd2, mask=m_mask)
     tl.store(Stats + MEAN3 * M + offs_m, mean3, mask=m_mask)
     tl.store(Stats + RSTD3 * M + offs_m, rstd3, mask=m_mask)
+
+
+@triton.jit
+def store_stats(Stats, offs_m, m_mask, M, mean1, rstd1, mean2, rstd2, mean3, rstd3):
+    tl.store(Stats + MEAN1 * M + offs_m, mean1, mask=m_mask)
+    tl.store(Stats + RSTD1 * M + offs_m, rstd1, mask=m_mask)
+    store_row_norm_stats(Stats, offs_m, m_mask, M, mean2, rstd2, mean3, rstd3)

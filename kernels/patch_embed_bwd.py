@@ -23,6 +23,7 @@ Device code only: the launch module allocates buffers and builds grids.
 import triton
 import triton.language as tl
 
+from .gather import READ_BACK, load_patches, store_patches
 from .geometry import patch_cols, token_offsets, token_rows
 from .norms import (
     MEAN1,
@@ -34,7 +35,6 @@ from .norms import (
     normalize,
     scale_cols,
 )
-from .patch_tiles import READ_BACK, load_patches, store_patches
 from .rounding import cast, mma
 
 
@@ -65,7 +65,8 @@ def _bwd_dw_kernel(
     # Token offsets come precomputed: dividing by the grid here, on every step, would cost
     # more instructions than the tensor-core product; their alignment, which the division
     # would have shown the compiler, is given instead (vector loads). The patch tile of the
-    # next step is gathered at the end of this one (software prefetch, as in project_chunk).
+    # next step is gathered at the end of this one (software prefetch, as in
+    # projection.project_chunk).
     step = splits * BLOCK_M
     offs_next = pid_s * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_off = tl.load(XRowOff + offs_next, mask=offs_next < M, other=0)

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 from .contract import COLUMN_SUMS
+from .epilogue import add_pos
+from .gather import READ_BACK
 from .geometry import table_rows, token_offsets, token_rows
 from .norms import (
     MEAN1,
@@ -39,7 +41,7 @@ from .norms import (
     normalize,
     scale_cols,
 )
-from .patch_tiles import READ_BACK, add_pos, project_chunk
+from .projection import project_chunk
 from .rounding import cast
 
 # Rows of the column partials (kernels/contract.py COLUMN_SUMS).

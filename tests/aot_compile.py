@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET first"
 
@@ -48,6 +49,8 @@ from zeta_fused.op.args import NO_STEM, BwdArgs, Norm, Stem  # noqa: E402
 
 KERNELS = [
     "_patch_embed_fwd_kernel",
+    "_finish_rows_kernel",
+    "_fold_weight_kernel",
     "_bwd_dz_kernel",
     "_bwd_dw_kernel",
     "_bwd_param_kernel",
@@ -100,27 +103,78 @@ def resource_usage(cubin: bytes) -> str:
     return "REG:{} STACK:{} LOCAL:{}".format(*m.groups()) if m else "usage: n/a"
 
 
-def loop_sizes(cubin: bytes) -> list[int]:
-    """Instructions in each innermost loop of the SASS, in address order. A loop is a backward
-    branch and the instructions from its target to it; innermost: it contains no other loop."""
+class Loop(NamedTuple):
+    """An innermost loop of the SASS and what one iteration issues."""
+
+    size: int  # instructions
+    mma: int  # tensor-core instructions (HGMMA, HMMA)
+    rs: int  # wgmma with A from registers (HGMMA whose first source is not a descriptor)
+    ldg: int  # plain global loads into registers
+    async_copies: int  # cp.async (LDGSTS) and TMA (UTMALDG) copies to shared memory
+    waits: tuple[int, ...]  # the pending counts of the wgmma waits (WARPGROUP.DEPBAR.LE)
+    local: int  # local-memory loads and stores (spills)
+
+
+def sass_loops(cubin: bytes) -> list[Loop]:
+    """The innermost loops of the SASS, in address order. A loop is a backward branch and the
+    instructions from its target to it; innermost: it contains no other loop."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+    lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    code = [(int(a, 16), op.strip()) for a, op in lines]
     loops = []
-    for addr, target in re.findall(
-        r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\S*\s+(?:\w+\s+)?0x([0-9a-f]+)", sass
-    ):
-        start, end = int(target, 16), int(addr, 16)
-        if start < end:  # backward: a loop (a branch to itself is the idle tail after EXIT)
-            loops.append((start, end))
+    for addr, op in code:
+        m = re.search(r"\bBRA\S*\s+(?:[^;]*?,\s*)?0x([0-9a-f]+)\s*$", op)
+        if m and int(m.group(1), 16) < addr:  # backward (a branch to itself: the idle tail)
+            loops.append((int(m.group(1), 16), addr))
     inner = [
         (s, e)
         for s, e in loops
         if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)
     ]
-    return [(e - s) // 16 + 1 for s, e in sorted(inner)]
+    out = []
+    for start, end in sorted(inner):
+        body = [re.sub(r"^@!?U?P\w+\s+", "", op) for a, op in code if start <= a <= end]
+        name = [op.split()[0] if op else "" for op in body]
+        hgmma = [op for op in body if op.startswith("HGMMA")]
+        out.append(Loop(
+            size=len(body),
+            mma=sum(n.startswith(("HGMMA", "HMMA")) for n in name),
+            rs=sum("gdesc" not in op.split(",")[1] for op in hgmma),
+            ldg=sum(n.startswith("LDG.") or n == "LDG" for n in name),
+            async_copies=sum(n.startswith(("LDGSTS", "UTMALDG")) for n in name),
+            waits=tuple(int(m, 16) for op in body
+                        for m in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", op)),
+            local=sum(n.startswith(("LDL", "STL")) for n in name),
+        ))  # fmt: skip
+    return out
+
+
+def fast_loop_problems(loops: list[Loop], shifted_loops: int) -> list[str]:
+    """What keeps the forward's main loop of exact 16-bit patches from a pipelined Hopper GEMM
+    loop (docs/design.md, "Forward main loop"): both operands by asynchronous copies into
+    shared memory (no plain global load, wgmma reading both from there: SS), the products
+    left in flight across iterations (every wait with pendings >= 1), no spills. At most
+    ``shifted_loops`` main loops may take the shifted operand in registers (RS): the fallback
+    of nearly constant rows."""
+    main = [lp for lp in loops if lp.mma]
+    fast = [lp for lp in main if lp.rs == 0]
+    problems = []
+    if main and not fast:  # (one K step, K <= BLOCK_K: no loop to pipeline)
+        problems.append("no main loop reads both operands from shared memory (SS wgmma)")
+    if len(main) - len(fast) > shifted_loops:
+        problems.append(f"{len(main) - len(fast)} main loops take A from registers (RS wgmma)")
+    for lp in fast:
+        if lp.ldg or lp.async_copies < 2:
+            problems.append(f"main loop: {lp.ldg} plain global loads, {lp.async_copies} async")
+        if not lp.waits or min(lp.waits) < 1:
+            problems.append(f"main loop waits for every wgmma (pendings {lp.waits})")
+        if lp.local:
+            problems.append(f"main loop spills ({lp.local} local loads and stores)")
+    return problems
 
 
 def install_recorders() -> None:
@@ -172,16 +226,17 @@ def record_all(core: bool = False) -> None:
     for i, (dtype, dim, patch, pre, post, bias, conv) in enumerate(CASES):
         if core and i not in CORE_CASES:
             continue
-        # A vit_b16-sized batch: several token splits in the dW GEMM, as on a real run; the
-        # first case also runs at batch 1, where the forward takes smaller token tiles.
-        for batch in (16, 1) if i == 0 and not core else (16,):
+        # A batch whose forward takes the wide tiles (more row blocks than small_grid) and
+        # several token splits in the dW GEMM, as on a real run; the first case also runs at
+        # batches 8 and 1, where the forward splits small tiles' columns across programs.
+        for batch in (32, 8, 1) if i == 0 and not core else (32,):
             tag = f"case {i} b{batch}"
-            x = torch.randn(batch, 3, 224, 224, dtype=dtype)
+            x = torch.empty(batch, 3, 224, 224, dtype=dtype)
             run_case(x, dim, patch, pre, post, bias, conv)
     # CUDA autocast: fp32 tensors, bf16 GEMM, an fp32 output after the post-norm. The kernels
     # load fp32 weight tiles, whose pipeline takes twice the shared memory of bf16 ones.
     tag = "autocast"
-    run_case(torch.randn(16, 3, 224, 224), 768, 16, True, True, True, False, autocast=True)
+    run_case(torch.empty(32, 3, 224, 224), 768, 16, True, True, True, False, autocast=True)
 
 
 def run_case(x, dim, patch, pre, post, bias, conv, stem=None, kind=LAYER_NORM, kept=None,
@@ -245,8 +300,8 @@ def record_stems(core: bool = False) -> None:
     latents), and every norm over D at once in bf16 and fp32 (the dZ kernel's middle pass).
     ``core``: CORE_STEMS only."""
     global tag
-    image = torch.randn(16, 3, 224, 224, dtype=torch.bfloat16)
-    latents = torch.randn(16, 4, 32, 32, dtype=torch.bfloat16)
+    image = torch.empty(32, 3, 224, 224, dtype=torch.bfloat16)
+    latents = torch.empty(32, 4, 32, 32, dtype=torch.bfloat16)
     stems = {
         "stem vit": lambda: run_case(image, 768, 16, False, False, True, True, (1, True, False)),
         "stem vit autocast": lambda: run_case(image.float(), 768, 16, False, False, True, True,
@@ -318,6 +373,8 @@ def compile_target(name: str, cases: str, records: list[dict]) -> int:
             record["estimate"] = bound
             if shared > limit:
                 problems.append(f"needs {shared} bytes of shared memory, {name} has {limit}")
+            problems += main_loop_problems(kernel.fn.__name__, sig, const, names, target,
+                                           compiled)  # fmt: skip
             if bound is not None and shared > bound:
                 problems.append(f"needs {shared} bytes of shared memory, estimated {bound}")
             figures = f"{machine_code(compiled, target)} SMEM:{shared}/{limit}"
@@ -337,6 +394,20 @@ def compile_target(name: str, cases: str, records: list[dict]) -> int:
     return failures
 
 
+def main_loop_problems(kernel: str, sig: dict, const: dict, names: list[str],
+                       target: GPUTarget, compiled) -> list[str]:  # fmt: skip
+    """fast_loop_problems of the forward's main loops on sm_90 where the patches are exact in
+    the operand dtype (16-bit images of the operand's dtype, which take the raw tile)."""
+    if kernel != "_patch_embed_fwd_kernel" or target.backend != "cuda" or target.arch != 90:
+        return []
+    consts = {names[p[0]]: v for p, v in const.items() if len(p) == 1}
+    operand = str(consts["COMPUTE_DTYPE"]).removeprefix("tl.")
+    if sig["X"].lstrip("*") != operand or operand not in ("bf16", "fp16") or consts["SHIFT"]:
+        return []
+    shifted = 2 if consts["NORM1"] == LAYER_NORM else 0  # the fallback's two loops
+    return fast_loop_problems(sass_loops(compiled.asm["cubin"]), shifted)
+
+
 def estimate(kernel: str, sig: dict, const: dict, names: list[str], arch: str,
              stages: int) -> int | None:  # fmt: skip
     """devices.smem_estimate of a GEMM kernel's launch (None for the others), from its BLOCK_*
@@ -346,7 +417,7 @@ def estimate(kernel: str, sig: dict, const: dict, names: list[str], arch: str,
     blocks = {names[p[0]]: v for p, v in const.items() if len(p) == 1}
     loaded = {
         arg: DTYPE_BYTES[sig[arg].lstrip("*")] if sig.get(arg, "").startswith("*") else 0
-        for arg in ("W", "DZ")
+        for arg in ("X", "W", "DZ")
     }
     compute = DTYPE_BYTES[str(blocks["COMPUTE_DTYPE"]).removeprefix("tl.")]
     acc = DTYPE_BYTES[str(blocks["ACC_DTYPE"]).removeprefix("tl.")]
@@ -364,7 +435,8 @@ def machine_code(compiled, target: GPUTarget) -> str:
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     kinds = ("tcgen05.mma", "wgmma.mma_async", "mma.sync", "fma.rn.f64")
     mma = next((k.split(".")[0] for k in kinds if k in ptx), "none")
-    return f"{resource_usage(cubin)} MMA:{mma} LOOPS:{','.join(map(str, loop_sizes(cubin)))}"
+    sizes = ",".join(str(lp.size) for lp in sass_loops(cubin))
+    return f"{resource_usage(cubin)} MMA:{mma} LOOPS:{sizes}"
 
 
 def main(argv: list[str] | None = None) -> int:

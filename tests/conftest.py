@@ -61,18 +61,21 @@ def fused_path_calls(monkeypatch) -> list[int]:
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
-    """Counts calls of the fused op (through the dispatcher), so a silent eager fallback cannot
-    pass."""
+    """Counts the fused op's calls with autograd on (through the custom op when traced or
+    under a dispatch mode, else its autograd.Function, or the implementation directly when
+    nothing needs a gradient), so a silent eager fallback cannot pass."""
     import zeta_fused.functional as functional
 
     calls: list[int] = []
-    real = functional.patch_embed_fwd
+    for name in ("patch_embed_fwd", "patch_embed_autograd", "fwd_impl"):
+        real = getattr(functional, name)
 
-    def counting(*args):
-        calls.append(1)
-        return real(*args)
+        def counting(*args, real=real):
+            if torch.is_grad_enabled():
+                calls.append(1)
+            return real(*args)
 
-    monkeypatch.setattr(functional, "patch_embed_fwd", counting)
+        monkeypatch.setattr(functional, name, counting)
     return calls
 
 

@@ -14,6 +14,7 @@ variant for every architecture with both releases.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -29,44 +30,75 @@ ALT_TRITON = os.environ.get("ZETA_FUSED_ALT_TRITON")
 SUBSET = ("sm_80", "sm_120", "gfx942")
 
 
-def compile_all(env: dict, *args: str) -> str:
+def start(env: dict, *args: str) -> subprocess.Popen:
+    """tests/aot_compile.py with ``args``, started in the background."""
     env = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env
-    )
-    print(r.stdout)  # registers / spills / shared memory per variant, shown with -s or on failure
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert re.search(r"\b0 failed$", r.stdout.strip()), r.stdout[-2000:]
-    checked = [line for line in r.stdout.splitlines() if line.startswith("ok ")]
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+
+
+def finished(job: subprocess.Popen) -> str:
+    """The output of a compile started by :func:`start`, checked: every variant compiled."""
+    out, err = job.communicate()
+    print(out)  # registers / spills / shared memory per variant, shown with -s or on failure
+    assert job.returncode == 0, out[-4000:] + err[-4000:]
+    assert re.search(r"\b0 failed$", out.strip()), out[-2000:]
+    checked = [line for line in out.splitlines() if line.startswith("ok ")]
     assert checked and all(" SMEM:" in line for line in checked)
-    return r.stdout
+    return out
 
 
-def test_all_kernel_variants_compile_for_hopper() -> None:
-    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+def has_backend(name: str) -> bool:
+    return importlib.util.find_spec(f"triton.backends.{name}") is not None
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    """Every compile of this module, started together when the first of its tests runs: each
+    is a process of its own on one core, so that together they take the machine's cores
+    (minutes of compiles otherwise one after the other); each test waits for its own."""
     if __import__("torch").cuda.is_available():  # minutes of compiles: GPU time is scarce
         pytest.skip("on a GPU the JIT compiles the variants the tests launch")
-    out = compile_all(dict(os.environ), "--target", "sm_90")
+    env = dict(os.environ)
+    jobs = {}
+    if has_backend("nvidia"):
+        jobs["sm_90"] = start(env, "--target", "sm_90")
+        if ALT_TRITON is not None:
+            path = os.pathsep.join([ALT_TRITON, env.get("PYTHONPATH", "")])
+            jobs["alt"] = start(env | {"PYTHONPATH": path}, "--target", "sm_90")
+        if has_backend("amd"):
+            jobs["others"] = start(env, *(a for n in SUBSET for a in ("--target", n)), "--core")
+    yield jobs
+    for job in jobs.values():
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+
+
+def test_all_kernel_variants_compile_for_hopper(compiles) -> None:
+    if "sm_90" not in compiles:
+        pytest.skip("Triton without its NVIDIA backend")
+    out = finished(compiles["sm_90"])
     assert "MMA:wgmma" in out  # Hopper's tensor-core instruction
 
 
 @pytest.mark.skipif(ALT_TRITON is None, reason="ZETA_FUSED_ALT_TRITON unset (make test sets it)")
-def test_all_kernel_variants_compile_with_the_gpu_images_triton() -> None:
-    path = os.pathsep.join([ALT_TRITON, os.environ.get("PYTHONPATH", "")])
-    out = compile_all(os.environ | {"PYTHONPATH": path}, "--target", "sm_90")
+def test_all_kernel_variants_compile_with_the_gpu_images_triton(compiles) -> None:
+    if "alt" not in compiles:
+        pytest.skip("Triton without its NVIDIA backend")
+    out = finished(compiles["alt"])
     assert f"from {Path(ALT_TRITON).resolve()}" in out, out[:200]
 
 
-def test_kernels_fit_other_architectures() -> None:
+def test_kernels_fit_other_architectures(compiles) -> None:
     """The core cases under each architecture's own policy: every variant within its shared
     memory and the estimate the policy fits; sm_120 compiles tl.dot to mma.sync (it has no
     wgmma), MI300 to MFMA."""
-    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
-    pytest.importorskip("triton.backends.amd", reason="Triton without its AMD backend")
-    if __import__("torch").cuda.is_available():
-        pytest.skip("on a GPU the JIT compiles the variants the tests launch")
-    args = [a for name in SUBSET for a in ("--target", name)]
-    out = compile_all(dict(os.environ), *args, "--core")
+    if "others" not in compiles:
+        pytest.skip("Triton without its NVIDIA and AMD backends")
+    out = finished(compiles["others"])
     sections = dict(re.findall(r"^== (\S+): (.*?)(?=^== |\Z)", out, re.M | re.S))
     assert set(sections) == set(SUBSET)
     assert "MMA:mma" in sections["sm_120"] and "MMA:wgmma" not in sections["sm_120"]

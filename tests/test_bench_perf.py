@@ -56,7 +56,7 @@ def test_smoke_run_measures_every_section(tmp_path, quick_timing) -> None:
     md = (tmp_path / "perf.md").read_text()
     headings = ("Ceilings of the device:", "Forward:", "Training:", "Subsets:", "host overhead")
     assert all(heading in md for heading in headings)
-    assert "[forward=reference]" in md
+    assert "[fwd single 128-column tiles]" in md
 
 
 def test_a_capped_run_keeps_the_cells_it_ran(tmp_path, quick_timing) -> None:

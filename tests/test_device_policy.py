@@ -41,17 +41,23 @@ def test_every_target_policy_fits_its_shared_memory(name: str) -> None:
         estimates = devices.policy_estimates(pol, field, t.arch)
         assert max(estimates.values()) <= t.smem_per_block, (field, estimates)
         assert getattr(pol, field).stages == devices.default_stages(t.arch)
+        assert getattr(pol, field).fwd_stages == devices.default_stages(t.arch)
 
 
 def test_tiles_shrink_only_where_they_overflow() -> None:
     """The dW tile (256 x 64, fp32 dZ under autocast) overflows 99 KiB parts and MI300's LDS:
-    its D rows halve there; the 163 and 227 KiB parts keep the H100 tiles."""
+    its D rows halve there. The forward's paired 128 x 128 tiles with fp32 patches (autocast)
+    halve their tokens on both, and their columns too on the 99 KiB parts. The 163 and 227 KiB
+    parts keep the H100 tiles."""
     for name in ("sm_80", "sm_90", "sm_100"):
         assert devices.for_target(name).blocks_16bit == policy.DEFAULT.blocks_16bit, name
-    for name in ("sm_86", "sm_89", "sm_120", "gfx942"):
+    shrunk = {"sm_86": {"fwd_n": 64}, "sm_89": {"fwd_n": 64}, "sm_120": {"fwd_n": 64},
+              "gfx942": {}}  # fmt: skip
+    for name, more in shrunk.items():
         blocks = devices.for_target(name).blocks_16bit
         stages = devices.default_stages(name)
-        want = dataclasses.replace(policy.DEFAULT.blocks_16bit, dw_d=128, stages=stages)
+        want = dataclasses.replace(policy.DEFAULT.blocks_16bit, dw_d=128, fwd_m=64, stages=stages,
+                                   fwd_stages=stages, **more)  # fmt: skip
         assert blocks == want, name
 
 
@@ -59,13 +65,14 @@ def test_a_small_limit_shrinks_tiles_then_stages() -> None:
     pol = for_device("sm_89", 24, 48 * KIB)
     for field in ("blocks_16bit", "blocks_32bit"):
         assert max(devices.policy_estimates(pol, field, "sm_89").values()) <= 48 * KIB
-    assert pol.blocks_16bit.n < policy.DEFAULT.blocks_16bit.n
-    tiny = for_device("sm_89", 24, 8 * KIB)  # fp64's smallest tiles fit with fewer stages only
-    assert max(devices.policy_estimates(tiny, "blocks_32bit", "sm_89").values()) <= 8 * KIB
-    assert tiny.blocks_32bit.stages == 2
-    assert {tiny.blocks_32bit.m, tiny.blocks_32bit.dw_d, tiny.blocks_32bit.dx_k} == {16}
+    assert pol.blocks_16bit.fwd_n < policy.DEFAULT.blocks_16bit.fwd_n
+    tiny = for_device("sm_89", 24, 10 * KIB)  # fp64's smallest tiles fit with fewer stages only
+    assert max(devices.policy_estimates(tiny, "blocks_32bit", "sm_89").values()) <= 10 * KIB
+    assert tiny.blocks_32bit.stages == tiny.blocks_32bit.fwd_stages == 2
+    b = tiny.blocks_32bit
+    assert {b.m, b.dw_d, b.dx_k, b.fwd_m, b.fwd_n, b.fwd_k} == {16}
     with pytest.raises(ValueError, match="fit"):
-        for_device("sm_89", 24, 4 * KIB)
+        for_device("sm_89", 24, 8 * KIB)
 
 
 def test_the_policy_is_one_object_per_kind_of_device() -> None:
@@ -90,7 +97,8 @@ def test_estimate_grows_with_stages_and_operand_width() -> None:
     kernel = "_patch_embed_fwd_kernel"
 
     def est(loaded: int, arch: str, stages: int) -> int:
-        return devices.smem_estimate(kernel, blocks, {"W": loaded}, 2, 4, arch, stages)
+        return devices.smem_estimate(kernel, blocks, {"X": loaded, "W": loaded}, 2, 4, arch,
+                                     stages)  # fmt: skip
 
     assert est(2, "sm_90", 4) > est(2, "sm_90", 3) > est(2, "sm_90", 2)
     assert est(4, "sm_90", 3) > est(2, "sm_90", 3)
@@ -177,4 +185,4 @@ def test_launchers_pass_the_policys_tiles_and_stages(monkeypatch, device) -> Non
         launch.patch_embed_fwd(args)
         launch.patch_embed_bwd(BwdArgs(y, torch.zeros(6, 512, device=device), True, *args))
     assert [c["num_stages"] for c in calls] == [2, 2, 2, 2]
-    assert calls[2]["BLOCK_D"] == 128 and calls[0]["BLOCK_N"] == 256
+    assert calls[2]["BLOCK_D"] == 128 and calls[0]["BLOCK_M"] == 64

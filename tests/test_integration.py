@@ -23,9 +23,9 @@ def launches(monkeypatch) -> list[str]:
     for name in ("patch_embed_fwd", "patch_embed_bwd"):
         real = getattr(launch, name)
 
-        def spy(args, _real=real, _name=name):
+        def spy(args, *rest, _real=real, _name=name, **options):
             calls.append(_name)
-            return _real(args)
+            return _real(args, *rest, **options)
 
         monkeypatch.setattr(launch, name, spy)
     return calls

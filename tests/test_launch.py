@@ -8,12 +8,13 @@ import pytest
 import torch
 
 launch = pytest.importorskip("zeta_fused.op.launch", reason="needs Triton")
+plan = pytest.importorskip("zeta_fused.op.plan", reason="needs Triton")
 
 
 TF32_SETTINGS = """
 import os, torch
 from zeta_fused import PatchEmbeddings
-from zeta_fused.op import launch
+from zeta_fused.op import plan
 from zeta_fused.op import policy
 
 matmul = torch.backends.cuda.matmul
@@ -34,9 +35,9 @@ if new_api:  # after these, reading the legacy allow_tf32 raises
 for name, apply, want in steps:
     if apply:
         apply()
-    got = launch.numerics(torch.float32, policy.current())["DOT_PRECISION"]
+    got = plan.numerics(torch.float32, policy.current())["DOT_PRECISION"]
     assert got == want, (name, got, want)
-    assert launch.numerics(torch.bfloat16, policy.current())["DOT_PRECISION"] == "ieee", name
+    assert plan.numerics(torch.bfloat16, policy.current())["DOT_PRECISION"] == "ieee", name
 device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter
 m = PatchEmbeddings(3, 8, patch_size=4, backend="triton", device=device)
 y = m(torch.randn(1, 3, 8, 8, device=device))

@@ -121,7 +121,7 @@ def test_the_fastest_candidate_is_kept_and_launched(tuned, monkeypatch, device) 
     with torch.no_grad():
         again = call(x, w, b, norm)
     assert timed == []  # tuned once per kind of call
-    device_n = tuning.policy.for_tensor(x).blocks_32bit.n  # fp32 GEMMs: the 32-bit table
+    device_n = tuning.policy.for_tensor(x).blocks_32bit.fwd_n  # fp32 GEMMs: the 32-bit table
     assert device_n == D and launches[0]["BLOCK_N"] == D // 2
     torch.testing.assert_close(again, got)
 
@@ -318,9 +318,9 @@ def test_concurrent_first_calls_tune_once(tuned, monkeypatch, device) -> None:
     _, timed = tuned
     interpreter, real = threading.Lock(), launch.patch_embed_fwd
 
-    def serialised(*args):
+    def serialised(*args, **options):
         with interpreter:
-            return real(*args)
+            return real(*args, **options)
 
     monkeypatch.setattr(launch, "patch_embed_fwd", serialised)
     x, w, b, norm = inputs(device)

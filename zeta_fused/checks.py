@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.nn import Parameter
 
 from .kernels.contract import LAYER_NORM, RMS_NORM
-from .op.args import TENSOR_FIELDS, FwdArgs, Norm, Stem
+from .op.args import TENSOR_AT, FwdArgs, Norm, Stem
 
 PatchSize = int | tuple[int, ...]
 # The (weight, bias) of no norm, unpacked on the per-call path.
@@ -292,7 +292,8 @@ def _rows(t: Tensor | None, rows: int | None, dim: int, name: str, what: str) ->
     """A (rows, dim) table, given as such or with a leading 1; rows None: any number."""
     if t is None:
         return None
-    table = t[0] if t.ndim == 3 and t.shape[0] == 1 else t
+    # (squeeze, not [0]: a view whose backward is one too, where a select's fills a zero tensor)
+    table = t.squeeze(0) if t.ndim == 3 and t.shape[0] == 1 else t
     if table.ndim != 2 or table.shape[1] != dim or (rows is not None and table.shape[0] != rows):
         want = f"({'P' if rows is None else rows}, {dim})"
         raise ValueError(f"{name} must have shape {want} for {what}, got {tuple(t.shape)}")
@@ -341,16 +342,13 @@ def _index(index, name: str, x: Tensor, rows: int | None, bound: int, what: str,
     return index if index.is_contiguous() else index.contiguous()
 
 
-_TENSOR_AT = tuple(FwdArgs._fields.index(name) for name in TENSOR_FIELDS)
-
-
 def wrapped_operand(args: FwdArgs) -> bool:
     """Some tensor of the call is a wrapper tensor subclass (it has ``__tensor_flatten__``:
     DTensor, torchao's quantized and float8 tensors): it holds no buffer the kernels can read,
     and the op has no rule for it. The caller then runs the module's own code, which the
     subclass implements. (FakeTensor and FunctionalTensor, which torch.compile and
     torch.export trace with, are no wrappers: they go to the op.)"""
-    for i in _TENSOR_AT:
+    for i in TENSOR_AT:
         t = args[i]
         if t is not None:
             cls = type(t)

@@ -4,7 +4,6 @@ and converted peer reaches the fused op."""
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -26,7 +25,7 @@ from .checks import (
 from .op import tuning
 from .op.args import NO_STEM, FwdArgs, Norm, Stem, fwd_args
 from .op.reference import patch_embed_reference, reference_call
-from .op.register import patch_embed_fwd
+from .op.register import dispatcher_free, fwd_impl, patch_embed_autograd, patch_embed_fwd
 
 
 def fused_dtypes(
@@ -94,37 +93,24 @@ def fused_call(x: Tensor, patch: tuple[int, ...], weight: Tensor, weight_shape: 
     return None if wrapped_operand(args) else fused_patch_embed(args)
 
 
-_launch = None  # zeta_fused.op.launch once imported completely (it imports Triton: lazily)
-
-
-def _import_launch():
-    """The launcher module, imported on the first fused call. ``import_module`` makes a thread
-    that arrives while another one is importing it wait for the complete module (sys.modules
-    holds the partly initialised one meanwhile); the global is set only once it is complete."""
-    global _launch
-    _launch = importlib.import_module(".op.launch", __package__)
-    return _launch
-
-
 def fused_patch_embed(args: FwdArgs) -> Tensor:
     """One call of the fused op (inputs from :func:`op_inputs`).
 
-    With autograd off, outside torch.compile, on a plain tensor and with no dispatch mode
-    active, the kernel is launched directly: the custom-op dispatcher adds host time to every
-    call (docs/design.md, "Host path"), which small batches would feel. With tuning on
-    (``zeta_fused.tuning``), calls of a kind the eager path ran faster run it instead.
+    An eager call (:func:`~zeta_fused.op.register.dispatcher_free`) runs the op's
+    implementation without the dispatcher, which adds host time to every call that small
+    batches feel (docs/design.md, "Host path"): directly when no gradient is recorded, else
+    through the op's autograd as a plain ``autograd.Function``. torch.compile, torch.export,
+    dispatch modes and torch.func see the custom op. With tuning on (``zeta_fused.tuning``),
+    calls of a kind the eager path ran faster run it instead.
     """
-    compiling = torch.compiler.is_compiling()  # asked once: both tests below need it
-    if not compiling and tuning.tuning() and tuning.path_for(args) == tuning.EAGER:
+    if torch.compiler.is_compiling():
+        return patch_embed_fwd(*args)[0]
+    if tuning.tuning() and tuning.path_for(args) == tuning.EAGER:
         return reference_call(args)
-    x = args.x
-    if (
-        not compiling
-        and not torch.is_grad_enabled()
-        and type(x) is Tensor  # subclasses (FakeTensor, DTensor, ...) need the dispatcher
-        and torch._C._len_torch_dispatch_stack() == 0  # so do dispatch modes
-    ):
-        return (_launch or _import_launch()).patch_embed_fwd(args)[0]
+    if dispatcher_free(args.x):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return patch_embed_autograd(*args)[0]
+        return fwd_impl(args, with_stats=False)[0]  # no backward reads the statistics
     return patch_embed_fwd(*args)[0]
 
 

@@ -32,7 +32,7 @@ from .. import dispatch
 from ..checks import check_input
 from ..functional import fused_call
 from ..nn.norms import norm_kind, norm_problem
-from ..nn.params import forward_of, param, plain
+from ..nn.params import any_hook, forward_of, param, plain
 from ..op.args import Norm, Stem
 from .convs import conv_runs_itself, crop_to_grid, patch_conv_problem, patch_grid
 
@@ -108,7 +108,7 @@ class FusedStem(dispatch.NotScriptable):
         dispatcher agrees."""
         return (
             x.numel() != 0
-            and not any(dispatch.hook_dicts(*children))
+            and not any_hook(self, "_zeta_children_hooks", *children)
             and dispatch.use_fused(self.zeta_backend, x)
         )
 
@@ -274,7 +274,7 @@ def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
         norm is None
         or not plain(norm, HandoffNorm)
         or norm_problem(norm, dim) is not None
-        or any(dispatch.hook_dicts(norm))
+        or any_hook(norm, "_zeta_own_hooks", norm)
     ):
         return None
     return norm

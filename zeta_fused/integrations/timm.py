@@ -31,7 +31,7 @@ from .. import dispatch
 from ..checks import check_input, pad_to_patch
 from ..functional import fused_call
 from ..nn.norms import norm_problem, norm_value
-from ..nn.params import bound, forward_of, param, plain
+from ..nn.params import any_hook, bound, forward_of, param, plain
 from ..op.args import NO_STEM, Stem
 from . import _base
 from .convs import conv_runs_itself, crop_to_grid, patch_conv_problem, to_format
@@ -173,10 +173,16 @@ def fused_timm_class(cls: type) -> type:
 # --- Whole stems ---------------------------------------------------------------------------
 
 
-def _timm():
-    from timm.models import deit, vision_transformer
+_TIMM_CLASSES: tuple[type, type] | None = None  # imported once: _timm() is on the per-call path
 
-    return vision_transformer.VisionTransformer, deit.VisionTransformerDistilled
+
+def _timm():
+    global _TIMM_CLASSES
+    if _TIMM_CLASSES is None:
+        from timm.models import deit, vision_transformer
+
+        _TIMM_CLASSES = vision_transformer.VisionTransformer, deit.VisionTransformerDistilled
+    return _TIMM_CLASSES
 
 
 def _prefix_tokens(m: nn.Module) -> list[Tensor]:
@@ -258,7 +264,7 @@ class _FusedTimmViT(_base.FusedStem):
             # timm applies pos_drop only with a table. The hand-offs to patch_drop and norm_pre
             # need the stem's output itself: one that keeps it is not called (see _hands_on).
             drop = self.pos_drop
-            keeps = _keeps_tensor(drop) and not any(dispatch.hook_dicts(drop))
+            keeps = _keeps_tensor(drop) and not any_hook(self, "_zeta_pos_drop_hooks", drop)
             return x if self.pos_embed is None or keeps else drop(x)
         return super()._pos_embed(x)
 
@@ -281,7 +287,7 @@ class _FusedTimmViT(_base.FusedStem):
         # norm_pre when nothing else between the stem and it changes the tensor.
         drop = self.patch_drop
         between = (drop,) if self.pos_embed is None else (self.pos_drop, drop)
-        if any(dispatch.hook_dicts(*between)):
+        if any_hook(self, "_zeta_between_hooks", *between):
             return _base.handoff_scope(self, pe, None)
         pos_keeps = all(map(_keeps_tensor, between[:-1]))
         prefix_rows = sum(t.shape[1] for t in _prefix_tokens(self))
@@ -294,9 +300,15 @@ class _FusedTimmViT(_base.FusedStem):
         """The rest of the stem for a patch grid, as timm's ``_pos_embed`` computes it, then
         ``norm`` (``norm_pre`` handed off, or None); None when timm would not accept the table
         (timm then raises its own error)."""
+        # The (1, n, D) parameters and table as (n, D) rows through views (squeeze, split),
+        # whose backward costs no kernel or one concatenation, where indexing would fill a
+        # zero tensor per index and copy into it on every backward.
         tokens = _prefix_tokens(self)
+        if any(t.shape[0] != 1 for t in tokens):
+            return None  # timm's own code decides what such a token means
         n_prefix = sum(t.shape[1] for t in tokens)
-        prefix = torch.cat(tokens, 1) if len(tokens) > 1 else (tokens[0] if tokens else None)
+        rows = [t.squeeze(0) for t in tokens]
+        prefix = torch.cat(rows) if len(rows) > 1 else (rows[0] if rows else None)
         pos = param(self, "pos_embed")
         if pos is not None:
             covers_prefix = not self.no_embed_class
@@ -308,15 +320,16 @@ class _FusedTimmViT(_base.FusedStem):
                 old, skip = tuple(self.patch_embed.grid_size), n_prefix if covers_prefix else 0
                 pos = resample_abs_pos_embed(pos, new_size=grid, old_size=old,
                                              num_prefix_tokens=skip)  # fmt: skip
-            if pos.shape[1] != grid[0] * grid[1] + (n_prefix if covers_prefix else 0):
+            if pos.shape[0] != 1 or pos.shape[1] != grid[0] * grid[1] + (
+                n_prefix if covers_prefix else 0
+            ):
                 return None
+            pos = pos.squeeze(0)
             if covers_prefix and n_prefix:
-                prefix = prefix + pos[:, :n_prefix]
-                pos = pos[:, n_prefix:]
+                prefix_pos, pos = pos.split((n_prefix, pos.shape[0] - n_prefix))
+                prefix = prefix + prefix_pos
         return Stem(
-            None if pos is None else pos[0],
-            None if prefix is None else prefix[0],
-            norm_value(norm, self.patch_embed.proj.weight.dtype) if norm else None,
+            pos, prefix, norm_value(norm, self.patch_embed.proj.weight.dtype) if norm else None
         )
 
 

@@ -9,6 +9,8 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
+from .. import dispatch
+
 T = TypeVar("T")
 
 
@@ -55,6 +57,13 @@ def bound(owner: nn.Module, key: str, children: tuple, compute: Callable[[], T])
         entry = (children, forwards, compute())
         owner.__dict__[key] = entry
     return entry[2]
+
+
+def any_hook(owner: nn.Module, key: str, *modules: nn.Module) -> bool:
+    """Whether calling ``modules`` one by one would run a hook (:func:`~zeta_fused.dispatch.
+    hook_dicts`, the global tables included), the tables bound once to ``modules`` under
+    ``key`` on ``owner`` (hooks are added to and removed from them in place)."""
+    return any(bound(owner, key, modules, lambda: dispatch.hook_dicts(*modules)))
 
 
 def forwarded(child: str, name: str, check: Callable | None = None) -> property:

@@ -19,7 +19,7 @@ from .. import dispatch
 from ..checks import PatchSize, as_int, pair
 from ..op.args import Stem
 from .norms import norm_problem, norm_value
-from .params import forwarded, param, plain
+from .params import any_hook, forwarded, param, plain
 from .patch_embed import FusedPatchSequential, PatchEmbeddings
 
 
@@ -82,6 +82,11 @@ class ViTStem(nn.Module):
 
     backend = forwarded("patches", "backend")  # PatchEmbeddings checks the value
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_zeta_skipped_hooks", None)  # bound to objects of this process: bound again
+        return state
+
     def forward(self, x: Tensor) -> Tensor:
         if dispatch.symbolic_tracing():  # the submodules one by one (docs/design.md, "torch.fx")
             return self._eager(x)
@@ -115,13 +120,13 @@ class ViTStem(nn.Module):
             or not plain(patches, PatchEmbeddings)
             or not plain(embedding, FusedPatchSequential)
             # modules the fused call skips (their children's hooks: zeta_call)
-            or any(dispatch.hook_dicts(patches, embedding, norm))
+            or any_hook(self, "_zeta_skipped_hooks", patches, embedding, norm)
         ):
             return None
-        pos, prefix = param(self, "pos_embed"), param(self, "prefix_tokens")
+        # The (1, n, D) parameters as they are: the op reads a leading 1 as rows (checks._rows).
         stem = Stem(
-            None if pos is None else pos[0],
-            None if prefix is None else prefix[0],
+            param(self, "pos_embed"),
+            param(self, "prefix_tokens"),
             norm_value(norm, x.dtype) if is_norm else None,
         )
         return embedding.zeta_call(x, stem)

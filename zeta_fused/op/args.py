@@ -128,6 +128,8 @@ TENSOR_FIELDS = tuple(
     for name, hint in typing.get_type_hints(FwdArgs).items()
     if Tensor in (hint, *typing.get_args(hint))
 )
+# Their positions in FwdArgs.
+TENSOR_AT = tuple(FwdArgs._fields.index(name) for name in TENSOR_FIELDS)
 GRAD_FIELDS = tuple(
     name for name in TENSOR_FIELDS if NO_GRAD not in getattr(_HINTS[name], "__metadata__", ())
 )

@@ -63,8 +63,10 @@ SLACK = 4 * KIB
 # the product (compute dtype); and the accumulator tile its epilogue may re-lay through shared
 # memory (accumulation dtype), which reuses the pipeline's space.
 KERNEL_TILES: dict[str, tuple] = {
+    # The raw patch tile is pipelined too; an inexact one (shifted, cast: kernels/projection.py)
+    # is staged again in the compute dtype.
     "_patch_embed_fwd_kernel": (
-        (("W", "BLOCK_K", "BLOCK_N"),),
+        (("X", "BLOCK_M", "BLOCK_K"), ("W", "BLOCK_K", "BLOCK_N")),
         ("BLOCK_M", "BLOCK_K"),
         ("BLOCK_M", "BLOCK_N"),
     ),
@@ -87,11 +89,17 @@ KERNEL_TILES: dict[str, tuple] = {
 # The Blocks field behind each of those constexprs, as the launchers (op/launch.py) pass them;
 # each is an upper bound of what a call launches (narrow rows take smaller BLOCK_N / BLOCK_D).
 KERNEL_BLOCKS: dict[str, dict[str, str]] = {
-    "_patch_embed_fwd_kernel": {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k"},
+    "_patch_embed_fwd_kernel": {"BLOCK_M": "fwd_m", "BLOCK_N": "fwd_n", "BLOCK_K": "fwd_k"},
     "_bwd_dz_kernel": {"BLOCK_M": "dz_m", "BLOCK_N": "dz_n", "BLOCK_K": "k"},
     "_bwd_dw_kernel": {"BLOCK_M": "dw_m", "BLOCK_D": "dw_d", "BLOCK_K": "dw_k"},
     "_bwd_dx_kernel": {"BLOCK_M": "m", "BLOCK_D": "dx_d", "BLOCK_K": "dx_k"},
 }
+# The Blocks field of each kernel's pipeline depth (the others: "stages").
+KERNEL_STAGES: dict[str, str] = {"_patch_embed_fwd_kernel": "fwd_stages"}
+# Pipelined operands always in the compute dtype (the folded weight, kernels/fold.py), and the
+# constexpr that doubles a kernel's weight tiles (two column tiles per step, PAIR).
+COMPUTE_OPERANDS: dict[str, tuple[str, ...]] = {"_patch_embed_fwd_kernel": ("W",)}
+PAIRED: dict[str, tuple[str, str]] = {"_patch_embed_fwd_kernel": ("PAIR", "fwd_pair")}
 MIN_BLOCK = 16  # tl.dot needs every block dimension >= 16
 
 
@@ -122,7 +130,15 @@ def smem_estimate(kernel: str, blocks: dict[str, int], loaded: dict[str, int], c
     per element of the arguments its pipelined tiles come from (``loaded``: "W", "DZ"), of the
     compute and accumulation dtypes, on ``arch`` with ``stages`` pipeline stages."""
     pipelined, resident, epilogue = KERNEL_TILES[kernel]
-    per_buffer = sum(loaded[arg] * blocks[r] * blocks[c] for arg, r, c in pipelined)
+    in_compute = COMPUTE_OPERANDS.get(kernel, ())
+    pair = kernel in PAIRED and bool(blocks.get(PAIRED[kernel][0]))
+    per_buffer = sum(
+        (compute if arg in in_compute else loaded[arg])
+        * blocks[r]
+        * blocks[c]
+        * (2 if pair and arg == "W" else 1)
+        for arg, r, c in pipelined
+    )
     staged = 0 if resident is None else compute * math.prod(blocks[d] for d in resident)
     tiles = pipeline_buffers(arch, stages) * per_buffer + staged + SLACK
     return max(tiles, acc * math.prod(blocks[d] for d in epilogue))
@@ -134,8 +150,11 @@ def policy_estimates(pol: LaunchPolicy, field: str, arch: str) -> dict[str, int]
     blocks = getattr(pol, field)
     compute, loaded, acc = TABLE_BYTES[field]
     return {
-        kernel: smem_estimate(kernel, {c: getattr(blocks, f) for c, f in fields.items()},
-                              {"W": loaded, "DZ": loaded}, compute, acc, arch, blocks.stages)
+        kernel: smem_estimate(kernel, {c: getattr(blocks, f) for c, f in fields.items()}
+                              | ({PAIRED[kernel][0]: getattr(blocks, PAIRED[kernel][1])}
+                                 if kernel in PAIRED else {}),
+                              {"X": loaded, "W": loaded, "DZ": loaded}, compute, acc, arch,
+                              getattr(blocks, KERNEL_STAGES.get(kernel, "stages")))
         for kernel, fields in KERNEL_BLOCKS.items()
     }  # fmt: skip
 
@@ -151,11 +170,12 @@ def fit_blocks(pol: LaunchPolicy, field: str, arch: str, smem: int) -> Blocks:
         if not over:
             return blocks
         fields = KERNEL_BLOCKS[over[0]].values()
+        stages = KERNEL_STAGES.get(over[0], "stages")
         widest = max(fields, key=lambda f: getattr(blocks, f))
         if getattr(blocks, widest) > MIN_BLOCK:
             blocks = dataclasses.replace(blocks, **{widest: getattr(blocks, widest) // 2})
-        elif blocks.stages > 1:
-            blocks = dataclasses.replace(blocks, stages=blocks.stages - 1)
+        elif getattr(blocks, stages) > 1:
+            blocks = dataclasses.replace(blocks, **{stages: getattr(blocks, stages) - 1})
         else:
             raise ValueError(f"no tiles of {over[0]} fit {smem} bytes of shared memory on {arch}")
         pol = dataclasses.replace(pol, **{field: blocks})
@@ -169,8 +189,12 @@ def for_device(arch: str, sm_count: int, smem_per_block: int) -> LaunchPolicy:
     small_grid = -(-sm_count // 4)  # a quarter of the SMs (see LaunchPolicy.small_grid)
     pol = dataclasses.replace(
         DEFAULT,
-        blocks_16bit=dataclasses.replace(DEFAULT.blocks_16bit, stages=default_stages(arch)),
-        blocks_32bit=dataclasses.replace(DEFAULT.blocks_32bit, stages=default_stages(arch)),
+        blocks_16bit=dataclasses.replace(
+            DEFAULT.blocks_16bit, stages=default_stages(arch), fwd_stages=default_stages(arch)
+        ),
+        blocks_32bit=dataclasses.replace(
+            DEFAULT.blocks_32bit, stages=default_stages(arch), fwd_stages=default_stages(arch)
+        ),
         small_grid=small_grid,
         relayout_min_tokens=small_grid * DEFAULT.blocks_16bit.m,
         dw_target_programs=2 * sm_count,

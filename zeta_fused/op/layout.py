@@ -83,8 +83,39 @@ def flat_in(strides: tuple[int, ...], chans: int, patch: tuple[int, ...],
     return True
 
 
+def aligned_row_len(k: int) -> int:
+    """The row stride of a re-laid weight: K rounded up to W_ROW_ALIGN elements."""
+    return _cdiv(k, W_ROW_ALIGN) * W_ROW_ALIGN
+
+
+@functools.cache
+def flat_strides(chans: int, patch: tuple[int, ...], channels_first: bool) -> tuple[int, ...]:
+    """Element strides (c, *patch) of a row holding the patch contiguously in the K order."""
+    if not channels_first:
+        return linear_strides(1, chans, patch)
+    return math.prod(patch), *(math.prod(patch[d + 1 :]) for d in range(len(patch)))
+
+
+def gather_run(x: Tensor, patch: tuple[int, ...], channels_first: bool) -> int:
+    """The contiguous runs an image's patch elements come in, in the K order: the largest power
+    of two (at most MAX_ROW_ALIGN) dividing the run length (the innermost patch width; with
+    channels last, times the channels) that every run's start keeps aligned; 1 where the
+    innermost elements are not contiguous. The compiler sees runs of a power of two on its
+    own; patch 14 (runs of 2) and channels-last images (runs of 3 x patch) it does not."""
+    spatial = x.stride()[2:]
+    starts = [x.stride(0), *spatial[:-1], *(p * s for p, s in zip(patch, spatial, strict=True))]
+    if channels_first or x.shape[1] == 1:  # (one channel: the two orders are one)
+        if spatial and spatial[-1] != 1:
+            return 1
+        return stride_align(patch[-1], x.stride(1), *starts)
+    if x.stride(1) != 1 or (spatial and spatial[-1] != x.shape[1]):
+        return 1
+    return stride_align(patch[-1] * x.shape[1], *starts)
+
+
 def rows_inner(x: Tensor) -> bool:
-    """Pixel rows contiguous and more than one channel: the channels-first K order pays."""
+    """Pixel rows contiguous and more than one channel: the channels-first K order pays (the
+    order the forward gathers such an image in; a channels-last one in (*patch, c))."""
     return x.shape[1] > 1 and x.stride(-1) == 1
 
 
@@ -163,7 +194,7 @@ def relaid(weight: Tensor, chans: int, patch: tuple[int, ...], channels_first: b
         patch_major = weight.reshape(d, *patch, chans)
     else:
         patch_major = weight.permute(0, *range(2, 2 + nd), 1)
-    rows = weight.new_zeros((d, _cdiv(k, W_ROW_ALIGN) * W_ROW_ALIGN))[:, :k]
+    rows = weight.new_zeros((d, aligned_row_len(k)))[:, :k]
     if channels_first:
         out = rows.view(d, chans, *patch)
         out.copy_(patch_major.permute(0, nd + 1, *range(1, nd + 1)))

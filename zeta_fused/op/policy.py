@@ -23,9 +23,8 @@ from ..dispatch import interpreting
 class Blocks:
     """Block sizes of the kernels for one GEMM operand width."""
 
-    m: int  # tokens per program (a tensor-core M tile), every kernel but the dW GEMM
-    k: int  # patch elements per K step: forward, dZ's Z recompute, image gradient
-    n: int  # widest forward output chunk; wider rows get an in-program second pass
+    m: int  # tokens per program (a tensor-core M tile) of the image-gradient kernel
+    k: int  # patch elements per K step of dZ's Z recompute
     dz_n: int  # D chunk of the post-norm backward (it also recomputes Z)
     dz_m: int  # tokens per post-norm-backward program (rows of its column partials)
     dw_m: int  # token step of the dW GEMM (its reduction dimension)
@@ -42,6 +41,40 @@ class Blocks:
     # Software-pipeline depth of the GEMM kernels' loops (Triton's num_stages): shared memory
     # grows with it (devices.smem_estimate). 3 is Triton's own default on NVIDIA GPUs.
     stages: int = 3
+    # The forward (kernels/patch_embed_fwd.py): BLOCK_M tokens x BLOCK_N columns per tile and
+    # BLOCK_K patch elements per step, both operands streamed through shared memory. The wide
+    # tile (128 tokens) halves the weight traffic of 64-token tiles and gives each of two
+    # warpgroups a 64-row wgmma per step; its columns come in pairs of 128-column tiles
+    # (fwd_pair), which reads each patch tile once per 256 columns while each epilogue keeps
+    # within the registers (a 256-column tile spills). The small tile serves grids that would
+    # leave SMs idle (small_grid).
+    fwd_m: int = 128
+    fwd_n: int = 128
+    fwd_pair: bool = True
+    fwd_k: int = 64
+    fwd_small_m: int = 64
+    fwd_small_n: int = 64
+    fwd_warps: int = 8
+    fwd_small_warps: int = 4  # one warpgroup: a 64-token tile is one wgmma M
+    fwd_stages: int = 3
+    # Columns per step of the passes that finish rows wider than a tile (epilogue.finish_rows):
+    # narrower than the tile, so that they need fewer registers than the main loop leaves.
+    sweep_n: int = 64
+    # Rows per program of the kernel that finishes rows shared by several forward programs.
+    finish_m: int = 32
+
+    def sizes(self) -> list[int]:
+        """Every block dimension (each a power of two, at least tl.dot's 16)."""
+        return [v for f, v in vars(self).items() if f not in _NOT_SIZES]
+
+    def counts(self) -> list[int]:
+        """Warps and pipeline stages (each at least 1)."""
+        return [getattr(self, f) for f in _NOT_SIZES if f != "fwd_pair"]
+
+
+# Blocks fields that are not block dimensions.
+_NOT_SIZES = ("warps", "param_warps", "stages", "fwd_warps", "fwd_small_warps", "fwd_stages",
+              "fwd_pair")  # fmt: skip
 
 
 # eq=False: compared and hashed by identity (it keys the launchers' caches; each override is
@@ -49,13 +82,25 @@ class Blocks:
 @dataclass(frozen=True, eq=False)
 class LaunchPolicy:
     # GEMM operands of 2 bytes (bf16, fp16) and of 4 (fp32; fp64 runs with these too).
-    blocks_16bit: Blocks = Blocks(m=64, k=32, n=256, dz_n=128, dz_m=64, dw_m=64, dw_d=256,
+    blocks_16bit: Blocks = Blocks(m=64, k=32, dz_n=128, dz_m=64, dw_m=64, dw_d=256,
                                   dw_k=64, dx_d=64, dx_k=64)  # fmt: skip
-    blocks_32bit: Blocks = Blocks(m=64, k=16, n=64, dz_n=32, dz_m=64, dw_m=16, dw_d=64,
-                                  dw_k=64, dx_d=64, dx_k=16)  # fmt: skip
-    # Forward grids of fewer `m`-token programs than this (a quarter of the SMs: 33 of an
-    # H100/H200's 132) use 16-token programs: the b1 preset (196 tokens) runs on 13 SMs, not 4.
+    blocks_32bit: Blocks = Blocks(m=64, k=16, dz_n=32, dz_m=64, dw_m=16, dw_d=64,
+                                  dw_k=64, dx_d=64, dx_k=16, fwd_m=64, fwd_n=64, fwd_k=32,
+                                  fwd_pair=False, fwd_small_m=32, fwd_small_n=32, fwd_warps=4,
+                                  finish_m=16)  # fmt: skip
+    # Forward grids of fewer row blocks than this (a quarter of the SMs: 33 of an H100/H200's
+    # 132) take the small tiles, their columns split across programs.
     small_grid: int = 33
+    # Rows and K columns per program of the weight fold (kernels/fold.py): D = 768 spreads over
+    # 48 programs.
+    fold_d: int = 16
+    fold_k: int = 128
+    # Calls with nothing to fuse (plan.plain_gemm: rows already laid out, no norm, table or
+    # prefix) run as cuBLAS's GEMM (F.linear) instead of the fused kernel.
+    cublas_plain_gemm: bool = True
+    # Programs wanted for a small forward grid: its tiles' columns are split across programs
+    # (the b1 preset: 4 row blocks x 12 column tiles of 64 = 48 programs, not 2).
+    fwd_target_programs: int = 132
     # Calls with at least this many tokens (the 64-token programs of small_grid) re-lay the
     # weight and the pre-norm parameters for the kernels (layout.k_order): up to three small
     # copies, which the b1 preset would feel in host time but a training batch does not.

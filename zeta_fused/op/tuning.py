@@ -48,11 +48,13 @@ FILE_FORMAT = 1
 # time, as bench.tune varies them); those whose tiles would not fit the device are skipped.
 FWD_CANDIDATES: dict[str, Callable] = {
     DEVICE: lambda _: {},
-    "n/2": lambda b: {"n": b.n // 2},
-    "k*2": lambda b: {"k": b.k * 2},
-    "m*2 n/2": lambda b: {"m": b.m * 2, "n": b.n // 2},
-    "warps/2": lambda b: {"warps": b.warps // 2},
-    "stages+1": lambda b: {"stages": b.stages + 1},
+    "n/2": lambda b: {"fwd_n": b.fwd_n // 2},
+    "k*2": lambda b: {"fwd_k": b.fwd_k * 2},
+    "single tiles": lambda _: {"fwd_pair": False},
+    "n*2 single": lambda b: {"fwd_n": b.fwd_n * 2, "fwd_pair": False},
+    "m/2": lambda b: {"fwd_m": b.fwd_m // 2},
+    "warps/2": lambda b: {"fwd_warps": b.fwd_warps // 2},
+    "stages+1": lambda b: {"fwd_stages": b.fwd_stages + 1},
 }
 BWD_CANDIDATES: dict[str, Callable] = {
     DEVICE: lambda _: {},
@@ -135,7 +137,7 @@ def call_key(a: FwdArgs) -> str:
     """What makes two calls launch the same kernels on the same work: shapes, strides and
     dtypes of every tensor (None: absent), the norm kinds, the patch, the GEMM and output
     dtypes, and TF32 for fp32 GEMMs."""
-    from .launch import tf32_allowed
+    from .plan import tf32_allowed
 
     parts = [
         "-" if t is None else f"{tuple(t.shape)}/{t.stride()}/{t.dtype}".replace("torch.", "")
@@ -306,8 +308,7 @@ def candidates(base: LaunchPolicy, itemsize: int, phase: str, x: Tensor) -> list
     names = []
     for name in table:
         blocks = getattr(candidate_policy(base, itemsize, name, phase), field)
-        sizes = [v for f, v in vars(blocks).items() if f not in ("warps", "param_warps", "stages")]
-        if min(sizes) < devices.MIN_BLOCK or blocks.warps < 1 or blocks.stages < 1:
+        if min(blocks.sizes()) < devices.MIN_BLOCK or min(blocks.counts()) < 1:
             continue
         if limits is not None:
             arch, _, smem = limits

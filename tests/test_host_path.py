@@ -1,0 +1,236 @@
+"""The host path of a fused call (docs/design.md, "Host path"), on any machine: eager calls skip
+the dispatcher, and what each forward and backward launches.
+
+Counted per forward and per backward, for ``PatchEmbeddings`` and a converted timm ViT stem:
+Triton launches, and the torch ops that launch a kernel on a GPU (allocations, views and
+metadata left out; backward with gradients None, so without autograd's own accumulation).
+The counts asserted are today's, as upper bounds. Issue 30's targets, for the kernels to reach:
+a forward in at most 2 launches, a training backward in at most 3 (2 without the image
+gradient), and no kernel-launching torch op besides allocation.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+from support import make, randomise
+from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode_temporarily
+
+import zeta_fused.functional as functional
+from zeta_fused import ViTStem, fuse_stems
+from zeta_fused.op import register
+
+# aten ops that launch no kernel on a GPU: allocation, views, metadata.
+NO_KERNEL = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view",
+    "_unsafe_view", "as_strided", "select", "slice", "alias", "expand", "t", "transpose",
+    "permute", "unsqueeze", "squeeze", "detach", "reshape", "unflatten", "split",
+    "split_with_sizes", "chunk", "unbind", "narrow", "view_as", "lift_fresh", "_reshape_alias",
+    "set_", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+    "is_same_size",
+}  # fmt: skip
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts, while active, the torch ops that launch a kernel and the Triton launches.
+
+    A dispatch mode makes fused calls take the custom op (the mode would see it, not the ops
+    its implementation runs): ``register.dispatcher_free`` ignores this one, so that calls
+    take their eager path and the mode sees every op of it."""
+
+    def __init__(self, monkeypatch) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.launches: collections.Counter = collections.Counter()
+        self.launching = False  # inside a launch: the interpreter's own copies are not counted
+        real = register.dispatcher_free
+
+        def ignoring_me(x):
+            if torch._C._len_torch_dispatch_stack() == 1 and isinstance(
+                torch.utils._python_dispatch._get_current_dispatch_mode(), KernelCount
+            ):
+                with _pop_mode_temporarily():
+                    return real(x)
+            return real(x)
+
+        monkeypatch.setattr(register, "dispatcher_free", ignoring_me)
+        monkeypatch.setattr(functional, "dispatcher_free", ignoring_me)
+        from zeta_fused.op import launch
+
+        for name, kernel in list(vars(launch).items()):
+            if hasattr(kernel, "fn") and hasattr(kernel, "__getitem__"):  # a Triton kernel
+                monkeypatch.setattr(launch, name, _Counted(kernel, name, self))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in NO_KERNEL and not self.launching:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def take(self) -> tuple[int, dict]:
+        """(Triton launches, kernel-launching torch ops by name) since the last take."""
+        launches, ops = sum(self.launches.values()), dict(self.ops)
+        self.launches.clear()
+        self.ops.clear()
+        return launches, ops
+
+
+class _Counted:
+    def __init__(self, kernel, name: str, count: KernelCount) -> None:
+        self.kernel, self.name, self.count = kernel, name, count
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.count.launches[self.name] += 1
+            self.count.launching = True
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.count.launching = False
+
+        return counted
+
+
+@pytest.fixture
+def count(monkeypatch) -> KernelCount:
+    return KernelCount(monkeypatch)
+
+
+def step_counts(count: KernelCount, forward, params):
+    """(forward, backward) counts of one training step, gradients None before it."""
+    for p in params:
+        p.grad = None
+    dy = torch.ones_like(forward())
+    count.take()
+    with count:
+        y = forward()
+        fwd = count.take()
+        y.backward(dy)
+        bwd = count.take()
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("image_grad", [False, True], ids=["params", "params+image"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_patch_embeddings_launches_and_torch_ops(count, device, dtype, image_grad) -> None:
+    """Two launches (the weight fold of the pre-norm, the main kernel) and no other kernel per
+    forward. Per backward: the dZ, dW and parameter
+    kernels (and the image's), then the second stage of the column sums (dZ for the bias, dT * ẑ
+    and dT for the post-norm) and their casts to a bf16 parameter's dtype."""
+    m = make(3, 32, 8).to(device, dtype)
+    m.backend = "triton"
+    x = torch.randn(2, 3, 16, 16, device=device, dtype=dtype, requires_grad=image_grad)
+    with torch.no_grad(), count:
+        m(x)
+    assert count.take() == (2, {})
+    (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = step_counts(
+        count, lambda: m(x), [*m.parameters(), x]
+    )
+    assert (fwd_launches, fwd_ops) == (2, {})
+    assert bwd_launches <= 3 + image_grad
+    casts = 3 if dtype == torch.bfloat16 else 0
+    assert sum(bwd_ops.values()) <= 3 + casts, bwd_ops
+
+
+def timm_stem(device: str):
+    vit = pytest.importorskip("timm.models.vision_transformer")
+    model = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=0, num_heads=2,
+                                  num_classes=0, pre_norm=True, reg_tokens=2,
+                                  final_norm=False)  # fmt: skip
+    model = randomise(model).to(device)
+    before = copy.deepcopy(model)
+    fuse_stems(model, backend="triton")
+    return model, before
+
+
+def test_timm_stem_launches_and_torch_ops(count, device) -> None:
+    """A converted timm ViT stem (class and register tokens, a position table covering them,
+    norm_pre): the whole stem in one launch per forward, three per backward. Its prefix rows
+    are torch ops: per forward the tokens' concatenation and their position rows (2), the stem
+    norm of the rows (10) and their copy into every image (1); per backward the rows' batch
+    sum and stem-norm backward, the norm recomputed (22), the column sums with the rows' parts
+    (5), the table's batch sum (1) and the concatenation of its two parts' gradients (1)."""
+    model, before = timm_stem(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    with torch.no_grad():
+        want = before.forward_features(x)
+        with count:
+            got = model.forward_features(x)
+    torch.testing.assert_close(got, want)
+    launches, ops = count.take()
+    assert launches == 1 and sum(ops.values()) <= 13, ops
+    (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = step_counts(
+        count, lambda: model.forward_features(x), list(model.parameters())
+    )
+    assert fwd_launches == 1 and sum(fwd_ops.values()) <= 13, fwd_ops
+    assert bwd_launches <= 3 and sum(bwd_ops.values()) <= 29, bwd_ops
+    # Indexing the table or the tokens would add a zero fill and a copy per index.
+    assert not {"select_backward", "slice_backward"} & set(bwd_ops), bwd_ops
+
+
+def test_eager_calls_skip_the_dispatcher(device, monkeypatch) -> None:
+    """An eager call runs the op's implementation without the dispatcher: directly under
+    no_grad, through its autograd as a plain autograd.Function with autograd (torch's wrapper
+    of a custom op's autograd rebuilds the 22-argument schema once per argument on every
+    call), backward included. Under a dispatch mode the custom ops run, as torch.compile and
+    torch.export record them. The same outputs and gradients either way."""
+    import torch._library.utils as library_utils
+
+    calls: collections.Counter = collections.Counter()
+
+    def counting(module, name: str, label: str) -> None:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.update([label]) or real(*a, **k))
+
+    counting(functional, "patch_embed_fwd", "fwd op")
+    counting(functional, "patch_embed_autograd", "autograd.Function")
+    counting(register, "patch_embed_bwd", "bwd op")
+    counting(library_utils, "fill_defaults", "fill_defaults")
+    m = make(3, 16, 4).to(device, torch.float32)
+    m.backend = "triton"
+    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    dy = torch.randn(2, 4, 16, device=device)
+    with torch.no_grad():
+        fast = m(x)
+    assert not calls
+    y = m(x)
+    y.backward(dy)
+    eager_grads = [t.grad.clone() for t in (x, *m.parameters())]
+    assert calls == {"autograd.Function": 1}, calls
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    for t in (x, *m.parameters()):
+        t.grad = None
+    calls.clear()
+    with Passing():
+        traced = m(x)
+        traced.backward(dy)
+    assert calls["fwd op"] == 1 and calls["bwd op"] == 1 and calls["fill_defaults"]
+    torch.testing.assert_close(fast, y.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(traced, y, rtol=0, atol=0)
+    for t, want in zip((x, *m.parameters()), eager_grads, strict=True):
+        torch.testing.assert_close(t.grad, want, rtol=0, atol=0)
+
+
+def vit_stem(device: str) -> ViTStem:
+    return ViTStem(3, 32, 16, 8, num_prefix_tokens=2, stem_norm=True, backend="triton").to(device)
+
+
+def test_vit_stem_table_and_prefix_reach_the_op_through_views(count, device) -> None:
+    """ViTStem's (1, n, D) table and prefix tokens reach the op as rows through views: no zero
+    fill and copy per backward for an index."""
+    stem = vit_stem(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    (fwd_launches, _), (bwd_launches, bwd_ops) = step_counts(
+        count, lambda: stem(x), list(stem.parameters())
+    )
+    assert fwd_launches == 2 and bwd_launches <= 3  # the fold of its pre-norm, the main kernel
+    assert not {"select_backward", "slice_backward"} & set(bwd_ops), bwd_ops
