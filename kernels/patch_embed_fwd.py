@@ -43,7 +43,7 @@ PART_M2 = tl.constexpr(1)
 # |mean| * rstd of a token above which exact 16-bit patches are shifted before the product
 # anyway: the fold's fp32 cancellation error grows with it (rstd reaches 1/sqrt(eps) on
 # constant patches), while rows below it keep that error under the rounding of the
-# normalised patch that the eager module does (tests/test_forward_folded.py measures both).
+# normalised patch that the eager module does (tests/op/test_forward_folded.py measures both).
 SHIFT_RATIO = tl.constexpr(256.0)
 
 

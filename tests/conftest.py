@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # The machine-code compiles (minutes of CPU, processes of their own) start now and run
     # beside the other tests; their tests go last and collect the results.
     aot = [item for item in items if "aot" in item.keywords]
-    if aot:
+    if aot and not config.option.collectonly:
         items[:] = [item for item in items if "aot" not in item.keywords] + aot
         aot[0].module.start_compiles()
         config.stash[_AOT_MODULE] = aot[0].module

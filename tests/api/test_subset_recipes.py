@@ -5,16 +5,15 @@ draw: MAE and VideoMAE (transformers), timm PatchDropout, OpenCLIP patch_dropout
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from support import randomise
+from support import ROOT, randomise
 
 from zeta_fused import patch_embed
 
-USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
+USAGE = ROOT / "docs" / "usage.md"
 LIBRARIES = ["MAE", "VideoMAE", "timm", "OpenCLIP"]
 B, N = 3, 16  # 4 x 4 patches per image (per frame for VideoMAE)
 TOL = {"rtol": 1e-5, "atol": 1e-5}

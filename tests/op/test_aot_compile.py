@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from support import TESTS
 
-SCRIPT = Path(__file__).with_name("aot_compile.py")
+SCRIPT = TESTS / "aot_compile.py"
 ALT_TRITON = os.environ.get("ZETA_FUSED_ALT_TRITON")
 # The other architectures of make test: mma.sync with 163 KiB (sm_80), consumer Blackwell with
 # 99 KiB and the tiles fitted to it (sm_120, as sm_86 and sm_89), AMD's 64 KiB of LDS (gfx942).

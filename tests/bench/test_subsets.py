@@ -11,18 +11,16 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from support import randomise
+from support import ROOT, randomise
 
 from bench import conv_stems, goals, model_stems, report, runner, subset_stems
 from bench.__main__ import parse_args, plan_for
 from bench.presets import PRESETS, SUBSET_PRESETS, SubsetPreset
 from bench.providers import PROVIDERS
 
-ROOT = Path(__file__).resolve().parents[1]
 # Tiny versions of each preset (same model, prefix, bias and norm): spatial, patch, width and
 # the kept count each model's own rounding gives at that grid (4 x 4 patches per frame).
 TINY_SIZES = {

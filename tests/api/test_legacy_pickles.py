@@ -6,14 +6,13 @@ fused."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from support import TESTS
 
 from zeta_fused import fuse_patch_embeddings, fuse_stems
 
-PICKLES = sorted((Path(__file__).parent / "data").glob("pickles_*/*.pt"))
+PICKLES = sorted((TESTS / "data").glob("pickles_*/*.pt"))
 # Loading needs the peer library each model comes from.
 PEERS = {"timm": "timm", "hf": "transformers", "vit": "vit_pytorch", "diffusers": "diffusers",
          "open": "open_clip"}  # fmt: skip
