@@ -147,7 +147,7 @@ gpu-profile:
 # tensor is its own allocation, and the tests are small ones with ragged tiles.
 # Seconds per tool: both fit one 10-minute call.
 GPU_SANITIZE_S ?= 270
-SANITIZE_TESTS ?= tests/test_backward.py -k "reads_past or flag_variants or many_token_tiles"
+SANITIZE_TESTS ?= tests/op/test_backward.py -k "reads_past or flag_variants or many_token_tiles"
 gpu-sanitize:
 	python3 -m pip install -q -e . --no-deps --no-build-isolation
 	mkdir -p $(OUT)

@@ -4,7 +4,7 @@ and the launch plan of zeta_fused/op/launch.py), against the compulsory bytes of
 The forward's main kernel reads each row block's patches once per column tile (or pair of
 tiles), the whole folded weight once per row block, and stores each output row once, plus
 once more and a read back per norm over D when a row is wider than a tile; the weight fold
-reads and writes the weight once. tests/test_forward_traffic.py checks this model against the
+reads and writes the weight once. tests/op/test_forward_traffic.py checks this model against the
 bytes the interpreter counts, and the model against the targets of docs/design.md
 ("Forward main loop").
 """

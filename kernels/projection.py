@@ -34,8 +34,8 @@ from .rounding import mma
 # sum of exact products, and rstd (up to 1/sqrt(eps) on constant patches) magnifies what is
 # left. Below it, with at most 64 tensor-core steps accumulated before the subtraction (a
 # forward's K of 768 to 1024, a backward chunk of tokens), that error stays under the rounding
-# of the normalised patch that the eager module does (tests/test_forward_folded.py and
-# tests/test_backward_folded.py measure both).
+# of the normalised patch that the eager module does (tests/op/test_forward_folded.py and
+# tests/op/test_backward_folded.py measure both).
 SHIFT_RATIO = tl.constexpr(256.0)
 
 

@@ -1,4 +1,4 @@
-"""Bound launches against Triton's own, without a GPU (run by tests/test_bound.py, in a process
+"""Bound launches against Triton's own, without a GPU (run by tests/op/test_bound.py, in a process
 where TRITON_INTERPRET is unset, with whichever Triton is importable).
 
 A Triton driver for an sm_90 device that is not there: kernels are compiled for real (ptxas),

@@ -26,6 +26,12 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers", "aot: compiles every kernel variant for GPU targets (minutes; -m 'not aot')"
+    )
+
+
+_AOT_MODULE = pytest.StashKey()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,6 +39,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+    # The machine-code compiles (minutes of CPU, processes of their own) start now and run
+    # beside the other tests; their tests go last and collect the results.
+    aot = [item for item in items if "aot" in item.keywords]
+    if aot and not config.option.collectonly:
+        items[:] = [item for item in items if "aot" not in item.keywords] + aot
+        aot[0].module.start_compiles()
+        config.stash[_AOT_MODULE] = aot[0].module
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    module = session.config.stash.get(_AOT_MODULE, None)
+    if module is not None:
+        module.stop_compiles()
 
 
 @pytest.fixture(autouse=True)

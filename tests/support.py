@@ -7,6 +7,7 @@ Accuracy rule: fused error vs an fp64 reference <= 2x the eager error in the sam
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,10 @@ from zeta_fused import PatchEmbeddings, fuse_patch_embeddings
 from zeta_fused.functional import op_inputs
 from zeta_fused.kernels.contract import LAYER_NORM
 from zeta_fused.op.args import FwdArgs, Norm
+
+# The tests folder (scripts and data beside this file) and the repository root.
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 ATOL = {
     torch.float64: 1e-10,

@@ -1,6 +1,6 @@
 """Validation shared by the modules, the converted peers and the functional API: integer
 arguments, patch sizes, the input batch, the weight and every parameter of a fused call, and
-the padding to a multiple of the patch (see the README's error table)."""
+the padding to a multiple of the patch (docs/guarantees.md, "Errors")."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ INPUT_SHAPES = {1: "a sequence batch of shape (B, C, L)", 2: "an image batch of 
 
 
 def check_input(x: Tensor, dim_in: int | None, patch: tuple[int, ...], pad: bool) -> None:
-    """Raise the documented error for a bad input batch (see the README's error table); its
+    """Raise the documented error for a bad input batch (docs/guarantees.md, "Errors"); its
     rank must be the patch's plus two. ``pad``: sizes need not be multiples of the patch."""
     shape, rank = x.shape, len(patch)
     if len(shape) != rank + 2:

@@ -168,7 +168,7 @@ def patch_embed(
             resized per image, packed rows: see :func:`patch_embed_rows`).
         dynamic_img_pad: zero-pad the end of each spatial dimension to a multiple of the patch
             instead of raising.
-        backend: "auto" | "triton" | "eager" (see the README).
+        backend: "auto" | "triton" | "eager" (docs/guarantees.md, "Backend selection").
 
     Returns:
         (B, P + N, D) tokens: the P prefix rows, then N = prod(spatial / patch) patch tokens

@@ -34,7 +34,16 @@ from ..functional import fused_call
 from ..nn.norms import norm_kind, norm_problem
 from ..nn.params import any_hook, forward_of, param, plain
 from ..op.args import Norm, Stem
-from .convs import _conv_semantics, _crop_to_grid, patch_conv_problem, patch_grid
+from .convs import conv_runs_itself, crop_to_grid, patch_conv_problem, patch_grid
+
+# The callbacks a fused attempt takes (each converter's ``try_fused``), called with the patch
+# grid of the call once the input is checked:
+# - the rest of a whole stem for that grid (prefix rows, position table, stem norm); None: the
+#   stem cannot be fused for this input (the peer's code runs and raises its own errors);
+StemParts = Callable[[tuple[int, ...]], Stem | None]
+# - the (B, L) indices of the patches to embed, drawn only once the call is known to run fused
+#   (but for a wrapper operand), so that a peer's random draw is made only then.
+Keep = Callable[[tuple[int, ...]], Tensor]
 
 
 class StemKind(NamedTuple):
@@ -184,7 +193,7 @@ class call_scope:  # noqa: N801 - used as a context manager, like contextlib's
                 table[i] = saved
 
 
-class _HandoffModule(FusedStem):
+class HandoffModule(FusedStem):
     """A module of the owner (a norm, a token drop) that a fused stem may do the work of, in
     its owner's call only: when the stem left an entry for it in the call's state
     (:func:`call_state`), the module returns ``_zeta_handed(x, entry)``, else its peer's
@@ -216,7 +225,7 @@ class _HandoffModule(FusedStem):
 # the stem normalised with it already.
 
 
-class _HandoffNorm(_HandoffModule):
+class HandoffNorm(HandoffModule):
     """A norm (a LayerNorm or RMSNorm the op computes) that returns the stem's output as it is
     when the stem applied it already."""
 
@@ -238,14 +247,14 @@ def handoff_class(norm: nn.Module) -> None:
     """Make ``norm`` (a norm the op computes, :func:`~zeta_fused.nn.norms.norm_kind`) accept
     hand-offs."""
     if norm_kind(norm) is not None:
-        swap(norm, _HandoffNorm)
+        swap(norm, HandoffNorm)
 
 
 def handoff_scope(owner: nn.Module, stem: nn.Module, norm: nn.Module | None,
                   drop: nn.Module | None = None) -> call_scope:  # fmt: skip
     """The scope of one call of the owner's forward: the stem computes for ``owner`` (the
     call's state ``"owner"``) and may apply ``norm`` (None: none) and hand its output over,
-    and draw the tokens that the token drop ``drop`` (a :class:`_HandoffTokenDrop`; None: none)
+    and draw the tokens that the token drop ``drop`` (a :class:`HandoffTokenDrop`; None: none)
     keeps (the state's ``"drop"``). A stem whose calls run a forward set on the instance
     (accelerate's device hooks, a monkeypatch, which may change the stem's output) hands
     nothing over."""
@@ -263,7 +272,7 @@ def pending_norm(stem: nn.Module, dim: int) -> nn.Module | None:
     norm = None if state is None else state.get("norm")
     if (
         norm is None
-        or not plain(norm, _HandoffNorm)
+        or not plain(norm, HandoffNorm)
         or norm_problem(norm, dim) is not None
         or any_hook(norm, "_zeta_own_hooks", norm)
     ):
@@ -290,7 +299,7 @@ def keep_tokens(x: Tensor, prefix_rows: int, ids: Tensor) -> Tensor:
     return torch.cat((x[:, :prefix_rows], tokens), 1) if prefix_rows else tokens
 
 
-class _HandoffTokenDrop(_HandoffModule):
+class HandoffTokenDrop(HandoffModule):
     """A token drop (timm's and OpenCLIP's ``PatchDropout``) whose random draw the stem makes:
     it returns the stem's output as it is when the op kept the drawn tokens already, and
     keeps the drawn ones of the tensor it receives when the stem drew them but the op could
@@ -302,7 +311,7 @@ class _HandoffTokenDrop(_HandoffModule):
         out, prefix_rows, ids = drawn
         if out is None:
             return keep_tokens(x, prefix_rows, ids.to(x.device))
-        if out is not x:  # as _HandoffNorm: the owners check that nothing replaces it
+        if out is not x:  # as HandoffNorm: the owners check that nothing replaces it
             raise RuntimeError(
                 f"{type(self).__name__}: the fused stem dropped tokens already, but it "
                 f"received another tensor than the stem's output; please report this model"
@@ -310,32 +319,36 @@ class _HandoffTokenDrop(_HandoffModule):
         return x
 
 
+# The names that models pickled with a hand-off module refer to (their fused classes are made
+# again on load from the mixin; zeta_fused/_legacy.py maps the older paths here).
+_HandoffNorm, _HandoffTokenDrop = HandoffNorm, HandoffTokenDrop
+
+
 def handoff_drop_class(drop: nn.Module, peer: type | None) -> None:
     """Let the stem draw for ``drop`` when it is a plain ``peer`` token drop."""
     if peer is not None and plain(drop, peer):
-        swap(drop, _HandoffTokenDrop)
+        swap(drop, HandoffTokenDrop)
 
 
-def conv_stem(x: Tensor, conv: nn.Module, stem: Callable[[tuple[int, ...]], Stem],
-              post_norm: Norm | None = None,
-              keep: Callable[[tuple[int, ...]], Tensor] | None = None,
-              ) -> Tensor | None:  # fmt: skip
+def conv_stem(x: Tensor, conv: nn.Module, stem: StemParts, post_norm: Norm | None = None,
+              keep: Keep | None = None) -> Tensor | None:  # fmt: skip
     """The whole stem over a patch conv (kernel = stride) as one fused call: (B, P + N, D).
     ``stem(grid)`` gives the prefix rows, the position table of that grid and the stem norm
     (the caller resamples a table for another size with the peer's own function); ``keep(grid)``
-    the (B, L) patches to embed (output (B, P + L, D)), called once the call is known to run
-    fused but for a wrapper operand, so that a peer's random draw is made only then. None: the
-    conv must run itself (unbatched or too small an input, a conv changed in place); the
-    caller then runs the peer's code."""
+    the (B, L) patches to embed (output (B, P + L, D)). None: the peer's code must run (the
+    conv must run itself for an unbatched or too small input, a conv changed in place, a stem
+    that cannot be fused for this input)."""
     patch = tuple(conv.kernel_size)
-    if _conv_semantics(x, patch) or patch_conv_problem(conv) is not None:
+    if conv_runs_itself(x, patch) or patch_conv_problem(conv) is not None:
         return None
-    x = _crop_to_grid(x, patch)
+    x = crop_to_grid(x, patch)
     check_input(x, conv.in_channels, patch, False)
     weight, bias = param(conv, "weight"), param(conv, "bias")
     shape = (conv.out_channels, conv.in_channels, *patch)
     grid = tuple(patch_grid(x, patch))
     parts = stem(grid)
+    if parts is None:
+        return None
     return fused_call(x, patch, weight, shape, bias, None, post_norm, parts,
                       None if keep is None else keep(grid))  # fmt: skip
 

@@ -38,13 +38,13 @@ from . import (
     transformers_masked,
     vit_pytorch,
 )
-from ._base import FusedStem, StemKind, _HandoffNorm, _HandoffTokenDrop
+from ._base import FusedStem, HandoffModule, StemKind
 from .convs import (
     CONVS,
+    FusedPatchConv,
     FusedPatchConv1d,
     FusedPatchConv2d,
     FusedPatchConv3d,
-    _FusedPatchConv,
     fuse_conv,
     library_patch_conv,
     patch_conv_problem,
@@ -90,8 +90,8 @@ def fuse_patch_embeddings(model: nn.Module, *, backend: str = "auto") -> FuseSum
 
     Args:
         model: any ``nn.Module``; it is walked recursively (the root itself included).
-        backend: "auto" | "triton" | "eager" for the converted modules (see the README); set
-            on modules that were fused already too.
+        backend: "auto" | "triton" | "eager" for the converted modules (docs/guarantees.md,
+            "Backend selection"); set on modules that were fused already too.
 
     Returns:
         A :class:`FuseSummary` naming every converted module, every one fused already, and
@@ -138,7 +138,8 @@ def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
 
     Args:
         model: any ``nn.Module``, walked recursively (the root included).
-        backend: "auto" | "triton" | "eager" for the converted modules (see the README).
+        backend: "auto" | "triton" | "eager" for the converted modules (docs/guarantees.md,
+            "Backend selection").
 
     Returns:
         A :class:`FuseSummary`: the stems converted (and the patch
@@ -149,7 +150,7 @@ def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
     summary = FuseSummary()
     for name, m in list(model.named_modules()):
         # Norms and token drops that a stem took over are part of that stem's conversion.
-        if isinstance(m, FusedStem) and not isinstance(m, (_HandoffNorm, _HandoffTokenDrop)):
+        if isinstance(m, FusedStem) and not isinstance(m, HandoffModule):
             m.zeta_backend = backend
             summary.already_fused.append((name, f"fused {type(m).__name__}, backend {backend!r}"))
             continue
@@ -177,7 +178,7 @@ def fuse_stems(model: nn.Module, *, backend: str = "auto") -> FuseSummary:
 
 
 def _is_fused(m: nn.Module) -> bool:
-    return isinstance(m, (_FusedPatchConv, timm._FusedTimmPatchEmbed))
+    return isinstance(m, (FusedPatchConv, timm.FusedTimmPatchEmbed))
 
 
 def _already_fused(summary: FuseSummary, name: str, m: nn.Module, backend: str) -> None:

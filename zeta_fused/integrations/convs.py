@@ -39,9 +39,9 @@ def patch_conv_problem(conv: nn.Module) -> str | None:
     return None
 
 
-def _conv_semantics(x: Tensor, patch: tuple[int, ...]) -> bool:
-    """Inputs the original module must handle itself: unbatched inputs, and inputs smaller
-    than one patch (the conv raises its own error for those)."""
+def conv_runs_itself(x: Tensor, patch: tuple[int, ...]) -> bool:
+    """The original module must handle ``x`` itself: an unbatched input, or one smaller than
+    one patch (the conv raises its own error for those)."""
     return x.ndim != len(patch) + 2 or any(s < p for s, p in zip(x.shape[2:], patch, strict=True))
 
 
@@ -51,14 +51,14 @@ def patch_grid(x: Tensor, patch: tuple[int, ...]) -> list[int]:
     return [s // p for s, p in zip(x.shape[2:], patch, strict=True)]
 
 
-def _crop_to_grid(x: Tensor, patch: tuple[int, ...]) -> Tensor:
+def crop_to_grid(x: Tensor, patch: tuple[int, ...]) -> Tensor:
     """What a stride-patch conv sees: the remainder at the end of each dimension is dropped."""
     if not any(s % p for s, p in zip(x.shape[2:], patch, strict=True)):
         return x
     return x[(..., *(slice(0, s // p * p) for s, p in zip(x.shape[2:], patch, strict=True)))]
 
 
-def _to_format(y: Tensor, x: Tensor, patch: tuple[int, ...], fmt: str) -> Tensor:
+def to_format(y: Tensor, x: Tensor, patch: tuple[int, ...], fmt: str) -> Tensor:
     """(B, N, D) tokens as timm's output formats or a conv's (B, D, *grid) (views, no copies)."""
     if fmt == "NLC":
         return y
@@ -68,10 +68,11 @@ def _to_format(y: Tensor, x: Tensor, patch: tuple[int, ...], fmt: str) -> Tensor
     return tokens if fmt == "NHWC" else tokens.movedim(-1, 1)
 
 
-class _FusedPatchConv(dispatch.NotScriptable):
-    """A ConvNd with kernel = stride = patch computed by the fused op. Returns the conv's values
-    as a channels-last (B, D, *grid) tensor, so ``.flatten(2).transpose(1, 2)`` is free. Its own
-    hooks run as for any module call."""
+class FusedPatchConv(dispatch.NotScriptable):
+    """A ConvNd with kernel = stride = patch computed by the fused op (the base of
+    :class:`FusedPatchConv1d` / ``2d`` / ``3d``). Returns the conv's values as a channels-last
+    (B, D, *grid) tensor, so ``.flatten(2).transpose(1, 2)`` is free. Its own hooks run as for
+    any module call."""
 
     zeta_backend: str = "auto"
 
@@ -79,28 +80,28 @@ class _FusedPatchConv(dispatch.NotScriptable):
     def forward(self, x: Tensor) -> Tensor:
         patch = self.kernel_size
         if (
-            _conv_semantics(x, patch)
+            conv_runs_itself(x, patch)
             or patch_conv_problem(self) is not None  # stride, padding... may change in place
             or not dispatch.use_fused(self.zeta_backend, x)
         ):
             return super().forward(x)
-        x = _crop_to_grid(x, patch)
+        x = crop_to_grid(x, patch)
         check_input(x, self.in_channels, patch, False)
         weight, bias = param(self, "weight"), param(self, "bias")
         shape = (self.out_channels, self.in_channels, *patch)
         y = fused_call(x, patch, weight, shape, bias)
-        return super().forward(x) if y is None else _to_format(y, x, patch, "NCHW")
+        return super().forward(x) if y is None else to_format(y, x, patch, "NCHW")
 
 
-class FusedPatchConv1d(_FusedPatchConv, nn.Conv1d):
+class FusedPatchConv1d(FusedPatchConv, nn.Conv1d):
     """A Conv1d with kernel = stride = patch, fused (sequences)."""
 
 
-class FusedPatchConv2d(_FusedPatchConv, nn.Conv2d):
+class FusedPatchConv2d(FusedPatchConv, nn.Conv2d):
     """A Conv2d with kernel = stride = patch, fused (images)."""
 
 
-class FusedPatchConv3d(_FusedPatchConv, nn.Conv3d):
+class FusedPatchConv3d(FusedPatchConv, nn.Conv3d):
     """A Conv3d with kernel = stride = patch, fused (video tubelets, volumes, pre-cut rows)."""
 
 

@@ -56,7 +56,8 @@ class _FusedDiffusersPatchEmbed(FusedStem):
             interpolation_scale=self.interpolation_scale, device=latent.device, output_type="pt",
         ).float().unsqueeze(0)  # fmt: skip
 
-    def _zeta_tokens(self, latent: Tensor) -> Tensor | None:
+    def try_fused(self, latent: Tensor) -> Tensor | None:
+        """The fused (B, N, D) tokens, or None: the peer's forward runs."""
         conv = self.proj
         norm = _norm(self)
         if (
@@ -84,7 +85,7 @@ class _FusedDiffusersPatchEmbed(FusedStem):
 
     @dispatch.traced_as_peer
     def forward(self, latent: Tensor) -> Tensor:
-        tokens = self._zeta_tokens(latent)
+        tokens = self.try_fused(latent)
         return super().forward(latent) if tokens is None else tokens
 
 

@@ -18,8 +18,8 @@ from ..nn.params import forward_of, param, plain
 from ..op.args import Stem
 from ._base import (
     FusedStem,
+    HandoffTokenDrop,
     StemKind,
-    _HandoffTokenDrop,
     call_scope,
     conv_stem,
     handoff_drop_class,
@@ -37,7 +37,7 @@ def _patch_dropout(drop: nn.Module) -> bool:
     """``drop`` is OpenCLIP's ``PatchDropout`` computing what OpenCLIP's does (as converted:
     the stem may draw for it)."""
     cls = peer_class(_OPEN_CLIP, "PatchDropout")
-    return isinstance(drop, cls) and forward_of(drop) in (cls.forward, _HandoffTokenDrop.forward)
+    return isinstance(drop, cls) and forward_of(drop) in (cls.forward, HandoffTokenDrop.forward)
 
 
 def _patch_dropout_off(drop: nn.Module) -> bool:
@@ -52,7 +52,7 @@ def _stem_draws(drop: nn.Module) -> bool:
     OpenCLIP's PatchDropout as converted, active, keeping the class row in front (without
     ``exclude_first_token`` the class row may be dropped: the op keeps prefix rows)."""
     return (
-        plain(drop, _HandoffTokenDrop)
+        plain(drop, HandoffTokenDrop)
         and _patch_dropout(drop)
         and drop.training
         and drop.prob > 0.0

@@ -19,7 +19,8 @@ class _FusedSamImageEncoder(FusedStem):
     """Segment Anything ``ImageEncoderViT`` with patch_embed and pos_embed fused: the op's
     (B, N, D) tokens viewed as the peer's (B, Hp, Wp, D)."""
 
-    def _zeta_tokens(self, x: Tensor) -> Tensor | None:
+    def try_fused(self, x: Tensor) -> Tensor | None:
+        """The fused (B, Hp, Wp, D) tokens, or None: the peer's forward runs."""
         embed = self.patch_embed
         if x.ndim != 4 or not plain(embed, peer_class(_SAM, "PatchEmbed")):
             return None
@@ -37,7 +38,7 @@ class _FusedSamImageEncoder(FusedStem):
 
     @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
-        tokens = self._zeta_tokens(x)
+        tokens = self.try_fused(x)
         if tokens is None:
             return super().forward(x)
         # The rest of ImageEncoderViT.forward, as the peer writes it.

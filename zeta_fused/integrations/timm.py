@@ -22,7 +22,6 @@ a rate of 0, or no table); otherwise the full stem is fused and ``pos_drop``, ``
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -34,9 +33,8 @@ from ..functional import fused_call
 from ..nn.norms import norm_problem, norm_value
 from ..nn.params import any_hook, bound, forward_of, param, plain
 from ..op.args import NO_STEM, Stem
-from . import _base as stems
-from ._base import rebuild_fused
-from .convs import _conv_semantics, _crop_to_grid, _to_format, patch_conv_problem
+from . import _base
+from .convs import conv_runs_itself, crop_to_grid, patch_conv_problem, to_format
 
 # --- PatchEmbed ---------------------------------------------------------------------------
 
@@ -86,7 +84,7 @@ def _specialise(*sizes: int) -> None:
         operator.index(size)
 
 
-class _FusedTimmPatchEmbed(dispatch.NotScriptable):
+class FusedTimmPatchEmbed(dispatch.NotScriptable):
     """Mixed in front of a timm ``PatchEmbed`` class: the same checks, padding and output
     format, with projection and norm fused."""
 
@@ -106,18 +104,18 @@ class _FusedTimmPatchEmbed(dispatch.NotScriptable):
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: pickled as the timm class, converted again on load.
-        return rebuild_fused, (self._zeta_base, self.__getstate__(), fused_timm_class)
+        return _base.rebuild_fused, (self._zeta_base, self.__getstate__(), fused_timm_class)
 
     @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
-        y = self.zeta_call(x)
+        y = self.try_fused(x)
         return super().forward(x) if y is None else y  # timm's own forward, its own errors
 
-    def zeta_call(self, x: Tensor, stem: Callable[[tuple[int, ...]], Stem] | None = None,
-                  keep: Callable[[int], Tensor] | None = None):  # fmt: skip
+    def try_fused(self, x: Tensor, stem: _base.StemParts | None = None,
+                  keep: _base.Keep | None = None):  # fmt: skip
         """The fused output in timm's output format, or None when timm's forward must run.
         ``stem(grid)``: the rest of a whole stem (below), output (B, P + N, D); None from it:
-        the stem cannot be fused for this input. ``keep(N)``: the (B, L) patches it embeds
+        the stem cannot be fused for this input. ``keep(grid)``: the (B, L) patches it embeds
         (output (B, P + L, D)), drawn once the call runs fused."""
         why, hooks = self._zeta_bound()
         proj, norm = self.proj, self.norm
@@ -128,7 +126,7 @@ class _FusedTimmPatchEmbed(dispatch.NotScriptable):
             or patch_conv_problem(proj) is not None  # its stride, padding... may change in place
             or (is_norm and fmt not in ("NLC", "NHWC"))  # a norm over another axis: eager
             or (is_norm and norm_problem(norm, proj.out_channels) is not None)
-            or _conv_semantics(x, self.patch_size)
+            or conv_runs_itself(x, self.patch_size)
             or not dispatch.use_fused(self.zeta_backend, x)
         ):
             return None
@@ -143,21 +141,22 @@ class _FusedTimmPatchEmbed(dispatch.NotScriptable):
                 _specialise(height, width)
         if self.dynamic_img_pad:
             x = pad_to_patch(x, (ph, pw))
-        x = _crop_to_grid(x, (ph, pw))
+        x = crop_to_grid(x, (ph, pw))
         check_input(x, proj.in_channels, (ph, pw), False)
+        grid = (x.shape[-2] // ph, x.shape[-1] // pw)
         parts = NO_STEM
         if stem is not None:
-            parts = stem((x.shape[-2] // ph, x.shape[-1] // pw))
+            parts = stem(grid)
             if parts is None:
                 return None
         weight, bias = param(proj, "weight"), param(proj, "bias")
         shape = (proj.out_channels, proj.in_channels, ph, pw)
         post = norm_value(norm, x.dtype) if is_norm else None
-        ids = None if keep is None else keep((x.shape[-2] // ph) * (x.shape[-1] // pw))
+        ids = None if keep is None else keep(grid)
         y = fused_call(x, (ph, pw), weight, shape, bias, None, post, parts, ids)
         if y is None:
             return None
-        return y if stem is not None else _to_format(y, x, (ph, pw), fmt)
+        return y if stem is not None else to_format(y, x, (ph, pw), fmt)
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -167,7 +166,7 @@ def fused_timm_class(cls: type) -> type:
     """The fused subclass of a timm ``PatchEmbed`` class (one per class)."""
     if cls not in _FUSED_CLASSES:
         attrs = {"_zeta_base": cls, "__module__": __name__}
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (_FusedTimmPatchEmbed, cls), attrs)
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedTimmPatchEmbed, cls), attrs)
     return _FUSED_CLASSES[cls]
 
 
@@ -201,7 +200,7 @@ def _patch_dropout(m: nn.Module) -> bool:
 
     return (
         isinstance(m, PatchDropout)
-        and forward_of(m) in (PatchDropout.forward, stems._HandoffTokenDrop.forward)
+        and forward_of(m) in (PatchDropout.forward, _base.HandoffTokenDrop.forward)
         and not getattr(m, "return_indices", False)
     )
 
@@ -228,7 +227,7 @@ def _stem_draws(drop: nn.Module, prefix_rows: int) -> bool:
     """The stem can make ``drop``'s draw in this call and embed only the patches it keeps:
     timm's PatchDropout as converted, active, keeping the stem's prefix rows in front."""
     return (
-        plain(drop, stems._HandoffTokenDrop)
+        plain(drop, _base.HandoffTokenDrop)
         and _patch_dropout(drop)
         and drop.training
         and drop.prob > 0
@@ -244,7 +243,7 @@ def _draw_keep(drop: nn.Module, x: Tensor, tokens: int) -> Tensor:
     return ids.sort(dim=-1)[0] if getattr(drop, "ordered", False) else ids
 
 
-class _FusedTimmViT(stems.FusedStem):
+class _FusedTimmViT(_base.FusedStem):
     """Mixed in front of a timm VisionTransformer class: its feature methods run their own
     code, with the stem fused where the call allows it."""
 
@@ -260,7 +259,7 @@ class _FusedTimmViT(stems.FusedStem):
 
     @dispatch.traced_as_peer
     def _pos_embed(self, x: Tensor) -> Tensor:
-        state = stems.call_state(self)
+        state = _base.call_state(self)
         if state is not None and x is state.pop("out", None):  # the whole stem ran fused
             # timm applies pos_drop only with a table. The hand-offs to patch_drop and norm_pre
             # need the stem's output itself: one that keeps it is not called (see _hands_on).
@@ -289,15 +288,15 @@ class _FusedTimmViT(stems.FusedStem):
         drop = self.patch_drop
         between = (drop,) if self.pos_embed is None else (self.pos_drop, drop)
         if any_hook(self, "_zeta_between_hooks", *between):
-            return stems.handoff_scope(self, pe, None)
+            return _base.handoff_scope(self, pe, None)
         pos_keeps = all(map(_keeps_tensor, between[:-1]))
         prefix_rows = sum(t.shape[1] for t in _prefix_tokens(self))
         if not (pos_keeps and _stem_draws(drop, prefix_rows)):
             drop = None
         fuse_norm = drop is not None or (pos_keeps and _hands_on(self.patch_drop))
-        return stems.handoff_scope(self, pe, self.norm_pre if fuse_norm else None, drop)
+        return _base.handoff_scope(self, pe, self.norm_pre if fuse_norm else None, drop)
 
-    def _zeta_parts(self, grid: tuple[int, int], norm: nn.Module | None) -> Stem | None:
+    def stem_parts(self, grid: tuple[int, ...], norm: nn.Module | None) -> Stem | None:
         """The rest of the stem for a patch grid, as timm's ``_pos_embed`` computes it, then
         ``norm`` (``norm_pre`` handed off, or None); None when timm would not accept the table
         (timm then raises its own error)."""
@@ -340,25 +339,25 @@ class _TimmStemPatchEmbed:
 
     @dispatch.traced_as_peer
     def forward(self, x: Tensor) -> Tensor:
-        state = stems.call_state(self)
+        state = _base.call_state(self)
         if state is None:
             return super().forward(x)
         # Read once: the norm the op applies is the one handed off.
-        norm = stems.pending_norm(self, self.proj.out_channels)
+        norm = _base.pending_norm(self, self.proj.out_channels)
         drop, keep = state.get("drop"), None
         if drop is not None:
 
-            def keep(tokens: int) -> Tensor:
+            def keep(grid: tuple[int, ...]) -> Tensor:
                 # Recorded at once: should the op not run after all, the drop keeps these.
-                ids = _draw_keep(drop, x, tokens)
+                ids = _draw_keep(drop, x, grid[0] * grid[1])
                 state["drawn"] = (None, drop.num_prefix_tokens, ids)
                 return ids
 
-        y = self.zeta_call(x, lambda grid: state["owner"]._zeta_parts(grid, norm), keep)
+        y = self.try_fused(x, lambda grid: state["owner"].stem_parts(grid, norm), keep)
         if y is None:
             return super().forward(x)
         if norm is not None:
-            stems.hand_off(norm, y)
+            _base.hand_off(norm, y)
         if drop is not None:  # patch_drop returns y as it is
             state["drawn"] = (y, *state["drawn"][1:])
         state["out"] = y  # for the owner's _pos_embed
@@ -366,7 +365,7 @@ class _TimmStemPatchEmbed:
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: pickled as timm's class, made stem-capable on load.
-        return rebuild_fused, (self._zeta_base, self.__getstate__(), _stem_patch_embed_class)
+        return _base.rebuild_fused, (self._zeta_base, self.__getstate__(), _stem_patch_embed_class)
 
 
 _PE_CLASSES: dict[type, type] = {}
@@ -397,7 +396,7 @@ def _problem(m: nn.Module) -> str | None:
         return f"{type(m).__name__} overrides _pos_embed"
     # A class with its own feature methods (the MAE repository's models_vit.py) builds the
     # stem itself around patch_embed: only the patch embedding can be fused there.
-    why = stems.overrides(m, vit, "forward_features") or stems.overrides(
+    why = _base.overrides(m, vit, "forward_features") or _base.overrides(
         m, vit, "forward_intermediates"
     )
     if why is not None:
@@ -415,11 +414,11 @@ def _convert(m: nn.Module, backend: str) -> None:
     base = getattr(pe, "_zeta_base", type(pe))
     pe.__class__ = _stem_patch_embed_class(base)
     pe.zeta_backend = backend
-    stems.handoff_class(m.norm_pre)
+    _base.handoff_class(m.norm_pre)
     from timm.layers import PatchDropout
 
-    stems.handoff_drop_class(m.patch_drop, PatchDropout)
-    stems.swap(m, _FusedTimmViT, backend)
+    _base.handoff_drop_class(m.patch_drop, PatchDropout)
+    _base.swap(m, _FusedTimmViT, backend)
 
 
-STEM_KINDS = (stems.StemKind("timm VisionTransformer", _matches, _problem, _convert),)
+STEM_KINDS = (_base.StemKind("timm VisionTransformer", _matches, _problem, _convert),)

@@ -1,8 +1,8 @@
 """transformers: whole stems of CLIP, SigLIP, SigLIP2 (NaFlex) and AIMv2 vision embeddings (a
 patch conv, or SigLIP2's Linear over patch rows; the class embedding for CLIP, the position
 table; AIMv2's RMSNorm before the table), each as one call of the fused op, and CLIP's
-``pre_layrnorm`` fused through the hand-off of ``_base``. See ``transformers`` for what every
-transformers stem shares.
+``pre_layrnorm`` fused through the hand-off of ``_base``. What every transformers stem shares
+is in ``_hf``.
 """
 
 from __future__ import annotations
@@ -15,22 +15,13 @@ from ..functional import fused_call
 from ..nn.norms import norm_problem
 from ..nn.params import param, plain
 from ..op.args import Stem
+from . import _hf
 from ._base import FusedStem, StemKind, hand_off, handoff_class, handoff_scope, pending_norm, swap
-from .transformers import (
-    Rows,
-    _agrees,
-    _embeddings_kind,
-    _first_rows,
-    _forward_problem,
-    _FusedHFEmbeddings,
-    _stand_in,
-    hf_class,
-)
 
 # --- CLIP and SigLIP vision embeddings -------------------------------------------------------
 
 
-class _FusedConvEmbeddings(_FusedHFEmbeddings):
+class _FusedConvEmbeddings(_hf.FusedEmbeddings):
     """CLIP and SigLIP: the input cast to the conv's dtype, ``[cat(class_embedding, tokens)] +
     position_embedding(position_ids)`` or the peer's ``interpolate_pos_encoding``; no dropout.
     CLIP's owner may hand its ``pre_layrnorm`` over (``_base.handoff_scope``)."""
@@ -55,19 +46,19 @@ class _FusedConvEmbeddings(_FusedHFEmbeddings):
                 norm = pending_norm(self, self.embed_dim)
             x = pixel_values.to(param(conv, "weight").dtype)  # as the peer does
 
-            def rows(tokens: int) -> Rows:
+            def rows(tokens: int) -> _hf.Rows:
                 count = 1 if self._zeta_class_row else 0
                 if interpolate_pos_encoding:
-                    stand_in = _stand_in(x, count + tokens, conv.out_channels)
-                    table = self.interpolate_pos_encoding(stand_in, *pixel_values.shape[-2:])
+                    embeddings = _hf.stand_in(x, count + tokens, conv.out_channels)
+                    table = self.interpolate_pos_encoding(embeddings, *pixel_values.shape[-2:])
                 else:
                     table = self.position_embedding(self.position_ids)
                 if not count:
                     ok = table.shape == (1, tokens, conv.out_channels)
                     return (None, table[0]) if ok else None
-                return _first_rows(table, tokens, param(self, "class_embedding")[None], 1)
+                return _hf.first_rows(table, tokens, param(self, "class_embedding")[None], 1)
 
-            y = self._zeta_rows(x, conv, (conv,), rows, norm)
+            y = _hf.fused_rows(self, x, conv, (conv,), rows, norm)
         if y is None:
             return super().forward(pixel_values, interpolate_pos_encoding, *args, **kwargs)
         return y if norm is None else hand_off(norm, y)
@@ -102,14 +93,15 @@ class _FusedSiglip2VisionEmbeddings(FusedStem):
             and pixel_values.shape[-1] == linear.in_features  # else the peer's own error
             and self.zeta_fusable(pixel_values, linear)
         ):
-            y = self._zeta_rows(pixel_values, spatial_shapes)
+            y = self.try_fused(pixel_values, spatial_shapes)
         return super().forward(pixel_values, spatial_shapes, *args, **kwargs) if y is None else y
 
-    def _zeta_rows(self, pixel_values: Tensor, spatial_shapes: Tensor) -> Tensor | None:
+    def try_fused(self, pixel_values: Tensor, spatial_shapes: Tensor) -> Tensor | None:
+        """The fused (B, N, D) embeddings, or None: the peer's forward runs."""
         linear, weight = self.patch_embedding, param(self.patch_embedding, "weight")
         bias, table = param(linear, "bias"), param(self.position_embedding, "weight")
         x = pixel_values.to(weight.dtype)  # as the peer does
-        if not _agrees(x, (weight, bias, table)):
+        if not _hf.agrees(x, (weight, bias, table)):
             return None
         side = self.position_embedding_size
         resized = self.resize_positional_embeddings(
@@ -127,18 +119,18 @@ _SIGLIP2 = "siglip2.modeling_siglip2"
 
 
 def _siglip2_matches(m: nn.Module) -> bool:
-    return hf_class(type(m), _SIGLIP2, "Siglip2VisionEmbeddings") is not None
+    return _hf.model_class(type(m), _SIGLIP2, "Siglip2VisionEmbeddings") is not None
 
 
 def _siglip2_problem(m: nn.Module) -> str | None:
-    why = _forward_problem(m, hf_class(type(m), _SIGLIP2, "Siglip2VisionEmbeddings"))
+    why = _hf.forward_problem(m, _hf.model_class(type(m), _SIGLIP2, "Siglip2VisionEmbeddings"))
     linear = m._modules.get("patch_embedding")
     if why is None and not plain(linear, nn.Linear):
         why = f"patch_embedding is {type(linear).__name__}, not nn.Linear"
     return why
 
 
-class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
+class _FusedAimv2VisionEmbeddings(_hf.FusedEmbeddings):
     """transformers ``Aimv2VisionEmbeddings``: conv -> RMSNorm -> + the learned position
     table, fused. The native-resolution variant (a sincos table the peer builds per call) and
     calls under autocast (where the RMSNorm's fp32 weight decides the dtype: nn.norms) run the
@@ -152,11 +144,11 @@ class _FusedAimv2VisionEmbeddings(_FusedHFEmbeddings):
         conv, norm = self.patch_embed, self.rms_norm
         if not args and not kwargs and not self.config.is_native:
 
-            def rows(tokens: int) -> Rows:
+            def rows(tokens: int) -> _hf.Rows:
                 table = self.position_embedding(self.position_ids)
                 return (None, table[0]) if table.shape == (1, tokens, conv.out_channels) else None
 
-            y = self._zeta_rows(pixel_values, conv, (conv, norm), rows, post=norm)
+            y = _hf.fused_rows(self, pixel_values, conv, (conv, norm), rows, post=norm)
         return super().forward(pixel_values, *args, **kwargs) if y is None else y
 
 
@@ -173,19 +165,19 @@ class _FusedCLIPVisionOwner(FusedStem):
 
 _CLIP = "clip.modeling_clip"
 _CLIP_OWNERS = ("CLIPVisionModel", "CLIPVisionTransformer")
-_clip_embeddings = _embeddings_kind(_CLIP, "CLIPVisionEmbeddings", _FusedCLIPVisionEmbeddings)
+_clip_embeddings = _hf.embeddings_kind(_CLIP, "CLIPVisionEmbeddings", _FusedCLIPVisionEmbeddings)
 
 
 def _clip_owner(m: nn.Module) -> type | None:
     """The CLIP class of a module that owns the vision embeddings and ``pre_layrnorm``."""
     if "pre_layrnorm" not in m._modules or "embeddings" not in m._modules:
         return None
-    return next((c for n in _CLIP_OWNERS if (c := hf_class(type(m), _CLIP, n))), None)
+    return next((c for n in _CLIP_OWNERS if (c := _hf.model_class(type(m), _CLIP, n))), None)
 
 
 def _clip_owner_problem(m: nn.Module) -> str | None:
     norm, embeddings = m._modules["pre_layrnorm"], m._modules["embeddings"]
-    why = _forward_problem(m, _clip_owner(m))
+    why = _hf.forward_problem(m, _clip_owner(m))
     if why:
         return why
     if not _clip_embeddings.matches(embeddings):
@@ -206,10 +198,10 @@ def _convert_clip_owner(m: nn.Module, backend: str) -> None:
 # The walk meets a CLIP owner before its embeddings: the owner's kind swaps the owner and its
 # norm, the embeddings' kind the embeddings.
 STEM_KINDS = (
-    _embeddings_kind("siglip.modeling_siglip", "SiglipVisionEmbeddings",
-                     _FusedSiglipVisionEmbeddings),
-    _embeddings_kind("aimv2.modeling_aimv2", "Aimv2VisionEmbeddings",
-                     _FusedAimv2VisionEmbeddings, conv="patch_embed", norm="rms_norm"),
+    _hf.embeddings_kind("siglip.modeling_siglip", "SiglipVisionEmbeddings",
+                        _FusedSiglipVisionEmbeddings),
+    _hf.embeddings_kind("aimv2.modeling_aimv2", "Aimv2VisionEmbeddings",
+                        _FusedAimv2VisionEmbeddings, conv="patch_embed", norm="rms_norm"),
     StemKind("transformers Siglip2VisionEmbeddings", _siglip2_matches, _siglip2_problem,
              lambda m, backend: swap(m, _FusedSiglip2VisionEmbeddings, backend)),
     _clip_embeddings,

@@ -7,7 +7,7 @@ ViTMAE draws which patches to keep in its ``random_masking``; the fused forward 
 draw and runs that very method on the patch indices instead of the tokens, so the kept patches,
 ``mask`` and ``ids_restore`` are the peer's own (``noise`` honoured). VideoMAE keeps the patches
 ``bool_masked_pos`` leaves visible, in grid order. Whatever a call does that the op does not
-runs the peer's forward, as in ``transformers``.
+runs the peer's forward, as in ``transformers``; what they share is in ``_hf``.
 """
 
 from __future__ import annotations
@@ -21,25 +21,16 @@ from .. import dispatch
 from ..functional import fused_dtypes
 from ..nn.params import param
 from ..op.args import Stem
+from . import _hf
 from ._base import StemKind, conv_stem, swap
 from .convs import patch_conv_problem, patch_grid
-from .transformers import (
-    Rows,
-    _agrees,
-    _embeddings_kind,
-    _first_rows,
-    _forward_problem,
-    _FusedHFEmbeddings,
-    _stand_in,
-    hf_class,
-)
 
 # --- ViTMAE ---------------------------------------------------------------------------------
 
 _VIT_MAE = "vit_mae.modeling_vit_mae"
 
 
-class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
+class _FusedViTMAEEmbeddings(_hf.FusedEmbeddings):
     """transformers ``ViTMAEEmbeddings``: the kept patches (the peer's ``random_masking``) with
     their table rows, after the class row ``cls_token + table[0]``; returns the peer's
     ``(embeddings, mask, ids_restore)``."""
@@ -61,14 +52,14 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
             and self._zeta_untouched()
             and pixel_values.shape[1] == self.patch_embeddings.num_channels
         ):
-            out = self._zeta_masked(pixel_values, noise, interpolate_pos_encoding, drawn)
+            out = self.try_fused(pixel_values, noise, interpolate_pos_encoding, drawn)
         if out is None:
             noise = drawn[0] if drawn else noise
             return super().forward(pixel_values, noise, interpolate_pos_encoding, *args, **kwargs)
         return out
 
-    def _zeta_masked(self, x: Tensor, noise: Tensor | None, interpolate: bool,
-                     drawn: list[Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:  # fmt: skip
+    def try_fused(self, x: Tensor, noise: Tensor | None, interpolate: bool,
+                  drawn: list[Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:  # fmt: skip
         """The fused ``(embeddings, mask, ids_restore)``, or None: the peer's forward runs (with
         the noise in ``drawn`` when this drew it)."""
         conv = self.patch_embeddings.projection
@@ -78,11 +69,11 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
             return None  # the peer's random_masking decides what such noise means
         masking = []
 
-        def rows(tokens: int) -> Rows:
+        def rows(tokens: int) -> _hf.Rows:
             table = param(self, "position_embeddings")
             if interpolate:  # the peer hands its method the patch tokens alone
-                table = self.interpolate_pos_encoding(_stand_in(x, tokens, dim), *x.shape[-2:])
-            return _first_rows(table, tokens, param(self, "cls_token").flatten(0, 1), 1)
+                table = self.interpolate_pos_encoding(_hf.stand_in(x, tokens, dim), *x.shape[-2:])
+            return _hf.first_rows(table, tokens, param(self, "cls_token").flatten(0, 1), 1)
 
         def keep(grid: tuple[int, ...]) -> Tensor:
             tokens = math.prod(grid)
@@ -96,11 +87,11 @@ class _FusedViTMAEEmbeddings(_FusedHFEmbeddings):
             return kept.squeeze(-1)
 
         patches = self.patch_embeddings
-        y = self._zeta_rows(x, conv, (patches, conv), rows, keep=keep)
+        y = _hf.fused_rows(self, x, conv, (patches, conv), rows, keep=keep)
         return None if y is None else (y, *masking)
 
 
-_vit_mae_kind = _embeddings_kind(_VIT_MAE, "ViTMAEEmbeddings", _FusedViTMAEEmbeddings)
+_vit_mae_kind = _hf.embeddings_kind(_VIT_MAE, "ViTMAEEmbeddings", _FusedViTMAEEmbeddings)
 
 # --- VideoMAE -------------------------------------------------------------------------------
 
@@ -122,7 +113,7 @@ def _visible_patches(bool_masked_pos: Tensor, x: Tensor) -> Tensor:
     return visible.nonzero()[:, 1].view(visible.shape[0], -1).to(x.device)
 
 
-class _FusedVideoMAEEmbeddings(_FusedHFEmbeddings):
+class _FusedVideoMAEEmbeddings(_hf.FusedEmbeddings):
     """transformers ``VideoMAEEmbeddings``: tubelets of the (B, T, C, H, W) video (read in
     place) + the fixed sincos table, only the visible tubelets (``~bool_masked_pos``)."""
 
@@ -133,12 +124,12 @@ class _FusedVideoMAEEmbeddings(_FusedHFEmbeddings):
     def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor | None, *args, **kwargs):
         y = None
         if not args and not kwargs:
-            y = self._zeta_visible(pixel_values, bool_masked_pos)
+            y = self.try_fused(pixel_values, bool_masked_pos)
         if y is None:
             return super().forward(pixel_values, bool_masked_pos, *args, **kwargs)
         return y
 
-    def _zeta_visible(self, pixel_values: Tensor, mask: Tensor | None) -> Tensor | None:
+    def try_fused(self, pixel_values: Tensor, mask: Tensor | None) -> Tensor | None:
         """The fused (B, L, D) tokens, or None: the peer's forward runs."""
         if not self._zeta_untouched():
             return None
@@ -152,8 +143,8 @@ class _FusedVideoMAEEmbeddings(_FusedHFEmbeddings):
         ):
             return None
         x = pixel_values.permute(0, 2, 1, 3, 4)  # (B, C, T, H, W), as the peer's patch module
-        weight = param(conv, "weight")
-        if not self.zeta_fusable(x, patches, conv) or not _agrees(x, (weight, param(conv, "bias"))):
+        weight, bias = param(conv, "weight"), param(conv, "bias")
+        if not self.zeta_fusable(x, patches, conv) or not _hf.agrees(x, (weight, bias)):
             return None
         tokens = math.prod(patch_grid(x, conv.kernel_size))
         table = self.position_embeddings
@@ -173,12 +164,12 @@ class _FusedVideoMAEEmbeddings(_FusedHFEmbeddings):
 
 
 def _video_mae_problem(m: nn.Module) -> str | None:
-    why = _forward_problem(m, hf_class(type(m), _VIDEO_MAE, "VideoMAEEmbeddings"))
+    why = _hf.forward_problem(m, _hf.model_class(type(m), _VIDEO_MAE, "VideoMAEEmbeddings"))
     patches = m._modules.get("patch_embeddings")
-    peer = hf_class(type(patches), _VIDEO_MAE, "VideoMAEPatchEmbeddings")
+    peer = _hf.model_class(type(patches), _VIDEO_MAE, "VideoMAEPatchEmbeddings")
     if why is None and peer is None:
         why = f"patch_embeddings is {type(patches).__name__}, not VideoMAEPatchEmbeddings"
-    why = why or _forward_problem(patches, peer)
+    why = why or _hf.forward_problem(patches, peer)
     conv = None if why else patches._modules.get("projection")
     if why is None and (conv is None or patch_conv_problem(conv) or len(conv.kernel_size) != 3):
         why = "projection: " + (patch_conv_problem(conv) or "not a 3-D patch conv")
@@ -188,6 +179,6 @@ def _video_mae_problem(m: nn.Module) -> str | None:
 STEM_KINDS = (
     _vit_mae_kind,
     StemKind("transformers VideoMAEEmbeddings",
-             lambda m: hf_class(type(m), _VIDEO_MAE, "VideoMAEEmbeddings") is not None,
+             lambda m: _hf.model_class(type(m), _VIDEO_MAE, "VideoMAEEmbeddings") is not None,
              _video_mae_problem, lambda m, backend: swap(m, _FusedVideoMAEEmbeddings, backend)),
 )  # fmt: skip

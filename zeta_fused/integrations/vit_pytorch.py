@@ -64,37 +64,6 @@ def _patch_plan(owner: nn.Module) -> SequentialPlan | None:
     return bound(owner, "_zeta_plan", children, lambda: _read_plan(seq)[0])
 
 
-def _sequential_stem(owner: nn.Module, img: Tensor, stem_of) -> Tensor | None:
-    """``to_patch_embedding`` and what ``stem_of(img, tokens, dim, token_dtype)`` adds (a Stem,
-    or None when the peer must run) as one fused call: (B, P + N, D). None: run the peer's
-    code (it raises its own errors for inputs it rejects)."""
-    plan = _patch_plan(owner)
-    if plan is None:
-        return None
-    seq = owner.to_patch_embedding
-    patch = plan.pattern.patch
-    if (
-        img.ndim != len(patch) + 2
-        or img.shape[1] != plan.dim_in
-        or not img.is_floating_point()
-        or any(s % p for s, p in zip(img.shape[2:], patch, strict=True))
-        or getattr(seq, "dynamic_img_pad", False)  # a FusedPatchSequential that pads
-        or norms_problem(plan) is not None  # a norm's size changed in place
-        or not owner.zeta_fusable(img, seq, *seq._modules.values())
-    ):
-        return None
-    proj = plan.proj
-    weight, dim = param(proj, "weight"), proj.out_features
-    pre, post = plan_norms(plan, img.dtype)
-    tokens = math.prod(patch_grid(img, patch))
-    # What to_patch_embedding would return has this dtype (autocast decides it for a norm).
-    parts = stem_of(img, tokens, dim, fused_dtypes(img, weight, post is not None)[1])
-    if parts is None:
-        return None
-    shape = (dim, plan.patch_dim)
-    return fused_call(img, patch, weight, shape, param(proj, "bias"), pre, post, parts)
-
-
 class _FusedVitPytorch(FusedStem):
     """A vit-pytorch model whose forward begins with the stem: the stem fused
     (:meth:`_zeta_stem` gives what the model adds to the patch tokens), then the rest of the
@@ -102,8 +71,38 @@ class _FusedVitPytorch(FusedStem):
 
     @dispatch.traced_as_peer
     def forward(self, img: Tensor) -> Tensor:
-        x = _sequential_stem(self, img, self._zeta_stem)
+        x = self.try_fused(img)
         return super().forward(img) if x is None else self._zeta_rest(x)
+
+    def try_fused(self, img: Tensor) -> Tensor | None:
+        """``to_patch_embedding`` and what :meth:`_zeta_stem` adds as one fused call:
+        (B, P + N, D). None: run the peer's code (it raises its own errors for inputs it
+        rejects)."""
+        plan = _patch_plan(self)
+        if plan is None:
+            return None
+        seq = self.to_patch_embedding
+        patch = plan.pattern.patch
+        if (
+            img.ndim != len(patch) + 2
+            or img.shape[1] != plan.dim_in
+            or not img.is_floating_point()
+            or any(s % p for s, p in zip(img.shape[2:], patch, strict=True))
+            or getattr(seq, "dynamic_img_pad", False)  # a FusedPatchSequential that pads
+            or norms_problem(plan) is not None  # a norm's size changed in place
+            or not self.zeta_fusable(img, seq, *seq._modules.values())
+        ):
+            return None
+        proj = plan.proj
+        weight, dim = param(proj, "weight"), proj.out_features
+        pre, post = plan_norms(plan, img.dtype)
+        tokens = math.prod(patch_grid(img, patch))
+        # What to_patch_embedding would return has this dtype (autocast decides it for a norm).
+        parts = self._zeta_stem(img, tokens, dim, fused_dtypes(img, weight, post is not None)[1])
+        if parts is None:
+            return None
+        shape = (dim, plan.patch_dim)
+        return fused_call(img, patch, weight, shape, param(proj, "bias"), pre, post, parts)
 
 
 class _FusedViT(_FusedVitPytorch):

@@ -170,7 +170,7 @@ class FusedPatchSequential(dispatch.NotScriptable, nn.Sequential):
         return state
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.zeta_call(x)
+        y = self.try_fused(x)
         if y is not None:
             return y
         plan = self._plan()
@@ -178,7 +178,7 @@ class FusedPatchSequential(dispatch.NotScriptable, nn.Sequential):
             x = pad_to_patch(x, plan.pattern.patch)
         return super().forward(x)
 
-    def zeta_call(self, x: Tensor, stem: Stem = NO_STEM) -> Tensor | None:
+    def try_fused(self, x: Tensor, stem: Stem = NO_STEM) -> Tensor | None:
         """The fused output, or None when the plain Sequential must run. ``stem``: the rest of
         a whole stem (:class:`ViTStem`): output (B, P + N, D), images in vit-pytorch's layout
         only. Traced by torch.fx, the plain Sequential runs (docs/design.md, "torch.fx")."""

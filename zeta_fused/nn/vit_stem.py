@@ -39,7 +39,7 @@ class ViTStem(nn.Module):
         stem_norm: a norm over D of every output row (prefix rows included), of
             ``norm_layer``.
         stem_eps: its epsilon.
-        backend: "auto" | "triton" | "eager" (see the README).
+        backend: "auto" | "triton" | "eager" (docs/guarantees.md, "Backend selection").
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class ViTStem(nn.Module):
                     f"input {tuple(x.shape[2:])} gives a {grid[0]}x{grid[1]} patch grid, but the "
                     f"position table is for {self.grid[0]}x{self.grid[1]}"
                 )
-        y = self._fused(x)
+        y = self.try_fused(x)
         return self._eager(x) if y is None else y
 
     def _eager(self, x: Tensor) -> Tensor:
@@ -110,7 +110,7 @@ class ViTStem(nn.Module):
             tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens], 1)
         return self.norm(tokens)
 
-    def _fused(self, x: Tensor) -> Tensor | None:
+    def try_fused(self, x: Tensor) -> Tensor | None:
         """The whole stem as one fused call, or None: the submodules run one by one."""
         norm, patches = self.norm, self.patches
         is_norm = not plain(norm, nn.Identity)
@@ -119,7 +119,7 @@ class ViTStem(nn.Module):
             (is_norm and norm_problem(norm, patches.dim_out) is not None)
             or not plain(patches, PatchEmbeddings)
             or not plain(embedding, FusedPatchSequential)
-            # modules the fused call skips (their children's hooks: zeta_call)
+            # modules the fused call skips (their children's hooks: try_fused)
             or any_hook(self, "_zeta_skipped_hooks", patches, embedding, norm)
         ):
             return None
@@ -129,7 +129,7 @@ class ViTStem(nn.Module):
             param(self, "prefix_tokens"),
             norm_value(norm, x.dtype) if is_norm else None,
         )
-        return embedding.zeta_call(x, stem)
+        return embedding.try_fused(x, stem)
 
     def extra_repr(self) -> str:
         prefix = 0 if self.prefix_tokens is None else self.prefix_tokens.shape[1]

@@ -19,7 +19,7 @@ that specialises arguments its own way (AMD's buffer-op checks), launch or pre-r
 changed global the kernel reads, and argument types the key does not know.
 
 The key is at least as fine as Triton's: two calls with the same key get the same Triton
-specialisation (tests/test_bound.py checks it against Triton's own specialiser and cache), so a
+specialisation (tests/op/test_bound.py checks it against Triton's own specialiser and cache), so a
 call never runs a kernel compiled for another one. Threads may make first calls together: each
 miss is Triton's own launch, and the entry it leaves is the same whichever thread stores it.
 """

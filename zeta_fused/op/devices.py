@@ -116,6 +116,13 @@ def _cc(arch: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def tensor_memory(arch: str) -> bool:
+    """Whether the architecture's tensor-core products accumulate in tensor memory (tcgen05:
+    sm_100 and its kin; consumer Blackwell, sm_120, has mma.sync only)."""
+    cc = _cc(arch)
+    return cc is not None and 100 <= cc < 120
+
+
 def default_stages(arch: str) -> int:
     """Software-pipeline depth Triton picks by itself: 2 on AMD GPUs, 3 on NVIDIA ones."""
     return 2 if arch.startswith("gfx") else 3
@@ -195,10 +202,19 @@ def for_device(arch: str, sm_count: int, smem_per_block: int) -> LaunchPolicy:
     132 SMs of an H100/H200, which get them unchanged), the pipeline depth Triton would pick
     for its architecture, and block sizes fitted to its shared memory per block."""
     small_grid = -(-sm_count // 4)  # a quarter of the SMs (see LaunchPolicy.small_grid)
+    forward = {}
+    if tensor_memory(arch):
+        # The accumulators live in tensor memory, not registers: one 256-column tile keeps no
+        # registers for them (pairs are for wgmma), and Triton 3.6's warp specialisation for
+        # these parts fails on a pair's second tile (an assertion in NVWSInsertTmemAref).
+        forward = {"fwd_pair": False, "fwd_n": 2 * DEFAULT.blocks_16bit.fwd_n}
     pol = dataclasses.replace(
         DEFAULT,
         blocks_16bit=dataclasses.replace(
-            DEFAULT.blocks_16bit, stages=default_stages(arch), fwd_stages=default_stages(arch)
+            DEFAULT.blocks_16bit,
+            stages=default_stages(arch),
+            fwd_stages=default_stages(arch),
+            **forward,
         ),
         blocks_32bit=dataclasses.replace(
             DEFAULT.blocks_32bit, stages=default_stages(arch), fwd_stages=default_stages(arch)

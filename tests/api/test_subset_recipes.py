@@ -1,20 +1,19 @@
-"""The README's token-subset recipes, run as written (each code block of "Recipes: the models'
-own parameters and kept patches"), against each model's own stem with the same random draw:
-MAE and VideoMAE (transformers), timm PatchDropout, OpenCLIP patch_dropout (FLIP)."""
+"""The token-subset recipes of docs/usage.md, run as written (each code block of "Recipes: the
+models' own parameters and kept patches"), against each model's own stem with the same random
+draw: MAE and VideoMAE (transformers), timm PatchDropout, OpenCLIP patch_dropout (FLIP)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from support import randomise
+from support import ROOT, randomise
 
 from zeta_fused import patch_embed
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+USAGE = ROOT / "docs" / "usage.md"
 LIBRARIES = ["MAE", "VideoMAE", "timm", "OpenCLIP"]
 B, N = 3, 16  # 4 x 4 patches per image (per frame for VideoMAE)
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -22,9 +21,10 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 def recipes() -> dict[str, str]:
     """The recipe blocks, keyed by the library that opens the paragraph before each."""
-    section = README.read_text().split("#### Recipes: the models' own parameters")[1]
+    section = USAGE.read_text().split("### Recipes: the models' own parameters")[1]
+    section = re.split(r"\n#{1,3} ", section)[0]  # up to the next heading
     out = {}
-    for match in re.finditer(r"```python\n(.*?)```", section.split("\n### ")[0], re.S):
+    for match in re.finditer(r"```python\n(.*?)```", section, re.S):
         intro = section[: match.start()].strip().split("\n\n")[-1]
         out[next(lib for lib in LIBRARIES if intro.startswith(lib))] = match.group(1)
     return out
@@ -33,7 +33,7 @@ def recipes() -> dict[str, str]:
 def run_recipe(library: str, seed: int, **names) -> dict:
     scope = {"torch": torch, "patch_embed": patch_embed, "B": B, "N": N, **names}
     torch.manual_seed(seed)  # the draw the model makes after the same seed
-    exec(recipes()[library], scope)  # noqa: S102 - the README's own code
+    exec(recipes()[library], scope)  # noqa: S102 - the page's own code
     return scope
 
 

@@ -1,6 +1,6 @@
 """Norms as values: RMSNorm (torch's and the peers' own classes) before and after the projection
 and over every row of a whole stem, and an epsilon per norm, through the modules and the
-conversions, fused against the unconverted modules (the op itself: tests/test_stem_op.py)."""
+conversions, fused against the unconverted modules (the op itself: tests/op/test_stem_op.py)."""
 
 from __future__ import annotations
 

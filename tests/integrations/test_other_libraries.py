@@ -143,8 +143,9 @@ def test_open_clip_vision_transformer(device, fused_path_calls) -> None:
 
 def test_open_clip_patch_dropout_and_pickle(device, fused_path_calls) -> None:
     """Patch dropout active: the stem draws the same random patches and embeds those
-    (tests/test_stems_token_drop.py); in eval ln_pre is fused. A pickle round trip stays fused;
-    a hook on ln_pre has it run after the fused stem, a hook on conv1 runs the peer's code."""
+    (tests/integrations/test_token_drop.py); in eval ln_pre is fused. A pickle round trip stays
+    fused; a hook on ln_pre has it run after the fused stem, a hook on conv1 runs the peer's
+    code."""
     model = randomise(_open_clip_vit(patch_dropout=0.5, output_tokens=True)).to(device).train()
     before = copy.deepcopy(model)
     fuse_stems(model, backend="triton")

@@ -19,11 +19,13 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from support import TESTS
 
-SCRIPT = Path(__file__).with_name("aot_compile.py")
+SCRIPT = TESTS / "aot_compile.py"
 ALT_TRITON = os.environ.get("ZETA_FUSED_ALT_TRITON")
 # The other architectures of make test: mma.sync with 163 KiB (sm_80), consumer Blackwell with
 # 99 KiB and the tiles fitted to it (sm_120, as sm_86 and sm_89), AMD's 64 KiB of LDS (gfx942).
@@ -31,17 +33,20 @@ SUBSET = ("sm_80", "sm_120", "gfx942")
 
 
 def start(env: dict, *args: str) -> subprocess.Popen:
-    """tests/aot_compile.py with ``args``, started in the background."""
+    """tests/aot_compile.py with ``args``, started in the background, its output to temporary
+    files (a pipe would fill up and stall it until it is read)."""
     env = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env,
-    )  # fmt: skip
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    job = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=out, stderr=err,
+                           text=True, env=env)  # fmt: skip
+    job.files = out, err
+    return job
 
 
 def finished(job: subprocess.Popen) -> str:
     """The output of a compile started by :func:`start`, checked: every variant compiled."""
-    out, err = job.communicate()
+    job.wait()
+    out, err = (f.seek(0) or f.read() for f in job.files)
     print(out)  # registers / spills / shared memory per variant, shown with -s or on failure
     assert job.returncode == 0, out[-4000:] + err[-4000:]
     assert re.search(r"\b0 failed$", out.strip()), out[-2000:]
@@ -54,27 +59,43 @@ def has_backend(name: str) -> bool:
     return importlib.util.find_spec(f"triton.backends.{name}") is not None
 
 
-@pytest.fixture(scope="module")
-def compiles():
-    """Every compile of this module, started together when the first of its tests runs: each
-    is a process of its own on one core, so that together they take the machine's cores
-    (minutes of compiles otherwise one after the other); each test waits for its own."""
-    if __import__("torch").cuda.is_available():  # minutes of compiles: GPU time is scarce
-        pytest.skip("on a GPU the JIT compiles the variants the tests launch")
+pytestmark = pytest.mark.aot
+# The compiles, by name, once started (start_compiles).
+_jobs: dict[str, subprocess.Popen] = {}
+
+
+def start_compiles() -> None:
+    """Start every compile of this module, each a process of its own (conftest.py does it when
+    the tests are collected, so that they run beside the other tests; these tests run last)."""
+    if _jobs or __import__("torch").cuda.is_available():
+        return
     env = dict(os.environ)
-    jobs = {}
     if has_backend("nvidia"):
-        jobs["sm_90"] = start(env, "--target", "sm_90")
+        _jobs["sm_90"] = start(env, "--target", "sm_90")
         if ALT_TRITON is not None:
             path = os.pathsep.join([ALT_TRITON, env.get("PYTHONPATH", "")])
-            jobs["alt"] = start(env | {"PYTHONPATH": path}, "--target", "sm_90")
+            _jobs["alt"] = start(env | {"PYTHONPATH": path}, "--target", "sm_90")
         if has_backend("amd"):
-            jobs["others"] = start(env, *(a for n in SUBSET for a in ("--target", n)), "--core")
-    yield jobs
-    for job in jobs.values():
+            _jobs["others"] = start(env, *(a for n in SUBSET for a in ("--target", n)), "--core")
+
+
+def stop_compiles() -> None:
+    """Stop the compiles still running (a session that ends before their tests)."""
+    for job in _jobs.values():
         if job.poll() is None:
             job.kill()
-            job.communicate()
+            job.wait()
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    """The compiles started by start_compiles (started here when the tests were not collected
+    by this suite's conftest)."""
+    if __import__("torch").cuda.is_available():  # minutes of compiles: GPU time is scarce
+        pytest.skip("on a GPU the JIT compiles the variants the tests launch")
+    start_compiles()
+    yield _jobs
+    stop_compiles()
 
 
 def test_all_kernel_variants_compile_for_hopper(compiles) -> None:

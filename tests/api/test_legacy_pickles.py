@@ -1,17 +1,18 @@
-"""Models pickled by zeta-fused 0.1.0.dev0 before the package was split into ``op``, ``nn`` and
-``integrations`` (tests/data/pickles_0.1.0.dev0) still load: their fused classes and functions
-are found where they live now, and they give the output they gave then, eager and fused."""
+"""Models pickled by earlier builds of zeta-fused 0.1.0.dev0 still load: before the package was
+split into ``op``, ``nn`` and ``integrations`` (tests/data/pickles_0.1.0.dev0), and before the
+hand-off classes took public names (tests/data/pickles_28f856d). Their fused classes and
+functions are found where they live now, and they give the output they gave then, eager and
+fused."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from support import TESTS
 
 from zeta_fused import fuse_patch_embeddings, fuse_stems
 
-PICKLES = sorted((Path(__file__).parent / "data" / "pickles_0.1.0.dev0").glob("*.pt"))
+PICKLES = sorted((TESTS / "data").glob("pickles_*/*.pt"))
 # Loading needs the peer library each model comes from.
 PEERS = {"timm": "timm", "hf": "transformers", "vit": "vit_pytorch", "diffusers": "diffusers",
          "open": "open_clip"}  # fmt: skip
@@ -24,7 +25,7 @@ def _output(y):
 
 
 @pytest.mark.parametrize("path", PICKLES, ids=[p.stem for p in PICKLES])
-def test_a_model_pickled_before_the_split_loads_and_runs(path, device, fused_path_calls) -> None:
+def test_a_model_pickled_by_an_earlier_build_loads_and_runs(path, device, fused_path_calls) -> None:
     peer = PEERS.get(path.stem.split("_")[0])
     if peer is not None:
         pytest.importorskip(peer)

@@ -16,8 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
 
 # What `import kernels` must give: the distribution's module, or, when it is absent, an empty
 # module with no file and no version (find_spec found the folder, so the import must not fail).

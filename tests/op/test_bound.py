@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import TESTS
 
 from zeta_fused.op import bound
 
-SCRIPT = Path(__file__).with_name("bound_launch_check.py")
+SCRIPT = TESTS / "bound_launch_check.py"
 ALT_TRITON = os.environ.get("ZETA_FUSED_ALT_TRITON")
 
 
