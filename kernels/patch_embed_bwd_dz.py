@@ -13,7 +13,7 @@ to dZ, per token tile, with per-program column partials for every vector gradien
 2. ``_pass_post_sums``, both norms over D: dT, and the row sums of the post-norm's backward.
 3. ``_pass_dz``: dZ (dT recomputed rather than stored), over what DZ kept.
 
-Without a norm over D, dZ is dY itself (``_dy_column_sums``). t̂ = norm3(affine2(ẑ) + pos) is
+Without a norm over D, dZ is dY itself (``_pass_dy``). t̂ = norm3(affine2(ẑ) + pos) is
 recomputed from ẑ where needed. What the dW GEMM reads is stored by ``_store_dz``: dZ, or with
 DZ_SCALED the pre-norm's rstd folded in (Ẑ = dZ * rstd1, kernels/patch_embed_bwd_dw.py) with,
 for a LayerNorm, the sums of Ẑ * mean1 over each group of V_ROWS tokens and a flag per group
