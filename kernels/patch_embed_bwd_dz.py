@@ -217,8 +217,7 @@ def _store_dz(dz, offs_n, n_mask, mask, part, dz_rows, dt_rows, v_rows, rstd1, c
 @triton.jit
 def _pass_dz(dz_rows, dt_rows, v_rows, dy_rows, dy_strides, m_mask, pos_rows, norm2, rstd2,
              mean_g2, mean_gz2, Pos, norm3, mean3, rstd3, mean_g3, mean_gt3, part, centre_mean,
-             rstd1,
-             D, NORM2: tl.constexpr, NORM3: tl.constexpr, DZ_SCALED: tl.constexpr,
+             rstd1, D, NORM2: tl.constexpr, NORM3: tl.constexpr, DZ_SCALED: tl.constexpr,
              CENTRED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
              EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, V_ROWS: tl.constexpr,
              BLOCK_N: tl.constexpr):  # fmt: skip
@@ -286,17 +285,9 @@ def _dz_tile(tile, part, X, stride_xb, x_strides, W, stride_wd, w_strides, w_row
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, V_ROWS: tl.constexpr):  # fmt: skip
     """Everything the backward needs from the token tile ``tile``, its column sums added into
     ``part`` (_add_partial)."""
-    offs_m, m_mask, row_off, position = token_rows(
-        tl.cast(tile, tl.int64) * BLOCK_M,
-        M,
-        rows,
-        grid,
-        Keep,
-        PATCH,
-        stride_xb,
-        x_strides,
-        BLOCK_M,
-    )
+    offs_m, m_mask, row_off, position = token_rows(tl.cast(tile, tl.int64) * BLOCK_M, M, rows,
+                                                   grid, Keep, PATCH, stride_xb, x_strides,
+                                                   BLOCK_M)  # fmt: skip
     tl.store(XRowOff + offs_m, row_off, mask=m_mask)
     pos_rows = table_rows(position, PosIndex, offs_m, m_mask)
     dy_off = token_offsets(offs_m, rows, dy_strides, DY_FLAT)

@@ -331,9 +331,10 @@ def record_stems(core: bool = False) -> None:
             record()
 
 
-def compile_target(name: str, cases: str, records: list[dict]) -> int:
-    """Record the launches under ``name``'s policy, compile each variant for it, print and
-    check its figures; returns the number of failures."""
+def compile_target(name: str, cases: str, records: list[dict],
+                   kernels: list[str] | None = None) -> int:  # fmt: skip
+    """Record the launches under ``name``'s policy, compile each variant for it (``kernels``:
+    only theirs), print and check its figures; returns the number of failures."""
     target, limit = gpu_target(name), devices.TARGETS[name].smem_per_block
     launches.clear()
     with policy.override(base=devices.for_target(name)):
@@ -347,6 +348,8 @@ def compile_target(name: str, cases: str, records: list[dict]) -> int:
     print(f"== {name}: shared memory per block {limit} bytes; {len(launches)} launches")
     results, failures = {}, 0
     for variant, kernel, args, kwargs in launches:
+        if kernels and kernel.fn.__name__ not in kernels:
+            continue
         sig, const, attrs, options = specialise(kernel, args, kwargs, target)
         key = (kernel.fn.__name__, str(sig), str(const), str(attrs), options["num_warps"],
                options["num_stages"])  # fmt: skip
@@ -461,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the representative subset of cases (make test's other targets)",
     )
     ap.add_argument("--json", type=Path, help="write every variant's figures there")
+    ap.add_argument(
+        "--kernel",
+        action="append",
+        choices=KERNELS,
+        help="compile only this kernel's variants (repeatable; default all)",
+    )
     args = ap.parse_args(argv)  # fmt: skip
     names = args.target or ["sm_90"]
     names = list(devices.TARGETS) if "all" in names else names
@@ -471,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     install_recorders()
     records: list[dict] = []
     cases = "tune" if args.tune else "core" if args.core else "all"
-    failures = sum(compile_target(n, cases, records) for n in names)
+    failures = sum(compile_target(n, cases, records, args.kernel) for n in names)
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
     print(f"{len(records)} kernel variants on {len(names)} target(s), {failures} failed")
