@@ -90,6 +90,33 @@ def test_folded_gradients_without_image_gradient(flags, device) -> None:
     compare(make(3, 24, 4, flags), torch.randn(2, 3, 16, 12), torch.bfloat16, device, False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the interpreter's programs")
+def test_gradients_do_not_depend_on_the_order_programs_run_in(monkeypatch) -> None:
+    """The same bits when the interpreter runs every grid backwards: another token split
+    finishes each weight tile and another weight tile each K tile's dg1 and db1 (the counters
+    pick who sums, never the order), the column programs run after the GEMM's. The GPU's
+    20-run test is in tests/op/test_backward.py."""
+    from triton.runtime import interpreter
+
+    # fp32 gradients: a change of order shows in their last bits (bf16 would round it away).
+    m = make(3, 24, 4).float()
+    m.backend = "triton"
+    x, dy = torch.randn(3, 3, 16, 32), torch.randn(3, 32, 24)
+    # Three dZ programs and four token splits: sums of three terms or more, whose order shows.
+    with policy.override(**SPLIT | {"dz_programs": 3, "dw_max_splits": 4}):
+        first = grads(m, x.requires_grad_(), dy)
+        builder = interpreter.interpreter_builder
+        forwards = builder.set_grid_idx
+
+        def backwards(x, y, z):
+            nx, ny, nz = builder.grid_dim
+            forwards(nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+        monkeypatch.setattr(builder, "set_grid_idx", backwards)
+        again = grads(m, x, dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
 def launched_forms(monkeypatch) -> list[dict]:
     forms = []
     real = bound.launch
