@@ -54,8 +54,9 @@ def split_bounds(s, splits, n_parts):
 @triton.jit
 def column_sum(Partials, ROW: tl.constexpr, n_parts, splits, offs, mask, D,
                ACC_DTYPE: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
-    """Row ROW of the dZ kernel's column partials (COLUMN_SUMS, n_parts, D) summed: split
-    slice by split slice, the order in which the weight tiles sum dbias (SplitSums)."""
+    """Row ROW of the dZ kernel's column partials (COLUMN_SUMS, n_parts, D) summed split
+    slice by split slice (the slices the weight tiles sum for dbias, SplitSums; they add the
+    slices up in blocks of SUM_ROWS, this sequentially: both fixed orders)."""
     total = tl.zeros(offs.shape, dtype=ACC_DTYPE)
     rows = Partials + ROW * n_parts * D
     for s in range(0, splits):
