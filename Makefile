@@ -40,7 +40,7 @@ bench: $(STAMP)
 # limit, with the venv's Triton and the GPU image's side by side (14 minutes on 2 cores from an
 # empty Triton cache).
 # Logs and per-variant JSON go to $(OUT)/aot-matrix-<triton>.{txt,json}; `make test` compiles
-# sm_90 with both and a representative subset of the others.
+# sm_90 with both (every variant with the GPU image's release) and a subset of the others.
 AOT_RUN = env -u TRITON_INTERPRET $(PY) tests/aot_compile.py --target all
 aot-matrix: $(STAMP) $(ALT_TRITON)/.stamp
 	mkdir -p $(OUT)

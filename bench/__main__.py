@@ -54,7 +54,11 @@ def plan_for(args: argparse.Namespace, device: str) -> list:
             raise SystemExit(
                 f"unknown preset {name!r}; choose quick, all, subset or {', '.join(PRESETS)}"
             )
-    plan += [(parse_shape(s), modes or ALL_MODES) for s in args.shape]
+    for text in args.shape:
+        try:
+            plan.append((parse_shape(text), modes or ALL_MODES))
+        except ValueError as exc:  # a usage error, not a traceback
+            raise SystemExit(str(exc)) from None
     if not plan:
         # No GPU and nothing asked: a small eager preset on the CPU, and the subset presets with
         # no mode (none of their cells timed: only their modelled figures are reported).

@@ -92,7 +92,7 @@ def test_gradcheck_fp64(device) -> None:
         args = op_inputs(x, (2, 3), w, m[2].bias, layer_norm(None, None), layer_norm(g2, None))
         return torch.ops.zeta_fused.patch_embed_fwd(*args)[0]
 
-    assert torch.autograd.gradcheck(fn, (x, w, g2))
+    assert torch.autograd.gradcheck(fn, (x, w, g2), fast_mode=True)
 
 
 def test_opcheck(device) -> None:
