@@ -4,7 +4,7 @@ registers and scatter back into image layout. Pure @triton.jit functions, no lau
 import triton
 import triton.language as tl
 
-from .geometry import patch_cols
+from .geometry import patch_cols, prod
 from .rounding import cast
 
 # The default cache policy of tl.load, as a constexpr object: Triton 3.6 cannot compile a call
@@ -26,6 +26,31 @@ def load_patches(X, strides, row_off, m_mask, k0, K, C: tl.constexpr, PATCH: tl.
     tile = tl.load(X + row_off[:, None] + col_off[None, :], mask=mask, other=0.0,
                    cache_modifier=CACHE)  # fmt: skip
     return tile.to(ACC_DTYPE), offs_k, k_mask, mask
+
+
+@triton.jit
+def raw_patches(X, strides, row_off, m_mask, k0, K, C: tl.constexpr, PATCH: tl.constexpr,
+                EVEN_K: tl.constexpr, X_RUN: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+    """[rows, BLOCK_K] tile of flattened patches as stored, 0 outside: a tile that reaches
+    tl.dot unchanged is streamed through shared memory by asynchronous copies, and the
+    tensor-core products stay in flight across steps (docs/design.md, "Forward main loop").
+    Returns it with offs_k and the column mask. EVEN_K: K is a multiple of BLOCK_K (no column
+    mask: the loads vectorise over whole rows); else the mask uses the compile-time K, which the
+    compiler sees constant along each run. X_RUN: the patch elements come in contiguous runs of
+    X_RUN (a power of two) in the K order, each starting at a multiple of X_RUN elements (what
+    the compiler cannot see for runs that are not a power of two; the launcher checks the
+    strides)."""
+    offs_k, k_mask, col_off = patch_cols(k0, K, C, PATCH, strides, False, CHANNELS_FIRST, BLOCK_K)
+    if X_RUN > 1:
+        col_off = tl.max_contiguous(tl.multiple_of(col_off, X_RUN), X_RUN)
+    if EVEN_K:
+        k_mask = offs_k >= 0
+    else:
+        k_mask = offs_k < C * prod(PATCH)
+    tile = tl.load(X + row_off[:, None] + col_off[None, :],
+                   mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+    return tile, offs_k, k_mask
 
 
 @triton.jit

@@ -35,16 +35,11 @@ from .norms import (
     store_row_norm_stats,
     store_stats,
 )
-from .projection import prenorm_stats, project_raw, unfold_prenorm
+from .projection import SHIFT_RATIO, prenorm_stats, project_raw, unfold_prenorm
 
 # Rows of the partial row statistics (2, splits, M) that programs sharing a row block store.
 PART_MEAN = tl.constexpr(0)
 PART_M2 = tl.constexpr(1)
-# |mean| * rstd of a token above which exact 16-bit patches are shifted before the product
-# anyway: the fold's fp32 cancellation error grows with it (rstd reaches 1/sqrt(eps) on
-# constant patches), while rows below it keep that error under the rounding of the
-# normalised patch that the eager module does (tests/op/test_forward_folded.py measures both).
-SHIFT_RATIO = tl.constexpr(256.0)
 
 
 @triton.jit

@@ -24,10 +24,26 @@ Two forms of the same product:
 import triton
 import triton.language as tl
 
-from .gather import load_patches
-from .geometry import patch_cols, prod
+from .gather import load_patches, raw_patches
+from .geometry import patch_cols
 from .norms import LAYER_NORM, NO_NORM, norm_apply, rstd_of
 from .rounding import mma
+
+# |mean| * rstd of a token above which the fold is not used for it: mean * s (forward) or the
+# centring sums (backward, kernels/patch_embed_bwd_dw.py) would cancel nearly all of an fp32
+# sum of exact products, and rstd (up to 1/sqrt(eps) on constant patches) magnifies what is
+# left. Below it, with at most 64 tensor-core steps accumulated before the subtraction (a
+# forward's K of 768 to 1024, a backward chunk of tokens), that error stays under the rounding
+# of the normalised patch that the eager module does (tests/op/test_forward_folded.py and
+# tests/op/test_backward_folded.py measure both).
+SHIFT_RATIO = tl.constexpr(256.0)
+
+
+@triton.jit
+def fold_unfit(mean, rstd):
+    """Tokens the fold would cancel on: |mean| * rstd above SHIFT_RATIO, or NaN statistics
+    (the one test the backward's kernels share; the forward decides per row block)."""
+    return (tl.abs(mean) * rstd <= SHIFT_RATIO) == 0
 
 
 @triton.jit
@@ -46,7 +62,7 @@ def project_raw(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_le
     With STATS, also the row sums of P - pivot and of its squares (see prenorm_stats); else
     zeros. EVEN_K: K is a multiple of BLOCK_K. X_RUN: the image's patch elements come in
     contiguous runs of X_RUN (a power of two) in the K order, each starting at a multiple of
-    X_RUN elements (the launcher checks the strides)."""
+    X_RUN elements (gather.raw_patches)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     w_rows = W + offs_n[None, :].to(tl.int64) * stride_wd
     w_rows_2 = w_rows + BLOCK_N * stride_wd
@@ -56,16 +72,8 @@ def project_raw(X, x_strides, row_off, m_mask, W, stride_wd, w_strides, w_row_le
     sum1 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     sum2 = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
-        offs_k, k_mask, col_off = patch_cols(k0, K, C, PATCH, x_strides, False, CHANNELS_FIRST,
-                                             BLOCK_K)  # fmt: skip
-        if X_RUN > 1:  # what the compiler cannot see for runs that are not a power of two
-            col_off = tl.max_contiguous(tl.multiple_of(col_off, X_RUN), X_RUN)
-        if EVEN_K:  # no column mask: the loads vectorise over whole rows of the tile
-            k_mask = offs_k >= 0
-        else:  # a compile-time K: the compiler sees the mask constant along each run
-            k_mask = offs_k < C * prod(PATCH)
-        a = tl.load(X + row_off[:, None] + col_off[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        a, offs_k, k_mask = raw_patches(X, x_strides, row_off, m_mask, k0, K, C, PATCH, EVEN_K,
+                                        X_RUN, CHANNELS_FIRST, BLOCK_K)  # fmt: skip
         if STATS or SHIFT:
             shifted = a.to(ACC_DTYPE) - pivot[:, None]
             if not EVEN_K:

@@ -53,7 +53,6 @@ KERNELS = [
     "_fold_weight_kernel",
     "_bwd_dz_kernel",
     "_bwd_dw_kernel",
-    "_bwd_param_kernel",
     "_bwd_dx_kernel",
     "_segment_sum_kernel",
 ]
@@ -153,13 +152,15 @@ def sass_loops(cubin: bytes) -> list[Loop]:
     return out
 
 
-def fast_loop_problems(loops: list[Loop], shifted_loops: int) -> list[str]:
-    """What keeps the forward's main loop of exact 16-bit patches from a pipelined Hopper GEMM
-    loop (docs/design.md, "Forward main loop"): both operands by asynchronous copies into
-    shared memory (no plain global load, wgmma reading both from there: SS), the products
-    left in flight across iterations (every wait with pendings >= 1), no spills. At most
-    ``shifted_loops`` main loops may take the shifted operand in registers (RS): the fallback
-    of nearly constant rows."""
+def fast_loop_problems(loops: list[Loop], shifted_loops: int, waiting_loops: int = 0) -> list[str]:
+    """What keeps a main loop whose operands reach the tensor cores as stored from a pipelined
+    Hopper GEMM loop (docs/design.md, "Forward main loop", "Backward"): both operands by
+    asynchronous copies into shared memory (no plain global load, wgmma reading both from
+    there: SS), the products left in flight across iterations (every wait with pendings >= 1),
+    no spills. At most ``shifted_loops`` main loops may take the shifted operand in registers
+    (RS: the forward's fallback of nearly constant rows), and at most ``waiting_loops`` SS ones
+    may wait for every wgmma (the dW GEMM's second loop, over the tokens its fold leaves out,
+    which stages an operand made in registers)."""
     main = [lp for lp in loops if lp.mma]
     fast = [lp for lp in main if lp.rs == 0]
     problems = []
@@ -167,11 +168,13 @@ def fast_loop_problems(loops: list[Loop], shifted_loops: int) -> list[str]:
         problems.append("no main loop reads both operands from shared memory (SS wgmma)")
     if len(main) - len(fast) > shifted_loops:
         problems.append(f"{len(main) - len(fast)} main loops take A from registers (RS wgmma)")
+    waiting = [lp for lp in fast if not lp.waits or min(lp.waits) < 1]
+    if len(waiting) > waiting_loops:
+        problems.append(f"{len(waiting)} main loops wait for every wgmma "
+                        f"(pendings {[lp.waits for lp in waiting]})")  # fmt: skip
     for lp in fast:
         if lp.ldg or lp.async_copies < 2:
             problems.append(f"main loop: {lp.ldg} plain global loads, {lp.async_copies} async")
-        if not lp.waits or min(lp.waits) < 1:
-            problems.append(f"main loop waits for every wgmma (pendings {lp.waits})")
         if lp.local:
             problems.append(f"main loop spills ({lp.local} local loads and stores)")
     return problems
@@ -328,9 +331,10 @@ def record_stems(core: bool = False) -> None:
             record()
 
 
-def compile_target(name: str, cases: str, records: list[dict]) -> int:
-    """Record the launches under ``name``'s policy, compile each variant for it, print and
-    check its figures; returns the number of failures."""
+def compile_target(name: str, cases: str, records: list[dict],
+                   kernels: list[str] | None = None) -> int:  # fmt: skip
+    """Record the launches under ``name``'s policy, compile each variant for it (``kernels``:
+    only theirs), print and check its figures; returns the number of failures."""
     target, limit = gpu_target(name), devices.TARGETS[name].smem_per_block
     launches.clear()
     with policy.override(base=devices.for_target(name)):
@@ -344,6 +348,8 @@ def compile_target(name: str, cases: str, records: list[dict]) -> int:
     print(f"== {name}: shared memory per block {limit} bytes; {len(launches)} launches")
     results, failures = {}, 0
     for variant, kernel, args, kwargs in launches:
+        if kernels and kernel.fn.__name__ not in kernels:
+            continue
         sig, const, attrs, options = specialise(kernel, args, kwargs, target)
         key = (kernel.fn.__name__, str(sig), str(const), str(attrs), options["num_warps"],
                options["num_stages"])  # fmt: skip
@@ -396,11 +402,16 @@ def compile_target(name: str, cases: str, records: list[dict]) -> int:
 
 def main_loop_problems(kernel: str, sig: dict, const: dict, names: list[str],
                        target: GPUTarget, compiled) -> list[str]:  # fmt: skip
-    """fast_loop_problems of the forward's main loops on sm_90 where the patches are exact in
-    the operand dtype (16-bit images of the operand's dtype, which take the raw tile)."""
-    if kernel != "_patch_embed_fwd_kernel" or target.backend != "cuda" or target.arch != 90:
+    """fast_loop_problems on sm_90 of the main loops that take the operands as stored: the
+    forward's where the patches are exact in the operand dtype (16-bit images of the operand's
+    dtype, which take the raw tile), the folded dW GEMM's (FOLD)."""
+    if target.backend != "cuda" or target.arch != 90:
         return []
     consts = {names[p[0]]: v for p, v in const.items() if len(p) == 1}
+    if kernel == "_bwd_dw_kernel" and consts["FOLD"]:
+        return fast_loop_problems(sass_loops(compiled.asm["cubin"]), 0, int(consts["CENTRED"]))
+    if kernel != "_patch_embed_fwd_kernel":
+        return []
     operand = str(consts["COMPUTE_DTYPE"]).removeprefix("tl.")
     if sig["X"].lstrip("*") != operand or operand not in ("bf16", "fp16") or consts["SHIFT"]:
         return []
@@ -453,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the representative subset of cases (make test's other targets)",
     )
     ap.add_argument("--json", type=Path, help="write every variant's figures there")
+    ap.add_argument(
+        "--kernel",
+        action="append",
+        choices=KERNELS,
+        help="compile only this kernel's variants (repeatable; default all)",
+    )
     args = ap.parse_args(argv)  # fmt: skip
     names = args.target or ["sm_90"]
     names = list(devices.TARGETS) if "all" in names else names
@@ -463,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     install_recorders()
     records: list[dict] = []
     cases = "tune" if args.tune else "core" if args.core else "all"
-    failures = sum(compile_target(n, cases, records) for n in names)
+    failures = sum(compile_target(n, cases, records, args.kernel) for n in names)
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
     print(f"{len(records)} kernel variants on {len(names)} target(s), {failures} failed")

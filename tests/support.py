@@ -53,6 +53,31 @@ def assert_accurate(fused: Tensor, eager: Tensor, ref: Tensor, dtype: torch.dtyp
     )
 
 
+# Images on which a norm folded out of a GEMM could cancel (kernels/projection.py).
+HOSTILE = ("raw pixels", "flat patches", "near-constant", "letterboxed", "outlier pivot")
+
+
+def hostile_image(kind: str) -> Tensor:
+    """A (2, 3, 16, 16) fp64 image of one of the HOSTILE kinds."""
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    if kind == "raw pixels":  # 0..255 images: |mean| / std ~ 6
+        return torch.randint(0, 256, x.shape).double()
+    if kind == "flat patches":  # |mean| / std ~ 1e3, where mean * s cancels most of the product
+        return 500.0 + 0.5 * x
+    if kind == "near-constant":  # std far below the operand's resolution of the mean
+        return 2.0 + 1e-3 * x
+    if kind == "letterboxed":  # constant borders beside an image
+        x[..., :, :4] = 0.0
+        x[..., :, 12:] = 255.0
+        return x
+    assert kind == "outlier pivot", kind
+    # One extreme pixel first in every patch (the statistics' pivot) in a flat patch: the
+    # shifted sums' worst case.
+    x = 3.0 + 0.01 * x
+    x[..., ::4, ::4] = 3000.0
+    return x
+
+
 def randomise(module: nn.Module, scale: float = 0.1) -> nn.Module:
     """Perturb every parameter (LayerNorms start at 1 / 0, which would hide a wrong mapping)."""
     with torch.no_grad():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_accurate, check, make
+from support import HOSTILE, assert_accurate, check, hostile_image, make
 
 from zeta_fused.functional import op_inputs
 from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM
@@ -60,34 +60,13 @@ def test_tilings_agree_on_the_saved_statistics(device) -> None:
         torch.testing.assert_close(stats, results[0][1], rtol=1e-5, atol=1e-5)
 
 
-def _hostile(kind: str) -> torch.Tensor:
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    if kind == "raw pixels":  # 0..255 images: |mean| / std ~ 6
-        return torch.randint(0, 256, x.shape).double()
-    if kind == "flat patches":  # |mean| / std ~ 1e3, where mean * s cancels most of the product
-        return 500.0 + 0.5 * x
-    if kind == "near-constant":  # std far below the operand's resolution of the mean
-        return 2.0 + 1e-3 * x
-    if kind == "letterboxed":  # constant borders beside an image
-        x[..., :, :4] = 0.0
-        x[..., :, 12:] = 255.0
-        return x
-    # One extreme pixel first in every patch (the statistics' pivot) in a flat patch: the
-    # shifted sums' worst case.
-    x = 3.0 + 0.01 * x
-    x[..., ::4, ::4] = 3000.0
-    return x
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "kind", ["raw pixels", "flat patches", "near-constant", "letterboxed", "outlier pivot"]
-)
+@pytest.mark.parametrize("kind", HOSTILE)
 def test_inputs_where_the_fold_could_cancel(kind, dtype, device) -> None:
     """fp32 inputs take the shifted operand, fp16/bf16 the raw one; both within the accuracy
     rule with each norm over D and without."""
-    check(make(3, 40, 4), _hostile(kind), dtype, device)
-    check(make(3, 40, 4, (True, False, False)), _hostile(kind), dtype, device)
+    check(make(3, 40, 4), hostile_image(kind), dtype, device)
+    check(make(3, 40, 4, (True, False, False)), hostile_image(kind), dtype, device)
 
 
 @pytest.mark.parametrize("kind", ["raw pixels", "flat patches", "outlier pivot"])
@@ -95,7 +74,7 @@ def test_autocast_from_fp32_inputs(kind, device) -> None:
     """fp32 images and parameters, a bf16 product (autocast): the patches are not exact in the
     operand dtype, so they are shifted by their pivot before rounding."""
     m = make(3, 40, 4).float().to(device)
-    x = _hostile(kind).float().to(device)
+    x = hostile_image(kind).float().to(device)
     ref = m.double()(x.double())
     m.float()
     with torch.autocast(device, dtype=torch.bfloat16):

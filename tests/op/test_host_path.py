@@ -4,9 +4,10 @@ the dispatcher, and what each forward and backward launches.
 Counted per forward and per backward, for ``PatchEmbeddings`` and a converted timm ViT stem:
 Triton launches, and the torch ops that launch a kernel on a GPU (allocations, views and
 metadata left out; backward with gradients None, so without autograd's own accumulation).
-The counts asserted are today's, as upper bounds. Issue 30's targets, for the kernels to reach:
-a forward in at most 2 launches, a training backward in at most 3 (2 without the image
-gradient), and no kernel-launching torch op besides allocation.
+The counts asserted are today's. Issue 30's targets: a forward in at most 2 launches, a
+training backward in at most 3 (2 without the image gradient), and no kernel-launching torch op
+besides allocation. Met for PatchEmbeddings; a whole stem's prefix rows still add torch ops (their
+(P, D) problem in eager math).
 """
 
 from __future__ import annotations
@@ -119,9 +120,8 @@ def step_counts(count: KernelCount, forward, params):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_patch_embeddings_launches_and_torch_ops(count, device, dtype, image_grad) -> None:
     """Two launches (the weight fold of the pre-norm, the main kernel) and no other kernel per
-    forward. Per backward: the dZ, dW and parameter
-    kernels (and the image's), then the second stage of the column sums (dZ for the bias, dT * ẑ
-    and dT for the post-norm) and their casts to a bf16 parameter's dtype."""
+    forward. Per backward the dZ and dW kernels (and the image's), and no other kernel: the
+    second stage of every sum and the casts to a bf16 parameter's dtype are in the dW kernel."""
     m = make(3, 32, 8).to(device, dtype)
     m.backend = "triton"
     x = torch.randn(2, 3, 16, 16, device=device, dtype=dtype, requires_grad=image_grad)
@@ -132,9 +132,7 @@ def test_patch_embeddings_launches_and_torch_ops(count, device, dtype, image_gra
         count, lambda: m(x), [*m.parameters(), x]
     )
     assert (fwd_launches, fwd_ops) == (2, {})
-    assert bwd_launches <= 3 + image_grad
-    casts = 3 if dtype == torch.bfloat16 else 0
-    assert sum(bwd_ops.values()) <= 3 + casts, bwd_ops
+    assert (bwd_launches, bwd_ops) == (2 + image_grad, {})
 
 
 def timm_stem(device: str):
@@ -150,11 +148,11 @@ def timm_stem(device: str):
 
 def test_timm_stem_launches_and_torch_ops(count, device) -> None:
     """A converted timm ViT stem (class and register tokens, a position table covering them,
-    norm_pre): the whole stem in one launch per forward, three per backward. Its prefix rows
+    norm_pre): the whole stem in one launch per forward, two per backward. Its prefix rows
     are torch ops: per forward the tokens' concatenation and their position rows (2), the stem
     norm of the rows (10) and their copy into every image (1); per backward the rows' batch
-    sum and stem-norm backward, the norm recomputed (22), the column sums with the rows' parts
-    (5), the table's batch sum (1) and the concatenation of its two parts' gradients (1)."""
+    sum and stem-norm backward, the norm recomputed (22), and the concatenation of the table's
+    two parts' gradients (1)."""
     model, before = timm_stem(device)
     x = torch.randn(2, 3, 16, 16, device=device)
     with torch.no_grad():
@@ -168,7 +166,7 @@ def test_timm_stem_launches_and_torch_ops(count, device) -> None:
         count, lambda: model.forward_features(x), list(model.parameters())
     )
     assert fwd_launches == 1 and sum(fwd_ops.values()) <= 13, fwd_ops
-    assert bwd_launches <= 3 and sum(bwd_ops.values()) <= 29, bwd_ops
+    assert bwd_launches == 2 and sum(bwd_ops.values()) <= 23, bwd_ops
     # Indexing the table or the tokens would add a zero fill and a copy per index.
     assert not {"select_backward", "slice_backward"} & set(bwd_ops), bwd_ops
 
@@ -232,5 +230,5 @@ def test_vit_stem_table_and_prefix_reach_the_op_through_views(count, device) -> 
     (fwd_launches, _), (bwd_launches, bwd_ops) = step_counts(
         count, lambda: stem(x), list(stem.parameters())
     )
-    assert fwd_launches == 2 and bwd_launches <= 3  # the fold of its pre-norm, the main kernel
+    assert fwd_launches == 2 and bwd_launches == 2  # forward: the fold of its pre-norm
     assert not {"select_backward", "slice_backward"} & set(bwd_ops), bwd_ops

@@ -75,8 +75,10 @@ KERNEL_TILES: dict[str, tuple] = {
         ("BLOCK_M", "BLOCK_K"),
         ("BLOCK_M", "BLOCK_N"),
     ),
+    # The folded dW GEMM pipelines the image tile too; its normalising loop (other images,
+    # chunks the fold would cancel on) stages x̂ instead.
     "_bwd_dw_kernel": (
-        (("DZ", "BLOCK_M", "BLOCK_D"),),
+        (("DZ", "BLOCK_M", "BLOCK_D"), ("X", "BLOCK_M", "BLOCK_K")),
         ("BLOCK_M", "BLOCK_K"),
         ("BLOCK_D", "BLOCK_K"),
     ),
@@ -96,6 +98,11 @@ KERNEL_BLOCKS: dict[str, dict[str, str]] = {
 }
 # The Blocks field of each kernel's pipeline depth (the others: "stages").
 KERNEL_STAGES: dict[str, str] = {"_patch_embed_fwd_kernel": "fwd_stages"}
+# Kernels whose pipelined tiles are addressed through offsets loaded in the same loop (the dW
+# GEMM's token rows, XRowOff): Triton gives the offsets a stage of their own and keeps one copy
+# fewer of the tiles (measured with sm_90, sm_80 and sm_120 compiles; the compile matrix
+# checks it).
+INDIRECT = ("_bwd_dw_kernel",)
 # Pipelined operands always in the compute dtype (the folded weight, kernels/fold.py), and the
 # constexpr that doubles a kernel's weight tiles (two column tiles per step, PAIR).
 COMPUTE_OPERANDS: dict[str, tuple[str, ...]] = {"_patch_embed_fwd_kernel": ("W",)}
@@ -147,7 +154,8 @@ def smem_estimate(kernel: str, blocks: dict[str, int], loaded: dict[str, int], c
         for arg, r, c in pipelined
     )
     staged = 0 if resident is None else compute * math.prod(blocks[d] for d in resident)
-    tiles = pipeline_buffers(arch, stages) * per_buffer + staged + SLACK
+    copies = pipeline_buffers(arch, stages) - (kernel in INDIRECT)
+    tiles = max(copies, 1) * per_buffer + staged + SLACK
     return max(tiles, acc * math.prod(blocks[d] for d in epilogue))
 
 
@@ -214,6 +222,10 @@ def for_device(arch: str, sm_count: int, smem_per_block: int) -> LaunchPolicy:
         small_grid=small_grid,
         relayout_min_tokens=small_grid * DEFAULT.blocks_16bit.m,
         dw_target_programs=2 * sm_count,
+        dz_programs=sm_count,
+        # The register cap was fitted to sm_90's code (wgmma keeps the accumulator out of the
+        # operand registers); mma.sync parts would spill under it.
+        dw_max_registers=DEFAULT.dw_max_registers if arch == "sm_90" else None,
     )
     return dataclasses.replace(
         pol,

@@ -1,7 +1,6 @@
-"""Launchers of the fused Triton kernels: shape checks, allocation, grids, and the small
-reductions around the kernels (the second, fixed-order stage of the column and token-split
-partial sums, the position table's batch sum, and the prefix rows' (P, D) problem, computed
-by :mod:`.reference`'s eager math).
+"""Launchers of the fused Triton kernels: shape checks, allocation, grids. The kernels live in
+this module's namespace (tests and the perf probes find and swap them here); the backward's
+launchers are in :mod:`.launch_bwd`, which takes them from here.
 
 Layout decisions (strides, K order, alignment) come from :mod:`.layout`, tunables from
 :mod:`.policy`, the integer-only decisions of a call (tiles, grids, the kernels' numerics)
@@ -17,17 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.contract import COLUMN_SUMS, LAYER_NORM, NO_NORM, STAT_ROWS
+from ..kernels.contract import LAYER_NORM, NO_NORM, STAT_ROWS
 from ..kernels.fold import _fold_weight_kernel
-from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel, _bwd_param_kernel
+from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel
 from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from ..kernels.patch_embed_fwd import _finish_rows_kernel, _patch_embed_fwd_kernel
 from ..kernels.segment_sum import _segment_sum_kernel
-from . import bound, layout, policy, reference, tuning
+from . import bound, launch_bwd, layout, policy, reference, tuning
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .plan import TL_DTYPES, block_width, cdiv, fwd_plan, numerics, plain_gemm
 from .policy import LaunchPolicy
-from .reference import prefix_grads, prefix_rows, stats_dtype
+from .reference import prefix_rows, stats_dtype
 
 # Tokens are indexed in 32 bits (their divisions would otherwise be slow 64-bit calls), and
 # the statistics buffer (rows, M) is addressed as row * M + m: that must fit in an int32.
@@ -190,157 +189,55 @@ def projection_operands(a: FwdArgs, geo: layout.Geometry, pol: LaunchPolicy) -> 
 
 @on_tensor_device
 def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
-    """Run the fused backward; returns every gradient, None for those nobody needs (the
-    custom op returns empty tensors there). ``pol``: as for :func:`patch_embed_fwd`."""
-    a, grad_y, stats = fwd_of(args), args.grad_y, args.stats
-    if not (a.weight.shape[0] and a.x.shape[1]):  # D = 0 or C = 0: an empty GEMM, no kernel
-        return reference.backward_from_stats(args)  # (its D-side gradients need not be empty)
+    """Run the fused backward (docs/design.md, "Backward"; launchers in :mod:`.launch_bwd`);
+    returns every gradient, None for those nobody needs (the custom op returns empty tensors
+    there). ``pol``: as for :func:`patch_embed_fwd`."""
+    a, grad_y = fwd_of(args), args.grad_y
+    geo = layout.geometry(a.x, a.patch)
+    rows, tokens = _token_rows(a, geo)
+    if not (a.weight.shape[0] and a.x.shape[1] and tokens):
+        # An empty GEMM (D = 0 or C = 0) or batch: no kernel (the eager backward's D-side
+        # gradients need not be empty).
+        return reference.backward_from_stats(args)
     if any(s == 0 and n > 1 for s, n in zip(grad_y.stride(), grad_y.shape, strict=True)):
         # A broadcast gradient (stride 0: a `.sum()` loss on the tokens) is made dense. Triton
         # specialises the kernels on its strides (a stride of 1 becomes a constant), so read in
         # place it would compile another dZ variant than the dense gradients a layer after the
         # stem, or zeta_fused.warmup, passes: a compile on the first real call.
-        grad_y = grad_y.contiguous()
-    x, weight = a.x, a.weight
-    geo = layout.geometry(x, a.patch)
-    chans, patch, patch_dim, dim = geo.chans, geo.patch, geo.patch_dim, weight.shape[0]
-    rows, tokens = _token_rows(a, geo)
+        args = args._replace(grad_y=grad_y.contiguous())
     pol = pol or policy_of(a, tuning.bwd_phase(args.needs_x_grad))
-    blocks = pol.blocks(a.compute_dtype.itemsize)
-    consts = dict(C=chans, PATCH=patch, NORM1=a.pre_norm, **numerics(a.compute_dtype, pol))
-    k = layout.k_order(x, weight, a.g1, a.b1, geo, pol)  # for the dZ and image-gradient kernels
-    x_strides = layout.element_strides(x, chans, patch)
-    w_operand = (k.weight, k.weight.stride(0), k.w_strides, k.w_row_len)
-    post = a.post_norm != NO_NORM
-    acc = stats.dtype
-
-    n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
-    # The patch tokens' rows, read in place (without prefix rows: grad_y itself, no view op).
-    grad_tokens = grad_y[:, n_prefix:] if n_prefix else grad_y
-    stem = a.stem_norm != NO_NORM
-
-    # 1. dZ (through the stem norm, the position table and the post-norm) and the column
-    # partials of every vector gradient over D.
-    dz_tiles = cdiv(tokens, blocks.dz_m)
-    partials = _scratch(x, (len(COLUMN_SUMS), max(dz_tiles, 1), dim), acc, zero=tokens == 0)
-    x_row_offsets = x.new_empty((tokens,), dtype=torch.int64)
-    shape = grad_tokens.shape
-    dz = x.new_empty(shape, dtype=a.compute_dtype) if post or stem else grad_tokens
-    # dT, the position table's per-token gradient: dY without a stem norm, dZ without a
-    # post-norm, else a buffer the dZ kernel writes (only when there is a table).
-    dt_buffer = (
-        x.new_empty(shape, dtype=a.compute_dtype) if post and stem and a.pos is not None else None
-    )
-    dt = grad_tokens if not stem else dz if not post else dt_buffer
-    dy_strides, dy_flat = layout.token_strides(grad_tokens)
-    # dZ is dY with rows not evenly spaced (after prefix rows): the dZ kernel stores their
-    # offsets for the dW GEMM, which would otherwise divide by N on every step.
-    dz_row_offsets = None
-    if dz is grad_tokens and not dy_flat:
-        dz_row_offsets = x.new_empty((tokens,), dtype=torch.int64)
-    if tokens:
-        bound.launch(_bwd_dz_kernel, (dz_tiles,),
-            x, x.stride(0), x_strides, *w_operand, a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos,
-            a.keep, a.pos_index, (a.g3, a.b3), stats, grad_tokens, dy_strides, dz, dt_buffer,
-            partials,
-            x_row_offsets, dz_row_offsets, tokens, patch_dim, dim, rows, geo.grid,
-            NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat, W_FLAT=k.w_flat,
-            CHANNELS_FIRST=k.channels_first,
-            BLOCK_M=blocks.dz_m, BLOCK_N=block_width(dim, blocks.dz_n), BLOCK_K=blocks.k,
-            num_warps=blocks.warps, num_stages=blocks.stages, **consts,
-        )  # fmt: skip
-    # Second, deterministic stage of the column reductions (each sum is a fresh tensor).
-    dzsum = partials[COLUMN_SUMS.index("dz")].sum(0)
-
-    # 2. All parameter gradients from G = dZ^T x̂.
-    dw_d = block_width(dim, blocks.dw_d)  # narrow D (seed: 64) wastes no tensor-core rows
-    d_tiles, k_tiles = cdiv(dim, dw_d), cdiv(patch_dim, blocks.dw_k)
-    max_splits = min(pol.dw_max_splits, pol.dw_partial_bytes // (dim * patch_dim * acc.itemsize))
-    dw_steps = cdiv(tokens, blocks.dw_m)
-    splits = max(1, min(pol.dw_target_programs // (d_tiles * k_tiles), dw_steps, max_splits))
-    gpart = _scratch(x, (splits, dim, patch_dim), acc, zero=tokens == 0)
-    # The dW GEMM never reads the weight: the image alone picks its K order (G is kept in it).
-    g_first = layout.rows_inner(x)
-    if tokens:
-        bound.launch(_bwd_dw_kernel, (d_tiles, k_tiles, splits),
-            x, x_strides, stats, x_row_offsets, dz, dz.stride(), dz_row_offsets, gpart, tokens,
-            patch_dim, dim, CHANNELS_FIRST=g_first, ROW_ALIGN=layout.row_align(x, patch),
-            DZ_ALIGN=1 if dz_row_offsets is None else layout.stride_align(*dz.stride()[:2]),
-            BLOCK_M=blocks.dw_m, BLOCK_D=dw_d, BLOCK_K=blocks.dw_k, num_warps=blocks.warps,
-            num_stages=blocks.stages, **consts,
-        )  # fmt: skip
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    dg1, db1 = (None if p is None else torch.empty_like(p) for p in (a.g1, a.b1))
-    # Second stage of the token splits: a fixed-order reduction at full bandwidth.
-    gsum = gpart[0] if splits == 1 else gpart.sum(0)
-    w_strides = layout.element_strides(weight, chans, patch)
-    dw_strides = layout.element_strides(dw, chans, patch)
-    flat = all(layout.flat_in(t, chans, patch, g_first) for t in (w_strides, dw_strides))
-    p_strides = layout.linear_strides(1, chans, patch)  # the (K,) pre-norm parameters
-    bound.launch(_bwd_param_kernel, (cdiv(patch_dim, blocks.param_k),),
-        gsum, dzsum, weight, weight.stride(0), w_strides, (a.g1, a.b1), p_strides, dw,
-        dw.stride(0), dw_strides, (dg1, db1), patch_dim, dim,
-        C=chans, PATCH=patch, ACC_DTYPE=consts["ACC_DTYPE"], EMULATE_BF16=pol.emulate_bf16,
-        W_FLAT=flat, CHANNELS_FIRST=g_first, BLOCK_D=blocks.param_d, BLOCK_K=blocks.param_k,
-        num_warps=blocks.param_warps,
+    call = launch_bwd.bwd_call(args, pol, rows, tokens)
+    launch_bwd.launch_dz(_bwd_dz_kernel, call)
+    grads = launch_bwd.launch_dw(_bwd_dw_kernel, call)
+    pos = grads.pos
+    if a.pos is not None and pos is None:  # table rows by keep or table index: segment sums
+        index = a.keep if a.pos_index is None else a.pos_index
+        pos = _segment_sums(call.dt.reshape(-1, call.dt.shape[-1]), index.flatten(),
+                            a.pos.shape[0], a.pos.dtype, pol)  # fmt: skip
+    return Grads(
+        x=_image_grad(call, pol) if args.needs_x_grad else None, weight=grads.weight,
+        bias=grads.bias, g1=grads.g1, b1=grads.b1, g2=grads.g2, b2=grads.b2, pos=pos,
+        prefix=grads.prefix, g3=grads.g3, b3=grads.b3,
     )  # fmt: skip
 
-    # 3. The image gradient, only when asked for.
-    dx = None
-    if args.needs_x_grad:
-        if a.keep is None:  # straight into the image
-            dx = out = x.new_empty(x.shape)
-            out_strides = layout.element_strides(dx, chans, patch)
-        else:
-            # Per-token patch gradients (a keep index may repeat a patch), summed into the
-            # patches below in a fixed order; patches not kept get zeros.
-            out = x.new_empty((tokens, chans, *patch), dtype=acc)
-            out_strides = out.stride()[1:]
-        if tokens:
-            dz_strides, dz_flat = layout.token_strides(dz)
-            bound.launch(_bwd_dx_kernel, (cdiv(tokens, blocks.m),),
-                x, x.stride(0), x_strides, *w_operand, k.g1, stats, dz, dz_strides, a.keep, out,
-                out.stride(0), out_strides, tokens, patch_dim, dim, rows, geo.grid,
-                DZ_FLAT=dz_flat, DX_ROWS=a.keep is not None, W_FLAT=k.w_flat,
-                CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.m, BLOCK_D=blocks.dx_d,
-                BLOCK_K=blocks.dx_k, num_warps=blocks.warps, num_stages=blocks.stages,
-                **consts,
-            )  # fmt: skip
-        if a.keep is not None:
-            image = torch.arange(geo.batch, device=x.device)[:, None] * geo.per_image
-            by_patch = _segment_sums(out.view(tokens, patch_dim), (image + a.keep).flatten(),
-                                     geo.tokens, x.dtype, pol)  # fmt: skip
-            dx = _patches_to_image(by_patch, geo)
 
-    def column_sum(row: str, param: Tensor | None, prefix_part: Tensor | None = None):
-        if param is None:
-            return None
-        total = partials[COLUMN_SUMS.index(row)].sum(0)
-        return (total if prefix_part is None else total + prefix_part).to(param.dtype)
-
-    dprefix = dg3_prefix = db3_prefix = None
-    if a.prefix is not None:
-        dprefix, dg3_prefix, db3_prefix = prefix_grads(a, grad_y[:, :n_prefix], acc)
-    grads = Grads(
-        x=dx, weight=dw, bias=None if a.bias is None else dzsum.to(a.bias.dtype), g1=dg1, b1=db1,
-        g2=column_sum("dg2", a.g2) if post else None,
-        b2=column_sum("db2", a.b2) if post else None,
-        pos=None if a.pos is None else _table_grad(dt, a, pol),
-        prefix=None if dprefix is None else dprefix.to(a.prefix.dtype),
-        g3=column_sum("dg3", a.g3, dg3_prefix) if stem else None,
-        b3=column_sum("db3", a.b3, db3_prefix) if stem else None,
-    )  # fmt: skip
-    return grads
-
-
-def _table_grad(dt: Tensor, a: FwdArgs, pol: LaunchPolicy) -> Tensor:
-    """The position table's gradient: dT summed over the batch, by table row with a keep or a
-    table index (a fixed-order sum, as every other)."""
-    index = a.keep if a.pos_index is None else a.pos_index
-    if index is None:
-        return dt.sum(0, dtype=stats_dtype(a.compute_dtype)).to(a.pos.dtype)
-    rows = dt.reshape(-1, dt.shape[-1])
-    return _segment_sums(rows, index.flatten(), a.pos.shape[0], a.pos.dtype, pol)
+def _image_grad(call: launch_bwd.BwdCall, pol: LaunchPolicy) -> Tensor:
+    """The image gradient: straight into the image, or with a keep index (which may repeat a
+    patch) per-token patch gradients summed into the patches in a fixed order (patches not
+    kept get zeros)."""
+    a, geo, tokens = call.a, call.geo, call.tokens
+    x = a.x
+    if a.keep is None:
+        dx = x.new_empty(x.shape)
+        launch_bwd.launch_dx(_bwd_dx_kernel, call, dx,
+                             layout.element_strides(dx, geo.chans, geo.patch))  # fmt: skip
+        return dx
+    out = x.new_empty((tokens, geo.chans, *geo.patch), dtype=call.args.stats.dtype)
+    launch_bwd.launch_dx(_bwd_dx_kernel, call, out, out.stride()[1:])
+    image = torch.arange(geo.batch, device=x.device)[:, None] * geo.per_image
+    by_patch = _segment_sums(out.view(tokens, geo.patch_dim), (image + a.keep).flatten(),
+                             geo.tokens, x.dtype, pol)  # fmt: skip
+    return _patches_to_image(by_patch, geo)
 
 
 def _segment_sums(rows: Tensor, ids: Tensor, segments: int, dtype: torch.dtype,
@@ -369,9 +266,3 @@ def _patches_to_image(patches: Tensor, geo: layout.Geometry) -> Tensor:
     order = [0, rank + 1] + [i for d in range(rank) for i in (1 + d, rank + 2 + d)]
     spatial = [g * p for g, p in zip(geo.grid, geo.patch, strict=True)]
     return grid.permute(order).reshape(geo.batch, geo.chans, *spatial)
-
-
-def _scratch(like: Tensor, shape: tuple, dtype: torch.dtype, zero: bool) -> Tensor:
-    """Partial-sum buffer; the kernels write every element, so it needs zeros only when no
-    kernel runs (an empty batch)."""
-    return like.new_zeros(shape, dtype=dtype) if zero else like.new_empty(shape, dtype=dtype)

@@ -33,11 +33,9 @@ class Blocks:
     dx_d: int  # D step of the image-gradient GEMM
     dx_k: int  # patch columns per image-gradient chunk: dZ is re-read once per chunk
     warps: int = 8  # GEMM kernels: 8 warps keep accumulators and gather pointers in registers
-    param_warps: int = 4  # the small parameter-gradient kernel
-    param_d: int = 64  # D rows per step of the parameter-gradient kernel
-    # K columns per parameter-gradient program: narrow, so that even K = 768 spreads over 48
-    # programs (each loops over all D rows of G and W for the column sums dg1, db1).
-    param_k: int = 16
+    # D rows per step of the dW kernel's finishing sums (G's split slots, dW, dg1, db1): few
+    # registers, so that they do not raise the GEMM loop's count.
+    param_d: int = 32
     # Software-pipeline depth of the GEMM kernels' loops (Triton's num_stages): shared memory
     # grows with it (devices.smem_estimate). 3 is Triton's own default on NVIDIA GPUs.
     stages: int = 3
@@ -73,8 +71,7 @@ class Blocks:
 
 
 # Blocks fields that are not block dimensions.
-_NOT_SIZES = ("warps", "param_warps", "stages", "fwd_warps", "fwd_small_warps", "fwd_stages",
-              "fwd_pair")  # fmt: skip
+_NOT_SIZES = ("warps", "stages", "fwd_warps", "fwd_small_warps", "fwd_stages", "fwd_pair")
 
 
 # eq=False: compared and hashed by identity (it keys the launchers' caches; each override is
@@ -116,6 +113,28 @@ class LaunchPolicy:
     dw_partial_bytes: int = 64 << 20
     # Cap of the token splits: each writes a whole D x K partial that a second stage reads back.
     dw_max_splits: int = 128
+    # The dW GEMM takes the image and dZ as stored, the pre-norm folded out of its loop
+    # (kernels/patch_embed_bwd_dw.py), where the image is exact in the operand dtype.
+    dw_fold: bool = True
+    # Registers per thread of the folded dW kernel on sm_90 (ptxas' maxnreg; None: no cap): 128
+    # lets two 8-warp programs share an SM. Its main loops need fewer; the code around them
+    # (the centring, the finishing sums) would take more, and spills a little under the cap,
+    # outside the loops. Not applied to narrow gathers (launch_bwd.CAP_MIN_RUN).
+    dw_max_registers: int | None = 128
+    # Tokens whose products the centred fold accumulates before subtracting their centring
+    # (as many tensor-core steps as a forward with K = 1024 takes; projection.SHIFT_RATIO).
+    dw_chunk_tokens: int = 1024
+    # Programs of the dZ kernel (persistent over token tiles; one per SM at its registers):
+    # the rows of the column partials that the dW kernel sums.
+    dz_programs: int = 132
+    # The dW kernel's other programs: columns per column program (the vector gradients over
+    # D), rows per step of their fixed-order sums, and the position table's blocks (TABLE_N
+    # rows x TABLE_D columns, summed over table_b images at a time).
+    colsum_c: int = 64
+    sum_rows: int = 8
+    table_n: int = 16
+    table_d: int = 64
+    table_b: int = 8
     # The Triton interpreter truncates fp32 -> bf16 and multiplies bf16 wrongly: its kernels
     # round to nearest even by hand and multiply rounded operands in fp32 (kernels/rounding.py).
     # Read once: Triton decides at decoration time whether kernels run interpreted.

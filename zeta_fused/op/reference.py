@@ -245,8 +245,10 @@ def backward_from_stats(args: BwdArgs) -> Grads:
     a = fwd_of(args)
     pre, post, stem = a.norm("pre"), a.norm("post"), a.norm("stem")
     acc = args.stats.dtype
+    n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
+    rows = args.grad_y.shape[1] - n_prefix  # patch tokens per image (any, with B = 0)
     mean1, rstd1, mean2, rstd2, mean3, rstd3 = args.stats.reshape(
-        len(STAT_ROWS), a.x.shape[0], -1, 1
+        len(STAT_ROWS), a.x.shape[0], rows, 1
     )
     p = kept(patchify(a.x, a.patch), a.keep).to(acc)
     x_hat = (p - mean1) * rstd1
@@ -256,7 +258,6 @@ def backward_from_stats(args: BwdArgs) -> Grads:
     z = act @ w.T if a.bias is None else act @ w.T + a.bias
     z_hat = (z - mean2) * rstd2
     grads = dict.fromkeys(Grads._fields)
-    n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
     dz = args.grad_y[:, n_prefix:].to(acc)
     prefix_parts = (None, None)  # the prefix rows' parts of dg3, db3
     if a.prefix is not None:
