@@ -34,6 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
 _AOT_MODULE = pytest.StashKey()
 
 
+# trylast: after -m and -k have deselected items, so that a run without aot tests compiles nothing.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_cuda = torch.cuda.is_available()
     for item in items:
