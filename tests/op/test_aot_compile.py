@@ -32,13 +32,20 @@ ALT_TRITON = os.environ.get("ZETA_FUSED_ALT_TRITON")
 SUBSET = ("sm_80", "sm_120", "gfx942")
 
 
+def _behind_the_tests() -> None:
+    """A compile's priority, lowered: the tests run in one process, and on a machine with fewer
+    cores than compiles + 1 they would otherwise wait for the compiles, which have the whole
+    run to finish in."""
+    os.nice(10)
+
+
 def start(env: dict, *args: str) -> subprocess.Popen:
     """tests/aot_compile.py with ``args``, started in the background, its output to temporary
     files (a pipe would fill up and stall it until it is read)."""
     env = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     job = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=out, stderr=err,
-                           text=True, env=env)  # fmt: skip
+                           text=True, env=env, preexec_fn=_behind_the_tests)  # fmt: skip
     job.files = out, err
     return job
 
