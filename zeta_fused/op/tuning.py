@@ -18,16 +18,12 @@ needs into its own locals, so modules shared between threads keep no per-call st
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import math
 import os
-import re
 import statistics
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -36,13 +32,21 @@ from ..dispatch import env_setting, interpreting
 from . import devices, policy
 from .args import TENSOR_FIELDS, BwdArgs, FwdArgs
 from .policy import LaunchPolicy
+from .tuning_file import (  # noqa: F401 (CACHE_ENV, cache_dir: the module's interface)
+    CACHE_ENV,
+    FILE_FORMAT,
+    cache_dir,
+    cache_file,
+    device_name,
+    driver_version,
+    identity,
+    read_choices,
+)
 
 ENV_VAR = "ZETA_FUSED_TUNING"
-CACHE_ENV = "ZETA_FUSED_CACHE_DIR"
 EAGER = "eager"
 FUSED = "fused"
 DEVICE = "device"  # the device's own policy
-FILE_FORMAT = 1
 
 # Alternatives to the device policy, as changes of the call's Blocks table (one thing at a
 # time, as bench.tune varies them); those whose tiles would not fit the device are skipped.
@@ -165,84 +169,12 @@ def bwd_phase(needs_x_grad: bool) -> str:
     return "bwd+x" if needs_x_grad else "bwd"
 
 
-# --- identity of the machine and software, the disk file ---------------------------------------
-
-
-def driver_version() -> str:
-    """The GPU driver's version: the NVIDIA kernel module's, else the CUDA driver API's, else
-    the amdgpu module's; "unknown" where none can be read."""
-    for path in ("/proc/driver/nvidia/version", "/sys/module/amdgpu/version"):
-        try:
-            text = Path(path).read_text()
-        except OSError:
-            continue
-        m = re.search(r"Kernel Module(?: for \S+)?\s+([\d.]+)", text) or re.search(r"\S+", text)
-        if m:
-            return m.group(1) if m.groups() else m.group(0)
-    try:
-        import ctypes
-
-        version = ctypes.c_int()
-        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
-            return f"cuda-{version.value}"
-    except (OSError, AttributeError):
-        pass
-    return "unknown"
-
-
-def device_name(x: Tensor) -> str:
-    return _gpu_name(x.get_device()) if x.is_cuda else "cpu-interpreter"
-
-
-@functools.cache
-def _gpu_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
-def identity(name: str) -> dict:
-    """What a disk file of choices is valid for."""
-    import triton
-
-    from .. import __version__
-
-    return {
-        "gpu": name,
-        "driver": driver_version() if name != "cpu-interpreter" else "none",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "zeta_fused": __version__,
-    }
-
-
-def cache_dir() -> Path:
-    """``ZETA_FUSED_CACHE_DIR``, else ``$XDG_CACHE_HOME/zeta_fused`` (``~/.cache/zeta_fused``)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "zeta_fused"
-
-
-def cache_file(ident: dict) -> Path:
-    """One file per GPU name, driver, torch, Triton and zeta-fused version."""
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", ident["gpu"]).strip("-")
-    return cache_dir() / f"tuning-{slug}-{digest}.json"
-
-
-def _read(path: Path, ident: dict) -> dict | None:
-    """The disk file of ``ident`` as :func:`_save` writes it; None where it is missing, not
-    JSON, or not an object of this format and identity with an object of choices."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    header = isinstance(doc, dict) and (doc.get("format"), doc.get("identity"))
-    return doc if header == (FILE_FORMAT, ident) and isinstance(doc["choices"], dict) else None
+# --- the disk file ---------------------------------------------------------------------------
 
 
 def _load(name: str) -> None:
     """Read the device's disk file into the table once. What this build cannot use is ignored
-    and its calls tuned again: a file :func:`_read` refuses, and every choice of a kind of
+    and its calls tuned again: a file :func:`read_choices` refuses, and every choice of a kind of
     call with an entry this build does not know (another build with the same version string
     may have other candidates: PHASE_CHOICES)."""
     if name in _loaded:
@@ -250,7 +182,7 @@ def _load(name: str) -> None:
     with _lock:
         if name in _loaded:
             return
-        doc = _read(cache_file(identity(name)), identity(name))
+        doc = read_choices(cache_file(identity(name)), identity(name))
         by_call: dict[str, dict] = {}
         for key, entry in ({} if doc is None else doc["choices"]).items():
             phase, _, call = key.partition(" ")
@@ -269,7 +201,7 @@ def _save(name: str, measured: dict[tuple[str, str], dict]) -> None:
     process wrote meanwhile; written to a temporary file, then renamed into place)."""
     ident = identity(name)
     path = cache_file(ident)
-    doc = _read(path, ident) or {"format": FILE_FORMAT, "identity": ident, "choices": {}}
+    doc = read_choices(path, ident) or {"format": FILE_FORMAT, "identity": ident, "choices": {}}
     for (phase, call), entry in measured.items():
         doc["choices"][f"{phase} {call}"] = entry
     try:
