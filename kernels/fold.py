@@ -8,13 +8,15 @@ loop"), made per call:
 
 so that norm1(p) @ W.T + bias = rstd * (p @ W'.T - mean * s) + b' (kernels/projection.py).
 Sums of the rounded W' make that subtraction exact up to fp32 accumulation. Without a pre-norm
-the same kernel only re-lays W (a conv weight, or rows that are not 16-element aligned).
+the same kernel only re-lays W (a conv weight, or rows that are not 16-element aligned). As the
+call's first kernel it also zeroes the main kernel's row counters (kernels/counters.py).
 Device code only: the launcher allocates the outputs.
 """
 
 import triton
 import triton.language as tl
 
+from .counters import zero
 from .geometry import patch_cols
 from .rounding import cast
 
@@ -28,6 +30,7 @@ def _fold_weight_kernel(
     WOut, stride_od,  # out: (D, stride_od) W' in COMPUTE_DTYPE, zero beyond K
     ColSum,  # out: (D,) ACC_DTYPE row sums of W', or None
     BiasOut,  # out: (D,) ACC_DTYPE b', or None
+    Counters, n_counters,  # out: the main kernel's row counters (int32), zeroed; or None
     K, D,
     C: tl.constexpr, PATCH: tl.constexpr,
     W_FLAT: tl.constexpr,  # W holds each row contiguously in the K order
@@ -35,6 +38,8 @@ def _fold_weight_kernel(
     COMPUTE_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    if Counters is not None and tl.program_id(0) == 0:
+        zero(Counters, n_counters, 128)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     w_rows = W + offs_d[:, None].to(tl.int64) * stride_wd

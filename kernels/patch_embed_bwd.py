@@ -21,6 +21,7 @@ Device code only: the launch module allocates buffers and builds grids.
 import triton
 import triton.language as tl
 
+from .counters import arrived_last
 from .gather import READ_BACK, load_patches, store_patches
 from .geometry import patch_cols, token_offsets, token_rows
 from .norms import MEAN1, NO_NORM, RSTD1, load_stat, norm_bwd, norm_bwd_sums, normalize, scale_cols
@@ -106,8 +107,7 @@ def _bwd_dw_kernel(
             part = slice_sum(Partials + PART_DZ * n_parts * D, D, first, end, offs_d,
                              offs_d < D, ACC_DTYPE, SUM_ROWS)  # fmt: skip
             tl.store(SplitSums + (k * splits + s) * D + offs_d, part, mask=offs_d < D)
-        tl.debug_barrier()
-        if tl.atomic_add(Counters + tile, 1) == splits - 1:
+        if arrived_last(Counters + tile, splits):
             finish_tile(
                 j, k, d_tiles, splits, GPart, SplitSums, Counters + tiles, W, stride_wd,
                 w_strides, norm1, p_strides, DW, stride_dwd, dw_strides, dnorm1, DG1Part, K, D,

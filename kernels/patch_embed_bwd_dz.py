@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .contract import COLUMN_SUMS
+from .counters import zero
 from .epilogue import add_pos
 from .gather import READ_BACK
 from .geometry import table_rows, token_offsets, token_rows
@@ -266,15 +267,6 @@ def _pass_dy(dz_rows, v_rows, dy_rows, dy_strides, m_mask, part, centre_mean, rs
 
 
 @triton.jit
-def _zero(Out, n, BLOCK: tl.constexpr):
-    """Zeroes n elements of Out (what the dW kernel reads as zeros: its counters, the row of
-    zeros after the M rows of Ẑ)."""
-    for i in range(0, n, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        tl.store(Out + offs, tl.zeros([BLOCK], dtype=Out.dtype.element_ty), mask=offs < n)
-
-
-@triton.jit
 def _dz_tile(tile, part, X, stride_xb, x_strides, W, stride_wd, w_strides, w_row_len, Bias,
              norm1, norm2, Pos, Keep, PosIndex, norm3, Stats, DY, dy_strides, DZ, DT, VPart,
              Hostile, XRowOff, DZRowOff, M, K, D, rows, grid, C: tl.constexpr,
@@ -386,9 +378,9 @@ def _bwd_dz_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     if pid == 0:
-        _zero(Counters, n_counters, 128)
+        zero(Counters, n_counters, 128)
         if DZ_SCALED and NORM1 == LAYER_NORM:
-            _zero(DZ + M * D, D, 128)
+            zero(DZ + M * D, D, 128)
     # This program's place in the partials and the distance between two of their rows.
     base, row_stride = Partials + pid * D, tl.num_programs(0) * D
     for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):

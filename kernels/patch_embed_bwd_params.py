@@ -11,14 +11,14 @@ Pure @triton.jit functions, no launches.
 - table programs: the position table's gradient, dT summed over the batch in order
   (:func:`table_program`).
 
-Deterministic: no floating-point atomics; the counters only pick who sums. Each counter is
-incremented after a CTA barrier that orders the program's stores before it (the atomic is a
-GPU-scope release-acquire), and the summing program reads through L2 (gather.READ_BACK).
+Deterministic: no floating-point atomics; the counters (kernels/counters.py) only pick who
+sums, and the summing program reads through L2 (gather.READ_BACK).
 """
 
 import triton
 import triton.language as tl
 
+from .counters import arrived_last
 from .gather import READ_BACK
 from .geometry import patch_cols
 from .patch_embed_bwd_dz import PART_DB2, PART_DB3, PART_DG2, PART_DG3, PART_DZ
@@ -184,8 +184,7 @@ def finish_tile(j, k, d_tiles, splits, GPart, SplitSums, ColCounters, W, stride_
         parts = DG1Part + j * K + offs_k  # (2, d_tiles, K): dg1's parts, then db1's
         tl.store(parts, dg1, mask=k_mask)
         tl.store(parts + d_tiles * K, db1, mask=k_mask)
-        tl.debug_barrier()
-        if tl.atomic_add(ColCounters + k, 1) == d_tiles - 1:
+        if arrived_last(ColCounters + k, d_tiles):
             _finish_columns(DG1Part, d_tiles, offs_k, k_mask, p_col, dnorm1, K, ACC_DTYPE,
                             EMULATE_BF16)  # fmt: skip
 

@@ -13,17 +13,21 @@ grid would leave SMs idle). Per column tile:
    (epilogue.partial_rows).
 
 Then a program that owns every column of its rows finishes them (epilogue.finish_rows); where
-several programs share a row block, each stores its partial row statistics and
-``_finish_rows_kernel`` finishes the rows. Output row m (image m // rows) holds the token of
-grid position m % rows, or Keep's entry m (geometry.token_rows). The prefix rows, the same in
-every image, are written by the launcher. Device code only: the launch module allocates and
+several programs share a row block, each stores its partial row statistics and the rows are
+finished by the last of them to arrive (RowCounters, zeroed by the call's fold kernel:
+kernels/counters.py) or, with no earlier kernel in the call, by ``_finish_rows_kernel``.
+Either way the statistics are merged in split order. Output row m (image m // rows) holds the
+token of grid position m % rows, or Keep's entry m (geometry.token_rows). The prefix rows, the
+same in every image, are written by the launcher. Device code only: the launch module allocates and
 builds the grids.
 """
 
 import triton
 import triton.language as tl
 
+from .counters import arrived_last
 from .epilogue import finish_rows, partial_rows, whole_rows
+from .gather import READ_BACK
 from .geometry import table_rows, token_offsets, token_positions, token_rows
 from .norms import (
     LAYER_NORM,
@@ -168,6 +172,8 @@ def _patch_embed_fwd_kernel(
     Stats,  # (len(STAT_ROWS), M) in ACC_DTYPE, rows as kernels/norms.py names them; None:
     # not kept (no backward will read them)
     RowParts,  # (2, splits, M) ACC_DTYPE partial row statistics (SHARED_ROWS), or None
+    RowCounters,  # (row blocks,) int32 zeroed: the last program of a row block finishes it
+    # (SHARED_ROWS); None: _finish_rows_kernel does
     M, K, D,
     rows,  # patch tokens per image in Y: N, or Keep's L
     grid,  # patches along each spatial dimension
@@ -185,7 +191,8 @@ def _patch_embed_fwd_kernel(
     EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K
     PAIR: tl.constexpr,  # column tiles two at a time from the same patch tiles (projection)
     X_RUN: tl.constexpr,  # contiguous runs of the image's patch elements (projection)
-    SHARED_ROWS: tl.constexpr,  # splits > 1 with a norm over D: _finish_rows_kernel finishes
+    SHARED_ROWS: tl.constexpr,  # splits > 1 with a norm over D: rows finished by the last
+    # program of their block to arrive, or by _finish_rows_kernel
     COMPUTE_DTYPE: tl.constexpr,  # GEMM operand dtype
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     ACC_DTYPE: tl.constexpr,  # accumulation / statistics dtype: fp32 (fp64 for fp64 inputs)
@@ -258,9 +265,16 @@ def _patch_embed_fwd_kernel(
         parts = RowParts + split * M + offs_m
         tl.store(parts + PART_MEAN * splits * M, mean_r, mask=m_mask)
         tl.store(parts + PART_M2 * splits * M, m2_r, mask=m_mask)
-        if Stats is not None and split == 0:  # the other rows are _finish_rows_kernel's
+        if Stats is not None and split == 0:  # the other rows are the finisher's
             tl.store(Stats + MEAN1 * M + offs_m, mean1, mask=m_mask)
             tl.store(Stats + RSTD1 * M + offs_m, rstd1, mask=m_mask)
+        if RowCounters is not None:
+            if arrived_last(RowCounters + pid // splits, splits):
+                _finish_shared_rows(
+                    offs_m, m_mask, Y, y_rows, pos_rows, RowParts, Stats, norm2, Pos, norm3, M, D,
+                    splits, tiles_per_program * BLOCK_N, eps2, eps3, NORM2, NORM3, ACC_DTYPE,
+                    EMULATE_BF16, SWEEP_N,
+                )  # fmt: skip
     else:
         if BLOCK_N < D and row_norm:
             mean2, rstd2, mean3, rstd3 = finish_rows(
@@ -269,6 +283,36 @@ def _patch_embed_fwd_kernel(
             )  # fmt: skip
         if Stats is not None and split == 0:
             store_stats(Stats, offs_m, m_mask, M, mean1, rstd1, mean2, rstd2, mean3, rstd3)
+
+
+@triton.jit
+def _finish_shared_rows(offs_m, m_mask, Y, y_rows, pos_rows, RowParts, Stats, norm2, Pos, norm3,
+                        M, D, splits, cols_per_split, eps2, eps3, NORM2: tl.constexpr,
+                        NORM3: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                        EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Rows that several programs of _patch_embed_fwd_kernel share, finished: their partial
+    statistics merged in split order (the same bits whoever finishes), then
+    epilogue.finish_rows. The parts and rows are read through L2: other programs stored them."""
+    mean_r = tl.zeros(offs_m.shape, dtype=ACC_DTYPE)
+    m2_r = tl.zeros(offs_m.shape, dtype=ACC_DTYPE)
+    for s in range(0, splits):
+        parts = RowParts + s * M + offs_m
+        mean_s = tl.load(parts + PART_MEAN * splits * M, mask=m_mask, other=0.0,
+                         cache_modifier=READ_BACK)  # fmt: skip
+        m2_s = tl.load(parts + PART_M2 * splits * M, mask=m_mask, other=0.0,
+                       cache_modifier=READ_BACK)  # fmt: skip
+        seen = s * cols_per_split
+        count = tl.minimum(cols_per_split, D - seen)
+        if NORM2 != NO_NORM:
+            mean_r, m2_r = stats_combine(mean_r, m2_r, seen, mean_s, m2_s, count, NORM2)
+        else:
+            mean_r, m2_r = stats_combine(mean_r, m2_r, seen, mean_s, m2_s, count, NORM3)
+    mean2, rstd2, mean3, rstd3 = finish_rows(
+        Y, y_rows, m_mask, mean_r, m2_r, norm2, Pos, pos_rows, norm3, D, eps2, eps3,
+        NORM2, NORM3, ACC_DTYPE, EMULATE_BF16, BLOCK_N,
+    )  # fmt: skip
+    if Stats is not None:
+        store_row_norm_stats(Stats, offs_m, m_mask, M, mean2, rstd2, mean3, rstd3)
 
 
 @triton.jit
@@ -283,27 +327,11 @@ def _finish_rows_kernel(
     NORM2: tl.constexpr, NORM3: tl.constexpr, Y_FLAT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Rows that several programs of _patch_embed_fwd_kernel share, finished: their partial
-    statistics merged in split order (the same bits on every run), then epilogue.finish_rows."""
+    """The shared rows of a call with no kernel before the main one to zero its RowCounters."""
     m_start = tl.program_id(0).to(tl.int64) * BLOCK_M
     _tok, offs_m, m_mask, position = token_positions(m_start, M, rows, Keep, BLOCK_M)
     pos_rows = table_rows(position, PosIndex, offs_m, m_mask)
     y_rows = Y + token_offsets(offs_m, rows, y_strides, Y_FLAT)
-    mean_r = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    m2_r = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    for s in range(0, splits):
-        parts = RowParts + s * M + offs_m
-        mean_s = tl.load(parts + PART_MEAN * splits * M, mask=m_mask, other=0.0)
-        m2_s = tl.load(parts + PART_M2 * splits * M, mask=m_mask, other=0.0)
-        seen = s * cols_per_split
-        count = tl.minimum(cols_per_split, D - seen)
-        if NORM2 != NO_NORM:
-            mean_r, m2_r = stats_combine(mean_r, m2_r, seen, mean_s, m2_s, count, NORM2)
-        else:
-            mean_r, m2_r = stats_combine(mean_r, m2_r, seen, mean_s, m2_s, count, NORM3)
-    mean2, rstd2, mean3, rstd3 = finish_rows(
-        Y, y_rows, m_mask, mean_r, m2_r, norm2, Pos, pos_rows, norm3, D, eps2, eps3, NORM2,
-        NORM3, ACC_DTYPE, EMULATE_BF16, BLOCK_N,
-    )  # fmt: skip
-    if Stats is not None:
-        store_row_norm_stats(Stats, offs_m, m_mask, M, mean2, rstd2, mean3, rstd3)
+    _finish_shared_rows(offs_m, m_mask, Y, y_rows, pos_rows, RowParts, Stats, norm2, Pos, norm3,
+                        M, D, splits, cols_per_split, eps2, eps3, NORM2, NORM3, ACC_DTYPE,
+                        EMULATE_BF16, BLOCK_N)  # fmt: skip

@@ -91,7 +91,7 @@ def test_autocast_from_fp32_inputs(kind, device) -> None:
 def test_fold_outputs(kind, affine, device) -> None:
     """The folded weight (rounded once, in the image's K order, zero-padded rows), its row
     sums (of the rounded values) and W @ b1 + bias."""
-    from zeta_fused.op.launch import projection_operands
+    from zeta_fused.op import launch, launch_fwd
 
     torch.manual_seed(1)
     d, chans, patch = 24, 3, (4, 4)
@@ -103,9 +103,10 @@ def test_fold_outputs(kind, affine, device) -> None:
     with_b1 = affine and kind == LAYER_NORM
     b1 = torch.randn(k, device=device, dtype=torch.bfloat16) if with_b1 else None
     a = op_inputs(x, patch, w, bias, Norm(kind, g1, b1, 1e-5), None)
-    geo = layout.geometry(x, patch)
-    proj = projection_operands(a, geo, policy.for_tensor(x))
-    assert proj.channels_first and proj.flat and proj.row_len % layout.W_ROW_ALIGN == 0
+    call = launch_fwd.fwd_call(a, policy.for_tensor(x), with_stats=False)
+    assert call.main_consts["CHANNELS_FIRST"] and call.main_consts["W_FLAT"]
+    assert call.fold.row_len % layout.W_ROW_ALIGN == 0
+    proj = launch_fwd.launch_fold(launch._fold_weight_kernel, call, a, None)
     # The (c, i, j) order of the image's pixel rows; rows zero beyond K.
     folded = (w.float() * (1 if g1 is None else g1.float())).to(torch.bfloat16)
     by_channel = folded.view(d, 4, 4, chans).permute(0, 3, 1, 2).reshape(d, k)

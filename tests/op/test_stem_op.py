@@ -156,6 +156,46 @@ def test_kernels_match_the_ops_eager_math(case, dim, device) -> None:
     assert_kernels_match_eager_math(args)
 
 
+# Tiles of 16 and a grid this small never fills the GPU: every row block is shared by programs.
+SHARED_ROWS = dict(small_grid=2**31, fwd_target_programs=2**20,
+                   blocks_16bit=dict(fwd_small_m=16, fwd_small_n=16, fwd_k=16),
+                   blocks_32bit=dict(fwd_small_m=16, fwd_small_n=16, fwd_k=16))  # fmt: skip
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear weight", "conv weight"])
+@pytest.mark.parametrize("case", ["vit-pytorch + ln_pre", "rms pre, ln post, affine-free rms stem",
+                                  "both norms over D, no table", "clip (cls + pos, ln_pre)"])
+def test_rows_shared_by_programs(case, conv, device, monkeypatch) -> None:
+    """Row blocks shared by the main kernel's programs are finished by the last program of
+    each to arrive when the fold ran first (it zeroes their counters), else by the finishing
+    kernel: two launches either way (a conv weight without a pre-norm needs no fold). Outputs,
+    statistics and gradients are the op's eager math (fp64): a block finished twice, never,
+    or before every part arrived would differ."""
+    from zeta_fused.op import launch, policy
+
+    launched = []
+    for name in ("_fold_weight_kernel", "_patch_embed_fwd_kernel", "_finish_rows_kernel"):
+        real = getattr(launch, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, real=real):
+                launched.append(name)
+                return real[grid]
+
+        monkeypatch.setattr(launch, name, Spy())
+    args = op_args(case, 300, device, requires_grad=False, dtype=torch.float64)
+    if conv:
+        args = args._replace(weight=args.weight.reshape(300, 3, 4, 4))
+    with policy.override(**SHARED_ROWS):
+        assert_kernels_match_eager_math(args)
+    fwd = launched[: launched.index("_patch_embed_fwd_kernel") + 2]
+    folds = not conv or CASES[case][2] is not None
+    if folds:
+        assert fwd == ["_fold_weight_kernel", "_patch_embed_fwd_kernel"], launched
+    else:
+        assert fwd == ["_patch_embed_fwd_kernel", "_finish_rows_kernel"], launched
+
+
 @pytest.mark.parametrize(
     "case", ["clip (cls + pos, ln_pre)", "vit-pytorch + ln_pre", "rms everywhere (cls + pos)"]
 )
