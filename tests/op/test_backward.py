@@ -42,8 +42,8 @@ def test_tuning_alternatives(dtype, device, monkeypatch) -> None:
     from zeta_fused.op import layout
 
     spy = []
-    real = layout.k_order
-    monkeypatch.setattr(layout, "k_order", lambda *a: spy.append(real(*a)) or spy[-1])
+    real = layout.k_order_of
+    monkeypatch.setattr(layout, "k_order_of", lambda *a: spy.append(real(*a)) or spy[-1])
     narrow = {"dz_m": 16}
     with policy.override(channels_first_any_width=True, relayout_min_tokens=0,
                          blocks_16bit=narrow, blocks_32bit=narrow):  # fmt: skip

@@ -1,6 +1,6 @@
-"""The launchers' decisions, made once per call signature (op/launch_fwd.py,
-docs/design.md "Host path"): a call that looks its decisions up gets exactly those it would
-make afresh, and every input the decisions read is part of the signature."""
+"""The launchers' decisions, made once per call signature (op/launch_fwd.py and
+op/launch_bwd.py, docs/design.md "Host path"): a call that looks its decisions up gets exactly
+those it would make afresh, and every input the decisions read is part of the signature."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from zeta_fused.functional import op_inputs
-from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM
-from zeta_fused.op import launch_fwd, policy
-from zeta_fused.op.args import Norm, Stem
+from zeta_fused.kernels.contract import LAYER_NORM, RMS_NORM, STAT_ROWS
+from zeta_fused.op import launch_bwd, launch_fwd, policy
+from zeta_fused.op.args import BwdArgs, Norm, Stem
 
 D, C, P = 40, 3, 4
 K = C * P * P
@@ -166,3 +166,57 @@ def test_too_many_tokens_is_refused_every_call() -> None:
     for _ in range(2):
         with pytest.raises(ValueError, match="tokens"):
             launch_fwd.fwd_call(a, policy.DEFAULT, False)
+
+
+# The backward's own inputs: the upstream gradient's layout.
+GRAD_LAYOUTS = ["contiguous", "broadcast", "strided"]
+
+
+def _bwd(a, grad: str = "contiguous"):
+    """(BwdArgs, rows, tokens) of the backward of forward inputs ``a``."""
+    rows = a.keep.shape[1] if a.keep is not None else launch_fwd._decide(
+        a, policy.DEFAULT, False).rows  # fmt: skip
+    n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
+    shape = (a.x.shape[0], n_prefix + rows, a.weight.shape[0])
+    dy = torch.randn(shape, dtype=a.out_dtype)
+    if grad == "broadcast":
+        dy = torch.ones((), dtype=a.out_dtype).expand(shape)
+    elif grad == "strided":
+        dy = torch.randn(shape[0], shape[1], 2 * shape[2], dtype=a.out_dtype)[..., ::2]
+    tokens = a.x.shape[0] * rows
+    acc = torch.float64 if a.compute_dtype == torch.float64 else torch.float32
+    stats = torch.empty(len(STAT_ROWS), tokens, dtype=acc)
+    return BwdArgs(dy, stats, True, *a), rows, tokens
+
+
+def test_backward_looked_up_decisions_are_the_fresh_ones() -> None:
+    launch_bwd._decided.clear()
+    calls = [_bwd(_args(c), g) for c in _choices(40, seed=3) for g in GRAD_LAYOUTS[::2]]
+    for changes in POLICIES.values():
+        with policy.override(**changes):
+            pol = policy.for_tensor(calls[0][0].x)
+            for args, rows, tokens in calls:
+                launch_bwd.bwd_decisions(args, pol, rows, tokens)
+            for args, rows, tokens in calls:
+                assert launch_bwd.bwd_decisions(args, pol, rows, tokens) == launch_bwd._decide(
+                    args, pol, rows, tokens)  # fmt: skip
+
+
+def test_backward_inputs_that_change_a_decision_change_the_signature() -> None:
+    """As for the forward, with the upstream gradient's layout as one more axis; and the same
+    call with its tensors at other addresses has the same signature and decisions."""
+    pol = policy.DEFAULT
+    for base in _choices(10, seed=4):
+        args, rows, tokens = _bwd(_args(base))
+        decided = launch_bwd._decide(args, pol, rows, tokens)
+        key = launch_bwd.signature(args, pol)
+        moved = args._replace(x=_elsewhere(args.x), weight=_elsewhere(args.weight),
+                              grad_y=_elsewhere(args.grad_y))  # fmt: skip
+        assert launch_bwd.signature(moved, pol) == key
+        assert launch_bwd._decide(moved, pol, rows, tokens) == decided
+        changes = [(axis, {axis: v}, "contiguous") for axis, vs in AXES.items() for v in vs]
+        changes += [("grad", {}, g) for g in GRAD_LAYOUTS]
+        for axis, change, grad in changes:
+            other, o_rows, o_tokens = _bwd(_args(base | change), grad)
+            if launch_bwd._decide(other, pol, o_rows, o_tokens) != decided:
+                assert launch_bwd.signature(other, pol) != key, (base, axis, change, grad)

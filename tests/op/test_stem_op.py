@@ -163,8 +163,15 @@ SHARED_ROWS = dict(small_grid=2**31, fwd_target_programs=2**20,
 
 
 @pytest.mark.parametrize("conv", [False, True], ids=["linear weight", "conv weight"])
-@pytest.mark.parametrize("case", ["vit-pytorch + ln_pre", "rms pre, ln post, affine-free rms stem",
-                                  "both norms over D, no table", "clip (cls + pos, ln_pre)"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "vit-pytorch + ln_pre",
+        "rms pre, ln post, affine-free rms stem",
+        "both norms over D, no table",
+        "clip (cls + pos, ln_pre)",
+    ],
+)
 def test_rows_shared_by_programs(case, conv, device, monkeypatch) -> None:
     """Row blocks shared by the main kernel's programs are finished by the last program of
     each to arrive when the fold ran first (it zeroes their counters), else by the finishing

@@ -141,7 +141,7 @@ def _image_grad(call: launch_bwd.BwdCall, pol: LaunchPolicy) -> Tensor:
     """The image gradient: straight into the image, or with a keep index (which may repeat a
     patch) per-token patch gradients summed into the patches in a fixed order (patches not
     kept get zeros)."""
-    a, geo, tokens = call.a, call.geo, call.tokens
+    a, geo, tokens = call.a, call.d.geo, call.d.tokens
     x = a.x
     if a.keep is None:
         dx = x.new_empty(x.shape)

@@ -134,8 +134,15 @@ class KOrder(NamedTuple):
 def k_order(x: Tensor, weight: Tensor, g1: Tensor | None, b1: Tensor | None, geo: Geometry,
             pol: LaunchPolicy) -> KOrder:  # fmt: skip
     """The K order of the kernels that read the weight, and their operands in it (see
-    :func:`k_plan`; the copies are made here, per call)."""
+    :func:`k_plan`)."""
     plan = k_plan(geo, x.stride(), weight.shape, weight.stride(), g1 is None and b1 is None, pol)
+    return k_order_of(plan, weight, g1, b1, geo)
+
+
+def k_order_of(plan: tuple, weight: Tensor, g1: Tensor | None, b1: Tensor | None,
+               geo: Geometry) -> KOrder:  # fmt: skip
+    """The operands in the K order :func:`k_plan` chose (``plan``); the copies are made here,
+    per call."""
     first, relay, w_strides, flat, row_len = plan
     chans, patch = geo.chans, geo.patch
     if relay:
