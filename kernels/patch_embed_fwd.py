@@ -18,15 +18,15 @@ finished by the last of them to arrive (RowCounters, zeroed by the call's fold k
 kernels/counters.py) or, with no earlier kernel in the call, by ``_finish_rows_kernel``.
 Either way the statistics are merged in split order. Output row m (image m // rows) holds the
 token of grid position m % rows, or Keep's entry m (geometry.token_rows). The prefix rows, the
-same in every image, are written by the launcher. Device code only: the launch module allocates and
-builds the grids.
+same in every image, are written by the programs after the tokens' (epilogue.prefix_rows).
+Device code only: the launch module allocates and builds the grids.
 """
 
 import triton
 import triton.language as tl
 
 from .counters import arrived_last
-from .epilogue import finish_rows, partial_rows, whole_rows
+from .epilogue import finish_rows, partial_rows, prefix_rows, whole_rows
 from .gather import READ_BACK
 from .geometry import table_rows, token_offsets, token_positions, token_rows
 from .norms import (
@@ -41,6 +41,8 @@ from .norms import (
 )
 from .projection import SHIFT_RATIO, prenorm_stats, project_raw, unfold_prenorm
 
+# Prefix rows per program (epilogue.prefix_rows).
+PREFIX_ROWS = tl.constexpr(8)
 # Rows of the partial row statistics (2, splits, M) that programs sharing a row block store.
 PART_MEAN = tl.constexpr(0)
 PART_M2 = tl.constexpr(1)
@@ -168,6 +170,7 @@ def _patch_embed_fwd_kernel(
     Keep,  # (B, rows) int64 grid positions embedded per image, or None: every patch
     PosIndex,  # (B, rows) int64 table row of each token, or None: its grid position's
     norm3,  # (weight, bias) of the stem norm (D,)
+    Prefix, P,  # (P, D) contiguous rows before every image's tokens, or None; P
     Y, y_strides,  # output tokens (B, rows, D) with strides (b, n, d = 1): after the prefix rows
     Stats,  # (len(STAT_ROWS), M) in ACC_DTYPE, rows as kernels/norms.py names them; None:
     # not kept (no backward will read them)
@@ -205,6 +208,13 @@ def _patch_embed_fwd_kernel(
     SWEEP_N: tl.constexpr,  # columns per step of finish_rows' passes (fewer registers)
 ):  # fmt: skip
     pid = tl.program_id(0)
+    if Prefix is not None:  # the programs after the tokens' write the prefix rows
+        token_programs = tl.cdiv(M, BLOCK_M) * splits
+        if pid >= token_programs:
+            prefix_rows((pid - token_programs) * PREFIX_ROWS, Prefix, P, Y, y_strides,
+                        M // rows, D, norm3, eps3, NORM3, ACC_DTYPE, EMULATE_BF16, PREFIX_ROWS,
+                        SWEEP_N)  # fmt: skip
+            return
     split = pid % splits
     m_start = (pid // splits).to(tl.int64) * BLOCK_M
     offs_m, m_mask, row_off, position = token_rows(m_start, M, rows, grid, Keep, PATCH,

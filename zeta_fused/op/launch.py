@@ -80,10 +80,9 @@ def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None,
         rows_2d = x.as_strided((c.tokens, k), (x.stride(0), 1))
         return F.linear(rows_2d, a.weight.reshape(dim, k), a.bias).view(c.tokens, 1, dim), stats
     y = x.new_empty(c.y_shape, dtype=a.out_dtype)
-    if c.n_prefix:
-        # The same P rows in every image: computed once (P x D), broadcast into place.
-        y[:, : c.n_prefix] = prefix_rows(a, c.acc)
     if c.tokens == 0:
+        if c.n_prefix:  # the prefix rows alone, the same P rows in every image
+            y[:, : c.n_prefix] = prefix_rows(a, c.acc)
         return y, stats
     patch_tokens = y[:, c.n_prefix :] if c.n_prefix else y  # (a view costs host time)
     row_counters = None

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.contract import LAYER_NORM, NO_NORM, STAT_ROWS
+from ..kernels.patch_embed_fwd import PREFIX_ROWS
 from . import bound, layout
 from .args import FwdArgs
 from .plan import (
@@ -176,7 +177,8 @@ def _decide(a: FwdArgs, pol: LaunchPolicy, with_stats: bool) -> FwdCall:
         )  # fmt: skip
     common.update(plan=plan, fold=fold, w_strides=w_strides, w_row_len=row_len, shared=shared,
                   counters=plan.row_blocks if shared and fold is not None else 0,
-                  main_grid=(plan.row_blocks * plan.splits,), main_consts=main_consts,
+                  main_grid=(plan.row_blocks * plan.splits + cdiv(n_prefix, PREFIX_ROWS.value),),
+                  main_consts=main_consts,
                   finish_grid=finish_grid, finish_consts=finish_consts)  # fmt: skip
     return FwdCall(FUSED, **common)
 
@@ -208,14 +210,16 @@ def launch_fold(kernel, c: FwdCall, a: FwdArgs, row_counters: Tensor | None) -> 
 def launch_main(kernel, c: FwdCall, a: FwdArgs, proj: Projection, patch_tokens: Tensor,
                 stats: Tensor | None, row_parts: Tensor | None,
                 row_counters: Tensor | None) -> None:  # fmt: skip
-    """The main kernel (kernels/patch_embed_fwd.py) into ``patch_tokens``."""
+    """The main kernel (kernels/patch_embed_fwd.py): the tokens into ``patch_tokens``, the
+    prefix rows before them."""
     x, plan = a.x, c.plan
     bound.launch(kernel, c.main_grid,
         x, x.stride(0), x.stride()[1:], proj.weight, proj.weight.stride(0), c.w_strides,
         c.w_row_len, proj.colsum, proj.bias, (a.g2, a.b2), a.pos, a.keep, a.pos_index,
-        (a.g3, a.b3), patch_tokens, patch_tokens.stride(), stats, row_parts, row_counters,
-        c.tokens, c.geo.patch_dim, a.weight.shape[0], c.rows, c.geo.grid, plan.splits,
-        plan.tiles_per_program, a.pre_eps, a.post_eps, a.stem_eps, **c.main_consts,
+        (a.g3, a.b3), a.prefix, c.n_prefix, patch_tokens, patch_tokens.stride(), stats,
+        row_parts, row_counters, c.tokens, c.geo.patch_dim, a.weight.shape[0], c.rows,
+        c.geo.grid, plan.splits, plan.tiles_per_program, a.pre_eps, a.post_eps, a.stem_eps,
+        **c.main_consts,
     )  # fmt: skip
 
 
