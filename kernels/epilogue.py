@@ -140,38 +140,3 @@ def finish_rows(Y, y_rows, m_mask, mean_r, m2_r, norm2, Pos, pos_rows, norm3, D,
     else:
         mean3 = zeros
     return mean2, rstd2, mean3, rstd3
-
-
-@triton.jit
-def prefix_rows(p0, Prefix, P, Y, y_strides, B, D, norm3, eps3, NORM3: tl.constexpr,
-                ACC_DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr,
-                BLOCK_N: tl.constexpr):  # fmt: skip
-    """The prefix rows p0 .. p0 + BLOCK_P of every image (class and register tokens): the
-    stem norm of the contiguous (P, D) Prefix (the rows as they are without one), stored
-    before each image's patch tokens. Y points at image 0's first patch token, so prefix row p
-    of image b is at Y + b * sb + (p - P) * sn."""
-    offs_p = p0 + tl.arange(0, BLOCK_P)
-    p_mask = offs_p < P
-    rows = Prefix + offs_p.to(tl.int64)[:, None] * D
-    zeros = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
-    mean3, m3 = zeros, zeros
-    if NORM3 != NO_NORM:
-        for n0 in range(0, D, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < D
-            t = tl.load(rows + offs_n[None, :], mask=p_mask[:, None] & n_mask[None, :],
-                        other=0.0).to(ACC_DTYPE)  # fmt: skip
-            mean3, m3 = norm_merge(mean3, m3, t, n_mask, n0, tl.minimum(D - n0, BLOCK_N), NORM3)
-    rstd3 = rstd_of(m3, D, eps3, NORM3)
-    y_rows = Y + (offs_p - P).to(tl.int64) * y_strides[1]
-    for n0 in range(0, D, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < D
-        mask = p_mask[:, None] & n_mask[None, :]
-        t = tl.load(rows + offs_n[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        y = cast(norm_apply(t, mean3, rstd3, norm3, offs_n, n_mask, NORM3, ACC_DTYPE),
-                 Y.dtype.element_ty, EMULATE_BF16)  # fmt: skip
-        out = y_rows[:, None] + offs_n[None, :]
-        for _b in range(0, B):  # (pointer steps: no 32-bit product of b and the image stride)
-            tl.store(out, y, mask=mask)
-            out += y_strides[0]

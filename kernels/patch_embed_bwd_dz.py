@@ -23,7 +23,8 @@ the image geometry on every step.
 
 Programs are persistent (program p takes the token tiles p, p + programs, ...) and add each
 tile's column sums into their own row of the partials: few rows for the fixed-order second
-stage in the dW kernel. Program 0 also zeroes the dW kernel's counters. Device code only.
+stage in the dW kernel. Program 0 also zeroes the dW kernel's counters; with prefix rows, one
+more program makes their gradients (kernels/prefix.py). Device code only.
 """
 
 import triton
@@ -50,6 +51,7 @@ from .norms import (
     normalize,
     scale_cols,
 )
+from .prefix import prefix_grads
 from .projection import fold_unfit, project_chunk
 from .rounding import cast
 
@@ -350,21 +352,19 @@ def _bwd_dz_kernel(
     Keep,  # (B, rows) int64 grid positions embedded per image, or None
     PosIndex,  # (B, rows) int64 table row of each token, or None
     norm3,  # (weight, bias) of the stem norm
+    Prefix, P, eps3,  # (P, D) prefix rows or None, P, the stem norm's epsilon; out: their
+    DPrefix, PrefixDY, prefix3,  # gradient, dY summed over the images, parts of (dg3, db3)
     Stats,  # (len(STAT_ROWS), M): row statistics from the forward
     DY, dy_strides,  # upstream gradient of the patch tokens (B, N, D), any strides
-    DZ,  # out: (M, D) contiguous, COMPUTE_DTYPE: the dW GEMM's operand (dZ, or Ẑ with
-    # DZ_SCALED, then with a row of zeros after them for a LayerNorm pre-norm); without a norm
-    # over D nor DZ_SCALED, dY itself, not written
-    DT,  # out: (M, D) dT for the position table's gradient where it is neither dY nor the DZ
-    # buffer (both norms over D; a stem norm with DZ_SCALED); else None
+    DZ,  # out: (M, D) COMPUTE_DTYPE, the dW GEMM's operand: dZ, or Ẑ (DZ_SCALED; + a row of
+    # zeros with a LayerNorm pre-norm); dY itself, not written, without a norm over D either
+    DT,  # out: (M, D) dT for the table's gradient where it is neither dY nor in DZ; or None
     Partials,  # out: (len(COLUMN_SUMS), programs, D) ACC_DTYPE column sums per program
-    VPart,  # out: (groups, D) ACC_DTYPE sums of Ẑ * mean1 per V_ROWS tokens (DZ_SCALED with a
-    # LayerNorm pre-norm: _store_dz); else None
+    VPart,  # out: (groups, D) sums of Ẑ * mean1 per V_ROWS tokens (Ẑ, LayerNorm pre-norm)
     Hostile,  # out: (groups,) int32, 1 for a group with a token the fold would cancel on
     XRowOff,  # out: (M,) int64 image offset of each token's first pixel, for the dW kernel
-    DZRowOff,  # out: (M,) int64 offset of each token's dZ row for the dW kernel's folded loop,
-    # when dZ is dY (no norm over D) and its rows are not evenly spaced, or with a LayerNorm
-    # pre-norm and DZ_SCALED (the row of zeros for the tokens the fold leaves out); else None
+    DZRowOff,  # out: (M,) int64 dZ row offsets for the dW kernel's folded loop where dZ is dY
+    # with rows not evenly spaced, or Ẑ with a LayerNorm pre-norm (its row of zeros); or None
     Counters, n_counters,  # out: the dW kernel's (int32), zeroed
     M, K, D, rows, grid,
     C: tl.constexpr, PATCH: tl.constexpr, NORM1: tl.constexpr, NORM2: tl.constexpr,
@@ -375,15 +375,23 @@ def _bwd_dz_kernel(
     W_FLAT: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     V_ROWS: tl.constexpr,  # tokens per group of the centring sums (divides BLOCK_M)
+    BLOCK_P: tl.constexpr,  # prefix rows of the last program (>= P)
 ):  # fmt: skip
     pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    if Prefix is not None:
+        programs -= 1
+        if pid == programs:
+            prefix_grads(Prefix, P, DY, dy_strides, M // rows, D, norm3, eps3, DPrefix, PrefixDY,
+                         prefix3, NORM3, ACC_DTYPE, EMULATE_BF16, BLOCK_P, BLOCK_N)  # fmt: skip
+            return
     if pid == 0:
         zero(Counters, n_counters, 128)
         if DZ_SCALED and NORM1 == LAYER_NORM:
             zero(DZ + M * D, D, 128)
     # This program's place in the partials and the distance between two of their rows.
-    base, row_stride = Partials + pid * D, tl.num_programs(0) * D
-    for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+    base, row_stride = Partials + pid * D, programs * D
+    for tile in range(pid, tl.cdiv(M, BLOCK_M), programs):
         _dz_tile(
             tile, (base, row_stride, tile > pid), X, stride_xb, x_strides, W, stride_wd,
             w_strides, w_row_len, Bias, norm1, norm2, Pos, Keep, PosIndex, norm3, Stats, DY,

@@ -18,7 +18,7 @@ finished by the last of them to arrive (RowCounters, zeroed by the call's fold k
 kernels/counters.py) or, with no earlier kernel in the call, by ``_finish_rows_kernel``.
 Either way the statistics are merged in split order. Output row m (image m // rows) holds the
 token of grid position m % rows, or Keep's entry m (geometry.token_rows). The prefix rows, the
-same in every image, are written by the programs after the tokens' (epilogue.prefix_rows).
+same in every image, are written by the programs after the tokens' (kernels/prefix.py).
 Device code only: the launch module allocates and builds the grids.
 """
 
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .counters import arrived_last
-from .epilogue import finish_rows, partial_rows, prefix_rows, whole_rows
+from .epilogue import finish_rows, partial_rows, whole_rows
 from .gather import READ_BACK
 from .geometry import table_rows, token_offsets, token_positions, token_rows
 from .norms import (
@@ -39,9 +39,10 @@ from .norms import (
     store_row_norm_stats,
     store_stats,
 )
+from .prefix import prefix_rows
 from .projection import SHIFT_RATIO, prenorm_stats, project_raw, unfold_prenorm
 
-# Prefix rows per program (epilogue.prefix_rows).
+# Prefix rows per program (kernels/prefix.py).
 PREFIX_ROWS = tl.constexpr(8)
 # Rows of the partial row statistics (2, splits, M) that programs sharing a row block store.
 PART_MEAN = tl.constexpr(0)

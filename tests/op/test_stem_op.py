@@ -203,6 +203,16 @@ def test_rows_shared_by_programs(case, conv, device, monkeypatch) -> None:
         assert fwd == ["_patch_embed_fwd_kernel", "_finish_rows_kernel"], launched
 
 
+@pytest.mark.parametrize("stem_norm", [False, True], ids=["no stem norm", "stem norm"])
+def test_no_prefix_rows_given_as_an_empty_table(stem_norm, device) -> None:
+    """Prefix rows given as a (0, D) tensor (a model without class token, vit-pytorch's mean
+    pool): no prefix programs run, and the prefix's gradient is empty, as eager gives."""
+    args = op_args("vit-pytorch + ln_pre" if stem_norm else "vit (cls + pos)", 40, device,
+                   requires_grad=False, dtype=torch.float64)  # fmt: skip
+    args = args._replace(prefix=args.prefix[:0])
+    assert_kernels_match_eager_math(args)
+
+
 @pytest.mark.parametrize(
     "case", ["clip (cls + pos, ln_pre)", "vit-pytorch + ln_pre", "rms everywhere (cls + pos)"]
 )

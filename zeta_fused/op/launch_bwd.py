@@ -4,10 +4,10 @@ and one small launcher per kernel. Each launcher takes the kernel it launches: :
 holds the kernels (tests and the perf probes find and swap them there) and runs the call
 (``launch.patch_embed_bwd``).
 
-No torch op besides allocation runs here for a call without prefix rows or token subsets:
-the second stage of every sum and the casts to the parameters' dtypes happen in the dW kernel.
-Prefix rows (a (P, D) problem, eager math from :mod:`.reference`) and token subsets (the
-segment sums of :mod:`.launch`) add theirs.
+No torch op besides allocation runs here for a call without token subsets: the second stage of
+every sum and the casts to the parameters' dtypes happen in the dW kernel, the prefix rows'
+gradients in one more program of the dZ kernel. Token subsets (the segment sums of
+:mod:`.launch`) add theirs.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from torch import Tensor
 from ..kernels.contract import COLUMN_SUMS, LAYER_NORM, NO_NORM
 from . import bound, layout
 from .args import BwdArgs, FwdArgs, fwd_of
-from .plan import block_width, cdiv, numerics, tf32_allowed
+from .plan import block_width, cdiv, next_power_of_2, numerics, tf32_allowed
 from .policy import Blocks, LaunchPolicy
-from .reference import prefix_grads
 
 
 class DwPlan(NamedTuple):
@@ -67,6 +66,7 @@ class BwdDecisions(NamedTuple):
     own_dt: bool  # dT has a buffer of its own
     dz_row_offsets: bool  # the dZ kernel stores each token's dZ row offset
     partials: tuple[int, int, int]  # shape of the dZ programs' column partials
+    n_prefix: int  # prefix rows: their gradients by one more program of the dZ kernel
     groups: int  # token groups of the centring sums
     counters: int  # the dW kernel's counters, zeroed by the dZ kernel
     dz_consts: dict
@@ -142,7 +142,8 @@ def _decide(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdDeci
         NORM2=a.post_norm, NORM3=a.stem_norm, DY_FLAT=dy_flat, DZ_SCALED=dz_scaled,
         W_FLAT=w_flat, CHANNELS_FIRST=first, BLOCK_M=blocks.dz_m,
         BLOCK_N=block_width(dim, blocks.dz_n), BLOCK_K=blocks.k, V_ROWS=plan.v_rows,
-        num_warps=blocks.warps, num_stages=blocks.stages, **consts,
+        BLOCK_P=next_power_of_2(n_prefix), num_warps=blocks.warps, num_stages=blocks.stages,
+        **consts,
     )  # fmt: skip
     # The dW kernel's programs: column sums, table sums, then the GEMM's tiles.
     d_side = (a.bias is not None or (post and (a.g2 is not None or a.b2 is not None))
@@ -173,7 +174,9 @@ def _decide(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdDeci
     return BwdDecisions(
         geo, rows, tokens, blocks, consts, k_plan, layout.element_strides(x, chans, patch),
         fold, dz_scaled, centred, plan, dz_buffer, own_dt, dz_row_offsets,
-        (len(COLUMN_SUMS), min(dz_tiles, pol.dz_programs), dim),
+        # (with prefix rows their program takes one of the persistent programs' places)
+        (len(COLUMN_SUMS), min(dz_tiles, max(1, pol.dz_programs - (n_prefix > 0))), dim),
+        n_prefix,
         dz_tiles * (blocks.dz_m // plan.v_rows),
         plan.d_tiles * plan.k_tiles + plan.k_tiles, dz_consts, d_side, table,
         (columns + tables + gemm,), (columns, tables), tile_lists, dw_consts,
@@ -199,6 +202,9 @@ class BwdCall(NamedTuple):
     centring: Tensor | None  # (groups, D) sums of Ẑ * mean1 (a centred fold)
     unfit: Tensor | None  # (groups,) flags of groups the fold would cancel on
     counters: Tensor  # the dW kernel's, zeroed by the dZ kernel
+    dprefix: Tensor | None  # the prefix rows' gradient, made by the dZ kernel
+    prefix_dy: Tensor | None  # their upstream gradient summed over the images (a stem norm)
+    prefix3: tuple  # their parts of the stem norm's (dg3, db3), or None each
 
 
 def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCall:
@@ -217,6 +223,14 @@ def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCal
     dt_buffer = x.new_empty(shape, dtype=a.compute_dtype) if d.own_dt else None
     dt = grad_tokens if a.stem_norm == NO_NORM else dt_buffer if d.own_dt else dz
     acc = args.stats.dtype
+    dprefix = prefix_dy = None
+    prefix3 = (None, None)
+    if a.prefix is not None:  # ((0, D) for no rows: an empty gradient, as eager gives)
+        dprefix = x.new_empty((d.n_prefix, dim), dtype=a.prefix.dtype)
+        if d.n_prefix and a.stem_norm != NO_NORM:
+            prefix_dy = x.new_empty((d.n_prefix, dim), dtype=acc)
+            prefix3 = tuple(None if p is None else x.new_empty((dim,), dtype=acc)
+                            for p in (a.g3, a.b3))  # fmt: skip
     return BwdCall(
         d, args, a, pol, layout.k_order_of(d.k_plan, a.weight, a.g1, a.b1, d.geo), grad_tokens,
         dz, dt, dt_buffer, x.new_empty(d.partials, dtype=acc),
@@ -224,7 +238,7 @@ def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCal
         x.new_empty((tokens,), dtype=torch.int64) if d.dz_row_offsets else None,
         x.new_empty((d.groups, dim), dtype=acc) if d.centred else None,
         x.new_empty((d.groups,), dtype=torch.int32) if d.centred else None,
-        x.new_empty((d.counters,), dtype=torch.int32),
+        x.new_empty((d.counters,), dtype=torch.int32), dprefix, prefix_dy, prefix3,
     )  # fmt: skip
 
 
@@ -232,11 +246,13 @@ def launch_dz(kernel, c: BwdCall) -> None:
     """dZ (or Ẑ) through the norms over D, the column partials and what the dW GEMM reads."""
     a, k, d = c.a, c.k, c.d
     x = a.x
-    bound.launch(kernel, (d.partials[1],),
+    bound.launch(kernel, (d.partials[1] + (d.n_prefix > 0),),
         x, x.stride(0), d.x_strides, k.weight, k.weight.stride(0), k.w_strides, k.w_row_len,
         a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, a.keep, a.pos_index, (a.g3, a.b3),
-        c.args.stats, c.grad_tokens, c.grad_tokens.stride(), c.dz, c.dt_buffer, c.partials,
-        c.centring, c.unfit, c.x_row_offsets, c.dz_row_offsets, c.counters, d.counters,
+        a.prefix if d.n_prefix else None, d.n_prefix, a.stem_eps, c.dprefix, c.prefix_dy,
+        c.prefix3, c.args.stats, c.grad_tokens, c.grad_tokens.stride(), c.dz, c.dt_buffer,
+        c.partials, c.centring, c.unfit, c.x_row_offsets, c.dz_row_offsets, c.counters,
+        d.counters,
         d.tokens, d.geo.patch_dim, a.weight.shape[0], d.rows, d.geo.grid, **d.dz_consts,
     )  # fmt: skip
 
@@ -271,13 +287,8 @@ def launch_dw(kernel, c: BwdCall) -> ParamGrads:
         torch.empty_like(weight, memory_format=torch.contiguous_format), _like(a.bias),
         _like(a.g1), _like(a.b1), _like(a.g2) if post else None, _like(a.b2) if post else None,
         _like(a.g3) if stem else None, _like(a.b3) if stem else None,
-        _like(a.pos) if d.table else None, None,
+        _like(a.pos) if d.table else None, c.dprefix,
     )  # fmt: skip
-    prefix3 = (None, None)
-    if a.prefix is not None:
-        n_prefix = a.prefix.shape[0]
-        dprefix, *prefix3 = prefix_grads(a, c.args.grad_y[:, :n_prefix], acc)
-        grads = grads._replace(prefix=dprefix.to(a.prefix.dtype))
     gpart = x.new_empty((plan.splits, dim, patch_dim), dtype=acc)
     split_sums = dg1_parts = tiles = None
     if a.b1 is not None:  # dbias enters dW and db1: each token split's slice of it
@@ -295,7 +306,7 @@ def launch_dw(kernel, c: BwdCall) -> ParamGrads:
         (a.g1, a.b1), layout.linear_strides(1, chans, patch), grads.weight,
         grads.weight.stride(0), layout.element_strides(grads.weight, chans, patch),
         (grads.g1, grads.b1), grads.bias, (grads.g2, grads.b2), (grads.g3, grads.b3),
-        tuple(prefix3), c.dt, (0, 0, 0) if c.dt is None else c.dt.stride(), grads.pos,
+        c.prefix3, c.dt, (0, 0, 0) if c.dt is None else c.dt.stride(), grads.pos,
         d.tokens, patch_dim, dim, d.geo.batch, d.rows, plan.splits, columns, tables,
         **d.dw_consts,
     )  # fmt: skip

@@ -216,10 +216,10 @@ def launch_main(kernel, c: FwdCall, a: FwdArgs, proj: Projection, patch_tokens: 
     bound.launch(kernel, c.main_grid,
         x, x.stride(0), x.stride()[1:], proj.weight, proj.weight.stride(0), c.w_strides,
         c.w_row_len, proj.colsum, proj.bias, (a.g2, a.b2), a.pos, a.keep, a.pos_index,
-        (a.g3, a.b3), a.prefix, c.n_prefix, patch_tokens, patch_tokens.stride(), stats,
-        row_parts, row_counters, c.tokens, c.geo.patch_dim, a.weight.shape[0], c.rows,
-        c.geo.grid, plan.splits, plan.tiles_per_program, a.pre_eps, a.post_eps, a.stem_eps,
-        **c.main_consts,
+        (a.g3, a.b3), a.prefix if c.n_prefix else None, c.n_prefix, patch_tokens,
+        patch_tokens.stride(), stats, row_parts, row_counters, c.tokens, c.geo.patch_dim,
+        a.weight.shape[0], c.rows, c.geo.grid, plan.splits, plan.tiles_per_program, a.pre_eps,
+        a.post_eps, a.stem_eps, **c.main_consts,
     )  # fmt: skip
 
 
