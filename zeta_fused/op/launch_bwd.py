@@ -70,7 +70,6 @@ class BwdDecisions(NamedTuple):
     groups: int  # token groups of the centring sums
     counters: int  # the dW kernel's counters, zeroed by the dZ kernel
     dz_consts: dict
-    d_side: bool  # a gradient over D (bias, post- or stem-norm parameters): column programs
     table: bool  # the table's gradient by table programs (its rows are the grid positions)
     dw_grid: tuple[int]
     dw_counts: tuple[int, int]  # (column programs, table programs)
@@ -83,10 +82,10 @@ def signature(args: BwdArgs, pol: LaunchPolicy) -> tuple:
     a, dy = fwd_of(args), args.grad_y
     x, w, keep = a.x, a.weight, a.keep
     tf32 = a.compute_dtype is torch.float32 and tf32_allowed()
-    present = tuple(t is None for t in (a.bias, a.g1, a.b1, a.g2, a.b2, a.pos, a.prefix,
-                                        a.pos_index, a.g3, a.b3))  # fmt: skip
+    absent = tuple(t is None for t in (a.bias, a.g1, a.b1, a.g2, a.b2, a.pos, a.prefix,
+                                       a.pos_index, a.g3, a.b3))  # fmt: skip
     return (dy.shape, dy.stride(), args.stats.dtype, x.shape, x.stride(), x.dtype, w.shape,
-            w.stride(), w.dtype, present, a.pre_norm, a.post_norm, a.stem_norm,
+            w.stride(), w.dtype, absent, a.pre_norm, a.post_norm, a.stem_norm,
             None if a.prefix is None else a.prefix.shape[0],
             None if keep is None else keep.shape, *a.patch, a.compute_dtype, pol, tf32)  # fmt: skip
 
@@ -178,7 +177,7 @@ def _decide(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdDeci
         (len(COLUMN_SUMS), min(dz_tiles, max(1, pol.dz_programs - (n_prefix > 0))), dim),
         n_prefix,
         dz_tiles * (blocks.dz_m // plan.v_rows),
-        plan.d_tiles * plan.k_tiles + plan.k_tiles, dz_consts, d_side, table,
+        plan.d_tiles * plan.k_tiles + plan.k_tiles, dz_consts, table,
         (columns + tables + gemm,), (columns, tables), tile_lists, dw_consts,
     )  # fmt: skip
 
