@@ -159,29 +159,38 @@ def last_launch() -> tuple:
     return next(launch[1:] for launch in reversed(launches) if launch[0] == me)
 
 
+# Each case's keywords as one dict kept for the run, as the launchers keep a call signature's:
+# bound.launch_fixed binds it once.
+FIXED: dict[tuple, dict] = {}
+
+
 def compare(kernel, name: str, bound_path: bool, grid=(2,)) -> object:
-    """Launch ``name``'s arguments bound and through Triton; returns the compiled kernel.
-    ``bound_path``: the bound launch did not go through Triton's path (its signature was
-    launched before)."""
+    """Launch ``name``'s arguments bound (``bound.launch``, then ``bound.launch_fixed``) and
+    through Triton; returns the compiled kernel. ``bound_path``: the bound launches did not go
+    through Triton's path (their signature was launched before)."""
     args, kwargs = case(name)
+    fixed = FIXED.setdefault((id(kernel), name), dict(kwargs))
     bound.launch(kernel, grid, *args, **kwargs)
-    launcher, got = last_launch()
+    launched = [last_launch()]
     chosen = kernel.run(*args, grid=grid, warmup=True, **kwargs)
-    # (Threads that compile the same variant together may each keep a copy of the binary.)
-    assert launcher.hash == chosen.hash, f"{name}: bound launch ran another compiled kernel"
-    assert not bound_path or launcher is chosen.run
     kernel[grid](*args, **kwargs)
     own_launcher, own = last_launch()
-    assert own_launcher.hash == launcher.hash
-    # The launcher's arguments: grid, stream, function handle (that of the copy launched),
-    # packed metadata, launch metadata and hooks (None in a bound launch without hooks), then
-    # every parameter's value.
-    same_copy = own_launcher is launcher
-    for i, (mine, theirs) in enumerate(zip(got, own, strict=True)):
-        if 6 <= i <= 8:
-            assert not bound_path or mine is None, f"{name}: argument {i} is {mine!r}"
-        elif i != 4 or same_copy:
-            assert mine is theirs or mine == theirs, f"{name}: argument {i} differs"
+    bound.launch_fixed(kernel, grid, fixed, *args)
+    launched.append(last_launch())
+    for launcher, got in launched:
+        # (Threads that compile the same variant together may each keep a copy of the binary.)
+        assert launcher.hash == chosen.hash, f"{name}: bound launch ran another compiled kernel"
+        assert not bound_path or launcher is chosen.run
+        assert own_launcher.hash == launcher.hash
+        # The launcher's arguments: grid, stream, function handle (that of the copy launched),
+        # packed metadata, launch metadata and hooks (None in a bound launch without hooks),
+        # then every parameter's value.
+        same_copy = own_launcher is launcher
+        for i, (mine, theirs) in enumerate(zip(got, own, strict=True)):
+            if 6 <= i <= 8:
+                assert not bound_path or mine is None, f"{name}: argument {i} is {mine!r}"
+            elif i != 4 or same_copy:
+                assert mine is theirs or mine == theirs, f"{name}: argument {i} differs"
     return chosen
 
 
@@ -197,6 +206,8 @@ def main() -> int:
         assert len(runs) == before + 2, f"{name}: the bound launch went through Triton's path"
         chosen[name] = compiled
         print(f"{name}: {compiled.hash[:12]}")
+    fixed = bound._bindings[id(kernel)].fixed.values()  # launch_fixed bound every case itself
+    assert len(fixed) == len(CHANGES) and all(bind is not None for _, bind in fixed)
     distinct = {n for n in CHANGES if n != "base" and chosen[n] is not chosen["base"]}
     # Every other change gives another compiled kernel: 32, like 16, is a multiple of 16, and
     # Triton's cache takes MODE=True for MODE=1 (its key cache compares values with ==).

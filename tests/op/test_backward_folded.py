@@ -119,14 +119,14 @@ def test_gradients_do_not_depend_on_the_order_programs_run_in(monkeypatch) -> No
 
 def launched_forms(monkeypatch) -> list[dict]:
     forms = []
-    real = bound.launch
+    real = bound.launch_fixed
 
-    def spy(kernel, grid, *args, **kwargs):
+    def spy(kernel, grid, consts, *args):
         if getattr(getattr(kernel, "fn", None), "__name__", "") == "_bwd_dw_kernel":
-            forms.append({k: kwargs[k] for k in ("FOLD", "CENTRED")})
-        return real(kernel, grid, *args, **kwargs)
+            forms.append({k: consts[k] for k in ("FOLD", "CENTRED")})
+        return real(kernel, grid, consts, *args)
 
-    monkeypatch.setattr(bound, "launch", spy)
+    monkeypatch.setattr(bound, "launch_fixed", spy)
     return forms
 
 

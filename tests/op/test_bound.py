@@ -107,4 +107,5 @@ def test_anything_but_a_jit_kernel_is_launched_as_it_is() -> None:
             return lambda *args, **kwargs: calls.append((grid, args, kwargs))
 
     bound.launch(Spy(), (3,), 1, None, BLOCK=16)
-    assert calls == [((3,), (1, None), {"BLOCK": 16})]
+    bound.launch_fixed(Spy(), (3,), {"BLOCK": 16}, 1, None)
+    assert calls == [((3,), (1, None), {"BLOCK": 16})] * 2

@@ -179,6 +179,44 @@ def _make_binder(kernel: JITFunction, args: tuple, kwargs: dict):
     return source.namespace["bind"]
 
 
+def _make_fixed_binder(kernel: JITFunction, args: tuple, consts: dict):
+    """What :func:`_make_binder` makes, for calls that pass every runtime parameter
+    positionally (``args``) and always the same constexprs and launch options (``consts``):
+    those are bound once, so that a call neither packs nor matches keywords. The same values
+    and key as the general binder's for the same call. None when calls do not bind so."""
+    params = list(kernel.signature.parameters.values())
+    if len(params) != len(kernel.params) or any(
+        p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or p.name.startswith("_zf_")
+        for p in params
+    ):
+        return None
+    runtime = [p.name for p, kp in zip(params, kernel.params, strict=True) if not kp.is_constexpr]
+    if len(args) != len(runtime) or any(name in consts for name in runtime):
+        return None
+    source = _Source()
+    value_items, key_items = [], []
+    samples = iter(args)
+    for p, kp in zip(params, kernel.params, strict=True):
+        if kp.is_constexpr:
+            if p.name not in consts and p.default is inspect.Parameter.empty:
+                return None
+            ref = source.name(consts.get(p.name, p.default))
+            value_items.append(ref)
+            key_items.append(ref)
+        else:
+            value_items.append(p.name)
+            key_items.append(source.runtime(p.name, next(samples)))
+    names = {p.name for p in params}
+    options = {k: v for k, v in consts.items() if k not in names}
+    fixed = source.name((*options.items(), *map(type, options.values())))
+    code = (
+        f"def bind({', '.join(runtime)}):\n"
+        f"    return ({', '.join(value_items)},), ({', '.join(key_items)}, *{fixed})\n"
+    )
+    exec(code, source.namespace)  # noqa: S102 - generated from the kernel's parameter names
+    return source.namespace["bind"]
+
+
 class _Compiled(NamedTuple):
     run: object  # the compiled kernel's launcher
     function: object  # its function handle on the device
@@ -233,14 +271,17 @@ class _Binding:
         self.kernel = kernel
         self.bind = None  # made on the first call (its fast paths for that call's types)
         self.compiled: dict[tuple, _Compiled] = {}
+        self.fixed: dict[int, tuple[dict, Callable]] = {}  # launch_fixed's binders by consts
         self.globals_unchanged: Callable[[], bool] = lambda: False  # set by Triton's path
 
-    def launch(self, grid, args: tuple, kwargs: dict) -> None:
+    def launch(self, grid, args: tuple, kwargs: dict, bind=None) -> None:
+        """Launch through ``bind`` (default: the general binder, taking ``kwargs``; else a
+        fixed binder, taking ``args`` alone, for calls whose keywords are ``kwargs``)."""
         kernel, runtime = self.kernel, knobs.runtime
         active = driver.active
         device = active.get_current_device()
         try:
-            values, key = self.bind(*args, **kwargs)
+            values, key = self.bind(*args, **kwargs) if bind is None else bind(*args)
             key = (device, runtime.debug, knobs.compilation.instrumentation_mode, key)
             compiled = self.compiled.get(key)
         except TypeError:  # an argument the key does not know (or unhashable): Triton decides
@@ -261,6 +302,17 @@ class _Binding:
         compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1,
                      active.get_current_stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *values)  # fmt: skip
+
+    def launch_fixed(self, grid, consts: dict, args: tuple) -> None:
+        """Launch with the fixed binder of ``consts`` (made on its first call)."""
+        entry = self.fixed.get(id(consts))
+        if entry is None or entry[0] is not consts:
+            if len(self.fixed) >= MAX_FIXED:
+                self.fixed.clear()
+            # (consts kept: its id stays its own; None: calls that do not bind so)
+            entry = (consts, _make_fixed_binder(self.kernel, args, consts))
+            self.fixed[id(consts)] = entry
+        self.launch(grid, args, consts, entry[1])
 
     def _through_triton(self, grid, args: tuple, kwargs: dict, device, key) -> None:
         """Triton's own launch; the compiled kernel it ran is kept for the key unless the call
@@ -296,6 +348,22 @@ def _binding(kernel, args: tuple, kwargs: dict) -> _Binding | None:
     binding.bind = bind
     _bindings[id(kernel)] = binding  # (the dict keeps the kernel alive: its id stays its own)
     return binding
+
+
+# Fixed binders kept per kernel; a process passing ever-new constexpr dicts starts afresh.
+MAX_FIXED = 1024
+
+
+def launch_fixed(kernel, grid: tuple[int, ...], consts: dict, *args) -> None:
+    """``kernel[grid](*args, **consts)`` for ``consts`` that the caller keeps and never changes
+    (a call signature's constexprs and launch options) and every runtime argument passed
+    positionally: as :func:`launch`, with the constexpr part of the key and values bound once
+    per ``consts``."""
+    binding = _binding(kernel, args, consts)
+    if binding is None:
+        kernel[grid](*args, **consts)
+    else:
+        binding.launch_fixed(grid, consts, args)
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:

@@ -245,14 +245,14 @@ def launch_dz(kernel, c: BwdCall) -> None:
     """dZ (or Ẑ) through the norms over D, the column partials and what the dW GEMM reads."""
     a, k, d = c.a, c.k, c.d
     x = a.x
-    bound.launch(kernel, (d.partials[1] + (d.n_prefix > 0),),
+    bound.launch_fixed(kernel, (d.partials[1] + (d.n_prefix > 0),), d.dz_consts,
         x, x.stride(0), d.x_strides, k.weight, k.weight.stride(0), k.w_strides, k.w_row_len,
         a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, a.keep, a.pos_index, (a.g3, a.b3),
         a.prefix if d.n_prefix else None, d.n_prefix, a.stem_eps, c.dprefix, c.prefix_dy,
         c.prefix3, c.args.stats, c.grad_tokens, c.grad_tokens.stride(), c.dz, c.dt_buffer,
         c.partials, c.centring, c.unfit, c.x_row_offsets, c.dz_row_offsets, c.counters,
         d.counters,
-        d.tokens, d.geo.patch_dim, a.weight.shape[0], d.rows, d.geo.grid, **d.dz_consts,
+        d.tokens, d.geo.patch_dim, a.weight.shape[0], d.rows, d.geo.grid,
     )  # fmt: skip
 
 
@@ -298,7 +298,7 @@ def launch_dw(kernel, c: BwdCall) -> ParamGrads:
         tiles = x.new_empty(d.tile_lists, dtype=torch.int32)
     chans, patch = d.geo.chans, d.geo.patch
     columns, tables = d.dw_counts
-    bound.launch(kernel, d.dw_grid,
+    bound.launch_fixed(kernel, d.dw_grid, d.dw_consts,
         x, d.x_strides, c.args.stats, c.x_row_offsets, c.dz, c.dz.stride(), c.dz_row_offsets,
         c.centring, c.unfit, tiles, c.partials, d.partials[1], gpart, split_sums, dg1_parts,
         c.counters, weight, weight.stride(0), layout.element_strides(weight, chans, patch),
@@ -307,7 +307,6 @@ def launch_dw(kernel, c: BwdCall) -> ParamGrads:
         (grads.g1, grads.b1), grads.bias, (grads.g2, grads.b2), (grads.g3, grads.b3),
         c.prefix3, c.dt, (0, 0, 0) if c.dt is None else c.dt.stride(), grads.pos,
         d.tokens, patch_dim, dim, d.geo.batch, d.rows, plan.splits, columns, tables,
-        **d.dw_consts,
     )  # fmt: skip
     return grads
 

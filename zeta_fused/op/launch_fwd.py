@@ -199,10 +199,9 @@ def launch_fold(kernel, c: FwdCall, a: FwdArgs, row_counters: Tensor | None) -> 
     folded = x.new_empty((dim, f.row_len), dtype=a.compute_dtype)
     colsum = x.new_empty((dim,), dtype=c.acc) if f.colsum else None
     bias = x.new_empty((dim,), dtype=c.acc) if f.new_bias else a.bias
-    bound.launch(kernel, f.grid,
+    bound.launch_fixed(kernel, f.grid, f.consts,
         w, w.stride(0), f.w_strides, (a.g1, a.b1), f.p_strides, a.bias, folded, f.row_len,
         colsum, bias if f.new_bias else None, row_counters, c.counters, c.geo.patch_dim, dim,
-        **f.consts,
     )  # fmt: skip
     return Projection(folded, colsum, bias)
 
@@ -213,13 +212,13 @@ def launch_main(kernel, c: FwdCall, a: FwdArgs, proj: Projection, patch_tokens: 
     """The main kernel (kernels/patch_embed_fwd.py): the tokens into ``patch_tokens``, the
     prefix rows before them."""
     x, plan = a.x, c.plan
-    bound.launch(kernel, c.main_grid,
+    bound.launch_fixed(kernel, c.main_grid, c.main_consts,
         x, x.stride(0), x.stride()[1:], proj.weight, proj.weight.stride(0), c.w_strides,
         c.w_row_len, proj.colsum, proj.bias, (a.g2, a.b2), a.pos, a.keep, a.pos_index,
         (a.g3, a.b3), a.prefix if c.n_prefix else None, c.n_prefix, patch_tokens,
         patch_tokens.stride(), stats, row_parts, row_counters, c.tokens, c.geo.patch_dim,
         a.weight.shape[0], c.rows, c.geo.grid, plan.splits, plan.tiles_per_program, a.pre_eps,
-        a.post_eps, a.stem_eps, **c.main_consts,
+        a.post_eps, a.stem_eps,
     )  # fmt: skip
 
 
@@ -227,8 +226,8 @@ def launch_finish(kernel, c: FwdCall, a: FwdArgs, patch_tokens: Tensor, stats: T
                   row_parts: Tensor) -> None:  # fmt: skip
     """The row-finishing kernel: rows shared by programs, in a call without a fold."""
     plan = c.plan
-    bound.launch(kernel, c.finish_grid,
+    bound.launch_fixed(kernel, c.finish_grid, c.finish_consts,
         patch_tokens, patch_tokens.stride(), row_parts, stats, (a.g2, a.b2), a.pos, a.keep,
         a.pos_index, (a.g3, a.b3), c.tokens, a.weight.shape[0], c.rows, plan.splits,
-        plan.tiles_per_program * plan.block_n, a.post_eps, a.stem_eps, **c.finish_consts,
+        plan.tiles_per_program * plan.block_n, a.post_eps, a.stem_eps,
     )  # fmt: skip
