@@ -30,7 +30,7 @@ more program makes their gradients (kernels/prefix.py). Device code only.
 import triton
 import triton.language as tl
 
-from .contract import COLUMN_SUMS
+from .column_partials import PART_DB2, PART_DB3, PART_DG2, PART_DG3, PART_DZ, add_partial
 from .counters import zero
 from .epilogue import add_pos
 from .gather import READ_BACK
@@ -54,13 +54,6 @@ from .norms import (
 from .prefix import prefix_grads
 from .projection import fold_unfit, project_chunk
 from .rounding import cast
-
-# Rows of the column partials (kernels/contract.py COLUMN_SUMS).
-PART_DZ = tl.constexpr(COLUMN_SUMS.index("dz"))
-PART_DG2 = tl.constexpr(COLUMN_SUMS.index("dg2"))
-PART_DB2 = tl.constexpr(COLUMN_SUMS.index("db2"))
-PART_DG3 = tl.constexpr(COLUMN_SUMS.index("dg3"))
-PART_DB3 = tl.constexpr(COLUMN_SUMS.index("db3"))
 
 
 @triton.jit
@@ -86,17 +79,6 @@ def _grad_t(dy, t_hat, norm3, offs_n, n_mask, rstd3, mean_g3, mean_gt3, NORM3: t
 
 
 @triton.jit
-def _add_partial(part, ROW: tl.constexpr, offs_n, n_mask, value):
-    """A tile's column sums added into row ROW of this program's partials. ``part``: (this
-    program's place in the partials, the distance between two of their rows, whether an earlier
-    tile of the program wrote them; else they are stored)."""
-    base, row_stride, later = part
-    ptrs = base + ROW * row_stride + offs_n
-    prev = tl.load(ptrs, mask=n_mask & later, other=0.0, cache_modifier=READ_BACK)
-    tl.store(ptrs, prev + value, mask=n_mask)
-
-
-@triton.jit
 def _norm_bwd_chunk(sum_g, sum_gt, up, t_hat, params, part, ROW_W: tl.constexpr,
                     ROW_B: tl.constexpr, offs_n, n_mask, ACC_DTYPE: tl.constexpr):  # fmt: skip
     """One column chunk of a norm's backward, upstream gradient ``up``: the row sums of
@@ -105,9 +87,9 @@ def _norm_bwd_chunk(sum_g, sum_gt, up, t_hat, params, part, ROW_W: tl.constexpr,
     g = scale_cols(up, params[0], offs_n, n_mask, ACC_DTYPE)
     sum_g, sum_gt = norm_bwd_sums(sum_g, sum_gt, g, t_hat)
     if params[0] is not None:
-        _add_partial(part, ROW_W, offs_n, n_mask, tl.sum(up * t_hat, axis=0))
+        add_partial(part, ROW_W, offs_n, n_mask, tl.sum(up * t_hat, axis=0))
     if params[1] is not None:
-        _add_partial(part, ROW_B, offs_n, n_mask, tl.sum(up, axis=0))
+        add_partial(part, ROW_B, offs_n, n_mask, tl.sum(up, axis=0))
     return sum_g, sum_gt
 
 
@@ -204,7 +186,7 @@ def _store_dz(dz, offs_n, n_mask, mask, part, dz_rows, dt_rows, v_rows, rstd1, c
     operand dtype and, CENTRED, the column sums of Ẑ * mean1 over each group of V_ROWS tokens
     (v_rows: the group's rows of the centring sums; centre_mean: mean1, 0 for the tokens the
     fold leaves out), from the rounded values the GEMM reads."""
-    _add_partial(part, PART_DZ, offs_n, n_mask, tl.sum(dz, axis=0))
+    add_partial(part, PART_DZ, offs_n, n_mask, tl.sum(dz, axis=0))
     if dt_rows is not None:
         tl.store(dt_rows + offs_n[None, :], cast(dz, COMPUTE_DTYPE, EMULATE_BF16), mask=mask)
     if DZ_SCALED:
@@ -265,7 +247,7 @@ def _pass_dy(dz_rows, v_rows, dy_rows, dy_strides, m_mask, part, centre_mean, rs
                       DZ_SCALED, CENTRED, COMPUTE_DTYPE, ACC_DTYPE, EMULATE_BF16, BLOCK_M,
                       V_ROWS)  # fmt: skip
         else:
-            _add_partial(part, PART_DZ, offs_n, n_mask, tl.sum(dy, axis=0))
+            add_partial(part, PART_DZ, offs_n, n_mask, tl.sum(dy, axis=0))
 
 
 @triton.jit
@@ -278,7 +260,7 @@ def _dz_tile(tile, part, X, stride_xb, x_strides, W, stride_wd, w_strides, w_row
              W_FLAT: tl.constexpr, CHANNELS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, V_ROWS: tl.constexpr):  # fmt: skip
     """Everything the backward needs from the token tile ``tile``, its column sums added into
-    ``part`` (_add_partial)."""
+    ``part`` (column_partials.add_partial)."""
     offs_m, m_mask, row_off, position = token_rows(tl.cast(tile, tl.int64) * BLOCK_M, M, rows,
                                                    grid, Keep, PATCH, stride_xb, x_strides,
                                                    BLOCK_M)  # fmt: skip

@@ -18,10 +18,10 @@ sums, and the summing program reads through L2 (gather.READ_BACK).
 import triton
 import triton.language as tl
 
+from .column_partials import PART_DB2, PART_DB3, PART_DG2, PART_DG3, PART_DZ
 from .counters import arrived_last
 from .gather import READ_BACK
 from .geometry import patch_cols
-from .patch_embed_bwd_dz import PART_DB2, PART_DB3, PART_DG2, PART_DG3, PART_DZ
 from .rounding import cast
 
 # Split slots of G summed per step by a tile's finisher: [G_SLOTS, FIN_D, BLOCK_K] in fp32 is

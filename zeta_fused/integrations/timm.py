@@ -35,6 +35,7 @@ from ..nn.params import any_hook, bound, forward_of, param, plain
 from ..op.args import NO_STEM, Stem
 from . import _base
 from .convs import conv_runs_itself, crop_to_grid, patch_conv_problem, to_format
+from .timm_drop import draw_keep, hands_on, keeps_tensor, stem_draws
 
 # --- PatchEmbed ---------------------------------------------------------------------------
 
@@ -193,56 +194,6 @@ def _prefix_tokens(m: nn.Module) -> list[Tensor]:
     return [t for t in (param(m, n) for n in names) if t is not None]
 
 
-def _patch_dropout(m: nn.Module) -> bool:
-    """``m`` is timm's ``PatchDropout`` computing what timm's does (as converted: the stem may
-    draw for it). Releases before 1.0 return indices too when ``return_indices`` is set."""
-    from timm.layers import PatchDropout
-
-    return (
-        isinstance(m, PatchDropout)
-        and forward_of(m) in (PatchDropout.forward, _base.HandoffTokenDrop.forward)
-        and not getattr(m, "return_indices", False)
-    )
-
-
-def _keeps_tensor(m: nn.Module) -> bool:
-    """The module returns its input tensor itself in this call (eval, or a rate of 0)."""
-    if plain(m, nn.Identity):
-        return True
-    if plain(m, nn.Dropout):
-        return not m.training or m.p == 0
-    if _patch_dropout(m):
-        return not m.training or m.prob == 0
-    return False
-
-
-def _hands_on(m: nn.Module) -> bool:
-    """timm's own call of ``m`` (``patch_drop``) passes on the very tensor it receives, eager
-    and as torch.compile traces it: torch 2.11's dynamo gives a traced dropout that keeps the
-    tensor an output of its own (2.14's keeps the input's), which a hand-off would refuse."""
-    return _keeps_tensor(m) and not (plain(m, nn.Dropout) and torch.compiler.is_compiling())
-
-
-def _stem_draws(drop: nn.Module, prefix_rows: int) -> bool:
-    """The stem can make ``drop``'s draw in this call and embed only the patches it keeps:
-    timm's PatchDropout as converted, active, keeping the stem's prefix rows in front."""
-    return (
-        plain(drop, _base.HandoffTokenDrop)
-        and _patch_dropout(drop)
-        and drop.training
-        and drop.prob > 0
-        and drop.num_prefix_tokens == prefix_rows
-    )
-
-
-def _draw_keep(drop: nn.Module, x: Tensor, tokens: int) -> Tensor:
-    """The patches timm's ``patch_dropout_forward`` keeps of ``tokens`` per image: the same
-    random numbers (shape, device, order of the draw), the same selection."""
-    num_keep = max(1, int(tokens * (1.0 - drop.prob)))
-    ids = torch.argsort(torch.randn(x.shape[0], tokens, device=x.device), dim=-1)[:, :num_keep]
-    return ids.sort(dim=-1)[0] if getattr(drop, "ordered", False) else ids
-
-
 class _FusedTimmViT(_base.FusedStem):
     """Mixed in front of a timm VisionTransformer class: its feature methods run their own
     code, with the stem fused where the call allows it."""
@@ -262,9 +213,10 @@ class _FusedTimmViT(_base.FusedStem):
         state = _base.call_state(self)
         if state is not None and x is state.pop("out", None):  # the whole stem ran fused
             # timm applies pos_drop only with a table. The hand-offs to patch_drop and norm_pre
-            # need the stem's output itself: one that keeps it is not called (see _hands_on).
+            # need the stem's output itself: one that keeps it is not called
+            # (timm_drop.hands_on).
             drop = self.pos_drop
-            keeps = _keeps_tensor(drop) and not any_hook(self, "_zeta_pos_drop_hooks", drop)
+            keeps = keeps_tensor(drop) and not any_hook(self, "_zeta_pos_drop_hooks", drop)
             return x if self.pos_embed is None or keeps else drop(x)
         return super()._pos_embed(x)
 
@@ -289,11 +241,11 @@ class _FusedTimmViT(_base.FusedStem):
         between = (drop,) if self.pos_embed is None else (self.pos_drop, drop)
         if any_hook(self, "_zeta_between_hooks", *between):
             return _base.handoff_scope(self, pe, None)
-        pos_keeps = all(map(_keeps_tensor, between[:-1]))
+        pos_keeps = all(map(keeps_tensor, between[:-1]))
         prefix_rows = sum(t.shape[1] for t in _prefix_tokens(self))
-        if not (pos_keeps and _stem_draws(drop, prefix_rows)):
+        if not (pos_keeps and stem_draws(drop, prefix_rows)):
             drop = None
-        fuse_norm = drop is not None or (pos_keeps and _hands_on(self.patch_drop))
+        fuse_norm = drop is not None or (pos_keeps and hands_on(self.patch_drop))
         return _base.handoff_scope(self, pe, self.norm_pre if fuse_norm else None, drop)
 
     def stem_parts(self, grid: tuple[int, ...], norm: nn.Module | None) -> Stem | None:
@@ -349,7 +301,7 @@ class _TimmStemPatchEmbed:
 
             def keep(grid: tuple[int, ...]) -> Tensor:
                 # Recorded at once: should the op not run after all, the drop keeps these.
-                ids = _draw_keep(drop, x, grid[0] * grid[1])
+                ids = draw_keep(drop, x, grid[0] * grid[1])
                 state["drawn"] = (None, drop.num_prefix_tokens, ids)
                 return ids
 
