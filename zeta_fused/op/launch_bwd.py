@@ -74,6 +74,8 @@ class BwdDecisions(NamedTuple):
     dw_grid: tuple[int]
     dw_counts: tuple[int, int]  # (column programs, table programs)
     tile_lists: tuple[int, int] | None  # the centred fold's lists of tiles
+    w_strides: tuple[int, ...]  # element strides (c, *patch) of the weight
+    dw_strides: tuple[int, ...]  # and of its gradient (allocated contiguous)
     dw_consts: dict
 
 
@@ -178,7 +180,8 @@ def _decide(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdDeci
         n_prefix,
         dz_tiles * (blocks.dz_m // plan.v_rows),
         plan.d_tiles * plan.k_tiles + plan.k_tiles, dz_consts, table,
-        (columns + tables + gemm,), (columns, tables), tile_lists, dw_consts,
+        (columns + tables + gemm,), (columns, tables), tile_lists, w_strides, dw_strides,
+        dw_consts,
     )  # fmt: skip
 
 
@@ -301,9 +304,9 @@ def launch_dw(kernel, c: BwdCall) -> ParamGrads:
     bound.launch_fixed(kernel, d.dw_grid, d.dw_consts,
         x, d.x_strides, c.args.stats, c.x_row_offsets, c.dz, c.dz.stride(), c.dz_row_offsets,
         c.centring, c.unfit, tiles, c.partials, d.partials[1], gpart, split_sums, dg1_parts,
-        c.counters, weight, weight.stride(0), layout.element_strides(weight, chans, patch),
-        (a.g1, a.b1), layout.linear_strides(1, chans, patch), grads.weight,
-        grads.weight.stride(0), layout.element_strides(grads.weight, chans, patch),
+        c.counters, weight, weight.stride(0), d.w_strides, (a.g1, a.b1),
+        layout.linear_strides(1, chans, patch), grads.weight, grads.weight.stride(0),
+        d.dw_strides,
         (grads.g1, grads.b1), grads.bias, (grads.g2, grads.b2), (grads.g3, grads.b3),
         c.prefix3, c.dt, (0, 0, 0) if c.dt is None else c.dt.stride(), grads.pos,
         d.tokens, patch_dim, dim, d.geo.batch, d.rows, plan.splits, columns, tables,
