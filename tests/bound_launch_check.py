@@ -111,6 +111,9 @@ def make_kernel():
 
 x32 = torch.zeros(64, dtype=torch.float32)
 x16 = torch.zeros(64, dtype=torch.float16)
+# A workspace part (zeta_fused.op.workspace) in the tensor's place: a dtype and an address.
+slot32 = bound.Slot(x32.data_ptr(), torch.float32, x32)
+slot32_unaligned = bound.Slot(x32.data_ptr() + 4, torch.float32, x32)
 # Each set differs from the base in one argument; "unaligned" and the int cases are those whose
 # specialisation Triton changes on a value (a pointer's 16-byte alignment, n == 1, n % 16).
 BASE = ((x32, 1, (16, 1), (x32, None), 16, 0.5, True), {"MODE": 1, "BLOCK": 64})
@@ -118,6 +121,8 @@ CHANGES = {
     "base": {},
     "unaligned pointer": {0: x32[1:]},
     "other dtype": {0: x16, 3: (x16, None)},
+    "slot": {0: slot32, 3: (slot32, None)},
+    "unaligned slot": {0: slot32_unaligned},
     "int 17": {4: 17},
     "int 24": {4: 24},
     "int 32": {4: 32},
@@ -211,7 +216,9 @@ def main() -> int:
     distinct = {n for n in CHANGES if n != "base" and chosen[n] is not chosen["base"]}
     # Every other change gives another compiled kernel: 32, like 16, is a multiple of 16, and
     # Triton's cache takes MODE=True for MODE=1 (its key cache compares values with ==).
-    assert distinct == set(CHANGES) - {"base", "int 32", "constexpr True"}, distinct
+    # A Slot is specialised as a tensor of its dtype and alignment.
+    assert distinct == set(CHANGES) - {"base", "int 32", "constexpr True", "slot"}, distinct
+    assert chosen["unaligned slot"] is chosen["unaligned pointer"]
 
     # A launch hook (a profiler's) gets Triton's own launch, metadata and all.
     from triton import knobs

@@ -91,7 +91,7 @@ def test_autocast_from_fp32_inputs(kind, device) -> None:
 def test_fold_outputs(kind, affine, device) -> None:
     """The folded weight (rounded once, in the image's K order, zero-padded rows), its row
     sums (of the rounded values) and W @ b1 + bias."""
-    from zeta_fused.op import launch, launch_fwd
+    from zeta_fused.op import launch, launch_fwd, workspace
 
     torch.manual_seed(1)
     d, chans, patch = 24, 3, (4, 4)
@@ -106,7 +106,9 @@ def test_fold_outputs(kind, affine, device) -> None:
     call = launch_fwd.fwd_call(a, policy.for_tensor(x), with_stats=False)
     assert call.main_consts["CHANNELS_FIRST"] and call.main_consts["W_FLAT"]
     assert call.fold.row_len % layout.W_ROW_ALIGN == 0
-    proj = launch_fwd.launch_fold(launch._fold_weight_kernel, call, a, None)
+    folded_w, colsum, new_bias, _, _ = workspace.carve(x, call.scratch, views=True)
+    proj = launch_fwd.launch_fold(launch._fold_weight_kernel, call, a, folded_w, colsum,
+                                  new_bias, None)  # fmt: skip
     # The (c, i, j) order of the image's pixel rows; rows zero beyond K.
     folded = (w.float() * (1 if g1 is None else g1.float())).to(torch.bfloat16)
     by_channel = folded.view(d, 4, 4, chans).permute(0, 3, 1, 2).reshape(d, k)

@@ -76,6 +76,20 @@ _I32_MIN, _I32_MAX, _I64_MIN, _I64_MAX, _U64_MAX = (
 _FLOAT, _BOOL = "fp", "u1"
 
 
+class Slot:
+    """A pointer into a call's workspace (:mod:`.workspace`) that a Triton launch takes as it
+    takes a tensor: Triton reads a pointer argument's ``dtype`` and ``data_ptr()`` alone.
+    Cheaper to make than a tensor view; keeps the workspace alive while the call holds it."""
+
+    __slots__ = ("ptr", "dtype", "base")
+
+    def __init__(self, ptr: int, dtype, base: Tensor) -> None:
+        self.ptr, self.dtype, self.base = ptr, dtype, base
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
 def _spec(value):
     """The key of a runtime argument: what Triton specialises on, and its type."""
     kind = type(value)
@@ -88,6 +102,8 @@ def _spec(value):
         return 64 + (value & 15 == 0) + 2 * (value > _I64_MAX)  # i64, u64
     if isinstance(value, Tensor):
         return value.dtype, value.data_ptr() & 15 == 0
+    if kind is Slot:
+        return value.dtype, value.ptr & 15 == 0
     if value is None:
         return None
     if kind is tuple:
@@ -123,6 +139,9 @@ class _Source:
                     f"else _zf_spec({ref}))")  # fmt: skip
         if isinstance(sample, Tensor):
             return (f"(({ref}.dtype, {ref}.data_ptr() & 15 == 0) "
+                    f"if {ref}.__class__ is {self.name(kind)} else _zf_spec({ref}))")  # fmt: skip
+        if kind is Slot:
+            return (f"(({ref}.dtype, {ref}.ptr & 15 == 0) "
                     f"if {ref}.__class__ is {self.name(kind)} else _zf_spec({ref}))")  # fmt: skip
         if sample is None:
             return f"(None if {ref} is None else _zf_spec({ref}))"

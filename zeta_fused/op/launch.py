@@ -21,7 +21,7 @@ from ..kernels.patch_embed_bwd import _bwd_dw_kernel, _bwd_dx_kernel
 from ..kernels.patch_embed_bwd_dz import _bwd_dz_kernel
 from ..kernels.patch_embed_fwd import _finish_rows_kernel, _patch_embed_fwd_kernel
 from ..kernels.segment_sum import _segment_sum_kernel
-from . import bound, launch_bwd, launch_fwd, layout, policy, reference, tuning
+from . import bound, launch_bwd, launch_fwd, layout, policy, reference, tuning, workspace
 from .args import BwdArgs, FwdArgs, Grads, fwd_of
 from .plan import TL_DTYPES, block_width, cdiv
 from .policy import LaunchPolicy
@@ -85,16 +85,12 @@ def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None,
             y[:, : c.n_prefix] = prefix_rows(a, c.acc)
         return y, stats
     patch_tokens = y[:, c.n_prefix :] if c.n_prefix else y  # (a view costs host time)
-    row_counters = None
+    folded, colsum, new_bias, row_counters, row_parts = workspace.carve(x, c.scratch)
     if c.fold is None:
         proj = launch_fwd.Projection(a.weight, None, a.bias)
     else:
-        if c.counters:
-            row_counters = x.new_empty((c.counters,), dtype=torch.int32)
-        proj = launch_fwd.launch_fold(_fold_weight_kernel, c, a, row_counters)
-    row_parts = None
-    if c.shared:
-        row_parts = x.new_empty((2, c.plan.splits, c.tokens), dtype=c.acc)
+        proj = launch_fwd.launch_fold(_fold_weight_kernel, c, a, folded, colsum, new_bias,
+                                      row_counters)  # fmt: skip
     launch_fwd.launch_main(_patch_embed_fwd_kernel, c, a, proj, patch_tokens, stats, row_parts,
                            row_counters)  # fmt: skip
     if c.finish_grid is not None:

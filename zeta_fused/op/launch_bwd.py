@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.contract import COLUMN_SUMS, LAYER_NORM, NO_NORM
-from . import bound, layout
+from . import bound, layout, workspace
 from .args import BwdArgs, FwdArgs, fwd_of
 from .plan import block_width, cdiv, next_power_of_2, numerics, tf32_allowed
 from .policy import Blocks, LaunchPolicy
@@ -64,6 +64,7 @@ class BwdDecisions(NamedTuple):
     dw: DwPlan
     dz_buffer: bool  # the dZ kernel writes dZ (else the GEMMs read dY)
     own_dt: bool  # dT has a buffer of its own
+    rows_apart: bool  # the dZ and dT buffers are tensors of their own, not scratch parts
     dz_row_offsets: bool  # the dZ kernel stores each token's dZ row offset
     partials: tuple[int, int, int]  # shape of the dZ programs' column partials
     n_prefix: int  # prefix rows: their gradients by one more program of the dZ kernel
@@ -76,7 +77,30 @@ class BwdDecisions(NamedTuple):
     tile_lists: tuple[int, int] | None  # the centred fold's lists of tiles
     w_strides: tuple[int, ...]  # element strides (c, *patch) of the weight
     dw_strides: tuple[int, ...]  # and of its gradient (allocated contiguous)
+    p_strides: tuple[int, ...]  # element strides (c, *patch) of the pre-norm's vectors
     dw_consts: dict
+    scratch: workspace.Layout  # the parts of BwdCall.scratch, in its order
+
+
+class Scratch(NamedTuple):
+    """A backward call's scratch, one workspace (:mod:`.workspace`); None where the call has
+    none of a part."""
+
+    dz: object  # (tokens + centred, D) the dZ kernel's buffer, or None (see BwdCall.dz)
+    dt: object  # (tokens, D) dT's own buffer, or None
+    partials: object  # (COLUMN_SUMS, dZ programs, D) the dZ programs' column partials
+    x_row_offsets: object  # (tokens,) int64
+    dz_row_offsets: object  # (tokens,) int64
+    centring: object  # (groups, D) sums of Ẑ * mean1 (a centred fold)
+    unfit: object  # (groups,) int32 flags of groups the fold would cancel on
+    counters: object  # the dW kernel's int32 counters, zeroed by the dZ kernel
+    prefix_dy: object  # (P, D) the prefix rows' upstream gradient summed over the images
+    prefix_dg3: object  # (D,) their parts of the stem norm's dg3 and db3
+    prefix_db3: object
+    gpart: object  # (splits, D, K) G per token split
+    split_sums: object  # (K tiles, splits, D) dbias per token split (a pre-norm bias)
+    dg1_parts: object  # (2, D tiles, K) dg1 and db1 per weight tile
+    tiles: object  # (GEMM programs, tiles per split) int32: the centred fold's tile lists
 
 
 def signature(args: BwdArgs, pol: LaunchPolicy) -> tuple:
@@ -172,16 +196,36 @@ def _decide(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdDeci
         num_stages=blocks.stages, **consts, **_register_cap(pol, fold, run),
     )  # fmt: skip
     tile_lists = (gemm, cdiv(cdiv(tokens, blocks.dw_m), plan.splits)) if centred else None
+    partials = (len(COLUMN_SUMS), min(dz_tiles, max(1, pol.dz_programs - (n_prefix > 0))), dim)
+    groups = dz_tiles * (blocks.dz_m // plan.v_rows)
+    counters = plan.d_tiles * plan.k_tiles + plan.k_tiles
+    prefix_sums = n_prefix > 0 and stem
+    # dZ and dT rows: in the scratch, unless segment sums of the table's rows read them as
+    # tensors. (A centred fold reads the tokens it leaves out as a row of zeros after dZ's.)
+    rows_apart = a.pos is not None and not table
+    scratch = workspace.layout(
+        ((tokens + centred, dim), a.compute_dtype) if dz_buffer and not rows_apart else None,
+        ((tokens, dim), a.compute_dtype) if own_dt and not rows_apart else None,
+        (partials, acc), ((tokens,), torch.int64),
+        ((tokens,), torch.int64) if dz_row_offsets else None,
+        ((groups, dim), acc) if centred else None,
+        ((groups,), torch.int32) if centred else None,
+        ((counters,), torch.int32),
+        ((n_prefix, dim), acc) if prefix_sums else None,
+        ((dim,), acc) if prefix_sums and a.g3 is not None else None,
+        ((dim,), acc) if prefix_sums and a.b3 is not None else None,
+        ((plan.splits, dim, patch_dim), acc),
+        ((plan.k_tiles, plan.splits, dim), acc) if a.b1 is not None else None,
+        ((2, plan.d_tiles, patch_dim), acc) if a.g1 is not None or a.b1 is not None else None,
+        (tile_lists, torch.int32) if tile_lists is not None else None,
+    )  # fmt: skip
     return BwdDecisions(
         geo, rows, tokens, blocks, consts, k_plan, layout.element_strides(x, chans, patch),
-        fold, dz_scaled, centred, plan, dz_buffer, own_dt, dz_row_offsets,
+        fold, dz_scaled, centred, plan, dz_buffer, own_dt, rows_apart, dz_row_offsets,
         # (with prefix rows their program takes one of the persistent programs' places)
-        (len(COLUMN_SUMS), min(dz_tiles, max(1, pol.dz_programs - (n_prefix > 0))), dim),
-        n_prefix,
-        dz_tiles * (blocks.dz_m // plan.v_rows),
-        plan.d_tiles * plan.k_tiles + plan.k_tiles, dz_consts, table,
-        (columns + tables + gemm,), (columns, tables), tile_lists, w_strides, dw_strides,
-        dw_consts,
+        partials, n_prefix, groups, counters, dz_consts, table, (columns + tables + gemm,),
+        (columns, tables), tile_lists, w_strides, dw_strides,
+        layout.linear_strides(1, chans, patch), dw_consts, scratch,
     )  # fmt: skip
 
 
@@ -195,18 +239,15 @@ class BwdCall(NamedTuple):
     pol: LaunchPolicy
     k: layout.KOrder  # the K order and operands of the kernels that read the weight
     grad_tokens: Tensor  # the patch tokens' rows of the upstream gradient
-    dz: Tensor  # the dW and image-gradient GEMMs' operand: the dZ kernel's buffer, or dY
-    dt: Tensor | None  # dT for the position table's gradient (dY, the dZ buffer, or its own)
-    dt_buffer: Tensor | None  # dT where the dZ kernel writes it
-    partials: Tensor  # (COLUMN_SUMS, dZ programs, D) column partials
-    x_row_offsets: Tensor
-    dz_row_offsets: Tensor | None
-    centring: Tensor | None  # (groups, D) sums of Ẑ * mean1 (a centred fold)
-    unfit: Tensor | None  # (groups,) flags of groups the fold would cancel on
-    counters: Tensor  # the dW kernel's, zeroed by the dZ kernel
+    dz: Tensor | bound.Slot  # the dW and image-gradient GEMMs' operand: the dZ kernel's
+    # buffer, or dY
+    dz_strides: tuple[int, int, int]  # (b, n, d)
+    dz_flat: bool  # its token rows evenly spaced
+    dt: Tensor | bound.Slot  # dT for the position table's gradient (dY, the dZ buffer, or its own)
+    dt_strides: tuple[int, int, int]
+    dt_buffer: Tensor | bound.Slot | None  # dT where the dZ kernel writes it
     dprefix: Tensor | None  # the prefix rows' gradient, made by the dZ kernel
-    prefix_dy: Tensor | None  # their upstream gradient summed over the images (a stem norm)
-    prefix3: tuple  # their parts of the stem norm's (dg3, db3), or None each
+    s: Scratch  # the buffers the kernels pass each other
 
 
 def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCall:
@@ -216,45 +257,45 @@ def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCal
     x, dim = a.x, a.weight.shape[0]
     n_prefix = grad_y.shape[1] - rows
     grad_tokens = grad_y[:, n_prefix:] if n_prefix else grad_y  # (without prefix: no view op)
-    shape = grad_tokens.shape
-    dz = grad_tokens
+    scratch = Scratch(*workspace.carve(x, d.scratch))
+    dz, dt_buffer = scratch.dz, scratch.dt
+    if d.rows_apart:  # tensors for the segment sums
+        shape = grad_tokens.shape
+        if d.dz_buffer:
+            dz = x.new_empty((tokens + d.centred, dim), dtype=a.compute_dtype)[:tokens].view(shape)
+        if d.own_dt:
+            dt_buffer = x.new_empty(shape, dtype=a.compute_dtype)
+    own = (rows * dim, dim, 1)  # the strides of the call's own dZ and dT rows
     if d.dz_buffer:
-        # (a centred fold reads the tokens it leaves out as a row of zeros after them)
-        rows_buffer = x.new_empty((tokens + d.centred, dim), dtype=a.compute_dtype)
-        dz = rows_buffer[:tokens].view(shape)
-    dt_buffer = x.new_empty(shape, dtype=a.compute_dtype) if d.own_dt else None
-    dt = grad_tokens if a.stem_norm == NO_NORM else dt_buffer if d.own_dt else dz
-    acc = args.stats.dtype
-    dprefix = prefix_dy = None
-    prefix3 = (None, None)
-    if a.prefix is not None:  # ((0, D) for no rows: an empty gradient, as eager gives)
-        dprefix = x.new_empty((d.n_prefix, dim), dtype=a.prefix.dtype)
-        if d.n_prefix and a.stem_norm != NO_NORM:
-            prefix_dy = x.new_empty((d.n_prefix, dim), dtype=acc)
-            prefix3 = tuple(None if p is None else x.new_empty((dim,), dtype=acc)
-                            for p in (a.g3, a.b3))  # fmt: skip
+        dz_strides, dz_flat = own, True
+    else:
+        dz = grad_tokens
+        dz_strides, dz_flat = layout.token_strides(grad_tokens)
+    if a.stem_norm == NO_NORM:
+        dt, dt_strides = grad_tokens, grad_tokens.stride()
+    elif d.own_dt:
+        dt, dt_strides = dt_buffer, own
+    else:
+        dt, dt_strides = dz, dz_strides
+    # ((0, D) for no prefix rows: an empty gradient, as eager gives)
+    dprefix = None if a.prefix is None else x.new_empty((d.n_prefix, dim), dtype=a.prefix.dtype)
     return BwdCall(
         d, args, a, pol, layout.k_order_of(d.k_plan, a.weight, a.g1, a.b1, d.geo), grad_tokens,
-        dz, dt, dt_buffer, x.new_empty(d.partials, dtype=acc),
-        x.new_empty((tokens,), dtype=torch.int64),
-        x.new_empty((tokens,), dtype=torch.int64) if d.dz_row_offsets else None,
-        x.new_empty((d.groups, dim), dtype=acc) if d.centred else None,
-        x.new_empty((d.groups,), dtype=torch.int32) if d.centred else None,
-        x.new_empty((d.counters,), dtype=torch.int32), dprefix, prefix_dy, prefix3,
+        dz, dz_strides, dz_flat, dt, dt_strides, dt_buffer, dprefix, scratch,
     )  # fmt: skip
 
 
 def launch_dz(kernel, c: BwdCall) -> None:
     """dZ (or Ẑ) through the norms over D, the column partials and what the dW GEMM reads."""
-    a, k, d = c.a, c.k, c.d
+    a, k, d, s = c.a, c.k, c.d, c.s
     x = a.x
     bound.launch_fixed(kernel, (d.partials[1] + (d.n_prefix > 0),), d.dz_consts,
         x, x.stride(0), d.x_strides, k.weight, k.weight.stride(0), k.w_strides, k.w_row_len,
         a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, a.keep, a.pos_index, (a.g3, a.b3),
-        a.prefix if d.n_prefix else None, d.n_prefix, a.stem_eps, c.dprefix, c.prefix_dy,
-        c.prefix3, c.args.stats, c.grad_tokens, c.grad_tokens.stride(), c.dz, c.dt_buffer,
-        c.partials, c.centring, c.unfit, c.x_row_offsets, c.dz_row_offsets, c.counters,
-        d.counters,
+        a.prefix if d.n_prefix else None, d.n_prefix, a.stem_eps, c.dprefix, s.prefix_dy,
+        (s.prefix_dg3, s.prefix_db3), c.args.stats, c.grad_tokens, c.grad_tokens.stride(),
+        c.dz, c.dt_buffer, s.partials, s.centring, s.unfit, s.x_row_offsets, s.dz_row_offsets,
+        s.counters, d.counters,
         d.tokens, d.geo.patch_dim, a.weight.shape[0], d.rows, d.geo.grid,
     )  # fmt: skip
 
@@ -281,9 +322,8 @@ def _like(p: Tensor | None) -> Tensor | None:
 def launch_dw(kernel, c: BwdCall) -> ParamGrads:
     """Every parameter gradient: the column programs, the table programs where the table's
     rows are the grid positions, the dW GEMM and its finishing sums."""
-    a, d, plan = c.a, c.d, c.d.dw
+    a, d, s = c.a, c.d, c.s
     x, weight, dim, patch_dim = a.x, a.weight, a.weight.shape[0], d.geo.patch_dim
-    acc = c.args.stats.dtype
     post, stem = a.post_norm != NO_NORM, a.stem_norm != NO_NORM
     grads = ParamGrads(
         torch.empty_like(weight, memory_format=torch.contiguous_format), _like(a.bias),
@@ -291,25 +331,15 @@ def launch_dw(kernel, c: BwdCall) -> ParamGrads:
         _like(a.g3) if stem else None, _like(a.b3) if stem else None,
         _like(a.pos) if d.table else None, c.dprefix,
     )  # fmt: skip
-    gpart = x.new_empty((plan.splits, dim, patch_dim), dtype=acc)
-    split_sums = dg1_parts = tiles = None
-    if a.b1 is not None:  # dbias enters dW and db1: each token split's slice of it
-        split_sums = x.new_empty((plan.k_tiles, plan.splits, dim), dtype=acc)
-    if a.g1 is not None or a.b1 is not None:
-        dg1_parts = x.new_empty((2, plan.d_tiles, patch_dim), dtype=acc)
-    if d.tile_lists is not None:  # the centred fold's lists of tiles, one row per GEMM program
-        tiles = x.new_empty(d.tile_lists, dtype=torch.int32)
-    chans, patch = d.geo.chans, d.geo.patch
     columns, tables = d.dw_counts
     bound.launch_fixed(kernel, d.dw_grid, d.dw_consts,
-        x, d.x_strides, c.args.stats, c.x_row_offsets, c.dz, c.dz.stride(), c.dz_row_offsets,
-        c.centring, c.unfit, tiles, c.partials, d.partials[1], gpart, split_sums, dg1_parts,
-        c.counters, weight, weight.stride(0), d.w_strides, (a.g1, a.b1),
-        layout.linear_strides(1, chans, patch), grads.weight, grads.weight.stride(0),
-        d.dw_strides,
+        x, d.x_strides, c.args.stats, s.x_row_offsets, c.dz, c.dz_strides, s.dz_row_offsets,
+        s.centring, s.unfit, s.tiles, s.partials, d.partials[1], s.gpart, s.split_sums,
+        s.dg1_parts, s.counters, weight, weight.stride(0), d.w_strides, (a.g1, a.b1),
+        d.p_strides, grads.weight, grads.weight.stride(0), d.dw_strides,
         (grads.g1, grads.b1), grads.bias, (grads.g2, grads.b2), (grads.g3, grads.b3),
-        c.prefix3, c.dt, (0, 0, 0) if c.dt is None else c.dt.stride(), grads.pos,
-        d.tokens, patch_dim, dim, d.geo.batch, d.rows, plan.splits, columns, tables,
+        (s.prefix_dg3, s.prefix_db3), c.dt, c.dt_strides,
+        grads.pos, d.tokens, patch_dim, dim, d.geo.batch, d.rows, d.dw.splits, columns, tables,
     )  # fmt: skip
     return grads
 
@@ -332,12 +362,11 @@ def launch_dx(kernel, c: BwdCall, out: Tensor, out_strides: tuple[int, ...]) -> 
     (``out`` (tokens, C, *patch)) that the caller sums into the patches."""
     a, k, d = c.a, c.k, c.d
     x, blocks = a.x, d.blocks
-    dz_strides, dz_flat = layout.token_strides(c.dz)
     bound.launch(kernel, (cdiv(d.tokens, blocks.m),),
         x, x.stride(0), d.x_strides, k.weight, k.weight.stride(0), k.w_strides, k.w_row_len,
-        k.g1, c.args.stats, c.dz, dz_strides, a.keep, out, out.stride(0), out_strides, d.tokens,
+        k.g1, c.args.stats, c.dz, c.dz_strides, a.keep, out, out.stride(0), out_strides, d.tokens,
         d.geo.patch_dim, a.weight.shape[0], d.rows, d.geo.grid,
-        DZ_FLAT=dz_flat, DX_ROWS=a.keep is not None, DZ_SCALED=d.dz_scaled, W_FLAT=k.w_flat,
+        DZ_FLAT=c.dz_flat, DX_ROWS=a.keep is not None, DZ_SCALED=d.dz_scaled, W_FLAT=k.w_flat,
         CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.m, BLOCK_D=blocks.dx_d,
         BLOCK_K=blocks.dx_k, num_warps=blocks.warps, num_stages=blocks.stages, **d.consts,
     )  # fmt: skip

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..kernels.contract import LAYER_NORM, NO_NORM, STAT_ROWS
 from ..kernels.patch_embed_fwd import PREFIX_ROWS
-from . import bound, layout
+from . import bound, layout, workspace
 from .args import FwdArgs
 from .plan import (
     TL_DTYPES,
@@ -76,6 +76,9 @@ class FwdCall(NamedTuple):
     main_consts: dict
     finish_grid: tuple[int] | None  # the row-finishing kernel, where no fold zeroes counters
     finish_consts: dict | None
+    # The call's scratch (W', its row sums, b', the row counters, the shared rows' partials),
+    # each part None where the call has none.
+    scratch: workspace.Layout
 
 
 def signature(a: FwdArgs, pol: LaunchPolicy, with_stats: bool) -> tuple:
@@ -124,7 +127,8 @@ def _decide(a: FwdArgs, pol: LaunchPolicy, with_stats: bool) -> FwdCall:
                   y_shape=(geo.batch, n_prefix + rows, dim),
                   stats_shape=(len(STAT_ROWS), tokens) if with_stats else None, acc=acc,
                   plan=None, fold=None, w_strides=(), w_row_len=0, shared=False, counters=0,
-                  main_grid=(0,), main_consts={}, finish_grid=None, finish_consts=None)  # fmt: skip
+                  main_grid=(0,), main_consts={}, finish_grid=None, finish_consts=None,
+                  scratch=workspace.layout(None, None, None, None, None))  # fmt: skip
     if geo.patch_dim == 0 or dim == 0:  # an empty projection: nothing for the kernels to do
         return FwdCall(EMPTY, **common)
     if pol.cublas_plain_gemm and plain_gemm(a, geo):
@@ -175,8 +179,16 @@ def _decide(a: FwdArgs, pol: LaunchPolicy, with_stats: bool) -> FwdCall:
             BLOCK_M=blocks.finish_m, BLOCK_N=block_width(dim, blocks.sweep_n),
             num_warps=blocks.fwd_small_warps,
         )  # fmt: skip
+    counters = plan.row_blocks if shared and fold is not None else 0
+    scratch = workspace.layout(
+        None if fold is None else ((dim, row_len), a.compute_dtype),
+        ((dim,), acc) if fold is not None and fold.colsum else None,
+        ((dim,), acc) if fold is not None and fold.new_bias else None,
+        ((counters,), torch.int32) if counters else None,
+        ((2, plan.splits, tokens), acc) if shared else None,
+    )  # fmt: skip
     common.update(plan=plan, fold=fold, w_strides=w_strides, w_row_len=row_len, shared=shared,
-                  counters=plan.row_blocks if shared and fold is not None else 0,
+                  counters=counters, scratch=scratch,
                   main_grid=(plan.row_blocks * plan.splits + cdiv(n_prefix, PREFIX_ROWS.value),),
                   main_consts=main_consts,
                   finish_grid=finish_grid, finish_consts=finish_consts)  # fmt: skip
@@ -186,34 +198,32 @@ def _decide(a: FwdArgs, pol: LaunchPolicy, with_stats: bool) -> FwdCall:
 class Projection(NamedTuple):
     """The weight operand of the main kernel, and the vectors of its epilogue."""
 
-    weight: Tensor  # W' from kernels/fold.py, or the weight in place
-    colsum: Tensor | None  # row sums of W' (a LayerNorm pre-norm)
-    bias: Tensor | None  # b' = W @ b1 + bias, or the bias
+    weight: Tensor | bound.Slot  # W' from kernels/fold.py, or the weight in place
+    colsum: Tensor | bound.Slot | None  # row sums of W' (a LayerNorm pre-norm)
+    bias: Tensor | bound.Slot | None  # b' = W @ b1 + bias, or the bias
 
 
-def launch_fold(kernel, c: FwdCall, a: FwdArgs, row_counters: Tensor | None) -> Projection:
-    """W', its row sums and b', made for this call; the fold also zeroes ``row_counters``,
-    the main kernel's (None: it has none)."""
-    f, x, w = c.fold, a.x, a.weight
-    dim = w.shape[0]
-    folded = x.new_empty((dim, f.row_len), dtype=a.compute_dtype)
-    colsum = x.new_empty((dim,), dtype=c.acc) if f.colsum else None
-    bias = x.new_empty((dim,), dtype=c.acc) if f.new_bias else a.bias
+def launch_fold(kernel, c: FwdCall, a: FwdArgs, folded, colsum, new_bias,
+                row_counters) -> Projection:  # fmt: skip
+    """W' into ``folded``, its row sums into ``colsum`` and b' into ``new_bias`` (parts of the
+    call's scratch, None where the call has none); the fold also zeroes ``row_counters``, the
+    main kernel's."""
+    f, w = c.fold, a.weight
     bound.launch_fixed(kernel, f.grid, f.consts,
         w, w.stride(0), f.w_strides, (a.g1, a.b1), f.p_strides, a.bias, folded, f.row_len,
-        colsum, bias if f.new_bias else None, row_counters, c.counters, c.geo.patch_dim, dim,
+        colsum, new_bias, row_counters, c.counters, c.geo.patch_dim, w.shape[0],
     )  # fmt: skip
-    return Projection(folded, colsum, bias)
+    return Projection(folded, colsum, a.bias if new_bias is None else new_bias)
 
 
 def launch_main(kernel, c: FwdCall, a: FwdArgs, proj: Projection, patch_tokens: Tensor,
-                stats: Tensor | None, row_parts: Tensor | None,
-                row_counters: Tensor | None) -> None:  # fmt: skip
+                stats: Tensor | None, row_parts, row_counters) -> None:  # fmt: skip
     """The main kernel (kernels/patch_embed_fwd.py): the tokens into ``patch_tokens``, the
     prefix rows before them."""
     x, plan = a.x, c.plan
+    w_stride = a.weight.stride(0) if c.fold is None else c.fold.row_len
     bound.launch_fixed(kernel, c.main_grid, c.main_consts,
-        x, x.stride(0), x.stride()[1:], proj.weight, proj.weight.stride(0), c.w_strides,
+        x, x.stride(0), x.stride()[1:], proj.weight, w_stride, c.w_strides,
         c.w_row_len, proj.colsum, proj.bias, (a.g2, a.b2), a.pos, a.keep, a.pos_index,
         (a.g3, a.b3), a.prefix if c.n_prefix else None, c.n_prefix, patch_tokens,
         patch_tokens.stride(), stats, row_parts, row_counters, c.tokens, c.geo.patch_dim,
@@ -223,7 +233,7 @@ def launch_main(kernel, c: FwdCall, a: FwdArgs, proj: Projection, patch_tokens: 
 
 
 def launch_finish(kernel, c: FwdCall, a: FwdArgs, patch_tokens: Tensor, stats: Tensor | None,
-                  row_parts: Tensor) -> None:  # fmt: skip
+                  row_parts) -> None:  # fmt: skip
     """The row-finishing kernel: rows shared by programs, in a call without a fold."""
     plan = c.plan
     bound.launch_fixed(kernel, c.finish_grid, c.finish_consts,

@@ -1,0 +1,79 @@
+"""A call's scratch buffers in one allocation (docs/design.md, "Host path").
+
+The forward and backward kernels pass each other up to a dozen small buffers (the folded
+weight, partial sums, counters, row offsets, tile lists) that nothing outside the call reads.
+Each tensor allocation costs the host about as much as a kernel's whole bound launch, so a call
+allocates one byte workspace and hands the kernels pointers into it: a :class:`Layout`, decided
+once per call signature with the rest of the call's decisions, gives every part's offset, shape
+and dtype; :func:`carve` makes the parts for one call.
+
+Compiled kernels take :class:`~zeta_fused.op.bound.Slot` pointers (a dtype and an address,
+cheaper than a tensor view); Triton's interpreter copies tensors' storages to run a kernel, so
+under it the parts are views of the workspace. Every part starts on a 256-byte boundary: the
+kernels' pointer alignment (16 bytes, which Triton specialises on) is the allocator's, and wide
+parts (the folded weight) keep whole cache lines.
+
+The workspace lives as long as the call holds it; the kernels that use it are queued on the
+call's stream before it is released, so the caching allocator hands its memory to nothing that
+could run before them (as for any temporary tensor).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .bound import Slot
+
+ALIGN = 256  # bytes: every part's offset is a multiple
+
+# The interpreter reads the kernels' memory through tensors: set when the kernels are defined
+# (TRITON_INTERPRET at import, as triton.jit reads it), read once.
+_VIEWS = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class Part(NamedTuple):
+    offset: int  # bytes from the workspace's start
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Layout(NamedTuple):
+    """Where each part of a call's workspace lies (None for a part the call has not)."""
+
+    nbytes: int
+    parts: tuple[Part | None, ...]
+
+
+def layout(*parts: tuple[tuple[int, ...], torch.dtype] | None) -> Layout:
+    """The layout of ``parts``, each (shape, dtype) or None, in order."""
+    placed, offset = [], 0
+    for p in parts:
+        if p is None:
+            placed.append(None)
+            continue
+        shape, dtype = p
+        placed.append(Part(offset, tuple(shape), dtype))
+        offset += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
+    return Layout(offset, tuple(placed))
+
+
+def carve(like: Tensor, lay: Layout, views: bool = _VIEWS) -> tuple[Tensor | Slot | None, ...]:
+    """One call's parts of ``lay``, in a new workspace on ``like``'s device: Slots for compiled
+    kernels, tensor views with ``views`` (the interpreter's)."""
+    if not any(lay.parts):
+        return lay.parts
+    ws = like.new_empty((max(lay.nbytes, 1),), dtype=torch.uint8)  # (parts may all be empty)
+    if views:
+        return tuple(
+            None if p is None
+            else ws[p.offset : p.offset + math.prod(p.shape) * p.dtype.itemsize]
+            .view(p.dtype).view(p.shape)
+            for p in lay.parts
+        )  # fmt: skip
+    base = ws.data_ptr()
+    return tuple([None if p is None else Slot(base + p.offset, p.dtype, ws) for p in lay.parts])
