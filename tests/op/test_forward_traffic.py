@@ -23,6 +23,12 @@ pytestmark = pytest.mark.skipif(
 H100 = devices.for_target("sm_90")
 
 
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to the end of its last."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return 0 if t.numel() == 0 else (last + 1) * t.element_size()
+
+
 @contextlib.contextmanager
 def counted_main_kernel():
     """Bytes each tensor argument of the forward's main kernel loads and stores, counted on
@@ -45,8 +51,9 @@ def counted_main_kernel():
     class Counting:
         def __getitem__(self, grid):
             def run(*args, **kwargs):
+                # Each tensor's own extent: the call's scratch parts are views of one workspace.
                 ranges[:] = [
-                    (t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes(), name)
+                    (t.data_ptr(), t.data_ptr() + _extent(t), name)
                     for name, t in zip(real.arg_names, args, strict=False)
                     if isinstance(t, torch.Tensor)
                 ]

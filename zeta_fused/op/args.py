@@ -144,14 +144,21 @@ def fwd_of(args: BwdArgs) -> FwdArgs:
     return FwdArgs(*args[len(_BwdExtra._fields) :])
 
 
+# Where each gradient's input is in FwdArgs.
+_GRAD_AT = tuple(FwdArgs._fields.index(name) for name in Grads._fields)
+_X_AT = FwdArgs._fields.index("x")
+
+
 def input_grads(grads: Grads, inputs: FwdArgs, needs_x_grad: bool) -> tuple:
     """autograd's answer for every forward input: the gradient, or None for non-tensor inputs,
     absent tensors and an image that needs none."""
-    out = dict.fromkeys(FwdArgs._fields)
-    for name, grad in zip(Grads._fields, grads, strict=True):
-        if getattr(inputs, name) is not None and (name != "x" or needs_x_grad):
-            out[name] = grad
-    return tuple(out.values())
+    out = [None] * len(inputs)
+    for at, grad in zip(_GRAD_AT, grads, strict=True):  # (per-call path: positions, not names)
+        if inputs[at] is not None:
+            out[at] = grad
+    if not needs_x_grad:
+        out[_X_AT] = None
+    return tuple(out)
 
 
 _SCHEMA_TYPES = {
