@@ -112,8 +112,8 @@ def make_kernel():
 x32 = torch.zeros(64, dtype=torch.float32)
 x16 = torch.zeros(64, dtype=torch.float16)
 # A workspace part (zeta_fused.op.workspace) in the tensor's place: a dtype and an address.
-slot32 = bound.Slot(x32.data_ptr(), torch.float32, x32)
-slot32_unaligned = bound.Slot(x32.data_ptr() + 4, torch.float32, x32)
+slot32 = bound.Slot(x32.data_ptr(), torch.float32)
+slot32_unaligned = bound.Slot(x32.data_ptr() + 4, torch.float32)
 # Each set differs from the base in one argument; "unaligned" and the int cases are those whose
 # specialisation Triton changes on a value (a pointer's 16-byte alignment, n == 1, n % 16).
 BASE = ((x32, 1, (16, 1), (x32, None), 16, 0.5, True), {"MODE": 1, "BLOCK": 64})

@@ -106,7 +106,7 @@ def test_fold_outputs(kind, affine, device) -> None:
     call = launch_fwd.fwd_call(a, policy.for_tensor(x), with_stats=False)
     assert call.main_consts["CHANNELS_FIRST"] and call.main_consts["W_FLAT"]
     assert call.fold.row_len % layout.W_ROW_ALIGN == 0
-    folded_w, colsum, new_bias, _, _ = workspace.carve(x, call.scratch, views=True)
+    _, (folded_w, colsum, new_bias, _, _) = workspace.carve(x, call.scratch, views=True)
     proj = launch_fwd.launch_fold(launch._fold_weight_kernel, call, a, folded_w, colsum,
                                   new_bias, None)  # fmt: skip
     # The (c, i, j) order of the image's pixel rows; rows zero beyond K.

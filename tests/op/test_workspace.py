@@ -52,15 +52,15 @@ def test_slots_are_the_views() -> None:
     like = torch.empty(1)
     for _ in range(100):
         lay = workspace.layout(*_random_parts(rng))
-        views = workspace.carve(like, lay, views=True)
-        slots = workspace.carve(like, lay, views=False)
+        ws, views = workspace.carve(like, lay, views=True)
+        ws_slots, slots = workspace.carve(like, lay, views=False)
         for part, view, slot in zip(lay.parts, views, slots, strict=True):
             if part is None:
                 assert view is None and slot is None
                 continue
             assert type(slot) is Slot and slot.dtype == view.dtype == part.dtype
             assert view.shape == part.shape
-            assert slot.data_ptr() - slot.base.data_ptr() == part.offset
+            assert slot.data_ptr() - ws_slots.data_ptr() == part.offset
             assert view.storage_offset() * view.element_size() == part.offset
         for i, view in enumerate(views):
             if view is None or view.numel() == 0:
@@ -72,9 +72,28 @@ def test_slots_are_the_views() -> None:
                     assert torch.equal(other.view(torch.uint8), before[j])
 
 
+def test_slots_of_an_address_seen_again() -> None:
+    """The Slots kept for a layout are those of the workspace's address: a workspace at
+    another address gets its own."""
+    lay = workspace.layout(((64,), torch.float32), None, ((3, 5), torch.int64))
+    held = []  # (kept alive: each carve gets another address)
+    for _ in range(20):
+        ws, slots = workspace.carve(torch.empty(1), lay, views=False)
+        held.append(ws)
+        for part, slot in zip(lay.parts, slots, strict=True):
+            assert (slot is None) == (part is None)
+            if slot is not None:
+                assert slot.data_ptr() == ws.data_ptr() + part.offset
+    del held
+    first, slots = workspace.carve(torch.empty(1), lay, views=False)
+    again, slots_again = workspace.carve(torch.empty(1), lay, views=False)
+    assert slots_again[0].data_ptr() == again.data_ptr()
+    assert (slots_again is slots) == (again.data_ptr() == first.data_ptr())
+
+
 def test_no_parts_no_workspace() -> None:
     """A call without scratch allocates nothing; one whose parts are all empty gets them."""
     like = torch.empty(1)
-    assert workspace.carve(like, workspace.layout(None, None)) == (None, None)
-    empty = workspace.carve(like, workspace.layout(((0,), torch.float32), None), views=True)
+    assert workspace.carve(like, workspace.layout(None, None)) == (None, (None, None))
+    _, empty = workspace.carve(like, workspace.layout(((0,), torch.float32), None), views=True)
     assert empty[0].shape == (0,) and empty[1] is None

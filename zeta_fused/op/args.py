@@ -139,9 +139,12 @@ Grads = NamedTuple("Grads", [(name, Tensor) for name in GRAD_FIELDS])
 Grads.__doc__ = "Outputs of ``zeta_fused::patch_embed_bwd``: one per differentiable tensor input."
 
 
+_EXTRA = len(_BwdExtra._fields)
+
+
 def fwd_of(args: BwdArgs) -> FwdArgs:
     """The forward's inputs inside the backward's."""
-    return FwdArgs(*args[len(_BwdExtra._fields) :])
+    return tuple.__new__(FwdArgs, args[_EXTRA:])  # (FwdArgs' own __new__ is Python: per call)
 
 
 # Where each gradient's input is in FwdArgs.

@@ -79,12 +79,12 @@ _FLOAT, _BOOL = "fp", "u1"
 class Slot:
     """A pointer into a call's workspace (:mod:`.workspace`) that a Triton launch takes as it
     takes a tensor: Triton reads a pointer argument's ``dtype`` and ``data_ptr()`` alone.
-    Cheaper to make than a tensor view; keeps the workspace alive while the call holds it."""
+    Cheaper to make than a tensor view. A value: it does not keep the memory alive."""
 
-    __slots__ = ("ptr", "dtype", "base")
+    __slots__ = ("ptr", "dtype")
 
-    def __init__(self, ptr: int, dtype, base: Tensor) -> None:
-        self.ptr, self.dtype, self.base = ptr, dtype, base
+    def __init__(self, ptr: int, dtype) -> None:
+        self.ptr, self.dtype = ptr, dtype
 
     def data_ptr(self) -> int:
         return self.ptr

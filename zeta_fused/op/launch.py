@@ -85,7 +85,8 @@ def patch_embed_fwd(a: FwdArgs, pol: LaunchPolicy | None = None,
             y[:, : c.n_prefix] = prefix_rows(a, c.acc)
         return y, stats
     patch_tokens = y[:, c.n_prefix :] if c.n_prefix else y  # (a view costs host time)
-    folded, colsum, new_bias, row_counters, row_parts = workspace.carve(x, c.scratch)
+    # (the workspace's memory, held by this frame until the launches are queued)
+    _workspace, (folded, colsum, new_bias, row_counters, row_parts) = workspace.carve(x, c.scratch)
     if c.fold is None:
         proj = launch_fwd.Projection(a.weight, None, a.bias)
     else:
@@ -110,7 +111,9 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
         # An empty GEMM (D = 0 or C = 0) or batch: no kernel (the eager backward's D-side
         # gradients need not be empty).
         return reference.backward_from_stats(args)
-    if any(s == 0 and n > 1 for s, n in zip(grad_y.stride(), grad_y.shape, strict=True)):
+    if 0 in grad_y.stride() and any(
+        s == 0 and n > 1 for s, n in zip(grad_y.stride(), grad_y.shape, strict=True)
+    ):
         # A broadcast gradient (stride 0: a `.sum()` loss on the tokens) is made dense. Triton
         # specialises the kernels on its strides (a stride of 1 becomes a constant), so read in
         # place it would compile another dZ variant than the dense gradients a layer after the
@@ -125,11 +128,11 @@ def patch_embed_bwd(args: BwdArgs, pol: LaunchPolicy | None = None) -> Grads:
         index = a.keep if a.pos_index is None else a.pos_index
         pos = _segment_sums(call.dt.reshape(-1, call.dt.shape[-1]), index.flatten(),
                             a.pos.shape[0], a.pos.dtype, pol)  # fmt: skip
-    return Grads(
-        x=_image_grad(call, pol) if args.needs_x_grad else None, weight=grads.weight,
-        bias=grads.bias, g1=grads.g1, b1=grads.b1, g2=grads.g2, b2=grads.b2, pos=pos,
-        prefix=grads.prefix, g3=grads.g3, b3=grads.b3,
-    )  # fmt: skip
+    # (tuple.__new__: Grads' own keyword __new__ is Python, on the per-call path)
+    return tuple.__new__(Grads, (
+        _image_grad(call, pol) if args.needs_x_grad else None, grads.weight, grads.bias,
+        grads.g1, grads.b1, grads.g2, grads.b2, pos, grads.prefix, grads.g3, grads.b3,
+    ))  # fmt: skip
 
 
 def _image_grad(call: launch_bwd.BwdCall, pol: LaunchPolicy) -> Tensor:

@@ -108,8 +108,9 @@ def signature(args: BwdArgs, pol: LaunchPolicy) -> tuple:
     a, dy = fwd_of(args), args.grad_y
     x, w, keep = a.x, a.weight, a.keep
     tf32 = a.compute_dtype is torch.float32 and tf32_allowed()
-    absent = tuple(t is None for t in (a.bias, a.g1, a.b1, a.g2, a.b2, a.pos, a.prefix,
-                                       a.pos_index, a.g3, a.b3))  # fmt: skip
+    absent = (a.bias is None, a.g1 is None, a.b1 is None, a.g2 is None, a.b2 is None,
+              a.pos is None, a.prefix is None, a.pos_index is None, a.g3 is None,
+              a.b3 is None)  # fmt: skip
     return (dy.shape, dy.stride(), args.stats.dtype, x.shape, x.stride(), x.dtype, w.shape,
             w.stride(), w.dtype, absent, a.pre_norm, a.post_norm, a.stem_norm,
             None if a.prefix is None else a.prefix.shape[0],
@@ -248,6 +249,7 @@ class BwdCall(NamedTuple):
     dt_buffer: Tensor | bound.Slot | None  # dT where the dZ kernel writes it
     dprefix: Tensor | None  # the prefix rows' gradient, made by the dZ kernel
     s: Scratch  # the buffers the kernels pass each other
+    workspace: Tensor | None  # the memory of ``s``, held by the call
 
 
 def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCall:
@@ -257,7 +259,8 @@ def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCal
     x, dim = a.x, a.weight.shape[0]
     n_prefix = grad_y.shape[1] - rows
     grad_tokens = grad_y[:, n_prefix:] if n_prefix else grad_y  # (without prefix: no view op)
-    scratch = Scratch(*workspace.carve(x, d.scratch))
+    ws, parts = workspace.carve(x, d.scratch)
+    scratch = tuple.__new__(Scratch, parts)
     dz, dt_buffer = scratch.dz, scratch.dt
     if d.rows_apart:  # tensors for the segment sums
         shape = grad_tokens.shape
@@ -279,10 +282,10 @@ def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCal
         dt, dt_strides = dz, dz_strides
     # ((0, D) for no prefix rows: an empty gradient, as eager gives)
     dprefix = None if a.prefix is None else x.new_empty((d.n_prefix, dim), dtype=a.prefix.dtype)
-    return BwdCall(
+    return tuple.__new__(BwdCall, (
         d, args, a, pol, layout.k_order_of(d.k_plan, a.weight, a.g1, a.b1, d.geo), grad_tokens,
-        dz, dz_strides, dz_flat, dt, dt_strides, dt_buffer, dprefix, scratch,
-    )  # fmt: skip
+        dz, dz_strides, dz_flat, dt, dt_strides, dt_buffer, dprefix, scratch, ws,
+    ))  # fmt: skip
 
 
 def launch_dz(kernel, c: BwdCall) -> None:

@@ -13,9 +13,9 @@ under it the parts are views of the workspace. Every part starts on a 256-byte b
 kernels' pointer alignment (16 bytes, which Triton specialises on) is the allocator's, and wide
 parts (the folded weight) keep whole cache lines.
 
-The workspace lives as long as the call holds it; the kernels that use it are queued on the
-call's stream before it is released, so the caching allocator hands its memory to nothing that
-could run before them (as for any temporary tensor).
+The call holds the workspace until its kernels are queued on its stream; released then, the
+caching allocator hands its memory to nothing that could run before them (as for any temporary
+tensor).
 """
 
 from __future__ import annotations
@@ -62,18 +62,35 @@ def layout(*parts: tuple[tuple[int, ...], torch.dtype] | None) -> Layout:
     return Layout(offset, tuple(placed))
 
 
-def carve(like: Tensor, lay: Layout, views: bool = _VIEWS) -> tuple[Tensor | Slot | None, ...]:
-    """One call's parts of ``lay``, in a new workspace on ``like``'s device: Slots for compiled
-    kernels, tensor views with ``views`` (the interpreter's)."""
+# Per layout, the Slots of the last workspace address carved: Slots are values (an address and
+# a dtype), so those of an address seen again are the same; a training loop's workspace, freed
+# and allocated again at the same size, mostly gets the same block back.
+_last: dict[int, tuple[Layout, int, tuple]] = {}
+
+
+def carve(like: Tensor, lay: Layout, views: bool = _VIEWS) -> tuple[Tensor | None, tuple]:
+    """(workspace, parts of ``lay``) for one call, the workspace new on ``like``'s device (None
+    for a layout without parts): Slots for compiled kernels, tensor views with ``views`` (the
+    interpreter's). The caller holds the workspace until its kernels are queued."""
     if not any(lay.parts):
-        return lay.parts
+        return None, lay.parts
     ws = like.new_empty((max(lay.nbytes, 1),), dtype=torch.uint8)  # (parts may all be empty)
     if views:
-        return tuple(
+        return ws, tuple(
             None if p is None
             else ws[p.offset : p.offset + math.prod(p.shape) * p.dtype.itemsize]
             .view(p.dtype).view(p.shape)
             for p in lay.parts
         )  # fmt: skip
     base = ws.data_ptr()
-    return tuple([None if p is None else Slot(base + p.offset, p.dtype, ws) for p in lay.parts])
+    seen = _last.get(id(lay))
+    if seen is not None and seen[0] is lay and seen[1] == base:
+        return ws, seen[2]
+    parts = tuple([None if p is None else Slot(base + p.offset, p.dtype) for p in lay.parts])
+    if len(_last) >= MAX_LAYOUTS:
+        _last.clear()
+    _last[id(lay)] = (lay, base, parts)  # (lay kept: its id stays its own)
+    return ws, parts
+
+
+MAX_LAYOUTS = 1024  # a process with ever-new call signatures starts the table afresh
