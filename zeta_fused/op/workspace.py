@@ -62,10 +62,12 @@ def layout(*parts: tuple[tuple[int, ...], torch.dtype] | None) -> Layout:
     return Layout(offset, tuple(placed))
 
 
-# Per layout, the Slots of the last workspace address carved: Slots are values (an address and
-# a dtype), so those of an address seen again are the same; a training loop's workspace, freed
-# and allocated again at the same size, mostly gets the same block back.
-_last: dict[int, tuple[Layout, int, tuple]] = {}
+# Per layout, the Slots of the workspace addresses carved last: Slots are values (an address
+# and a dtype), so those of an address seen again are the same. A loop's workspaces, freed and
+# allocated again at the same sizes, mostly get the same few blocks back.
+_seen: dict[int, tuple[Layout, dict[int, tuple]]] = {}
+MAX_LAYOUTS = 1024  # a process with ever-new call signatures starts the table afresh
+ADDRESSES = 8  # kept per layout
 
 
 def carve(like: Tensor, lay: Layout, views: bool = _VIEWS) -> tuple[Tensor | None, tuple]:
@@ -83,14 +85,15 @@ def carve(like: Tensor, lay: Layout, views: bool = _VIEWS) -> tuple[Tensor | Non
             for p in lay.parts
         )  # fmt: skip
     base = ws.data_ptr()
-    seen = _last.get(id(lay))
-    if seen is not None and seen[0] is lay and seen[1] == base:
-        return ws, seen[2]
-    parts = tuple([None if p is None else Slot(base + p.offset, p.dtype) for p in lay.parts])
-    if len(_last) >= MAX_LAYOUTS:
-        _last.clear()
-    _last[id(lay)] = (lay, base, parts)  # (lay kept: its id stays its own)
+    entry = _seen.get(id(lay))
+    if entry is None or entry[0] is not lay:
+        if len(_seen) >= MAX_LAYOUTS:
+            _seen.clear()
+        entry = _seen[id(lay)] = (lay, {})  # (lay kept: its id stays its own)
+    parts = entry[1].get(base)
+    if parts is None:
+        parts = tuple([None if p is None else Slot(base + p.offset, p.dtype) for p in lay.parts])
+        if len(entry[1]) >= ADDRESSES:
+            entry[1].clear()
+        entry[1][base] = parts
     return ws, parts
-
-
-MAX_LAYOUTS = 1024  # a process with ever-new call signatures starts the table afresh
