@@ -3,7 +3,8 @@ the dispatcher, and what each forward and backward launches.
 
 Counted per forward and per backward, for ``PatchEmbeddings`` and a converted timm ViT stem:
 Triton launches, and the torch ops that launch a kernel on a GPU (allocations, views and
-metadata left out; backward with gradients None, so without autograd's own accumulation).
+metadata left out; backward with gradients None, so without autograd's own accumulation); and
+for ``PatchEmbeddings`` the allocations (one workspace per call for its kernels' scratch).
 The counts asserted are today's. Issue 30's targets: a forward in at most 2 launches, a
 training backward in at most 3 (2 without the image gradient), and no kernel-launching torch op
 besides allocation. Met for PatchEmbeddings; a whole stem's prefix rows still add torch ops (their
@@ -33,6 +34,8 @@ NO_KERNEL = {
     "set_", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
     "is_same_size",
 }  # fmt: skip
+# Of those, the ones that allocate memory (each costs about a bound launch's host time).
+ALLOCATING = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 
 
 class KernelCount(TorchDispatchMode):
@@ -46,6 +49,7 @@ class KernelCount(TorchDispatchMode):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
         self.launches: collections.Counter = collections.Counter()
+        self.allocations = 0  # since the last take (the interpreter's own copies left out)
         self.launching = False  # inside a launch: the interpreter's own copies are not counted
         real = register.dispatcher_free
 
@@ -69,6 +73,8 @@ class KernelCount(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name not in NO_KERNEL and not self.launching:
             self.ops[name] += 1
+        if name in ALLOCATING and not self.launching:
+            self.allocations += 1
         return func(*args, **(kwargs or {}))
 
     def take(self) -> tuple[int, dict]:
@@ -76,6 +82,7 @@ class KernelCount(TorchDispatchMode):
         launches, ops = sum(self.launches.values()), dict(self.ops)
         self.launches.clear()
         self.ops.clear()
+        self.taken_allocations, self.allocations = self.allocations, 0
         return launches, ops
 
 
@@ -153,6 +160,33 @@ def test_batch_one_rows_shared_by_programs(count, device) -> None:
         count, lambda: m(x), list(m.parameters())
     )
     assert (fwd_launches, fwd_ops, bwd_launches, bwd_ops) == (2, {}, 2, {})
+
+
+@pytest.mark.parametrize("image_grad", [False, True], ids=["params", "params+image"])
+def test_one_workspace_per_call(count, device, image_grad) -> None:
+    """A call allocates what leaves it and one workspace for all its kernels pass each other
+    (op/workspace.py): a batch-1 forward under no_grad its output and the workspace (the
+    folded weight, its row sums, b', the row counters and partials), with autograd also the
+    row statistics; a backward the six parameters' gradients (and the image's) and the
+    workspace (dZ, column partials, row offsets, centring sums, counters, G per split)."""
+    m = make(3, 128, 8).to(device, torch.bfloat16)
+    m.backend = "triton"
+    x = torch.randn(1, 3, 16, 16, device=device, dtype=torch.bfloat16,
+                    requires_grad=image_grad)  # fmt: skip
+    with torch.no_grad(), count:
+        m(x)
+    count.take()
+    assert count.taken_allocations == 2
+    for p in (*m.parameters(), x):
+        p.grad = None
+    dy = torch.ones(1, 4, 128, device=device, dtype=torch.bfloat16)
+    with count:
+        y = m(x)
+        count.take()
+        assert count.taken_allocations == 3
+        y.backward(dy)
+        count.take()
+        assert count.taken_allocations == 6 + 1 + image_grad
 
 
 def timm_stem(device: str):
