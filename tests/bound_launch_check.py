@@ -31,7 +31,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
-from zeta_fused.op import bound  # noqa: E402
+from zeta_fused.op import bound, workspace  # noqa: E402
 
 launches: list[tuple] = []  # (thread, launcher, args) of every launch
 _handles = itertools.count(1)
@@ -112,8 +112,8 @@ def make_kernel():
 x32 = torch.zeros(64, dtype=torch.float32)
 x16 = torch.zeros(64, dtype=torch.float16)
 # A workspace part (zeta_fused.op.workspace) in the tensor's place: a dtype and an address.
-slot32 = bound.Slot(x32.data_ptr(), torch.float32)
-slot32_unaligned = bound.Slot(x32.data_ptr() + 4, torch.float32)
+slot32 = workspace.Slot(x32.data_ptr(), torch.float32)
+slot32_unaligned = workspace.Slot(x32.data_ptr() + 4, torch.float32)
 # Each set differs from the base in one argument; "unaligned" and the int cases are those whose
 # specialisation Triton changes on a value (a pointer's 16-byte alignment, n == 1, n % 16).
 BASE = ((x32, 1, (16, 1), (x32, None), 16, 0.5, True), {"MODE": 1, "BLOCK": 64})
@@ -212,7 +212,7 @@ def main() -> int:
         chosen[name] = compiled
         print(f"{name}: {compiled.hash[:12]}")
     fixed = bound._bindings[id(kernel)].fixed.values()  # launch_fixed bound every case itself
-    assert len(fixed) == len(CHANGES) and all(bind is not None for _, bind in fixed)
+    assert len(fixed) == len(CHANGES) and all(bind is not None for _, bind, _ in fixed)
     distinct = {n for n in CHANGES if n != "base" and chosen[n] is not chosen["base"]}
     # Every other change gives another compiled kernel: 32, like 16, is a multiple of 16, and
     # Triton's cache takes MODE=True for MODE=1 (its key cache compares values with ==).

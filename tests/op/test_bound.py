@@ -89,13 +89,15 @@ def test_generated_binder_gives_the_key_of_any_argument() -> None:
     jit = JITFunction(kernel)
     every = values()
     for first in every:
-        bind = bound._make_binder(jit, (first, first, first), {"MODE": 1})
+        pair = (first, first)  # (a tuple of plain values: its key found by identity first)
+        bind = bound._make_binder(jit, (first, first, pair), {"MODE": 1})
         for v in every:
             got, key = bind(v, first, (v, v), MODE=v, num_warps=4)
             assert got[0] is v and got[4] == 64
             assert key[0] == bound._spec(v), (first, v)
             assert key[2] == bound._spec((v, v)), (first, v)
             assert key[3] is v and key[4] == 64 and key[5:] == (("num_warps", 4), int)
+        assert bind(first, first, pair, MODE=1)[1][2] == bound._spec(pair)
 
 
 def test_anything_but_a_jit_kernel_is_launched_as_it_is() -> None:

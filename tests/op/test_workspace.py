@@ -11,7 +11,7 @@ import random
 import torch
 
 from zeta_fused.op import workspace
-from zeta_fused.op.bound import Slot
+from zeta_fused.op.workspace import Slot
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.int32, torch.int64)
 

@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from .workspace import Slot
+
 try:
     from triton import knobs
     from triton.backends.compiler import BaseBackend
@@ -76,20 +78,6 @@ _I32_MIN, _I32_MAX, _I64_MIN, _I64_MAX, _U64_MAX = (
 _FLOAT, _BOOL = "fp", "u1"
 
 
-class Slot:
-    """A pointer into a call's workspace (:mod:`.workspace`) that a Triton launch takes as it
-    takes a tensor: Triton reads a pointer argument's ``dtype`` and ``data_ptr()`` alone.
-    Cheaper to make than a tensor view. A value: it does not keep the memory alive."""
-
-    __slots__ = ("ptr", "dtype")
-
-    def __init__(self, ptr: int, dtype) -> None:
-        self.ptr, self.dtype = ptr, dtype
-
-    def data_ptr(self) -> int:
-        return self.ptr
-
-
 def _spec(value):
     """The key of a runtime argument: what Triton specialises on, and its type."""
     kind = type(value)
@@ -113,6 +101,9 @@ def _spec(value):
     if kind is bool:
         return _BOOL
     raise TypeError(f"no bound launch for an argument of type {kind.__name__}")
+
+
+_IMMUTABLE = (int, float, bool, type(None))  # elements whose tuple's key is its identity's
 
 
 class _Source:
@@ -155,8 +146,13 @@ class _Source:
                 f"{self.runtime(f'{temp}[{i}]', item, depth + 1)}, "
                 for i, item in enumerate(sample)
             )
-            return (f"(({items}) if ({temp} := {ref}).__class__ is tuple and len({temp}) == "
+            full = (f"(({items}) if ({temp} := {ref}).__class__ is tuple and len({temp}) == "
                     f"{len(sample)} else _zf_spec({temp}))")  # fmt: skip
+            if not all(type(item) in _IMMUTABLE for item in sample):
+                return full
+            # A tuple of plain values (strides kept with a call's decisions, passed again
+            # and again): the same object has the same key, found by identity first.
+            return f"({self.name(_spec(sample))} if {ref} is {self.name(sample)} else {full})"
         return f"_zf_spec({ref})"
 
 
@@ -202,7 +198,9 @@ def _make_fixed_binder(kernel: JITFunction, args: tuple, consts: dict):
     """What :func:`_make_binder` makes, for calls that pass every runtime parameter
     positionally (``args``) and always the same constexprs and launch options (``consts``):
     those are bound once, so that a call neither packs nor matches keywords. The same values
-    and key as the general binder's for the same call. None when calls do not bind so."""
+    as the general binder's for the same call; in the key, a token of this binder (a new
+    object, equal to nothing else) stands for the constexprs and options. None when calls do
+    not bind so."""
     params = list(kernel.signature.parameters.values())
     if len(params) != len(kernel.params) or any(
         p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or p.name.startswith("_zf_")
@@ -219,18 +217,14 @@ def _make_fixed_binder(kernel: JITFunction, args: tuple, consts: dict):
         if kp.is_constexpr:
             if p.name not in consts and p.default is inspect.Parameter.empty:
                 return None
-            ref = source.name(consts.get(p.name, p.default))
-            value_items.append(ref)
-            key_items.append(ref)
+            value_items.append(source.name(consts.get(p.name, p.default)))
         else:
             value_items.append(p.name)
             key_items.append(source.runtime(p.name, next(samples)))
-    names = {p.name for p in params}
-    options = {k: v for k, v in consts.items() if k not in names}
-    fixed = source.name((*options.items(), *map(type, options.values())))
+    token = source.name(object())
     code = (
         f"def bind({', '.join(runtime)}):\n"
-        f"    return ({', '.join(value_items)},), ({', '.join(key_items)}, *{fixed})\n"
+        f"    return ({', '.join(value_items)},), ({token}, {', '.join(key_items)})\n"
     )
     exec(code, source.namespace)  # noqa: S102 - generated from the kernel's parameter names
     return source.namespace["bind"]
@@ -290,19 +284,22 @@ class _Binding:
         self.kernel = kernel
         self.bind = None  # made on the first call (its fast paths for that call's types)
         self.compiled: dict[tuple, _Compiled] = {}
-        self.fixed: dict[int, tuple[dict, Callable]] = {}  # launch_fixed's binders by consts
+        # launch_fixed's binders by consts, each with its compiled kernels (its keys' own)
+        self.fixed: dict[int, tuple[dict, Callable, dict]] = {}
         self.globals_unchanged: Callable[[], bool] = lambda: False  # set by Triton's path
 
-    def launch(self, grid, args: tuple, kwargs: dict, bind=None) -> None:
+    def launch(self, grid, args: tuple, kwargs: dict, bind=None, compiled_by=None) -> None:
         """Launch through ``bind`` (default: the general binder, taking ``kwargs``; else a
-        fixed binder, taking ``args`` alone, for calls whose keywords are ``kwargs``)."""
+        fixed binder, taking ``args`` alone, for calls whose keywords are ``kwargs``), the
+        compiled kernels looked up in ``compiled_by`` (default: the general binder's)."""
         kernel, runtime = self.kernel, knobs.runtime
         active = driver.active
         device = active.get_current_device()
+        table = self.compiled if compiled_by is None else compiled_by
         try:
             values, key = self.bind(*args, **kwargs) if bind is None else bind(*args)
             key = (device, runtime.debug, knobs.compilation.instrumentation_mode, key)
-            compiled = self.compiled.get(key)
+            compiled = table.get(key)
         except TypeError:  # an argument the key does not know (or unhashable): Triton decides
             compiled = key = None
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
@@ -315,7 +312,7 @@ class _Binding:
             or getattr(runtime, "add_stages_inspection_hook", None) is not None
             or (kernel.used_global_vals and not self.globals_unchanged())
         ):
-            self._through_triton(grid, args, kwargs, device, key)
+            self._through_triton(grid, args, kwargs, device, key, table)
             return
         size = len(grid)
         compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1,
@@ -329,13 +326,13 @@ class _Binding:
             if len(self.fixed) >= MAX_FIXED:
                 self.fixed.clear()
             # (consts kept: its id stays its own; None: calls that do not bind so)
-            entry = (consts, _make_fixed_binder(self.kernel, args, consts))
+            entry = (consts, _make_fixed_binder(self.kernel, args, consts), {})
             self.fixed[id(consts)] = entry
-        self.launch(grid, args, consts, entry[1])
+        self.launch(grid, args, consts, entry[1], entry[2])
 
-    def _through_triton(self, grid, args: tuple, kwargs: dict, device, key) -> None:
-        """Triton's own launch; the compiled kernel it ran is kept for the key unless the call
-        could not be keyed or its backend specialises otherwise."""
+    def _through_triton(self, grid, args: tuple, kwargs: dict, device, key, table) -> None:
+        """Triton's own launch; the compiled kernel it ran is kept in ``table`` for the key
+        unless the call could not be keyed or its backend specialises otherwise."""
         kernel = self.kernel
         result = kernel[grid](*args, **kwargs)
         # Triton has just checked the globals its variants read: they are the values to keep.
@@ -347,7 +344,7 @@ class _Binding:
             or not _plain_backend(kernel.device_caches[device][3])
         ):
             return
-        self.compiled[key] = _Compiled(result.run, result.function, result.packed_metadata)
+        table[key] = _Compiled(result.run, result.function, result.packed_metadata)
 
 
 _bindings: dict[int, _Binding] = {}

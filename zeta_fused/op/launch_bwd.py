@@ -64,6 +64,10 @@ class BwdDecisions(NamedTuple):
     dw: DwPlan
     dz_buffer: bool  # the dZ kernel writes dZ (else the GEMMs read dY)
     own_dt: bool  # dT has a buffer of its own
+    dy_strides: tuple[int, int, int]  # (b, n, d) of the patch tokens' upstream gradient
+    dz_strides: tuple[int, int, int]  # of the GEMMs' dZ operand (the dZ buffer, or dY)
+    dz_flat: bool  # its token rows evenly spaced
+    dt_strides: tuple[int, int, int]  # of dT
     rows_apart: bool  # the dZ and dT buffers are tensors of their own, not scratch parts
     dz_row_offsets: bool  # the dZ kernel stores each token's dZ row offset
     partials: tuple[int, int, int]  # shape of the dZ programs' column partials
@@ -159,7 +163,9 @@ def _decide(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdDeci
     # dZ is dY with rows not evenly spaced (after prefix rows): the dZ kernel stores their
     # offsets for the dW GEMM, which would otherwise divide by N on every step.
     dz_row_offsets = centred or (not dz_buffer and not dy_flat)
-    dz_strides = (rows * dim, dim, 1) if dz_buffer else dy_strides
+    own = (rows * dim, dim, 1)  # the strides of the call's own dZ and dT rows
+    dz_strides, dz_flat = (own, True) if dz_buffer else (dy_strides, dy_flat)
+    dt_strides = dy_strides if not stem else own if own_dt else dz_strides
     dz_tiles = cdiv(tokens, blocks.dz_m)
     k_plan = layout.k_plan(geo, x.stride(), weight.shape, weight.stride(),
                            a.g1 is None and a.b1 is None, pol)  # fmt: skip
@@ -222,7 +228,8 @@ def _decide(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdDeci
     )  # fmt: skip
     return BwdDecisions(
         geo, rows, tokens, blocks, consts, k_plan, layout.element_strides(x, chans, patch),
-        fold, dz_scaled, centred, plan, dz_buffer, own_dt, rows_apart, dz_row_offsets,
+        fold, dz_scaled, centred, plan, dz_buffer, own_dt, dy_strides, dz_strides,
+        dz_flat, dt_strides, rows_apart, dz_row_offsets,
         # (with prefix rows their program takes one of the persistent programs' places)
         partials, n_prefix, groups, counters, dz_consts, table, (columns + tables + gemm,),
         (columns, tables), tile_lists, w_strides, dw_strides,
@@ -240,13 +247,11 @@ class BwdCall(NamedTuple):
     pol: LaunchPolicy
     k: layout.KOrder  # the K order and operands of the kernels that read the weight
     grad_tokens: Tensor  # the patch tokens' rows of the upstream gradient
-    dz: Tensor | bound.Slot  # the dW and image-gradient GEMMs' operand: the dZ kernel's
-    # buffer, or dY
-    dz_strides: tuple[int, int, int]  # (b, n, d)
-    dz_flat: bool  # its token rows evenly spaced
-    dt: Tensor | bound.Slot  # dT for the position table's gradient (dY, the dZ buffer, or its own)
-    dt_strides: tuple[int, int, int]
-    dt_buffer: Tensor | bound.Slot | None  # dT where the dZ kernel writes it
+    # The dW and image-gradient GEMMs' operand: the dZ kernel's buffer, or dY
+    dz: Tensor | workspace.Slot
+    # dT for the position table's gradient: dY, the dZ buffer, or its own
+    dt: Tensor | workspace.Slot
+    dt_buffer: Tensor | workspace.Slot | None  # dT where the dZ kernel writes it
     dprefix: Tensor | None  # the prefix rows' gradient, made by the dZ kernel
     s: Scratch  # the buffers the kernels pass each other
     workspace: Tensor | None  # the memory of ``s``, held by the call
@@ -268,23 +273,14 @@ def bwd_call(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdCal
             dz = x.new_empty((tokens + d.centred, dim), dtype=a.compute_dtype)[:tokens].view(shape)
         if d.own_dt:
             dt_buffer = x.new_empty(shape, dtype=a.compute_dtype)
-    own = (rows * dim, dim, 1)  # the strides of the call's own dZ and dT rows
-    if d.dz_buffer:
-        dz_strides, dz_flat = own, True
-    else:
+    if not d.dz_buffer:
         dz = grad_tokens
-        dz_strides, dz_flat = layout.token_strides(grad_tokens)
-    if a.stem_norm == NO_NORM:
-        dt, dt_strides = grad_tokens, grad_tokens.stride()
-    elif d.own_dt:
-        dt, dt_strides = dt_buffer, own
-    else:
-        dt, dt_strides = dz, dz_strides
+    dt = grad_tokens if a.stem_norm == NO_NORM else dt_buffer if d.own_dt else dz
     # ((0, D) for no prefix rows: an empty gradient, as eager gives)
     dprefix = None if a.prefix is None else x.new_empty((d.n_prefix, dim), dtype=a.prefix.dtype)
     return tuple.__new__(BwdCall, (
         d, args, a, pol, layout.k_order_of(d.k_plan, a.weight, a.g1, a.b1, d.geo), grad_tokens,
-        dz, dz_strides, dz_flat, dt, dt_strides, dt_buffer, dprefix, scratch, ws,
+        dz, dt, dt_buffer, dprefix, scratch, ws,
     ))  # fmt: skip
 
 
@@ -296,7 +292,7 @@ def launch_dz(kernel, c: BwdCall) -> None:
         x, x.stride(0), d.x_strides, k.weight, k.weight.stride(0), k.w_strides, k.w_row_len,
         a.bias, (k.g1, k.b1), (a.g2, a.b2), a.pos, a.keep, a.pos_index, (a.g3, a.b3),
         a.prefix if d.n_prefix else None, d.n_prefix, a.stem_eps, c.dprefix, s.prefix_dy,
-        (s.prefix_dg3, s.prefix_db3), c.args.stats, c.grad_tokens, c.grad_tokens.stride(),
+        (s.prefix_dg3, s.prefix_db3), c.args.stats, c.grad_tokens, d.dy_strides,
         c.dz, c.dt_buffer, s.partials, s.centring, s.unfit, s.x_row_offsets, s.dz_row_offsets,
         s.counters, d.counters,
         d.tokens, d.geo.patch_dim, a.weight.shape[0], d.rows, d.geo.grid,
@@ -336,12 +332,12 @@ def launch_dw(kernel, c: BwdCall) -> ParamGrads:
     )  # fmt: skip
     columns, tables = d.dw_counts
     bound.launch_fixed(kernel, d.dw_grid, d.dw_consts,
-        x, d.x_strides, c.args.stats, s.x_row_offsets, c.dz, c.dz_strides, s.dz_row_offsets,
+        x, d.x_strides, c.args.stats, s.x_row_offsets, c.dz, d.dz_strides, s.dz_row_offsets,
         s.centring, s.unfit, s.tiles, s.partials, d.partials[1], s.gpart, s.split_sums,
         s.dg1_parts, s.counters, weight, weight.stride(0), d.w_strides, (a.g1, a.b1),
         d.p_strides, grads.weight, grads.weight.stride(0), d.dw_strides,
         (grads.g1, grads.b1), grads.bias, (grads.g2, grads.b2), (grads.g3, grads.b3),
-        (s.prefix_dg3, s.prefix_db3), c.dt, c.dt_strides,
+        (s.prefix_dg3, s.prefix_db3), c.dt, d.dt_strides,
         grads.pos, d.tokens, patch_dim, dim, d.geo.batch, d.rows, d.dw.splits, columns, tables,
     )  # fmt: skip
     return grads
@@ -367,9 +363,9 @@ def launch_dx(kernel, c: BwdCall, out: Tensor, out_strides: tuple[int, ...]) -> 
     x, blocks = a.x, d.blocks
     bound.launch(kernel, (cdiv(d.tokens, blocks.m),),
         x, x.stride(0), d.x_strides, k.weight, k.weight.stride(0), k.w_strides, k.w_row_len,
-        k.g1, c.args.stats, c.dz, c.dz_strides, a.keep, out, out.stride(0), out_strides, d.tokens,
+        k.g1, c.args.stats, c.dz, d.dz_strides, a.keep, out, out.stride(0), out_strides, d.tokens,
         d.geo.patch_dim, a.weight.shape[0], d.rows, d.geo.grid,
-        DZ_FLAT=c.dz_flat, DX_ROWS=a.keep is not None, DZ_SCALED=d.dz_scaled, W_FLAT=k.w_flat,
+        DZ_FLAT=d.dz_flat, DX_ROWS=a.keep is not None, DZ_SCALED=d.dz_scaled, W_FLAT=k.w_flat,
         CHANNELS_FIRST=k.channels_first, BLOCK_M=blocks.m, BLOCK_D=blocks.dx_d,
         BLOCK_K=blocks.dx_k, num_warps=blocks.warps, num_stages=blocks.stages, **d.consts,
     )  # fmt: skip

@@ -64,6 +64,8 @@ class FwdCall(NamedTuple):
     tokens: int
     n_prefix: int
     y_shape: tuple[int, ...]
+    y_strides: tuple[int, ...]  # of y, and of its patch tokens' rows
+    x_strides: tuple[int, ...]  # the image's, but the batch's
     stats_shape: tuple[int, int] | None  # None: no statistics kept
     acc: torch.dtype
     plan: FwdPlan | None
@@ -125,6 +127,7 @@ def _decide(a: FwdArgs, pol: LaunchPolicy, with_stats: bool) -> FwdCall:
     n_prefix = 0 if a.prefix is None else a.prefix.shape[0]
     common = dict(geo=geo, rows=rows, tokens=tokens, n_prefix=n_prefix,
                   y_shape=(geo.batch, n_prefix + rows, dim),
+                  y_strides=((n_prefix + rows) * dim, dim, 1), x_strides=x.stride()[1:],
                   stats_shape=(len(STAT_ROWS), tokens) if with_stats else None, acc=acc,
                   plan=None, fold=None, w_strides=(), w_row_len=0, shared=False, counters=0,
                   main_grid=(0,), main_consts={}, finish_grid=None, finish_consts=None,
@@ -198,9 +201,9 @@ def _decide(a: FwdArgs, pol: LaunchPolicy, with_stats: bool) -> FwdCall:
 class Projection(NamedTuple):
     """The weight operand of the main kernel, and the vectors of its epilogue."""
 
-    weight: Tensor | bound.Slot  # W' from kernels/fold.py, or the weight in place
-    colsum: Tensor | bound.Slot | None  # row sums of W' (a LayerNorm pre-norm)
-    bias: Tensor | bound.Slot | None  # b' = W @ b1 + bias, or the bias
+    weight: Tensor | workspace.Slot  # W' from kernels/fold.py, or the weight in place
+    colsum: Tensor | workspace.Slot | None  # row sums of W' (a LayerNorm pre-norm)
+    bias: Tensor | workspace.Slot | None  # b' = W @ b1 + bias, or the bias
 
 
 def launch_fold(kernel, c: FwdCall, a: FwdArgs, folded, colsum, new_bias,
@@ -223,10 +226,10 @@ def launch_main(kernel, c: FwdCall, a: FwdArgs, proj: Projection, patch_tokens: 
     x, plan = a.x, c.plan
     w_stride = a.weight.stride(0) if c.fold is None else c.fold.row_len
     bound.launch_fixed(kernel, c.main_grid, c.main_consts,
-        x, x.stride(0), x.stride()[1:], proj.weight, w_stride, c.w_strides,
+        x, x.stride(0), c.x_strides, proj.weight, w_stride, c.w_strides,
         c.w_row_len, proj.colsum, proj.bias, (a.g2, a.b2), a.pos, a.keep, a.pos_index,
         (a.g3, a.b3), a.prefix if c.n_prefix else None, c.n_prefix, patch_tokens,
-        patch_tokens.stride(), stats, row_parts, row_counters, c.tokens, c.geo.patch_dim,
+        c.y_strides, stats, row_parts, row_counters, c.tokens, c.geo.patch_dim,
         a.weight.shape[0], c.rows, c.geo.grid, plan.splits, plan.tiles_per_program, a.pre_eps,
         a.post_eps, a.stem_eps,
     )  # fmt: skip
@@ -237,7 +240,7 @@ def launch_finish(kernel, c: FwdCall, a: FwdArgs, patch_tokens: Tensor, stats: T
     """The row-finishing kernel: rows shared by programs, in a call without a fold."""
     plan = c.plan
     bound.launch_fixed(kernel, c.finish_grid, c.finish_consts,
-        patch_tokens, patch_tokens.stride(), row_parts, stats, (a.g2, a.b2), a.pos, a.keep,
+        patch_tokens, c.y_strides, row_parts, stats, (a.g2, a.b2), a.pos, a.keep,
         a.pos_index, (a.g3, a.b3), c.tokens, a.weight.shape[0], c.rows, plan.splits,
         plan.tiles_per_program * plan.block_n, a.post_eps, a.stem_eps,
     )  # fmt: skip

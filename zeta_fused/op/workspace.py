@@ -7,7 +7,7 @@ allocates one byte workspace and hands the kernels pointers into it: a :class:`L
 once per call signature with the rest of the call's decisions, gives every part's offset, shape
 and dtype; :func:`carve` makes the parts for one call.
 
-Compiled kernels take :class:`~zeta_fused.op.bound.Slot` pointers (a dtype and an address,
+Compiled kernels take :class:`Slot` pointers (a dtype and an address,
 cheaper than a tensor view); Triton's interpreter copies tensors' storages to run a kernel, so
 under it the parts are views of the workspace. Every part starts on a 256-byte boundary: the
 kernels' pointer alignment (16 bytes, which Triton specialises on) is the allocator's, and wide
@@ -27,13 +27,25 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .bound import Slot
-
 ALIGN = 256  # bytes: every part's offset is a multiple
 
 # The interpreter reads the kernels' memory through tensors: set when the kernels are defined
 # (TRITON_INTERPRET at import, as triton.jit reads it), read once.
 _VIEWS = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class Slot:
+    """A pointer into a call's workspace that a Triton launch takes as it takes a tensor:
+    Triton reads a pointer argument's ``dtype`` and ``data_ptr()`` alone. Cheaper to make than
+    a tensor view. A value: it does not keep the memory alive."""
+
+    __slots__ = ("ptr", "dtype")
+
+    def __init__(self, ptr: int, dtype) -> None:
+        self.ptr, self.dtype = ptr, dtype
+
+    def data_ptr(self) -> int:
+        return self.ptr
 
 
 class Part(NamedTuple):
