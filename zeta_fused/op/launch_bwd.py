@@ -72,13 +72,11 @@ class BwdDecisions(NamedTuple):
     dz_row_offsets: bool  # the dZ kernel stores each token's dZ row offset
     partials: tuple[int, int, int]  # shape of the dZ programs' column partials
     n_prefix: int  # prefix rows: their gradients by one more program of the dZ kernel
-    groups: int  # token groups of the centring sums
     counters: int  # the dW kernel's counters, zeroed by the dZ kernel
     dz_consts: dict
     table: bool  # the table's gradient by table programs (its rows are the grid positions)
     dw_grid: tuple[int]
     dw_counts: tuple[int, int]  # (column programs, table programs)
-    tile_lists: tuple[int, int] | None  # the centred fold's lists of tiles
     w_strides: tuple[int, ...]  # element strides (c, *patch) of the weight
     dw_strides: tuple[int, ...]  # and of its gradient (allocated contiguous)
     p_strides: tuple[int, ...]  # element strides (c, *patch) of the pre-norm's vectors
@@ -231,8 +229,8 @@ def _decide(args: BwdArgs, pol: LaunchPolicy, rows: int, tokens: int) -> BwdDeci
         fold, dz_scaled, centred, plan, dz_buffer, own_dt, dy_strides, dz_strides,
         dz_flat, dt_strides, rows_apart, dz_row_offsets,
         # (with prefix rows their program takes one of the persistent programs' places)
-        partials, n_prefix, groups, counters, dz_consts, table, (columns + tables + gemm,),
-        (columns, tables), tile_lists, w_strides, dw_strides,
+        partials, n_prefix, counters, dz_consts, table, (columns + tables + gemm,),
+        (columns, tables), w_strides, dw_strides,
         layout.linear_strides(1, chans, patch), dw_consts, scratch,
     )  # fmt: skip
 
