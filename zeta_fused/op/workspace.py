@@ -7,11 +7,12 @@ allocates one byte workspace and hands the kernels pointers into it: a :class:`L
 once per call signature with the rest of the call's decisions, gives every part's offset, shape
 and dtype; :func:`carve` makes the parts for one call.
 
-Compiled kernels take :class:`Slot` pointers (a dtype and an address,
-cheaper than a tensor view); Triton's interpreter copies tensors' storages to run a kernel, so
-under it the parts are views of the workspace. Every part starts on a 256-byte boundary: the
-kernels' pointer alignment (16 bytes, which Triton specialises on) is the allocator's, and wide
-parts (the folded weight) keep whole cache lines.
+Compiled kernels take :class:`Slot` pointers (a dtype and an address, cheaper than a tensor
+view); Triton's interpreter copies tensors' storages to run a kernel, so under it the parts are
+views of the workspace. Every part starts on a 256-byte boundary: the kernels' pointer
+alignment (16 bytes, which Triton specialises on) is the allocator's, and wide parts (the
+folded weight) keep whole cache lines. Under ``torch.use_deterministic_algorithms`` every
+allocation is filled (NaN for floats): the workspace is filled once.
 
 The call holds the workspace until its kernels are queued on its stream; released then, the
 caching allocator hands its memory to nothing that could run before them (as for any temporary
