@@ -72,23 +72,40 @@ def test_slots_are_the_views() -> None:
                     assert torch.equal(other.view(torch.uint8), before[j])
 
 
+class _Given:
+    """Stands for the image a call carves on: its new_empty hands out the workspaces given,
+    in turn (the caching allocator giving a freed block back, or another one)."""
+
+    def __init__(self, *workspaces: torch.Tensor) -> None:
+        self.workspaces = list(workspaces)
+
+    def new_empty(self, shape, dtype):
+        ws = self.workspaces.pop(0)
+        assert ws.dtype == dtype and ws.shape[0] >= shape[0]
+        return ws
+
+
 def test_slots_of_an_address_seen_again() -> None:
-    """The Slots kept for a layout are those of the workspace's address: a workspace at
-    another address gets its own."""
+    """The Slots kept for a layout are those of the workspace's address: the same address
+    again gives the same Slots, any other address (more than the kept few, in any order) its
+    own, each at its part's offset."""
     lay = workspace.layout(((64,), torch.float32), None, ((3, 5), torch.int64))
-    held = []  # (kept alive: each carve gets another address)
-    for _ in range(20):
-        ws, slots = workspace.carve(torch.empty(1), lay, views=False)
-        held.append(ws)
+    blocks = [torch.empty(lay.nbytes, dtype=torch.uint8) for _ in range(workspace.ADDRESSES + 3)]
+    order = [*range(len(blocks)), 0, 0, 5, len(blocks) - 1, 2, 2]
+    given = _Given(*(blocks[i] for i in order))
+    seen, previous = {}, None
+    for i in order:
+        ws, slots = workspace.carve(given, lay, views=False)
+        assert ws is blocks[i]
         for part, slot in zip(lay.parts, slots, strict=True):
             assert (slot is None) == (part is None)
             if slot is not None:
                 assert slot.data_ptr() == ws.data_ptr() + part.offset
-    del held
-    first, slots = workspace.carve(torch.empty(1), lay, views=False)
-    again, slots_again = workspace.carve(torch.empty(1), lay, views=False)
-    assert slots_again[0].data_ptr() == again.data_ptr()
-    assert (slots_again is slots) == (again.data_ptr() == first.data_ptr())
+                assert slot.dtype == part.dtype
+        if i == previous:  # the same address twice in a row: the Slots kept for it
+            assert slots is seen[i]
+        seen[i], previous = slots, i
+    assert seen[0] is not seen[5]
 
 
 def test_no_parts_no_workspace() -> None:
